@@ -1,0 +1,130 @@
+"""The LLM policy: a chat model with the four tools bound, run by a ToolNode.
+
+The LLM chooses the calls; the graph keeps the books and owns the stop rule. After every tool turn the
+`observe` node records images and references, has the critic judge each new image (so every image is
+judged, whatever the LLM does), and ends the run once every concept is satisfied or a budget is spent,
+even if the LLM would keep calling tools. The LLM may also end early by answering without a tool call.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langgraph.graph import END, START, StateGraph
+from langgraph.prebuilt import ToolNode
+
+from agent.state import AgentState, Step
+from graphs.common import NODE_RETRY, clock, concepts_from_best, finish, judge_new, make_plan, stop_reason
+from prompts import render
+from tools.backends.llm import tokens_of
+from tools.toolkit import Toolkit, ToolOutcome, describe_verdicts
+
+
+def build_agent_graph(toolkit: Toolkit, llm: BaseChatModel, max_tool_errors: int = 3) -> StateGraph:
+    tools = toolkit.as_langchain_tools()
+    model = llm.bind_tools(tools)
+    plan = make_plan(toolkit)
+
+    def agent(state: AgentState) -> dict:
+        budget = state.budget
+        system = SystemMessage(
+            render(
+                "agent_system",
+                prompt=state.prompt,
+                concepts=state.concepts,
+                max_references=toolkit.max_references,
+                budget=f"{budget.max_rounds} rounds, {budget.max_generations} images",
+            )
+        )
+        opening = [] if state.messages else [HumanMessage(f"Draw: {state.prompt}")]
+        usage, nudge = state.usage.add(rounds=1), []
+        for _ in range(max_tool_errors):
+            reply = model.invoke([system, *state.messages, *opening, *nudge])
+            usage = usage.add(llm_tokens=tokens_of(reply))
+            if not reply.invalid_tool_calls:
+                calls = ", ".join(c["name"] for c in reply.tool_calls) or "final answer"
+                return {"messages": [*opening, reply], "usage": clock(state, usage), "steps": [Step(node="agent", round=usage.rounds, summary=calls)]}
+            # A malformed call is not kept in the conversation (it has no tool answer); ask again instead.
+            error = "; ".join(str(c.get("error") or c.get("args")) for c in reply.invalid_tool_calls)
+            nudge = [HumanMessage(render("tool_call_error", error=error, tools=[t.name for t in tools]))]
+        return {
+            "status": "failed",
+            "error": f"the LLM made malformed tool calls {max_tool_errors} times in a row ({error})",
+            "usage": clock(state, usage),
+            "steps": [Step(node="agent", round=usage.rounds, summary="malformed tool calls; giving up")],
+        }
+
+    def after_agent(state: AgentState) -> Literal["tools", "finish"]:
+        last = state.messages[-1] if state.messages else None
+        wants_tools = isinstance(last, AIMessage) and bool(last.tool_calls)
+        return "tools" if wants_tools and not stop_reason(state) else "finish"
+
+    def observe(state: AgentState) -> dict:
+        recent = trailing_tool_messages(state.messages)
+        candidates, hits, usage = list(state.candidates), list(state.hits), state.usage
+        for message in recent:
+            if message.status == "error" or message.artifact is None:
+                continue
+            outcome = ToolOutcome.model_validate(message.artifact)
+            candidates += outcome.candidates
+            hits += outcome.hits
+            usage = usage.add(generations=len(outcome.candidates))
+            if outcome.critique is not None:
+                usage = usage.add(critic_calls=1, llm_tokens=outcome.critique.tokens)
+                candidates = [
+                    c.model_copy(update={"verdicts": outcome.critique.verdicts}) if c.image_id == outcome.judged_image else c
+                    for c in candidates
+                ]
+        fresh = {c.image_id for c in candidates if not c.judged}
+        candidates, usage, steps = judge_new(toolkit, state.model_copy(update={"usage": usage}), candidates)
+        # Show the LLM the automatic verdicts in the answer of the call that made each image.
+        by_id = {c.image_id: c for c in candidates}
+        updated = []
+        for message in recent:
+            made = [i for i in fresh if i in str(message.content)]
+            if made:
+                notes = [describe_verdicts(i, by_id[i].verdicts, state.concepts) for i in made]
+                updated.append(message.model_copy(update={"content": f"{message.content}\n" + "\n".join(notes)}))
+        errors = sum(m.status == "error" for m in recent)
+        tool_errors = state.tool_errors + 1 if recent and errors == len(recent) else 0
+        update = {
+            "candidates": candidates,
+            "hits": hits,
+            "concepts": concepts_from_best(state.concepts, candidates),
+            "usage": usage,
+            "tool_errors": tool_errors,
+            "messages": updated,
+            "steps": steps or [Step(node="observe", round=usage.rounds, summary=f"{len(recent)} tool result(s), {errors} failed")],
+        }
+        if tool_errors >= max_tool_errors:
+            update |= {"status": "failed", "error": f"{tool_errors} tool turns in a row failed: {recent[-1].content}"}
+        return update
+
+    def after_observe(state: AgentState) -> Literal["agent", "finish"]:
+        return "finish" if stop_reason(state) else "agent"
+
+    builder = StateGraph(AgentState)
+    builder.add_node(plan)
+    builder.add_node(agent)
+    builder.add_node("tools", ToolNode(tools, handle_tool_errors=True))
+    builder.add_node(observe, retry_policy=NODE_RETRY)
+    builder.add_node(finish)
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", "agent")
+    builder.add_conditional_edges("agent", after_agent)
+    builder.add_edge("tools", "observe")
+    builder.add_conditional_edges("observe", after_observe)
+    builder.add_edge("finish", END)
+    return builder
+
+
+def trailing_tool_messages(messages: list) -> list[ToolMessage]:
+    """The tool answers after the last AI message: this turn's results."""
+    recent = []
+    for message in reversed(messages):
+        if not isinstance(message, ToolMessage):
+            break
+        recent.append(message)
+    return recent[::-1]

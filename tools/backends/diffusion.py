@@ -1,0 +1,95 @@
+"""Text-to-image generators. One pipeline per process serves both generate and regenerate.
+
+IP-Adapter pipelines (SD 1.5, SDXL) take at most one reference: without one the adapter scale is set to 0, so
+the same weights in memory produce plain text-to-image. OmniGen takes up to three references in context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+from agent.config import GeneratorSpec
+
+StepCallback = Callable[[int, int], None]  # (step, total)
+
+
+class Generator(Protocol):
+    max_references: int
+
+    def generate(
+        self, prompt: str, seed: int, n: int = 1, references: list[Image.Image] = (), on_step: StepCallback | None = None
+    ) -> list[Image.Image]: ...
+
+
+def pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _dtype(spec_dtype: str, device: str) -> torch.dtype:
+    # Half precision is slow or unsupported on CPU; keep float32 there whatever the profile says.
+    return torch.float32 if device == "cpu" else getattr(torch, spec_dtype)
+
+
+class DiffusersGenerator:
+    def __init__(self, pipe, spec: GeneratorSpec, device: str):
+        self.pipe, self.spec, self.device = pipe, spec, device
+        self.max_references = spec.max_references
+
+    @classmethod
+    def from_pretrained(cls, spec: GeneratorSpec, model_path: str, ip_adapter_path: str | None, device: str = "auto") -> DiffusersGenerator:
+        """Load the profile's pipeline (and IP-Adapter) once; `model_path` is a Hub id or a local folder."""
+        from diffusers import OmniGenPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        device = pick_device(device)
+        pipeline_cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "omnigen": OmniGenPipeline}[spec.family]
+        pipe = pipeline_cls.from_pretrained(model_path, torch_dtype=_dtype(spec.dtype, device))
+        if spec.ip_adapter is not None:
+            adapter = spec.ip_adapter
+            pipe.load_ip_adapter(
+                ip_adapter_path or adapter.repo,
+                subfolder=adapter.subfolder,
+                weight_name=adapter.weight_name,
+                image_encoder_folder=adapter.image_encoder_folder,
+            )
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, spec, device)
+
+    def generate(
+        self, prompt: str, seed: int, n: int = 1, references: list[Image.Image] = (), on_step: StepCallback | None = None
+    ) -> list[Image.Image]:
+        spec = self.spec
+        kwargs = dict(
+            prompt=prompt,
+            num_inference_steps=spec.steps,
+            guidance_scale=spec.guidance_scale,
+            height=spec.height,
+            width=spec.width,
+            num_images_per_prompt=n,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        )
+        if on_step is not None:
+            def callback(pipe, step, timestep, tensors):
+                on_step(step + 1, spec.steps)
+                return tensors
+
+            kwargs["callback_on_step_end"] = callback
+        if spec.family == "omnigen":
+            kwargs.update(input_images=list(references[: self.max_references]) or None, img_guidance_scale=spec.image_guidance_scale)
+        else:
+            kwargs["negative_prompt"] = spec.negative_prompt or None
+            if spec.ip_adapter is not None:
+                # Scale 0 turns the adapter off exactly, so text-only calls share the loaded weights.
+                self.pipe.set_ip_adapter_scale(spec.ip_adapter.scale if references else 0.0)
+                kwargs["ip_adapter_image"] = references[0] if references else Image.new("RGB", (224, 224))
+        return self.pipe(**kwargs).images

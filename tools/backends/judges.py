@@ -1,0 +1,91 @@
+"""Critics: judge each concept on one image. The VLM judge when an LLM is configured, else the CLIP judge."""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import HumanMessage
+from PIL import Image
+from pydantic import BaseModel
+
+from agent.state import Concept, ConceptVerdict
+from prompts import render
+from tools.backends.clip import ClipEmbedder
+from tools.backends.llm import image_data_url, structured_call
+
+
+class Critique(BaseModel):
+    verdicts: list[ConceptVerdict]
+    tokens: int = 0
+
+
+class Critic(Protocol):
+    def critique(self, image: Image.Image, concepts: list[Concept], prompt: str) -> Critique: ...
+
+
+class ClipJudge:
+    """Cosine similarity of each concept's text with the image against a calibrated threshold. Works offline.
+
+    The score is a logistic of the margin over the threshold (0.5 at the threshold), so candidates can be
+    ranked by how clearly they pass, not only by how many concepts pass.
+    """
+
+    SHARPNESS = 0.02  # similarity margin that moves the score from 0.5 to 0.73
+
+    def __init__(self, embedder: ClipEmbedder, threshold: float):
+        self.embedder, self.threshold = embedder, threshold
+
+    def critique(self, image: Image.Image, concepts: list[Concept], prompt: str = "") -> Critique:
+        image_embedding = self.embedder.embed_images([image])[0]
+        similarities = self.embedder.embed_texts([c.text for c in concepts]) @ image_embedding
+        verdicts = []
+        for concept, similarity in zip(concepts, similarities.tolist()):
+            satisfied = similarity >= self.threshold
+            verdicts.append(
+                ConceptVerdict(
+                    concept_id=concept.id,
+                    satisfied=satisfied,
+                    score=1.0 / (1.0 + math.exp(-(similarity - self.threshold) / self.SHARPNESS)),
+                    evidence=f"CLIP similarity {similarity:.3f} (threshold {self.threshold:.3f})",
+                    caption=None if satisfied else concept.text,
+                )
+            )
+        return Critique(verdicts=verdicts)
+
+
+class VLMJudgement(BaseModel):
+    """What the VLM returns: one verdict per concept id."""
+
+    verdicts: list[ConceptVerdict]
+
+
+class VLMJudge:
+    """A vision-language model reads the image (as a data URL) and answers per concept, structured."""
+
+    def __init__(self, llm: BaseChatModel, retries: int = 3):
+        self.llm, self.retries = llm, retries
+
+    def critique(self, image: Image.Image, concepts: list[Concept], prompt: str) -> Critique:
+        message = HumanMessage(
+            content=[
+                {"type": "text", "text": render("critique", prompt=prompt, concepts=concepts)},
+                {"type": "image_url", "image_url": {"url": image_data_url(image)}},
+            ]
+        )
+        wanted = {c.id for c in concepts}
+
+        def covers_every_concept(answer: VLMJudgement) -> str | None:
+            got = {v.concept_id for v in answer.verdicts}
+            return None if got == wanted else f"verdicts for {sorted(got)}, expected {sorted(wanted)}"
+
+        answer, tokens = structured_call(self.llm, VLMJudgement, [message], self.retries, check=covers_every_concept)
+        by_id = {v.concept_id: v for v in answer.verdicts}
+        text = {c.id: c.text for c in concepts}
+        verdicts = [
+            # A missing concept always gets a retrieval caption: the concept itself when the VLM gave none.
+            by_id[c.id] if by_id[c.id].satisfied or by_id[c.id].caption else by_id[c.id].model_copy(update={"caption": text[c.id]})
+            for c in concepts
+        ]
+        return Critique(verdicts=verdicts, tokens=tokens)
