@@ -61,10 +61,9 @@ def check_out_dir(out: Path) -> None:
 
 
 def new_run_dir(out: Path, prompt: str) -> Path:
+    """A fresh, unique folder name under `out` (created by the caller once the run can start)."""
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:40].strip("-") or "run"
-    run_dir = out / f"{datetime.now():%Y%m%d-%H%M%S}-{slug}-{uuid.uuid4().hex[:6]}"
-    run_dir.mkdir()  # exist_ok=False: never write into another run's folder
-    return run_dir
+    return out / f"{datetime.now():%Y%m%d-%H%M%S}-{slug}-{uuid.uuid4().hex[:6]}"
 
 
 def run(
@@ -88,6 +87,7 @@ def run(
     run_dir = new_run_dir(Path(out), run_input.prompt)
     toolkit = Toolkit(backends, ImageStore(run_dir / IMAGES))
     graph = build_graph(settings.policy, toolkit, settings).compile(checkpointer=memory_checkpointer())
+    run_dir.mkdir()  # exist_ok=False: never write into another run's folder
     config = {"configurable": {"thread_id": run_dir.name}, "recursion_limit": 8 * run_input.budget.max_rounds + 20}
     state_cls = AgentState if settings.policy == "agent" else RunState
     started = time.time()

@@ -1,0 +1,96 @@
+"""The LLM policy: tool calls run through a ToolNode, the graph owns the stop rule and the budget."""
+
+from langchain_core.messages import AIMessage, ToolMessage
+
+from agent.run import run
+from agent.state import Budget
+from scripted import ScriptedChatModel, ScriptedCritic, call, fake_backends, last_tool_answer, tool_turn
+
+PROMPT = "a red heart on the left and a blue square on the right"
+
+
+def go(tiny_settings, tiny_store, tmp_path, llm, critic, budget=None):
+    settings = tiny_settings.model_copy(update={"policy": "agent", "budget": budget or Budget(max_rounds=8, max_generations=8)})
+    return run(PROMPT, settings, tmp_path / "runs", backends=fake_backends(tiny_store, critic, llm=llm))
+
+
+def test_the_agent_generates_retrieves_and_regenerates_until_satisfied(tiny_settings, tiny_store, tmp_path):
+    def regenerate_with_the_retrieved_reference(messages):
+        hit_id = last_tool_answer(messages).split("references for 'a red square': ")[1].split(":")[0]
+        return tool_turn(call("regenerate", "x1", prompt=PROMPT, reference_ids=[hit_id]))
+
+    llm = ScriptedChatModel(
+        messages=iter(
+            [
+                tool_turn(call("generate", "g1", prompt=PROMPT)),
+                tool_turn(call("retrieve", "r1", caption="a red square")),
+                regenerate_with_the_retrieved_reference,
+                AIMessage("never reached: the graph stops once every concept is satisfied"),
+            ]
+        )
+    )
+    critic = ScriptedCritic([{"c2"}, {"c1", "c2"}])
+    result = go(tiny_settings, tiny_store, tmp_path, llm, critic)
+    assert result.status == "satisfied"
+    assert result.generations == 2 and result.rounds == 3 and result.usage.critic_calls == 2
+    assert result.best.references[0].query == "a red square" and result.best.round == 3
+    assert result.usage.llm_tokens == 150
+    # The automatic critique was shown to the LLM in the generate call's answer.
+    second_turn = llm.seen[1]
+    assert any("MISSING" in str(m.content) for m in second_turn if isinstance(m, ToolMessage))
+
+
+def test_the_budget_holds_against_an_llm_that_never_stops(tiny_settings, tiny_store, tmp_path):
+    endless = (tool_turn(call("generate", f"g{i}", prompt=PROMPT, seed=i)) for i in range(1000))
+    result = go(tiny_settings, tiny_store, tmp_path, ScriptedChatModel(messages=endless), ScriptedCritic([set()]), Budget(max_rounds=100, max_generations=3))
+    assert result.status == "budget_exhausted" and result.stop_reason == "budget_exhausted:generations"
+    assert result.generations == 3 and result.rounds == 3
+
+    retrieving_forever = (tool_turn(call("retrieve", f"r{i}", caption="a heart")) for i in range(1000))
+    result = go(tiny_settings, tiny_store, tmp_path, ScriptedChatModel(messages=retrieving_forever), ScriptedCritic([set()]), Budget(max_rounds=4))
+    assert result.stop_reason == "budget_exhausted:rounds" and result.rounds == 4 and result.generations == 0
+
+
+def test_the_generation_budget_caps_a_multi_image_request(tiny_settings, tiny_store, tmp_path):
+    llm = ScriptedChatModel(messages=iter([tool_turn(call("generate", "g1", prompt=PROMPT, n=4))]))
+    result = go(tiny_settings, tiny_store, tmp_path, llm, ScriptedCritic([set()]), Budget(max_generations=2))
+    assert result.generations == 2 and len(result.candidates) == 2 and result.usage.critic_calls == 2
+
+
+def test_the_llm_may_end_early_with_a_final_answer(tiny_settings, tiny_store, tmp_path):
+    llm = ScriptedChatModel(messages=iter([tool_turn(call("generate", "g1", prompt=PROMPT)), AIMessage("This is as good as it gets.")]))
+    result = go(tiny_settings, tiny_store, tmp_path, llm, ScriptedCritic([{"c1"}]))
+    assert result.status == "stopped" and result.stop_reason == "stopped_by_policy"
+    assert result.best is not None and result.generations == 1
+
+
+def test_a_malformed_tool_call_is_retried(tiny_settings, tiny_store, tmp_path):
+    broken = AIMessage("", invalid_tool_calls=[{"name": "generate", "args": "{prompt: oops", "id": "b1", "error": "bad JSON", "type": "invalid_tool_call"}])
+    llm = ScriptedChatModel(messages=iter([broken, tool_turn(call("generate", "g1", prompt=PROMPT))]))
+    result = go(tiny_settings, tiny_store, tmp_path, llm, ScriptedCritic([{"c1", "c2"}]))
+    assert result.status == "satisfied"
+    # The retry told the model what went wrong.
+    assert "could not be parsed (bad JSON)" in str(llm.seen[1][-1].content)
+
+
+def test_persistent_malformed_calls_fail_the_run_cleanly(tiny_settings, tiny_store, tmp_path):
+    broken = AIMessage("", invalid_tool_calls=[{"name": "generate", "args": "{", "id": "b", "error": "bad JSON", "type": "invalid_tool_call"}])
+    llm = ScriptedChatModel(messages=iter([tool_turn(call("generate", "g1", prompt=PROMPT)), broken, broken, broken]))
+    result = go(tiny_settings, tiny_store, tmp_path, llm, ScriptedCritic([{"c1"}]))
+    assert result.status == "failed" and "malformed tool calls 3 times" in result.error
+    assert result.best is not None and len(result.candidates) == 1  # the partial result is kept
+
+
+def test_failing_tool_calls_go_back_to_the_llm_then_fail_the_run(tiny_settings, tiny_store, tmp_path):
+    bad = (tool_turn(call("regenerate", f"x{i}", prompt=PROMPT, reference_ids=["nope"])) for i in range(10))
+    llm = ScriptedChatModel(messages=bad)
+    result = go(tiny_settings, tiny_store, tmp_path, llm, ScriptedCritic([set()]))
+    assert result.status == "failed" and "3 tool turns in a row failed" in result.error
+    assert "unknown reference ids ['nope']" in result.error
+
+
+def test_a_failing_critic_fails_the_agent_run_cleanly(tiny_settings, tiny_store, tmp_path):
+    llm = ScriptedChatModel(messages=iter([tool_turn(call("generate", "g1", prompt=PROMPT))] * 3))
+    result = go(tiny_settings, tiny_store, tmp_path, llm, ScriptedCritic([RuntimeError("judge down")]))
+    assert result.status == "failed" and "judge down" in result.error
+    assert len(result.candidates) == 0 or not result.candidates[0].judged

@@ -1,0 +1,94 @@
+"""The command line: a run folder with run.json and report.html per policy, and clear errors on bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agent.cli import app
+from scripted import FakeOpenAIServer
+from test_openai_http import scripted_openai
+
+runner = CliRunner()
+PROMPT = "a red heart on the left and a blue square on the right"
+
+
+def imagerag(*args: str, **env):
+    return runner.invoke(app, list(args), env=env or None)
+
+
+def test_generate_writes_a_run_folder_and_prints_json(data_dir, tmp_path):
+    result = imagerag("generate", PROMPT, "--profile", "tiny", "--data-dir", str(data_dir), "--out", str(tmp_path), "--max-rounds", "2", "--json")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    run_dir = Path(printed["run_dir"])
+    saved = json.loads((run_dir / "run.json").read_text())
+    assert saved == printed
+    assert saved["status"] in {"satisfied", "budget_exhausted"} and saved["rounds"] <= 2
+    assert {"status", "best_image", "concepts", "rounds", "generations", "usage", "elapsed", "steps"} <= saved.keys()
+    assert (run_dir / saved["best_image"]).exists()
+    report = (run_dir / "report.html").read_text()
+    assert report.count("data:image/png;base64,") >= saved["generations"] and "a blue square on the right" in report
+
+
+def test_generate_with_the_agent_policy_over_an_openai_compatible_endpoint(data_dir, tmp_path):
+    with FakeOpenAIServer(scripted_openai()) as server:
+        result = imagerag(
+            "generate", PROMPT, "--profile", "tiny", "--policy", "agent", "--data-dir", str(data_dir), "--out", str(tmp_path), "--json",
+            IMAGERAG_LLM__MODEL="gpt-4o-2024-08-06", IMAGERAG_LLM__BASE_URL=server.base_url,
+        )
+    assert result.exit_code == 0, result.output
+    saved = json.loads(result.stdout)
+    assert saved["policy"] == "agent" and saved["status"] == "satisfied" and saved["generations"] == 2
+
+
+def test_settings_come_from_a_toml_file_under_the_flags(data_dir, tmp_path, monkeypatch):
+    config = tmp_path / "imagerag.toml"
+    config.write_text(f'profile = "tiny"\ndata_dir = "{data_dir}"\n[budget]\nmax_rounds = 1\n')
+    monkeypatch.setenv("IMAGERAG_CONFIG", str(config))
+    result = imagerag("generate", PROMPT, "--out", str(tmp_path / "runs"), "--json")
+    assert result.exit_code == 0, result.output
+    saved = json.loads(result.stdout)
+    assert saved["profile"] == "tiny" and saved["rounds"] == 1 and saved["stop_reason"] in {"budget_exhausted:rounds", "satisfied"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "   ", "--profile", "tiny"], "the prompt is empty"),
+        (["generate", PROMPT, "--profile", "nope"], "unknown profile 'nope'"),
+        (["generate", PROMPT, "--profile", "tiny", "--max-rounds", "0"], "max_rounds: Input should be greater than or equal to 1"),
+        (["generate", PROMPT, "--profile", "tiny", "--collection", "absent"], "no reference collection 'absent'"),
+        (["generate", PROMPT, "--profile", "tiny", "--policy", "agent"], "the agent policy needs an LLM"),
+        (["index", "/no/such/folder", "--profile", "tiny"], "no image folder at /no/such/folder"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_a_nonzero_exit(data_dir, tmp_path, args, message):
+    result = imagerag(*args, "--data-dir", str(data_dir), *(["--out", str(tmp_path / "runs")] if args[0] == "generate" else []))
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.stderr.split())
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no half-made run folder
+
+
+def test_an_unwritable_out_dir_is_refused_before_any_work(data_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = imagerag("generate", PROMPT, "--profile", "tiny", "--data-dir", str(data_dir), "--out", str(blocker / "runs"))
+    assert result.exit_code == 2 and "cannot write runs to" in " ".join(result.stderr.split())
+
+
+def test_index_is_incremental(data_dir, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (16, 16), (i * 80, 0, 0)).save(folder / f"img{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    first = imagerag("index", str(folder), "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "cli-test")
+    second = imagerag("index", str(folder), "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "cli-test")
+    assert "added 3, skipped 0, failed 1" in first.stderr
+    assert "added 0, skipped 3, failed 1" in second.stderr
+    search = imagerag("search", "img1", "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "cli-test", "-k", "2")
+    assert search.exit_code == 0 and "2 hit(s)" in search.stdout

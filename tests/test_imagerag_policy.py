@@ -1,0 +1,109 @@
+"""The deterministic policy's loop: stop rule, budgets, best-of, retries and clean failure."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.config import Settings
+from agent.run import run
+from agent.state import Budget
+from scripted import FakeGenerator, ScriptedCritic, fake_backends
+
+PROMPT = "a red heart on the left and a blue square on the right"  # concepts c1 (heart), c2 (square)
+
+
+def go(tiny_settings, tiny_store, tmp_path, critic, budget=None, generator=None, min_similarity=-1.0, **settings):
+    settings = tiny_settings.model_copy(update={"budget": budget or Budget(), **settings})
+    backends = fake_backends(tiny_store, critic, generator=generator, min_similarity=min_similarity)
+    return run(PROMPT, settings, tmp_path / "runs", backends=backends)
+
+
+def test_stops_as_soon_as_every_concept_is_satisfied(tiny_settings, tiny_store, tmp_path):
+    generator = FakeGenerator()
+    result = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([{"c2"}, {"c1", "c2"}, {"c1"}]), generator=generator)
+    assert result.status == "satisfied"
+    assert result.rounds == 2 and result.generations == 2
+    assert [c.verdict for c in result.concepts] == ["satisfied", "satisfied"]
+    # The second image was conditioned on a reference retrieved for the missing concept only.
+    assert generator.calls[0]["references"] == 0 and generator.calls[1]["references"] == 1
+    assert result.candidates[1].references[0].query == "a photo of a red heart on the left"
+    assert [s.node for s in result.steps] == ["plan", "generate", "critique", "retrieve", "regenerate", "critique", "finish"]
+
+
+@pytest.mark.parametrize(
+    ("budget", "reason", "generations"),
+    [
+        (Budget(max_rounds=3), "rounds", 3),
+        (Budget(max_generations=2), "generations", 2),
+        (Budget(max_seconds=1e-6), "seconds", 1),
+    ],
+)
+def test_stops_on_each_budget(tiny_settings, tiny_store, tmp_path, budget, reason, generations):
+    result = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([{"c2"}]), budget=budget)
+    assert result.status == "budget_exhausted"
+    assert result.stop_reason == f"budget_exhausted:{reason}"
+    assert result.generations == generations
+
+
+def test_stops_on_the_token_budget(tiny_settings, tiny_store, tmp_path):
+    # Each VLM-style critique costs tokens; the budget counts them.
+    class CostlyCritic(ScriptedCritic):
+        def critique(self, image, concepts, prompt):
+            return super().critique(image, concepts, prompt).model_copy(update={"tokens": 400})
+
+    result = go(tiny_settings, tiny_store, tmp_path, CostlyCritic([{"c2"}]), budget=Budget(max_tokens=1000))
+    assert result.stop_reason == "budget_exhausted:tokens"
+    assert result.usage.llm_tokens == 1200 and result.generations == 3
+
+
+def test_returns_the_best_image_not_the_last(tiny_settings, tiny_store, tmp_path):
+    critic = ScriptedCritic([set(), {"c1"}, set(), set()], score_bonus=[0, 0, 0.1, 0.1])
+    result = go(tiny_settings, tiny_store, tmp_path, critic, budget=Budget(max_rounds=4))
+    assert result.generations == 4
+    assert result.best.image_id == result.candidates[1].image_id != result.candidates[-1].image_id
+    assert result.best_image == f"images/{result.best.image_id}.png"
+    assert [c.verdict for c in result.concepts] == ["satisfied", "missing"]
+
+
+def test_rounds_rotate_through_missing_concepts_and_never_reuse_a_reference(tiny_settings, tiny_store, tmp_path):
+    result = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([set()]), budget=Budget(max_rounds=5))
+    queries = [c.references[0].query for c in result.candidates[1:]]
+    assert queries == ["a photo of a red heart on the left", "a photo of a blue square on the right"] * 2
+    ids = [c.references[0].id for c in result.candidates[1:]]
+    assert len(set(ids)) == len(ids)
+
+
+def test_no_reference_below_the_threshold_means_a_fresh_text_sample(tiny_settings, tiny_store, tmp_path):
+    generator = FakeGenerator()
+    result = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([set()]), budget=Budget(max_rounds=3), generator=generator, min_similarity=0.99)
+    assert all(not c.references for c in result.candidates)
+    assert [c["seed"] for c in generator.calls] == [0, 1, 2]
+    assert "nothing above the threshold" in next(s.summary for s in result.steps if s.node == "retrieve")
+
+
+def test_a_failing_critic_is_retried(tiny_settings, tiny_store, tmp_path):
+    critic = ScriptedCritic([RuntimeError("VLM timeout"), {"c1", "c2"}])
+    result = go(tiny_settings, tiny_store, tmp_path, critic)
+    assert result.status == "satisfied" and critic.calls == 2
+
+
+def test_a_critic_that_keeps_failing_fails_the_run_cleanly_and_keeps_its_work(tiny_settings, tiny_store, tmp_path):
+    critic = ScriptedCritic([{"c2"}, RuntimeError("VLM down")])
+    result = go(tiny_settings, tiny_store, tmp_path, critic)
+    assert result.status == "failed" and "VLM down" in result.error
+    assert critic.calls == 4  # one success, then three attempts at the second image
+    assert len(result.candidates) == 2 and result.best.image_id == result.candidates[0].image_id
+    run_dir = Path(result.run_dir)
+    for candidate in result.candidates:
+        assert (run_dir / "images" / f"{candidate.image_id}.png").exists()
+    saved = json.loads((run_dir / "run.json").read_text())
+    assert saved["status"] == "failed" and len(saved["candidates"]) == 2
+    assert (run_dir / "report.html").exists()
+
+
+def test_runs_never_share_a_folder(tiny_settings, tiny_store, tmp_path):
+    first = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([{"c1", "c2"}]))
+    second = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([{"c1", "c2"}]))
+    assert first.run_dir != second.run_dir
+    assert json.loads((Path(first.run_dir) / "run.json").read_text())["run_id"] == first.run_id
