@@ -86,9 +86,10 @@ def test_index_is_incremental(data_dir, tmp_path):
     for i in range(3):
         Image.new("RGB", (16, 16), (i * 80, 0, 0)).save(folder / f"img{i}.png")
     (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "copy-of-img0.png").write_bytes((folder / "img0.png").read_bytes())  # same content, same id
     first = imagerag("index", str(folder), "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "cli-test")
     second = imagerag("index", str(folder), "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "cli-test")
-    assert "added 3, skipped 0, failed 1" in first.stderr
-    assert "added 0, skipped 3, failed 1" in second.stderr
+    assert "added 3, skipped 1, failed 1" in first.stderr
+    assert "added 0, skipped 4, failed 1" in second.stderr
     search = imagerag("search", "img1", "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "cli-test", "-k", "2")
     assert search.exit_code == 0 and "2 hit(s)" in search.stdout

@@ -38,7 +38,7 @@ class ClipEmbedder:
             folder = Path(model.removeprefix(LOCAL_DIR))
             weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
             digest = hashlib.sha256(weights[0].read_bytes()).hexdigest()[:16] if weights else "unknown"
-            info = EmbeddingModelInfo(name=f"{LOCAL_DIR}{folder.name}", pretrained=f"sha256:{digest}", dim=dim)
+            info = EmbeddingModelInfo(name=LOCAL_DIR.rstrip(":"), pretrained=f"sha256:{digest}", dim=dim)
         else:
             info = EmbeddingModelInfo(name=model, pretrained=pretrained or "", dim=dim)
         return cls(clip, preprocess, open_clip.get_tokenizer(model), info, device)

@@ -64,7 +64,8 @@ class ReferenceStore:
         return self.collection.count()
 
     def existing(self, ids: list[str]) -> set[str]:
-        return set(self.collection.get(ids=ids, include=[])["ids"]) if ids else set()
+        unique = list(dict.fromkeys(ids))  # chromadb rejects repeated ids; identical files share one
+        return set(self.collection.get(ids=unique, include=[])["ids"]) if unique else set()
 
     def add(self, ids: list[str], embeddings: np.ndarray, captions: list[str], sources: list[str]) -> None:
         """One batch, one write: chromadb applies it whole or not at all."""
