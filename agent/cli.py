@@ -144,7 +144,7 @@ def search(
     data_dir: DataDir = None,
 ) -> None:
     """Search a reference collection by caption."""
-    from tools.backends.loading import load_embedder
+    from tools.backends.loading import calibrated, load_embedder
     from tools.backends.store import ReferenceStore, StoreError, chroma_client
 
     settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
@@ -152,7 +152,7 @@ def search(
         store = ReferenceStore.open(chroma_client(settings.data_dir), settings.collection_name, load_embedder(settings))
     except StoreError as error:
         fail(str(error))
-    threshold = settings.resolved_profile().clip.retrieval_min_similarity if min_similarity is None else min_similarity
+    threshold = calibrated(settings).retrieval_min_similarity if min_similarity is None else min_similarity
     hits = store.search(caption, k, threshold)
     table = Table(title=f"{len(hits)} hit(s) for {caption!r}")
     for column in ("similarity", "caption", "source"):
@@ -160,6 +160,25 @@ def search(
     for hit in hits:
         table.add_row(f"{hit.similarity:.3f}", hit.caption, hit.source)
     Console().print(table)
+
+
+eval_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("miniworld")
+def eval_miniworld(
+    data_dir: Annotated[Path, typer.Option(help="Data folder for the world's corpus and collections.")] = Path(".imagerag"),
+    out: Annotated[Path, typer.Option(help="Where miniworld.json and miniworld.md are written.")] = Path("evals/results"),
+    prompts: Annotated[Optional[int], typer.Option(min=3, help="Use only this many held-out prompts (default: all).")] = None,
+    rounds: Annotated[int, typer.Option(min=2, help="Round budget of the loop condition.")] = 4,
+) -> None:
+    """Text alone vs the paper's one pass vs the loop on the miniature world, judged by its oracle."""
+    from evals.miniworld.benchmark import evaluate, markdown
+
+    report = evaluate(data_dir, out, prompts, rounds)
+    Console().print(markdown(report))
+    err.print(f"written to {out / 'miniworld.json'} and {out / 'miniworld.md'} in {report['seconds_total']} s")
 
 
 def main() -> None:

@@ -51,6 +51,10 @@ class ClipSpec(BaseModel):
     pretrained: str | None = Field(default=None, description="open_clip pretrained tag; None for local-dir.")
     judge_threshold: float = Field(description="Cosine similarity at which the CLIP judge accepts a concept.")
     retrieval_min_similarity: float = Field(description="Cosine similarity below which a hit is dropped.")
+    calibration: str | None = Field(
+        default=None,
+        description="JSON file with measured judge_threshold / retrieval_min_similarity that override the above.",
+    )
 
 
 class Profile(BaseModel):
@@ -148,6 +152,25 @@ PROFILES: dict[str, Profile] = {
         ),
         clip=ClipSpec(model="tiny:clip", judge_threshold=0.0, retrieval_min_similarity=-1.0),
         collection="tiny",
+    ),
+    # The miniature world (evals/miniworld): small models trained here and shipped in the repository.
+    "mini": Profile(
+        name="mini",
+        description="The miniature world's trained models: the whole loop offline on a CPU in seconds.",
+        generator=GeneratorSpec(
+            family="sd",
+            model_id="mini:t2i",
+            ip_adapter=IPAdapterSpec(repo="mini:ip_adapter", subfolder="", weight_name="ip_adapter.safetensors", scale=1.0),
+            steps=20,
+            guidance_scale=3.0,
+            height=32,
+            width=32,
+            # Its text encoder knows only the world's caption grammar, so references get no extra words.
+            regenerate_template="regenerate_plain",
+            dtype="float32",
+        ),
+        clip=ClipSpec(model="mini:clip", judge_threshold=0.3, retrieval_min_similarity=0.3, calibration="mini:clip/calibration.json"),
+        collection="miniworld",
     ),
 }
 

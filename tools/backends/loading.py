@@ -7,11 +7,12 @@ Model references are Hub ids, local folders, or two local schemes:
 
 from __future__ import annotations
 
+import json
 import logging
 from functools import cache
 from pathlib import Path
 
-from agent.config import ConfigError, Settings
+from agent.config import ClipSpec, ConfigError, Settings
 from tools.backends.clip import LOCAL_DIR, ClipEmbedder
 from tools.backends.diffusion import DiffusersGenerator, pick_device
 from tools.backends.judges import ClipJudge, VLMJudge
@@ -31,10 +32,10 @@ def resolve(ref: str, data_dir: Path) -> str:
 
         return str(build_tiny_models(Path(data_dir) / "tiny-models") / ref.removeprefix("tiny:"))
     if ref.startswith("mini:"):
-        folder = MINI_MODELS / ref.removeprefix("mini:")
-        if not folder.exists():
-            raise ConfigError(f"the miniature world's model {folder} is missing: train it with `python -m evals.miniworld.train`")
-        return str(folder)
+        path = MINI_MODELS / ref.removeprefix("mini:")
+        if not path.exists():
+            raise ConfigError(f"the miniature world's model {path} is missing: train it with `python -m evals.miniworld.train`")
+        return str(path)
     return ref
 
 
@@ -51,9 +52,19 @@ def _embedder(model: str, pretrained: str | None, device: str) -> ClipEmbedder:
     return ClipEmbedder.from_pretrained(model, pretrained, device)
 
 
+def calibrated(settings: Settings) -> ClipSpec:
+    """The profile's CLIP spec with thresholds from its calibration file, when it has one."""
+    clip = settings.resolved_profile().clip
+    if clip.calibration is None:
+        return clip
+    measured = json.loads(Path(resolve(clip.calibration, settings.data_dir)).read_text())
+    return clip.model_copy(update={k: measured[k] for k in ("judge_threshold", "retrieval_min_similarity")})
+
+
 def load_backends(settings: Settings) -> Backends:
     """The backends for `settings`; pipelines and CLIP are cached per process, so a second run reuses them."""
     profile = settings.resolved_profile()
+    clip = calibrated(settings)
     embedder = load_embedder(settings)
     store = ReferenceStore.open(chroma_client(settings.data_dir), settings.collection_name, embedder)
     llm = make_chat_model(settings.llm)
@@ -61,11 +72,11 @@ def load_backends(settings: Settings) -> Backends:
     return Backends(
         profile=profile,
         generator=_generator(profile.name, settings.data_dir, pick_device(settings.device)),
-        critic=VLMJudge(llm, retries) if llm else ClipJudge(embedder, profile.clip.judge_threshold),
+        critic=VLMJudge(llm, retries) if llm else ClipJudge(embedder, clip.judge_threshold),
         store=store,
         decomposer=LLMDecomposer(llm, retries) if llm else RuleDecomposer(),
         llm=llm,
-        min_similarity=profile.clip.retrieval_min_similarity,
+        min_similarity=clip.retrieval_min_similarity,
     )
 
 
