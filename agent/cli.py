@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -47,7 +48,7 @@ DataDir = Annotated[Optional[Path], typer.Option(help="Data folder for chromadb 
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    prompt: Annotated[str, typer.Argument(help="What to draw; with an existing --thread, how to change its image.")],
     profile: Profile = None,
     policy: Annotated[Optional[str], typer.Option(help="imagerag (deterministic) or agent (LLM).")] = None,
     max_rounds: Annotated[Optional[int], typer.Option(help="Policy turns, the first generation included.")] = None,
@@ -58,40 +59,157 @@ def generate(
     collection: Collection = None,
     data_dir: DataDir = None,
     out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
+    thread: Annotated[Optional[str], typer.Option(help="Name the run as a thread; an existing thread is continued.")] = None,
+    review: Annotated[bool, typer.Option("--review", help="Pause before each regeneration to review references.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Generate an image, critique it per concept, retrieve references and regenerate until satisfied."""
-    from agent.run import RunError, run
-    from tools.backends.store import StoreError
+    from agent.run import stream
 
     settings = make_settings(
         budget=dict(max_rounds=max_rounds, max_generations=max_generations, max_seconds=max_seconds, max_tokens=max_tokens),
-        profile=profile, policy=policy, seed=seed, collection=collection, data_dir=data_dir,
+        profile=profile, policy=policy, seed=seed, collection=collection, data_dir=data_dir, review=review or None,
     )
+    drive(lambda: stream(prompt, settings, out, thread), json_output)
+
+
+@app.command()
+def resume(
+    run: Annotated[str, typer.Argument(help="A run folder, or a thread name.")],
+    decision: Annotated[Optional[str], typer.Option(help="For a run paused for review: accept or drop.")] = None,
+    replace: Annotated[Optional[list[Path]], typer.Option(help="For a run paused for review: use these images instead.")] = None,
+    data_dir: DataDir = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Continue a run that was killed, failed, or paused for review, from its last checkpoint."""
+    from agent.run import resume as resume_run
+    from graphs.common import ReviewDecision
+
+    settings = make_settings(data_dir=data_dir)
+    answer = None
+    if replace:
+        answer = ReviewDecision(action="replace", images=[str(p) for p in replace])
+    elif decision:
+        if decision not in ("accept", "drop"):
+            fail(f"--decision must be accept or drop, not {decision!r}")
+        answer = ReviewDecision(action=decision)
+    drive(lambda: resume_run(run, answer, settings), json_output)
+
+
+@app.command()
+def chat(
+    thread: Annotated[Optional[str], typer.Option(help="Thread to continue (default: a new one).")] = None,
+    profile: Profile = None,
+    policy: Annotated[Optional[str], typer.Option(help="imagerag or agent.")] = None,
+    data_dir: DataDir = None,
+    out: Annotated[Path, typer.Option(help="Folder that receives the thread's folder.")] = Path("runs"),
+) -> None:
+    """An interactive session: the first message draws, each next one refines the current best image."""
+    from agent.run import stream
+
+    settings = make_settings(profile=profile, policy=policy, data_dir=data_dir)
+    thread = thread or f"chat-{datetime.now():%Y%m%d-%H%M%S}"
+    err.print(f"thread [bold]{thread}[/]: describe an image, then refine it; an empty line or 'exit' ends")
+    while True:
+        try:
+            message = typer.prompt("you", default="", show_default=False, err=True).strip()
+        except (EOFError, typer.Abort):
+            break
+        if message in ("", "exit", "quit"):
+            break
+        drive(lambda: stream(message, settings, out, thread), json_output=False, exit_on_failure=False)
+
+
+@app.command()
+def history(
+    thread: Annotated[str, typer.Argument(help="Thread name.")],
+    data_dir: DataDir = None,
+) -> None:
+    """List a thread's turns."""
+    from agent.run import RunError, history as thread_history
+
+    try:
+        turns = thread_history(thread, make_settings(data_dir=data_dir))
+    except RunError as error:
+        fail(str(error))
+    table = Table(title=f"thread {thread}")
+    for column in ("turn", "message", "status", "best image", "satisfied", "missing"):
+        table.add_column(column)
+    for t in turns:
+        table.add_row(str(t.index), t.message, t.status, t.best_image or "", "; ".join(t.satisfied), "; ".join(t.missing))
+    Console().print(table)
+
+
+def drive(start, json_output: bool, exit_on_failure: bool = True) -> None:
+    """Run an event stream with live progress; answer review pauses at the terminal; print the result."""
+    from agent.events import Finished, ReviewRequested
+    from agent.run import RunError, resume as resume_run
+    from tools.backends.store import StoreError
+
+    result = None
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as progress:
         task = progress.add_task("loading models", total=None)
-
-        def on_event(kind: str, payload: dict) -> None:
-            if kind == "diffusion_step":
-                progress.update(task, completed=payload["step"], total=payload["total"])
-            elif kind == "retrieved":
-                progress.update(task, description=f"retrieved {len(payload['hits'])} reference(s)")
-            else:
-                for step in payload.get("steps", []):
-                    err.print(f"[dim]round {step.round}[/] [bold]{step.node}[/] {step.summary}")
-                progress.update(task, description=f"after {kind}", completed=0, total=None)
-
+        events = start()
         try:
-            result = run(prompt, settings, out, on_event=on_event)
+            while result is None:
+                for event in events:
+                    if isinstance(event, Finished):
+                        result = event.result
+                    elif isinstance(event, ReviewRequested):
+                        progress.stop()
+                        decision = ask_reviewer(event.request)
+                        progress.start()
+                        events = resume_run(event.run_dir, decision)
+                        break
+                    else:
+                        show_event(event, progress, task)
+                else:
+                    break
         except (RunError, StoreError, *USER_ERRORS) as error:
             progress.stop()
             fail(str(error))
+    if result is None:
+        fail("the run ended without a result")
     if json_output:
         typer.echo(result.model_dump_json(indent=2))
     else:
         show_result(result)
-    if result.status == "failed":
+    if result.status == "failed" and exit_on_failure:
         raise typer.Exit(1)
+
+
+def show_event(event, progress, task) -> None:
+    if event.kind == "diffusion_step":
+        progress.update(task, description="diffusion", completed=event.step, total=event.total)
+    elif event.kind == "node_started":
+        progress.update(task, description=event.node, completed=0, total=None)
+    elif event.kind == "node_finished":
+        for step in event.steps:
+            err.print(f"[dim]round {step.round}[/] [bold]{step.node}[/] {step.summary}")
+
+
+def ask_reviewer(request: dict):
+    """Show the references a regeneration would use and read the person's decision."""
+    from graphs.common import ReviewDecision, ReviewRequest
+
+    req = ReviewRequest.model_validate(request)
+    table = Table(title=f"review before round {req.round}: references for {', '.join(req.concepts) or 'the prompt'}")
+    for column in ("id", "caption", "similarity", "source"):
+        table.add_column(column)
+    for hit in req.hits:
+        table.add_row(hit.id[:12], hit.caption, f"{hit.similarity:.3f}", hit.source)
+    err.print(table)
+    while True:
+        answer = typer.prompt("accept | drop | keep ID[,ID] | replace PATH[,PATH]", default="accept", err=True).strip()
+        verb, _, rest = answer.partition(" ")
+        items = [x.strip() for x in rest.split(",") if x.strip()]
+        if verb == "accept" or verb == "drop":
+            return ReviewDecision(action=verb)
+        if verb == "keep" and items:
+            return ReviewDecision(action="accept", keep=[h.id for h in req.hits if any(h.id.startswith(i) for i in items)])
+        if verb == "replace" and items:
+            return ReviewDecision(action="replace", images=items)
+        err.print("[red]answer with accept, drop, keep ID[,ID] or replace PATH[,PATH][/]")
 
 
 def show_result(result) -> None:
@@ -109,57 +227,85 @@ def show_result(result) -> None:
 
 @app.command()
 def index(
-    sources: Annotated[list[Path], typer.Argument(help="Image folders (recursive; captions from sidecar .txt/.json).")],
+    sources: Annotated[list[Path], typer.Argument(help="Image folders (recursive; captions from sidecar .txt/.json), webdataset .tar shards (img2dataset: jpg/png + txt + json) or .parquet files (image bytes + caption columns).")],
     collection: Collection = None,
     profile: Profile = None,
     data_dir: DataDir = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per embedding forward and per database write.")] = 64,
+    chroma_url: Annotated[Optional[str], typer.Option(help="A Chroma server (http://host:8000) instead of the data folder's.")] = None,
+    workers: Annotated[int, typer.Option(min=0, max=8, help="Decode/preprocess worker processes (0: in the main process).")] = 0,
+    image_column: Annotated[Optional[str], typer.Option(help="Parquet column with the image bytes (default: found by name and type).")] = None,
+    caption_column: Annotated[Optional[str], typer.Option(help="Parquet column with the caption (default: caption or text).")] = None,
 ) -> None:
-    """Embed images with the profile's CLIP and add them to a reference collection (incremental, resumable)."""
-    from tools.backends.indexer import index_folders
+    """Embed images with the profile's CLIP and add them to a reference collection (incremental, resumable).
+
+    Re-running skips what is indexed; after a crash or Ctrl-C it resumes where it stopped. Images from shards and
+    parquet files are copied to DATA_DIR/references so the agent can open them later.
+    """
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    from tools.backends.indexer import IndexSummary, index_sources, open_sources, size_hint
     from tools.backends.loading import load_embedder
+    from tools.backends.sources import SourceError
     from tools.backends.store import ReferenceStore, StoreError, chroma_client
 
+    class ImagesPerSecond(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.1f} images/s" if task.speed else "", style="progress.data.speed")
+
     settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
-    for source in sources:
-        if not source.is_dir():
-            fail(f"no image folder at {source}: pass existing folders of images")
     try:
-        store = ReferenceStore.open(chroma_client(settings.data_dir), settings.collection_name, load_embedder(settings), create=True)
-    except StoreError as error:
+        opened = open_sources(sources, image_column, caption_column)
+        store = ReferenceStore.open(chroma_client(settings.data_dir, chroma_url), settings.collection_name, load_embedder(settings), create=True)
+    except (SourceError, StoreError) as error:
         fail(str(error))
-    with Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), console=err) as progress:
-        task = progress.add_task("index", total=None, rate="")
-        summary = index_folders(store, sources, batch_size, on_batch=lambda n: progress.advance(task, n))
-    err.print(f"added {summary.added}, skipped {summary.skipped}, failed {summary.failed} in {summary.seconds:.1f} s; collection {settings.collection_name!r} holds {store.count()}")
+    summary = IndexSummary()
+    columns = (TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=err) as progress:
+            task = progress.add_task("index", total=size_hint(opened))
+            index_sources(store, opened, batch_size, cache_dir=settings.data_dir / "references", num_workers=workers,
+                          on_batch=lambda n: progress.advance(task, n), summary=summary)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: {summary.line()}; run the same command again to resume")
+        raise typer.Exit(130) from None
+    err.print(f"{summary.line()}; collection {settings.collection_name!r} holds {store.count()}")
 
 
 @app.command()
 def search(
     caption: Annotated[str, typer.Argument(help="What to look for.")],
-    k: Annotated[int, typer.Option("-k", min=1)] = 5,
-    min_similarity: Annotated[Optional[float], typer.Option(help="Drop hits below this cosine similarity.")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="Hits to return at most.")] = 5,
+    min_similarity: Annotated[Optional[float], typer.Option(help="Drop hits below this cosine similarity (default: the profile's calibrated value).")] = None,
+    mmr: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Diversify with maximal marginal relevance: 1 = by similarity only, 0 = by difference only.")] = None,
+    sheet: Annotated[Optional[Path], typer.Option(help="Contact sheet PNG (default: ./<caption>.png, never overwriting a file).")] = None,
+    no_sheet: Annotated[bool, typer.Option("--no-sheet", help="Write no contact sheet.")] = False,
     collection: Collection = None,
     profile: Profile = None,
     data_dir: DataDir = None,
+    chroma_url: Annotated[Optional[str], typer.Option(help="A Chroma server (http://host:8000) instead of the data folder's.")] = None,
 ) -> None:
-    """Search a reference collection by caption."""
+    """Search a reference collection by caption: print the hits and write a contact sheet of them."""
     from tools.backends.loading import calibrated, load_embedder
-    from tools.backends.store import ReferenceStore, StoreError, chroma_client
+    from tools.backends.store import ReferenceStore, StoreError, chroma_client, contact_sheet, default_sheet_path
 
     settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
     try:
-        store = ReferenceStore.open(chroma_client(settings.data_dir), settings.collection_name, load_embedder(settings))
+        store = ReferenceStore.open(chroma_client(settings.data_dir, chroma_url), settings.collection_name, load_embedder(settings))
     except StoreError as error:
         fail(str(error))
     threshold = calibrated(settings).retrieval_min_similarity if min_similarity is None else min_similarity
-    hits = store.search(caption, k, threshold)
-    table = Table(title=f"{len(hits)} hit(s) for {caption!r}")
+    hits = store.search(caption, k, threshold, mmr_lambda=mmr)
+    table = Table(title=f"{len(hits)} hit(s) for {caption!r} at similarity >= {threshold:.3f}")
     for column in ("similarity", "caption", "source"):
         table.add_column(column)
     for hit in hits:
         table.add_row(f"{hit.similarity:.3f}", hit.caption, hit.source)
     Console().print(table)
+    if hits and not no_sheet:
+        path = contact_sheet(hits, sheet or default_sheet_path(caption))
+        err.print(f"contact sheet: {path}")
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")

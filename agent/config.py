@@ -197,6 +197,8 @@ class Settings(BaseSettings):
     seed: int = 0
     retrieve_k: int = Field(default=1, ge=1, description="References retrieved per missing concept.")
     max_tool_errors: int = Field(default=3, ge=1, description="Consecutive failed tool calls before a run fails.")
+    checkpoint_url: str | None = Field(default=None, description="postgresql://... for threads; default: SQLite in data_dir.")
+    review: bool = Field(default=False, description="Pause before each regeneration for a person to review references.")
     budget: Budget = Field(default_factory=Budget)
     llm: LLMSettings = Field(default_factory=LLMSettings)
 

@@ -17,7 +17,8 @@ from pydantic import BaseModel, Field, field_validator
 ConceptKind = Literal["object", "attribute", "style", "relation", "count"]
 Verdict = Literal["pending", "satisfied", "missing"]
 # stopped: the agent policy ended with a final answer while concepts were missing and budget was left.
-RunStatus = Literal["running", "satisfied", "budget_exhausted", "stopped", "failed"]
+# paused: waiting for a person's review of the references (resume with a decision).
+RunStatus = Literal["running", "paused", "satisfied", "budget_exhausted", "stopped", "failed"]
 
 
 class Concept(BaseModel):
@@ -30,6 +31,9 @@ class Concept(BaseModel):
     score: float | None = Field(default=None, description="Critic's alignment score in [0, 1].")
     evidence: str = Field(default="", description="Why the critic decided so.")
     attempts: int = Field(default=0, description="Rounds that retrieved references for this concept.")
+    depends_on: list[str] = Field(
+        default_factory=list, description="Ids of concepts this one needs (an attribute needs its object)."
+    )
 
 
 class ConceptVerdict(BaseModel):
@@ -60,6 +64,7 @@ class Candidate(BaseModel):
 
     image_id: str
     round: int
+    turn: int = Field(default=1, description="The thread turn it belongs to (a best image is carried into the next).")
     prompt: str = Field(description="The prompt actually sent to the generator.")
     seed: int
     references: list[RetrievalHit] = Field(default_factory=list)
@@ -140,9 +145,28 @@ class RunInput(BaseModel):
         return value
 
 
-class RunState(RunInput):
-    """The graph state of both policies."""
+class Turn(BaseModel):
+    """One message of a thread and where it left the image."""
 
+    index: int
+    message: str
+    prompt: str
+    status: RunStatus
+    stop_reason: str
+    best_image: str | None
+    satisfied: list[str] = Field(default_factory=list, description="Texts of the satisfied concepts.")
+    missing: list[str] = Field(default_factory=list, description="Texts of the concepts still missing.")
+    usage: Usage
+
+
+class RunState(RunInput):
+    """The graph state of both policies. A thread is one state that later messages continue."""
+
+    run_dir: str = Field(default="", description="The run's folder (images, run.json, report.html).")
+    instruction: str | None = Field(default=None, description="The refining message of this turn, if any.")
+    turn: int = 1
+    turns: Annotated[list[Turn], operator.add] = Field(default_factory=list)
+    review: bool = Field(default=False, description="Pause for a person before each regeneration.")
     started_at: float = Field(default_factory=time.time)
     concepts: list[Concept] = Field(default_factory=list)
     candidates: list[Candidate] = Field(default_factory=list)
@@ -153,12 +177,19 @@ class RunState(RunInput):
     error: str | None = None
     steps: Annotated[list[Step], operator.add] = Field(default_factory=list)
 
+    def current(self) -> list[Candidate]:
+        """This turn's candidates (earlier turns are history)."""
+        return [c for c in self.candidates if c.turn == self.turn]
+
     def best(self) -> Candidate | None:
-        judged = [c for c in self.candidates if c.judged]
+        judged = [c for c in self.current() if c.judged]
         return max(judged, key=Candidate.rank_key) if judged else None
 
     def missing(self) -> list[Concept]:
         return [c for c in self.concepts if c.verdict != "satisfied"]
+
+    def message(self) -> str:
+        return self.instruction or self.prompt
 
     def elapsed(self) -> float:
         return time.time() - self.started_at

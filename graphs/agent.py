@@ -16,7 +16,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.prebuilt import ToolNode
 
 from agent.state import AgentState, Step
-from graphs.common import NODE_RETRY, clock, concepts_from_best, finish, judge_new, make_plan, stop_reason
+from graphs.common import NODE_RETRY, ask_review, clock, concepts_from_best, finish, judge_new, make_plan, stop_reason
 from prompts import render
 from tools.backends.llm import tokens_of
 from tools.toolkit import Toolkit, ToolOutcome, describe_verdicts
@@ -38,7 +38,8 @@ def build_agent_graph(toolkit: Toolkit, llm: BaseChatModel, max_tool_errors: int
                 budget=f"{budget.max_rounds} rounds, {budget.max_generations} images",
             )
         )
-        opening = [] if state.messages else [HumanMessage(f"Draw: {state.prompt}")]
+        # The turn's first call opens with the user's message: the prompt, or a thread's refinement.
+        opening = [] if state.usage.rounds else [HumanMessage(state.instruction or f"Draw: {state.prompt}")]
         usage, nudge = state.usage.add(rounds=1), []
         for _ in range(max_tool_errors):
             reply = model.invoke([system, *state.messages, *opening, *nudge])
@@ -56,10 +57,29 @@ def build_agent_graph(toolkit: Toolkit, llm: BaseChatModel, max_tool_errors: int
             "steps": [Step(node="agent", round=usage.rounds, summary="malformed tool calls; giving up")],
         }
 
-    def after_agent(state: AgentState) -> Literal["tools", "finish"]:
+    def after_plan(state: AgentState) -> Literal["agent", "finish"]:
+        return "finish" if state.current() and stop_reason(state) else "agent"
+
+    def after_agent(state: AgentState) -> Literal["review", "tools", "finish"]:
         last = state.messages[-1] if state.messages else None
-        wants_tools = isinstance(last, AIMessage) and bool(last.tool_calls)
-        return "tools" if wants_tools and not stop_reason(state) else "finish"
+        if not (isinstance(last, AIMessage) and last.tool_calls) or stop_reason(state):
+            return "finish"
+        return "review" if state.review and any(c["name"] == "regenerate" for c in last.tool_calls) else "tools"
+
+    def review(state: AgentState) -> dict:
+        """Show a person the references of each regenerate call; rewrite the call with their decision."""
+        last = state.messages[-1]
+        known = {h.id: h for h in state.hits}
+        calls, added = [], []
+        for tool_call in last.tool_calls:
+            if tool_call["name"] == "regenerate":
+                hits = [known[i] for i in tool_call["args"].get("reference_ids", []) if i in known]
+                chosen = ask_review(hits, [c.text for c in state.missing()], state.usage.rounds)
+                added += [h for h in chosen if h.id not in known]
+                tool_call = {**tool_call, "args": {**tool_call["args"], "reference_ids": [h.id for h in chosen]}}
+            calls.append(tool_call)
+        summary = "; ".join(", ".join(c["args"]["reference_ids"]) or "no reference" for c in calls if c["name"] == "regenerate")
+        return {"messages": [last.model_copy(update={"tool_calls": calls})], "hits": [*state.hits, *added], "steps": [Step(node="review", round=state.usage.rounds, summary=f"reviewed: {summary}")]}
 
     def observe(state: AgentState) -> dict:
         recent = trailing_tool_messages(state.messages)
@@ -106,14 +126,16 @@ def build_agent_graph(toolkit: Toolkit, llm: BaseChatModel, max_tool_errors: int
         return "finish" if stop_reason(state) else "agent"
 
     builder = StateGraph(AgentState)
-    builder.add_node(plan)
+    builder.add_node(plan, retry_policy=NODE_RETRY)
     builder.add_node(agent)
+    builder.add_node(review)
     builder.add_node("tools", ToolNode(tools, handle_tool_errors=True))
     builder.add_node(observe, retry_policy=NODE_RETRY)
     builder.add_node(finish)
     builder.add_edge(START, "plan")
-    builder.add_edge("plan", "agent")
+    builder.add_conditional_edges("plan", after_plan)
     builder.add_conditional_edges("agent", after_agent)
+    builder.add_edge("review", "tools")
     builder.add_edge("tools", "observe")
     builder.add_conditional_edges("observe", after_observe)
     builder.add_edge("finish", END)

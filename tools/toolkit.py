@@ -21,7 +21,7 @@ from prompts import render
 from tools.backends.diffusion import Generator
 from tools.backends.images import ImageStore
 from tools.backends.judges import Critic, Critique
-from tools.backends.planner import Decomposer
+from tools.backends.planner import Decomposer, apply_revision
 from tools.backends.store import ReferenceStore
 
 
@@ -68,9 +68,14 @@ class Toolkit:
     def decompose(self, prompt: str) -> tuple[list[Concept], int]:
         return self.backends.decomposer.decompose(prompt)
 
-    def generate(self, prompt: str, seed: int = 0, n: int = 1, round: int = 1) -> list[Candidate]:
+    def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[str, list[Concept], int]:
+        """Apply a thread's next message: the rewritten prompt, the concepts (kept ones keep their verdicts), tokens."""
+        revision, tokens = self.backends.decomposer.revise(prompt, concepts, instruction)
+        return revision.prompt, apply_revision(concepts, revision), tokens
+
+    def generate(self, prompt: str, seed: int = 0, n: int = 1, round: int = 1, turn: int = 1) -> list[Candidate]:
         """Draw `n` images from text alone."""
-        return self._draw(prompt, prompt, seed, n, round, [])
+        return self._draw(prompt, prompt, seed, n, [], round, turn)
 
     def critique(self, image_id: str, concepts: list[Concept], prompt: str) -> Critique:
         """Judge every concept on one stored image."""
@@ -89,14 +94,14 @@ class Toolkit:
         _stream_progress({"event": "retrieved", "captions": captions, "hits": [h.model_dump() for h in hits]})
         return hits
 
-    def regenerate(self, prompt: str, references: list[RetrievalHit], seed: int = 0, round: int = 1) -> Candidate:
+    def regenerate(self, prompt: str, references: list[RetrievalHit], seed: int = 0, round: int = 1, turn: int = 1) -> Candidate:
         """Draw again conditioned on reference images (at most the generator's limit)."""
         references = references[: self.max_references]
         template = self.backends.profile.generator.regenerate_template if references else "regenerate_plain"
         conditioned = render(template, prompt=prompt, references=references)
-        return self._draw(prompt, conditioned, seed, 1, round, references)[0]
+        return self._draw(prompt, conditioned, seed, 1, references, round, turn)[0]
 
-    def _draw(self, prompt: str, conditioned: str, seed: int, n: int, round: int, references: list[RetrievalHit]) -> list[Candidate]:
+    def _draw(self, prompt: str, conditioned: str, seed: int, n: int, references: list[RetrievalHit], round: int, turn: int) -> list[Candidate]:
         def on_step(step: int, total: int) -> None:
             _stream_progress({"event": "diffusion_step", "step": step, "total": total})
 
@@ -104,7 +109,7 @@ class Toolkit:
             conditioned, seed, n, [ReferenceStore.load_image(h) for h in references], on_step=on_step
         )
         return [
-            Candidate(image_id=self.images.put(image), round=round, prompt=conditioned, seed=seed + i, references=references)
+            Candidate(image_id=self.images.put(image), round=round, turn=turn, prompt=conditioned, seed=seed + i, references=references)
             for i, image in enumerate(images)
         ]
 
@@ -127,7 +132,7 @@ class Toolkit:
         n = min(n, run.budget.max_generations - run.usage.generations)
         if n < 1:
             raise ToolInputError("the generation budget is spent: no image can be generated")
-        candidates = self.generate(prompt, seed, n, round=run.usage.rounds)
+        candidates = self.generate(prompt, seed, n, round=run.usage.rounds, turn=run.turn)
         return f"generated image(s) {', '.join(c.image_id for c in candidates)}", ToolOutcome(candidates=candidates)
 
     def _lc_critique(self, image_id: str, state: Any = None) -> tuple[str, ToolOutcome]:
@@ -150,7 +155,7 @@ class Toolkit:
         unknown = [i for i in reference_ids if i not in known]
         if unknown:
             raise ToolInputError(f"unknown reference ids {unknown}: pass ids returned by retrieve in this run")
-        candidate = self.regenerate(prompt, [known[i] for i in reference_ids], seed, round=run.usage.rounds)
+        candidate = self.regenerate(prompt, [known[i] for i in reference_ids], seed, round=run.usage.rounds, turn=run.turn)
         return f"regenerated image {candidate.image_id} with {len(candidate.references)} reference(s)", ToolOutcome(candidates=[candidate])
 
 

@@ -1,22 +1,48 @@
-"""Index image folders into a reference collection: content-hash ids, batched atomic writes, resumable."""
+"""Index image collections into a reference collection: content-hash ids, batched atomic writes, resumable.
+
+The pipeline, per batch of `batch_size` records:
+1. read (main process): a source reader yields raw bytes, caption and origin; the id is the bytes' hash.
+   Records the collection already holds (or that an earlier batch of this run is writing) are skipped here,
+   before any decoding, so a re-run over a finished collection costs one hash and one lookup per image.
+2. decode + preprocess: a torch DataLoader's collate turns the fresh records into one pixel tensor; a
+   corrupt or non-image file is counted and logged there, never fatal. With num_workers=1 this runs in a
+   worker process while the main process embeds the previous batch.
+3. embed + write (main process): one open_clip forward, then one upsert for the whole batch. Shard and
+   parquet members are first copied to a content-addressed cache (`cache_dir/ab/abcd....jpg`) so the stored
+   source is a file the agent can open; the copy is written before the row, never the other way round.
+
+Resume: a killed run left whole batches in the collection (an upsert commits all or nothing) and at most
+orphan cache files, which the next run reuses by name; re-running skips every finished batch by id.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
+import io
 import logging
+import os
+import tempfile
 import time
-from collections.abc import Callable, Iterator
-from itertools import islice
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import torch
+from PIL import Image
 from pydantic import BaseModel
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from tools.backends.sources import (
+    IMAGE_SUFFIXES,  # noqa: F401  (re-exported: callers filter folders with it)
+    FolderSource,
+    Source,
+    SourceError,
+    SourceRecord,
+    open_source,
+    sidecar_caption,  # noqa: F401  (re-exported for callers of the old module)
+)
 from tools.backends.store import ReferenceStore
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
 
 class IndexSummary(BaseModel):
@@ -25,24 +51,172 @@ class IndexSummary(BaseModel):
     failed: int = 0
     seconds: float = 0.0
 
+    @property
+    def seen(self) -> int:
+        return self.added + self.skipped + self.failed
 
-def sidecar_caption(path: Path) -> str:
-    """Caption from NAME.txt or NAME.json ('caption' or 'text'), else the file name in words."""
-    txt, meta = path.with_suffix(".txt"), path.with_suffix(".json")
-    if txt.exists():
-        return txt.read_text(encoding="utf-8").strip()
-    if meta.exists():
-        data = json.loads(meta.read_text(encoding="utf-8"))
-        for key in ("caption", "text"):
-            if isinstance(data.get(key), str):
-                return data[key].strip()
-    return path.stem.replace("_", " ").replace("-", " ")
+    def line(self) -> str:
+        rate = self.seen / self.seconds if self.seconds > 0 else 0.0
+        return f"added {self.added}, skipped {self.skipped}, failed {self.failed} in {self.seconds:.1f} s ({rate:.1f} images/s)"
 
 
-def iter_images(folder: Path) -> Iterator[Path]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no image folder at {folder}: pass an existing folder of images")
-    yield from sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+@dataclass(frozen=True)
+class _Fresh:
+    id: str
+    record: SourceRecord
+
+
+@dataclass
+class _Batch:
+    fresh: list[_Fresh]
+    pixels: torch.Tensor | None
+    formats: list[str]
+    failed: list[tuple[_Fresh, str]] = field(default_factory=list)
+
+
+class _Passthrough(Dataset):
+    """The sampler already hands over the records themselves; decoding happens in the collate."""
+
+    def __getitem__(self, item: _Fresh) -> _Fresh:
+        return item
+
+
+class _FreshBatches(Sampler):
+    """Walks the sources in the main process and yields batches of records the collection lacks.
+
+    DataLoader sends what a batch sampler yields to its workers as-is, so the records travel with the "indices".
+    """
+
+    def __init__(self, sources: Sequence[Source], store: ReferenceStore, batch_size: int, summary: IndexSummary,
+                 pending: set[str], on_skip: Callable[[int], None]):
+        self.sources, self.store, self.batch_size = sources, store, batch_size
+        self.summary, self.pending, self.on_skip = summary, pending, on_skip
+
+    def _chunks(self) -> Iterator[list[SourceRecord]]:
+        chunk: list[SourceRecord] = []
+        for source in self.sources:
+            for record in source:
+                chunk.append(record)
+                if len(chunk) == self.batch_size:
+                    yield chunk
+                    chunk = []
+        if chunk:
+            yield chunk
+
+    def __iter__(self) -> Iterator[list[_Fresh]]:
+        ready: list[_Fresh] = []
+        for chunk in self._chunks():
+            ids = [record.id for record in chunk]
+            present = self.store.existing(ids) | self.pending
+            skipped = 0
+            for image_id, record in zip(ids, chunk):
+                if image_id in present:
+                    skipped += 1
+                    continue
+                present.add(image_id)  # a second copy in the same chunk
+                self.pending.add(image_id)
+                ready.append(_Fresh(image_id, record))
+            if skipped:
+                self.summary.skipped += skipped
+                self.on_skip(skipped)
+            while len(ready) >= self.batch_size:
+                yield ready[: self.batch_size]
+                ready = ready[self.batch_size :]
+        if ready:
+            yield ready
+
+
+class DecodeAndPreprocess:
+    """Collate: decode each record's bytes and preprocess it for the CLIP; unreadable ones are set aside."""
+
+    def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor]):
+        self.preprocess = preprocess
+
+    def __call__(self, items: list[_Fresh]) -> _Batch:
+        good, tensors, formats, failed = [], [], [], []
+        for item in items:
+            try:
+                with Image.open(io.BytesIO(item.record.data)) as image:
+                    fmt = image.format or "PNG"
+                    tensors.append(self.preprocess(image.convert("RGB")))
+            except Exception as error:  # PIL raises many types for broken files; none may stop a long run
+                failed.append((item, f"{type(error).__name__}: {error}"))
+                continue
+            good.append(item)
+            formats.append({"JPEG": "jpg"}.get(fmt, fmt.lower()))
+        return _Batch(good, torch.stack(tensors) if tensors else None, formats, failed)
+
+
+def cache_copy(cache_dir: Path, image_id: str, data: bytes, suffix: str) -> Path:
+    """A content-addressed copy (write to a temp file, then rename), so a crash never leaves half a file."""
+    path = Path(cache_dir) / image_id[:2] / f"{image_id}.{suffix}"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    return path.resolve()
+
+
+def open_sources(paths: Sequence[Path | str | Source], image_column: str | None = None, caption_column: str | None = None) -> list[Source]:
+    return [p if not isinstance(p, (str, Path)) else open_source(p, image_column, caption_column) for p in paths]
+
+
+def size_hint(sources: Sequence[Source]) -> int | None:
+    """Total records when every source can tell cheaply (folders, parquet); None when a shard is among them."""
+    sizes = [source.size_hint() for source in sources]
+    return None if any(s is None for s in sizes) else sum(sizes)
+
+
+def index_sources(
+    store: ReferenceStore,
+    sources: Sequence[Path | str | Source],
+    batch_size: int = 64,
+    cache_dir: Path | None = None,
+    num_workers: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+    summary: IndexSummary | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+) -> IndexSummary:
+    """Embed and add every image of `sources` (folders, .tar shards, .parquet files) that the collection lacks.
+
+    Safe to re-run after a crash or Ctrl-C. `cache_dir` receives copies of shard and parquet images (required
+    when there are any). `on_batch(n)` is told how many records were dealt with. Pass `summary` to keep the
+    counts when the run is interrupted.
+    """
+    started, summary = time.time(), summary if summary is not None else IndexSummary()
+    opened = open_sources(sources, image_column, caption_column)
+    if cache_dir is None and any(not isinstance(s, FolderSource) for s in opened):
+        raise SourceError("indexing .tar shards or .parquet files needs a cache folder for the extracted images (cache_dir)")
+    progress = on_batch or (lambda n: None)
+    pending: set[str] = set()
+    sampler = _FreshBatches(opened, store, batch_size, summary, pending, progress)
+    loader = DataLoader(
+        _Passthrough(), batch_sampler=sampler, collate_fn=DecodeAndPreprocess(store.embedder.preprocess),
+        num_workers=num_workers, **({"prefetch_factor": 2} if num_workers else {}),
+    )
+    try:
+        for batch in loader:
+            for item, error in batch.failed:
+                summary.failed += 1
+                pending.discard(item.id)
+                log.warning("skipping %s: not a readable image (%s)", item.record.uri, error)
+            if batch.fresh:
+                embeddings = store.embedder.embed_images(batch.pixels)
+                sources_ = [
+                    item.record.uri if item.record.on_disk else str(cache_copy(cache_dir, item.id, item.record.data, fmt))
+                    for item, fmt in zip(batch.fresh, batch.formats)
+                ]
+                ids = [item.id for item in batch.fresh]
+                store.add(ids, embeddings, [item.record.caption for item in batch.fresh], sources_, [item.record.uri for item in batch.fresh])
+                summary.added += len(ids)
+                pending.difference_update(ids)
+            progress(len(batch.fresh) + len(batch.failed))
+    finally:
+        summary.seconds = time.time() - started
+    return summary
 
 
 def index_folders(
@@ -51,33 +225,5 @@ def index_folders(
     batch_size: int = 64,
     on_batch: Callable[[int], None] | None = None,
 ) -> IndexSummary:
-    """Embed and add every image below `folders` that the collection lacks. Safe to re-run after a crash."""
-    started, summary = time.time(), IndexSummary()
-    paths = (p for folder in folders for p in iter_images(Path(folder)))
-    while batch := list(islice(paths, batch_size)):
-        ids = [hashlib.sha256(p.read_bytes()).hexdigest()[:32] for p in batch]
-        present = store.existing(ids)
-        fresh: dict[str, tuple[Path, Image.Image]] = {}
-        for image_id, path in zip(ids, batch):
-            if image_id in present or image_id in fresh:
-                summary.skipped += 1
-                continue
-            try:
-                with Image.open(path) as image:
-                    fresh[image_id] = (path, image.convert("RGB"))
-            except (UnidentifiedImageError, OSError) as error:
-                summary.failed += 1
-                log.warning("skipping %s: not a readable image (%s)", path, error)
-        if fresh:
-            embeddings = store.embedder.embed_images([image for _, image in fresh.values()], batch_size=batch_size)
-            store.add(
-                list(fresh),
-                embeddings,
-                [sidecar_caption(path) for path, _ in fresh.values()],
-                [str(path.resolve()) for path, _ in fresh.values()],
-            )
-            summary.added += len(fresh)
-        if on_batch:
-            on_batch(len(batch))
-    summary.seconds = time.time() - started
-    return summary
+    """Image folders only (recursive; sidecar captions): `index_sources` without a cache."""
+    return index_sources(store, [FolderSource(Path(f)) for f in folders], batch_size, on_batch=on_batch)

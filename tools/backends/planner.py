@@ -1,4 +1,7 @@
-"""Concept decomposition: structured LLM output when an LLM is configured, an offline parser otherwise."""
+"""Concepts: decomposition of a prompt, and revision of a thread's concepts by its next message.
+
+Structured LLM output when an LLM is configured; an offline rule-based parser otherwise.
+"""
 
 from __future__ import annotations
 
@@ -17,19 +20,68 @@ from tools.backends.llm import structured_call
 class ConceptSpec(BaseModel):
     text: str = Field(description="The concept, stand-alone, in a few words.")
     kind: ConceptKind = "object"
+    parent: int | None = Field(
+        default=None, description="1-based index of the concept this one depends on (an attribute's object), or null."
+    )
 
 
 class ConceptList(BaseModel):
     concepts: list[ConceptSpec] = Field(min_length=1)
 
 
+class RevisedConcept(ConceptSpec):
+    keep: str | None = Field(default=None, description="Id of the existing concept this is, unchanged; null if new or changed.")
+
+
+class Revision(BaseModel):
+    """A thread's next message applied to its prompt and concepts."""
+
+    prompt: str = Field(description="The whole prompt, rewritten to include the change.")
+    concepts: list[RevisedConcept] = Field(min_length=1)
+
+
 class Decomposer(Protocol):
     def decompose(self, prompt: str) -> tuple[list[Concept], int]: ...
 
+    def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]: ...
+
 
 def number(specs: list[ConceptSpec]) -> list[Concept]:
-    unique = list(dict.fromkeys((s.text.strip(), s.kind) for s in specs if s.text.strip()))
-    return [Concept(id=f"c{i}", text=text, kind=kind) for i, (text, kind) in enumerate(unique, 1)]
+    """Concepts c1, c2, ... with duplicates dropped and parent indices turned into ids."""
+    concepts: list[Concept] = []
+    index_to_id: dict[int, str] = {}
+    seen: dict[tuple[str, str], str] = {}
+    for i, spec in enumerate(specs, 1):
+        key = (spec.text.strip(), spec.kind)
+        if not key[0]:
+            continue
+        if key in seen:
+            index_to_id[i] = seen[key]
+            continue
+        concept_id = seen[key] = index_to_id[i] = f"c{len(concepts) + 1}"
+        concepts.append(Concept(id=concept_id, text=key[0], kind=spec.kind))
+    parents = {index_to_id[i]: index_to_id.get(s.parent) for i, s in enumerate(specs, 1) if i in index_to_id and s.parent}
+    return [c.model_copy(update={"depends_on": [p] if (p := parents.get(c.id)) and p != c.id else []}) for c in concepts]
+
+
+def apply_revision(old: list[Concept], revision: Revision) -> list[Concept]:
+    """Kept concepts keep their id and verdict; new or changed ones get fresh ids and start pending."""
+    by_id = {c.id: c for c in old}
+    next_id = 1 + max((int(c.id[1:]) for c in old if c.id[1:].isdigit()), default=0)
+    concepts: list[Concept] = []
+    for spec in revision.concepts:
+        kept = by_id.get(spec.keep or "")
+        if kept is not None and kept.text == spec.text:
+            concepts.append(kept.model_copy(update={"depends_on": []}))
+        else:
+            concepts.append(Concept(id=f"c{next_id}", text=spec.text, kind=spec.kind))
+            next_id += 1
+    for concept, spec in zip(concepts, revision.concepts):
+        if spec.parent and 1 <= spec.parent <= len(concepts) and concepts[spec.parent - 1] is not concept:
+            concept.depends_on = [concepts[spec.parent - 1].id]
+        elif (kept := by_id.get(spec.keep or "")) is not None:
+            concept.depends_on = [d for d in kept.depends_on if d in {c.id for c in concepts}]
+    return concepts
 
 
 class LLMDecomposer:
@@ -40,20 +92,72 @@ class LLMDecomposer:
         answer, tokens = structured_call(self.llm, ConceptList, [HumanMessage(render("decompose", prompt=prompt))], self.retries)
         return number(answer.concepts), tokens
 
+    def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]:
+        message = HumanMessage(render("revise", prompt=prompt, concepts=concepts, instruction=instruction))
+        return structured_call(self.llm, Revision, [message], self.retries)
+
 
 class RuleDecomposer:
-    """Splits a prompt into noun-phrase clauses: at commas, semicolons, and 'and'/'with' before a determiner.
-
-    'a red heart on the left and a blue square' -> ['a red heart on the left', 'a blue square']; 'black and
-    white photo' stays whole because no determiner follows 'and'. Style phrases become style concepts.
+    """Offline parser. Splits a prompt into noun-phrase clauses: at commas, semicolons, and 'and'/'with' before a
+    determiner ('a red heart on the left and a blue square' -> two concepts; 'black and white photo' stays whole).
+    Style phrases become style concepts. Revisions understand 'add X', 'remove X' and 'make the N ADJ'; anything
+    else is added as new concepts. An LLM does all of this far better; this keeps the system usable offline.
     """
 
     _FRAME = re.compile(r"^(a |an )?(photo|picture|image|painting|drawing|render(ing)?) of ", re.I)
     _SPLIT = re.compile(r"\s*[,;]\s*(?:and\s+)?|\s+(?:and|with|next to|beside)\s+(?=(?:a|an|the|one|two|three|four|five|some|\d+)\b)", re.I)
     _STYLE = re.compile(r"\b(style|watercolou?r|oil painting|sketch|pixel art|cartoon|anime|photorealistic|3d render|low poly)\b", re.I)
+    _LEAD = r"^(?:(?:now|please|also|and|then),?\s+)*"
+    _ADD = re.compile(_LEAD + r"(?:add|include|put in|put)\s+(.+)$", re.I)
+    _REMOVE = re.compile(_LEAD + r"(?:remove|drop|delete|take out|get rid of|without|no)\s+(?:the\s+)?(.+)$", re.I)
+    _CHANGE = re.compile(_LEAD + r"(?:make|turn|change|paint|colou?r)\s+(?:the\s+)?(.+?)\s+(?:to\s+|into\s+)?(\w+)$", re.I)
+
+    def clauses(self, text: str) -> list[str]:
+        body = self._FRAME.sub("", text.strip().rstrip("."))
+        return [c.strip() for c in self._SPLIT.split(body) if c and c.strip()]
+
+    def specs(self, text: str) -> list[ConceptSpec]:
+        return [ConceptSpec(text=c, kind="style" if self._STYLE.search(c) else "object") for c in self.clauses(text)]
 
     def decompose(self, prompt: str) -> tuple[list[Concept], int]:
-        body = self._FRAME.sub("", prompt.strip().rstrip("."))
-        clauses = [c.strip() for c in self._SPLIT.split(body) if c and c.strip()]
-        specs = [ConceptSpec(text=c, kind="style" if self._STYLE.search(c) else "object") for c in clauses]
-        return number(specs or [ConceptSpec(text=prompt.strip())]), 0
+        return number(self.specs(prompt) or [ConceptSpec(text=prompt.strip())]), 0
+
+    def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]:
+        kept = [RevisedConcept(text=c.text, kind=c.kind, keep=c.id) for c in concepts]
+        text = instruction.strip().rstrip(".!")
+        if match := self._REMOVE.match(text):
+            noun = match.group(1).split()[-1].lower()
+            remaining = [k for k in kept if noun not in k.text.lower().split()]
+            prompt = " and ".join(c for c in self.clauses(prompt) if noun not in c.lower().split()) or prompt
+            return Revision(prompt=prompt, concepts=remaining or kept), 0
+        if (match := self._CHANGE.match(text)) and not self._ADD.match(text):
+            noun, adjective = match.group(1).split()[-1].lower(), match.group(2).lower()
+            hits = [k for k in kept if noun in k.text.lower().split()]
+            if hits:
+                for k in hits:
+                    k.text, k.keep = _set_adjective(k.text, noun, adjective), None
+                return Revision(prompt=_set_adjective(prompt, noun, adjective), concepts=kept), 0
+            text = f"a {adjective} {noun}"
+        if match := self._ADD.match(text):
+            text = match.group(1)
+        added = [RevisedConcept(**s.model_dump()) for s in self.specs(text)]
+        return Revision(prompt=f"{prompt}, {text}" if added else prompt, concepts=kept + added), 0
+
+
+# Words a change replaces in front of its noun ('a red scarf' + 'make the scarf green' -> 'a green scarf').
+_ADJECTIVES = set(
+    "red green blue yellow purple orange pink black white grey gray brown gold silver small large big tiny huge "
+    "tall short old young wooden metal glass striped dotted".split()
+)
+
+
+def _set_adjective(text: str, noun: str, adjective: str) -> str:
+    words = text.split()
+    for i, word in enumerate(words):
+        if word.lower().strip(",.") == noun:
+            if i > 0 and words[i - 1].lower() in _ADJECTIVES:
+                words[i - 1] = adjective
+            else:
+                words.insert(i, adjective)
+            return " ".join(words)
+    return text

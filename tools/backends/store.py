@@ -1,11 +1,21 @@
 """Reference images in a chromadb collection embedded with open_clip.
 
-The collection records its embedding model; opening it with another model is refused, because similarities
-across embedding spaces are meaningless.
+The collection records its embedding model (name, pretrained tag, dimension); opening it with another model is
+refused, because similarities across embedding spaces are meaningless.
+
+Minimum similarity (`min_similarity`) is a cosine between a caption's text embedding and an image embedding, so
+its meaning depends on the embedding model; each profile carries its own (agent/config.py):
+- tiny (random open_clip): -1.0, i.e. no threshold; a random model's similarities mean nothing.
+- mini (the miniature world's CLIP): measured on the world's corpus by evals/miniworld/train_clip.py and read
+  from mini:clip/calibration.json (`retrieval_min_similarity`, the balanced-accuracy optimum between a
+  caption's best match being of the concept or not); 0.3 until that file exists.
+- ViT-B-32/openai: 0.22, a starting point from the usual ranges (matching photo 0.25-0.32, unrelated
+  0.12-0.20). It could not be measured here (no weights offline); calibrate it on your own collection.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import chromadb
@@ -31,27 +41,56 @@ def chroma_client(data_dir: Path, url: str | None = None) -> chromadb.ClientAPI:
     return chromadb.PersistentClient(path=str(Path(data_dir) / "chroma"), settings=settings)
 
 
+Reranker = Callable[[str, list[RetrievalHit]], list[RetrievalHit]]
+"""Reorders (and may drop) the candidate hits for a caption; its order is final."""
+
+
+def model_metadata(info: EmbeddingModelInfo) -> dict:
+    return {f"embed_{k}": v for k, v in info.model_dump().items()}
+
+
+def mmr_order(query: np.ndarray, candidates: np.ndarray, lam: float, k: int) -> list[int]:
+    """Maximal marginal relevance: greedily pick the candidate with the best
+    lam * sim(query, d) - (1 - lam) * max sim(d, picked). lam=1 is plain ranking, lam=0 pure diversity."""
+    relevance = candidates @ query
+    redundancy = np.full(len(candidates), -np.inf)
+    picked: list[int] = []
+    left = np.ones(len(candidates), bool)
+    for _ in range(min(k, len(candidates))):
+        score = lam * relevance - (1.0 - lam) * np.where(np.isfinite(redundancy), redundancy, 0.0)
+        best = int(np.argmax(np.where(left, score, -np.inf)))
+        picked.append(best)
+        left[best] = False
+        redundancy = np.maximum(redundancy, candidates @ candidates[best])
+    return picked
+
+
 class ReferenceStore:
     def __init__(self, collection, embedder: ClipEmbedder):
         self.collection, self.embedder = collection, embedder
 
     @classmethod
     def open(cls, client: chromadb.ClientAPI, name: str, embedder: ClipEmbedder, create: bool = False) -> ReferenceStore:
+        """Open collection `name`, checking it was embedded with `embedder`'s model; `create` makes it when absent."""
         info = embedder.info
-        if create:
-            collection = client.get_or_create_collection(
-                name,
-                embedding_function=None,
-                metadata={"hnsw:space": "cosine", **{f"embed_{k}": v for k, v in info.model_dump().items()}},
-            )
-        else:
-            try:
-                collection = client.get_collection(name, embedding_function=None)
-            except Exception:  # chromadb raises NotFoundError or ValueError depending on version
+        try:
+            collection = client.get_collection(name, embedding_function=None)
+        except Exception:  # chromadb raises NotFoundError or ValueError depending on version
+            if not create:
                 raise StoreError(
                     f"no reference collection {name!r}: build it with `imagerag index IMAGE_FOLDER --collection {name}`"
                 ) from None
-        recorded = EmbeddingModelInfo(**{k: collection.metadata.get(f"embed_{k}") for k in ("name", "pretrained", "dim")})
+            # get_or_create: another indexer may have created it meanwhile; its metadata is checked below.
+            collection = client.get_or_create_collection(
+                name, embedding_function=None, metadata={"hnsw:space": "cosine", **model_metadata(info)}
+            )
+        meta = collection.metadata or {}
+        if any(f"embed_{k}" not in meta for k in ("name", "pretrained", "dim")):
+            raise StoreError(
+                f"collection {name!r} records no embedding model (it was not built by `imagerag index`): "
+                "index your images into a new collection"
+            )
+        recorded = EmbeddingModelInfo(**{k: meta[f"embed_{k}"] for k in ("name", "pretrained", "dim")})
         if recorded != info:
             raise StoreError(
                 f"collection {name!r} was embedded with {recorded.name} ({recorded.pretrained}, dim {recorded.dim}) "
@@ -63,40 +102,81 @@ class ReferenceStore:
     def count(self) -> int:
         return self.collection.count()
 
-    def existing(self, ids: list[str]) -> set[str]:
+    def existing(self, ids: Sequence[str]) -> set[str]:
         unique = list(dict.fromkeys(ids))  # chromadb rejects repeated ids; identical files share one
         return set(self.collection.get(ids=unique, include=[])["ids"]) if unique else set()
 
-    def add(self, ids: list[str], embeddings: np.ndarray, captions: list[str], sources: list[str]) -> None:
-        """One batch, one write: chromadb applies it whole or not at all."""
+    def add(
+        self,
+        ids: list[str],
+        embeddings: np.ndarray,
+        captions: list[str],
+        sources: list[str],
+        origins: list[str | None] | None = None,
+    ) -> None:
+        """One batch, one write: chromadb commits an upsert in one transaction, so a crash leaves all or none.
+
+        `sources` are files the agent can open; `origins`, where given, say where an extracted copy came from
+        (a shard member, a parquet row).
+        """
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedder.info.dim:
+            raise StoreError(f"embeddings of shape {embeddings.shape} do not fit dimension {self.embedder.info.dim}")
+        origins = origins or [None] * len(ids)
         self.collection.upsert(
             ids=ids,
             embeddings=embeddings.astype(np.float32),
             documents=captions,
-            metadatas=[{"source": s} for s in sources],
+            metadatas=[{"source": s, **({"origin": o} if o and o != s else {})} for s, o in zip(sources, origins)],
         )
 
     def search(
-        self, caption: str, k: int = 1, min_similarity: float = -1.0, exclude: set[str] | frozenset[str] = frozenset()
+        self,
+        caption: str,
+        k: int = 1,
+        min_similarity: float = -1.0,
+        exclude: set[str] | frozenset[str] = frozenset(),
+        *,
+        mmr_lambda: float | None = None,
+        reranker: Reranker | None = None,
+        fetch_k: int | None = None,
     ) -> list[RetrievalHit]:
-        """Top-k hits at or above `min_similarity`; an empty list beats an unrelated reference."""
+        """Top-k hits at or above `min_similarity`; an empty list beats an unrelated reference.
+
+        `mmr_lambda` (0..1) orders the candidates by maximal marginal relevance, trading similarity to the
+        caption for difference from hits already picked (1.0: plain ranking). `reranker` then reorders or drops
+        the candidates, and has the last word. Either one widens the candidate pool to `fetch_k` (default
+        max(4k, 20)); without them the pool is k.
+        """
+        if mmr_lambda is not None and not 0.0 <= mmr_lambda <= 1.0:
+            raise ValueError(f"mmr_lambda must lie in [0, 1], got {mmr_lambda}")
         query = self.embedder.embed_texts([caption])[0]
-        n = min(k + len(exclude), self.count())
+        pool = k if mmr_lambda is None and reranker is None else max(fetch_k or 0, 4 * k, 20)
+        n = min(pool + len(exclude), self.count())
         if n == 0:
             return []
-        found = self.collection.query(query_embeddings=[query], n_results=n, include=["documents", "metadatas", "distances"])
-        hits = [
-            RetrievalHit(id=i, caption=doc or "", similarity=1.0 - dist, source=meta["source"], query=caption)
-            for i, doc, meta, dist in zip(found["ids"][0], found["documents"][0], found["metadatas"][0], found["distances"][0])
+        include = ["documents", "metadatas", "distances"] + (["embeddings"] if mmr_lambda is not None else [])
+        found = self.collection.query(query_embeddings=[query], n_results=n, include=include)
+        vectors = found["embeddings"][0] if mmr_lambda is not None else [None] * len(found["ids"][0])
+        kept = [
+            (RetrievalHit(id=i, caption=doc or "", similarity=1.0 - dist, source=meta["source"], query=caption), vec)
+            for i, doc, meta, dist, vec in zip(found["ids"][0], found["documents"][0], found["metadatas"][0], found["distances"][0], vectors)
             if i not in exclude and 1.0 - dist >= min_similarity
-        ]
+        ][:pool]
+        hits = [hit for hit, _ in kept]
+        if mmr_lambda is not None and hits:
+            matrix = np.asarray([vec for _, vec in kept], np.float32)
+            hits = [hits[i] for i in mmr_order(query, matrix, mmr_lambda, len(hits))]
+        if reranker is not None:
+            hits = reranker(caption, hits)
         return hits[:k]
 
-    def search_many(self, captions: list[str], k: int = 1, min_similarity: float = -1.0, exclude: set[str] = frozenset()) -> list[RetrievalHit]:
-        """Hits for several captions with no image used twice across them."""
+    def search_many(
+        self, captions: list[str], k: int = 1, min_similarity: float = -1.0, exclude: set[str] = frozenset(), **options
+    ) -> list[RetrievalHit]:
+        """Hits for several captions with no image used twice across them; `options` go to `search`."""
         seen, hits = set(exclude), []
         for caption in captions:
-            for hit in self.search(caption, k, min_similarity, exclude=seen):
+            for hit in self.search(caption, k, min_similarity, exclude=seen, **options):
                 seen.add(hit.id)
                 hits.append(hit)
         return hits
@@ -105,3 +185,43 @@ class ReferenceStore:
     def load_image(hit: RetrievalHit) -> Image.Image:
         with Image.open(hit.source) as image:
             return image.convert("RGB")
+
+
+def default_sheet_path(caption: str, folder: Path = Path(".")) -> Path:
+    """./<caption in words>.png, or -2, -3, ... after it: an existing file is never overwritten."""
+    import re
+
+    stem = re.sub(r"[^a-z0-9]+", "-", caption.lower()).strip("-")[:60] or "search"
+    path, n = Path(folder) / f"{stem}.png", 1
+    while path.exists():
+        n += 1
+        path = Path(folder) / f"{stem}-{n}.png"
+    return path
+
+
+def contact_sheet(hits: list[RetrievalHit], path: Path, thumb: int = 160, columns: int = 5) -> Path:
+    """A PNG grid of the hits, each labelled with its similarity and caption; returns the path written."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    label_h = 30
+    cols = max(1, min(columns, len(hits)))
+    rows = max(1, -(-len(hits) // cols))
+    sheet = Image.new("RGB", (cols * thumb, rows * (thumb + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for n, hit in enumerate(hits):
+        x, y = (n % cols) * thumb, (n // cols) * (thumb + label_h)
+        try:
+            image = ReferenceStore.load_image(hit)
+            image.thumbnail((thumb, thumb))
+            sheet.paste(image, (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))
+        except OSError:  # a moved or deleted source: the sheet still shows the hit
+            draw.rectangle((x + 4, y + 4, x + thumb - 4, y + thumb - 4), outline="red")
+            draw.text((x + 8, y + thumb // 2), "missing file", fill="red", font=font)
+        caption = hit.caption if len(hit.caption) <= 26 else hit.caption[:23] + "..."
+        draw.text((x + 4, y + thumb + 2), f"{n + 1}. sim {hit.similarity:.3f}", fill="black", font=font)
+        draw.text((x + 4, y + thumb + 15), caption, fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, format="PNG")
+    return path

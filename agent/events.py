@@ -1,0 +1,65 @@
+"""Typed progress events of a run, built from LangGraph's stream modes (tasks, updates, custom)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, Field
+
+from agent.state import ConceptVerdict, RetrievalHit, Step
+
+
+class NodeStarted(BaseModel):
+    kind: Literal["node_started"] = "node_started"
+    node: str
+
+
+class NodeFinished(BaseModel):
+    kind: Literal["node_finished"] = "node_finished"
+    node: str
+    steps: list[Step] = Field(default_factory=list)
+
+
+class DiffusionStep(BaseModel):
+    kind: Literal["diffusion_step"] = "diffusion_step"
+    step: int
+    total: int
+
+
+class RetrievalHits(BaseModel):
+    kind: Literal["retrieved"] = "retrieved"
+    captions: list[str]
+    hits: list[RetrievalHit]
+
+
+class Verdicts(BaseModel):
+    kind: Literal["verdicts"] = "verdicts"
+    image_id: str
+    verdicts: list[ConceptVerdict]
+
+
+class BudgetLeft(BaseModel):
+    kind: Literal["budget"] = "budget"
+    rounds: int
+    generations: int
+    seconds: float | None
+    tokens: int | None
+
+
+class ReviewRequested(BaseModel):
+    """The run paused before a regeneration; continue it with `agent.run.resume(run, decision)`."""
+
+    kind: Literal["review"] = "review"
+    run_dir: str
+    request: dict[str, Any]
+
+
+class Finished(BaseModel):
+    kind: Literal["finished"] = "finished"
+    result: Any  # agent.run.RunResult (typed there; kept loose here to avoid an import cycle)
+
+
+RunEvent = Annotated[
+    Union[NodeStarted, NodeFinished, DiffusionStep, RetrievalHits, Verdicts, BudgetLeft, ReviewRequested, Finished],
+    Field(discriminator="kind"),
+]

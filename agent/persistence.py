@@ -1,0 +1,37 @@
+"""Checkpointers: SQLite in the data folder by default, Postgres when a URL is configured.
+
+Every run is checkpointed after each node, so a killed run resumes where it stopped and a thread remembers its
+turns. Only our own pydantic types are allowed out of a checkpoint (graphs.CHECKPOINT_TYPES).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.sqlite import SqliteSaver
+
+from agent.config import ConfigError, Settings
+from graphs import checkpoint_serde
+
+
+@contextmanager
+def open_checkpointer(settings: Settings) -> Iterator[BaseCheckpointSaver]:
+    if settings.checkpoint_url:
+        try:
+            from langgraph.checkpoint.postgres import PostgresSaver
+        except ImportError:
+            raise ConfigError("a Postgres checkpoint URL needs `pip install 'imagerag-agent[postgres]'`") from None
+        with PostgresSaver.from_conn_string(settings.checkpoint_url) as saver:
+            saver.serde = checkpoint_serde()
+            saver.setup()
+            yield saver
+        return
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(settings.data_dir / "checkpoints.sqlite", check_same_thread=False)
+    try:
+        yield SqliteSaver(conn, serde=checkpoint_serde())
+    finally:
+        conn.close()
