@@ -84,7 +84,9 @@ def stream(
     with open_checkpointer(settings) as saver:
         existing = _thread_values(saver, thread) if thread else None
         if existing:
-            if existing.get("status") == "running":  # crashed, failed or paused for review
+            state_cls = AgentState if "messages" in existing else RunState
+            previous = state_cls.model_validate(existing)
+            if previous.status == "running":  # crashed, failed or paused for review
                 raise RunError(f"thread {thread!r} has an unfinished run: continue it with `imagerag resume {thread}` first")
             run_dir = Path(existing["run_dir"])
             settings = _load_settings(run_dir).model_copy(update={"budget": settings.budget, "review": settings.review})
@@ -96,8 +98,6 @@ def stream(
         backends = backends or _load_backends(settings)
         graph, config = _compile(saver, settings, backends, run_dir)
         if existing:
-            state_cls = AgentState if settings.policy == "agent" else RunState
-            previous = state_cls.model_validate(existing)
             update = {
                 "instruction": message, "turn": previous.turn + 1, "budget": settings.budget, "review": settings.review,
                 "usage": Usage(), "status": "running", "stop_reason": "", "error": None, "hits": [], "started_at": time.time(),

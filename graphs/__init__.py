@@ -29,7 +29,7 @@ def build_graph(policy: str, toolkit: Toolkit, settings: Settings) -> StateGraph
 
 # Our pydantic types that checkpoints may hold; listing them keeps checkpoint loading strict (no arbitrary types).
 CHECKPOINT_TYPES = [
-    ("agent.state", name) for name in ("Concept", "ConceptVerdict", "RetrievalHit", "Candidate", "Budget", "Usage", "Step")
+    ("agent.state", name) for name in ("Concept", "ConceptVerdict", "RetrievalHit", "Candidate", "Budget", "Usage", "Step", "Turn")
 ] + [("tools.toolkit", "ToolOutcome"), ("tools.backends.judges", "Critique")]
 
 

@@ -15,7 +15,7 @@ PROMPT = "a red heart on the left and a blue square on the right"
 
 
 def imagerag(*args: str, **env):
-    return runner.invoke(app, list(args), env=env or None)
+    return runner.invoke(app, list(args), env={"COLUMNS": "250", **env})
 
 
 def test_generate_writes_a_run_folder_and_prints_json(data_dir, tmp_path):
@@ -93,3 +93,27 @@ def test_index_is_incremental(data_dir, tmp_path):
     assert "added 0, skipped 4, failed 1" in second.stderr
     search = imagerag("search", "img1", "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "cli-test", "-k", "2")
     assert search.exit_code == 0 and "2 hit(s)" in search.stdout
+
+
+def test_chat_refines_one_thread_and_history_lists_its_turns(data_dir, tmp_path):
+    messages = "a red heart on the left and a blue square on the right\nmake the square green\n\n"
+    result = runner.invoke(app, ["chat", "--thread", "talk", "--profile", "tiny", "--data-dir", str(data_dir), "--out", str(tmp_path)], input=messages)
+    assert result.exit_code == 0, result.output
+    listed = imagerag("history", "talk", "--data-dir", str(data_dir))
+    assert listed.exit_code == 0
+    assert "make the square green" in listed.stdout and "a red heart on the left" in listed.stdout
+    saved = json.loads((tmp_path / "talk" / "run.json").read_text())
+    assert saved["turn"] == 2 and saved["prompt"] == "a red heart on the left and a green square on the right"
+
+
+def test_review_at_the_terminal(data_dir, tmp_path):
+    result = runner.invoke(
+        app,
+        ["generate", PROMPT, "--profile", "tiny", "--data-dir", str(data_dir), "--out", str(tmp_path), "--max-rounds", "2", "--review", "--json"],
+        input="drop\n",
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads(result.stdout[result.stdout.index("{"):])
+    assert "review before round 2" in " ".join(result.stderr.split())
+    assert saved["generations"] == 2 and saved["candidates"][1]["references"] == []
+    assert any(s["node"] == "review" and "no reference" in s["summary"] for s in saved["steps"])

@@ -194,3 +194,59 @@ def test_unknown_sources_are_refused_before_any_work(tmp_path, store):
     with pytest.raises(SourceError, match="needs a cache folder"):
         index_sources(store, [tmp_path / "s.tar"])
     assert store.count() == 0
+
+
+@pytest.fixture
+def chroma_server(tmp_path):
+    """A real Chroma server on loopback, for the --chroma-url path (HttpClient)."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    chroma = shutil.which("chroma") or str(Path(sys.executable).with_name("chroma"))
+    server = subprocess.Popen([chroma, "run", "--path", str(tmp_path / "server-db"), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("the chroma server did not start")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_index_and_search_against_a_chroma_server(tmp_path, data_dir, chroma_server, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, colour in enumerate(("red", "blue")):
+        (folder / f"{colour}.png").write_bytes(png(colour))
+    common = ["--profile", "tiny", "--data-dir", str(data_dir), "--collection", "served", "--chroma-url", chroma_server]
+    indexed = runner.invoke(app, ["index", str(folder), *common])
+    assert indexed.exit_code == 0, indexed.output
+    assert "added 2, skipped 0, failed 0" in indexed.stderr
+    assert "served" not in [c.name for c in chroma_client(data_dir).list_collections()]  # nothing went to the local folder
+    monkeypatch.chdir(tmp_path)
+    found = runner.invoke(app, ["search", "red", "-k", "2", "--no-sheet", *common])
+    assert found.exit_code == 0 and "2 hit(s)" in found.stdout
+
+
+def test_a_truncated_shard_keeps_what_was_read_and_counts_the_rest_as_failed(tmp_path, store):
+    shard = tmp_path / "cut.tar"
+    img2dataset_shard(shard, [(f"{i:04d}", png((i * 60, 0, 0), size=(64, 64)), f"image {i}", None) for i in range(4)])
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) * 3 // 5])  # a download that stopped part way
+    summary = index_sources(store, [shard], cache_dir=tmp_path / "cache")
+    assert summary.failed == 1 and 1 <= summary.added < 4
