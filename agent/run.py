@@ -140,7 +140,7 @@ def resume(
         snapshot = graph.get_state(config)
         if not snapshot.values:
             raise RunError(f"no checkpoint for {run_dir.name!r} in {settings.data_dir}: it cannot be resumed")
-        if not snapshot.next:
+        if not snapshot.tasks:  # (a node that finished just before a crash has a task with its result pending)
             raise RunError(f"run {run_dir.name!r} already ended ({snapshot.values.get('status')}); send a new message to its thread instead")
         paused = any(task.interrupts for task in snapshot.tasks)
         if paused and decision is None:
