@@ -16,8 +16,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The embedded default: the miniature world (evals/miniworld), whose small trained models ship in the repo.
+# The first run renders its 6,000-image retrieval corpus and indexes it (once); then the agent loop runs.
+DEMO_DATA := .imagerag
+DEMO_PROMPT := a red heart on the left and a blue square on the right
+
 demo: install
-	$(OFFLINE) $(BIN)/imagerag generate "a red heart on the left and a blue square on the right" --profile tiny --out runs
+	test -f $(DEMO_DATA)/miniworld-corpus/scene_005999.png || $(OFFLINE) $(BIN)/python -m evals.miniworld.world corpus $(DEMO_DATA)/miniworld-corpus --n 6000 --seed 1
+	$(OFFLINE) $(BIN)/imagerag index $(DEMO_DATA)/miniworld-corpus --profile mini --data-dir $(DEMO_DATA)
+	$(OFFLINE) $(BIN)/imagerag generate "$(DEMO_PROMPT)" --profile mini --data-dir $(DEMO_DATA) --out runs
 
 test: install
 	$(OFFLINE) $(BIN)/python -m pytest -q

@@ -1,10 +1,6 @@
-"""imagerag-agent: state, configuration and the run entry point.
+"""imagerag-agent: state, configuration, policies' entry points (agent.run), CLI and report.
 
-    from agent import Settings, run
+    from agent.config import Settings
+    from agent.run import run
     result = run("a boston bull wearing a red scarf", Settings(profile="sdxl"))
 """
-
-from agent.config import PROFILES, Settings
-from agent.run import RunResult, run
-
-__all__ = ["PROFILES", "RunResult", "Settings", "run"]

@@ -233,7 +233,7 @@ def index(
     data_dir: DataDir = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per embedding forward and per database write.")] = 64,
     chroma_url: Annotated[Optional[str], typer.Option(help="A Chroma server (http://host:8000) instead of the data folder's.")] = None,
-    workers: Annotated[int, typer.Option(min=0, max=8, help="Decode/preprocess worker processes (0: in the main process).")] = 0,
+    workers: Annotated[int, typer.Option(min=0, max=8, help="Decode/preprocess worker processes (0: in the main process; 1 overlaps decoding with embedding).")] = 1,
     image_column: Annotated[Optional[str], typer.Option(help="Parquet column with the image bytes (default: found by name and type).")] = None,
     caption_column: Annotated[Optional[str], typer.Option(help="Parquet column with the caption (default: caption or text).")] = None,
 ) -> None:
@@ -325,6 +325,36 @@ def eval_miniworld(
     report = evaluate(data_dir, out, prompts, rounds)
     Console().print(markdown(report))
     err.print(f"written to {out / 'miniworld.json'} and {out / 'miniworld.md'} in {report['seconds_total']} s")
+
+
+serve_app = typer.Typer(no_args_is_help=True, help="Serve the loop to larger assistants.")
+app.add_typer(serve_app, name="serve")
+
+
+@serve_app.command("mcp")
+def serve_mcp(
+    profile: Profile = None,
+    collection: Collection = None,
+    data_dir: DataDir = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder that receives run folders (default: DATA_DIR/runs).")] = None,
+    http: Annotated[bool, typer.Option("--http", help="Streamable HTTP at http://HOST:PORT/mcp instead of stdio.")] = False,
+    host: Annotated[str, typer.Option(help="With --http: the address to bind (loopback unless told otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="With --http: the port.")] = 8000,
+) -> None:
+    """An MCP server with the tools generate_image, refine_image and search_references (stdio by default)."""
+    from agent.serve import serve_mcp as serve
+
+    settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
+    if out is not None:
+        from agent.run import RunError, check_out_dir
+
+        try:
+            check_out_dir(out)
+        except RunError as error:
+            fail(str(error))
+    if http:
+        err.print(f"MCP over streamable HTTP at http://{host}:{port}/mcp (profile {settings.profile})")
+    serve(settings, out, http=http, host=host, port=port)
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Checkpointers: SQLite in the data folder by default, Postgres when a URL is configured.
 
 Every run is checkpointed after each node, so a killed run resumes where it stopped and a thread remembers its
-turns. Only our own pydantic types are allowed out of a checkpoint (graphs.CHECKPOINT_TYPES).
+turns. Only our own pydantic types are allowed out of a checkpoint (CHECKPOINT_TYPES).
 """
 
 from __future__ import annotations
@@ -11,10 +11,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from agent.config import ConfigError, Settings
-from graphs import checkpoint_serde
+
+# Our pydantic types that checkpoints may hold; listing them keeps checkpoint loading strict (no arbitrary types).
+CHECKPOINT_TYPES = [
+    ("agent.state", name) for name in ("Concept", "ConceptVerdict", "RetrievalHit", "Candidate", "Budget", "Usage", "Step", "Turn")
+] + [("tools.toolkit", "ToolOutcome"), ("tools.backends.judges", "Critique")]
+
+
+def checkpoint_serde() -> JsonPlusSerializer:
+    return JsonPlusSerializer(allowed_msgpack_modules=CHECKPOINT_TYPES)
 
 
 @contextmanager

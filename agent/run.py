@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from agent.config import Settings
 from agent.events import BudgetLeft, DiffusionStep, Finished, NodeFinished, NodeStarted, RetrievalHits, ReviewRequested, RunEvent, Verdicts
 from agent.persistence import open_checkpointer
-from agent.state import AgentState, Budget, Candidate, Concept, RunInput, RunState, RunStatus, Step, Turn, Usage
+from agent.state import THREAD_PATTERN, AgentState, Budget, Candidate, Concept, RunInput, RunState, RunStatus, Step, Turn, Usage
 from graphs import build_graph
 from graphs.common import ReviewDecision, ReviewRequest
 from tools.backends.images import ImageStore
@@ -79,7 +79,7 @@ def stream(
     except ValidationError as error:
         raise RunError("; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())) from None
     settings.resolved_profile()  # an unknown profile fails before anything else
-    if thread is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", thread):
+    if thread is not None and not re.fullmatch(THREAD_PATTERN, thread):
         raise RunError(f"invalid thread name {thread!r}: use letters, digits, '.', '_' or '-' (at most 100)")
     with open_checkpointer(settings) as saver:
         existing = _thread_values(saver, thread) if thread else None

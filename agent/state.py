@@ -129,6 +129,10 @@ class Step(BaseModel):
     at: float = Field(default_factory=time.time)
 
 
+MAX_PROMPT_CHARS = 4000  # long, dense prompts (DPG-Bench style) fit; a pasted document does not
+THREAD_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # a thread names its run folder
+
+
 class RunInput(BaseModel):
     """What a caller gives a run."""
 
@@ -142,6 +146,8 @@ class RunInput(BaseModel):
         value = value.strip()
         if not value:
             raise ValueError("the prompt is empty: describe the image to draw, e.g. 'a red fox in the snow'")
+        if len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt has {len(value)} characters, more than {MAX_PROMPT_CHARS}: shorten it, or split it over turns of a thread")
         return value
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from langgraph.checkpoint.memory import InMemorySaver
-from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.graph import StateGraph
 
 from agent.config import ConfigError, Settings
@@ -26,16 +24,3 @@ def build_graph(policy: str, toolkit: Toolkit, settings: Settings) -> StateGraph
         return build_agent_graph(toolkit, toolkit.backends.llm, settings.max_tool_errors)
     raise ConfigError(f"unknown policy {policy!r}: use 'imagerag' or 'agent'")
 
-
-# Our pydantic types that checkpoints may hold; listing them keeps checkpoint loading strict (no arbitrary types).
-CHECKPOINT_TYPES = [
-    ("agent.state", name) for name in ("Concept", "ConceptVerdict", "RetrievalHit", "Candidate", "Budget", "Usage", "Step", "Turn")
-] + [("tools.toolkit", "ToolOutcome"), ("tools.backends.judges", "Critique")]
-
-
-def checkpoint_serde() -> JsonPlusSerializer:
-    return JsonPlusSerializer(allowed_msgpack_modules=CHECKPOINT_TYPES)
-
-
-def memory_checkpointer() -> InMemorySaver:
-    return InMemorySaver(serde=checkpoint_serde())

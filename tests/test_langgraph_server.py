@@ -1,0 +1,118 @@
+"""LangGraph Server: `langgraph dev` (in-memory runtime) serves the graphs of langgraph.json on 127.0.0.1, and the
+`langgraph_sdk` client drives a thread through it: create it, stream a run, read the final state. Bad input gets
+an error event or a clear HTTP error, and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from langgraph_sdk import get_sync_client
+from langgraph_sdk.errors import NotFoundError
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "a red heart on the left and a blue square on the right"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_for(folder: Path) -> Path:
+    """The repository's langgraph.json with its paths made absolute, so the server's working folder (where the
+    in-memory runtime keeps its files) can be a temporary one."""
+    config = json.loads((REPO / "langgraph.json").read_text())
+    config["dependencies"] = [str(REPO / d) if d.startswith(".") else d for d in config["dependencies"]]
+    config["graphs"] = {name: str(REPO / spec) if spec.startswith("./") else spec for name, spec in config["graphs"].items()}
+    path = folder / "langgraph.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture
+def langgraph_server(data_dir, tmp_path):
+    cli = Path(sys.executable).parent / "langgraph"
+    assert cli.exists(), "langgraph-cli is missing: `make install` installs it (pyproject's dev extra)"
+    port = free_port()
+    env = {
+        **os.environ,
+        "IMAGERAG_PROFILE": "tiny", "IMAGERAG_DATA_DIR": str(data_dir),
+        "LANGGRAPH_CLI_NO_ANALYTICS": "1", "LANGSMITH_TRACING": "false", "LANGCHAIN_TRACING_V2": "false",
+        "HF_HUB_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False",
+    }
+    log = (tmp_path / "langgraph.log").open("w")
+    process = subprocess.Popen(
+        [str(cli), "dev", "--config", str(config_for(tmp_path)), "--host", "127.0.0.1", "--port", str(port),
+         "--no-browser", "--no-reload", "--n-jobs-per-worker", "1"],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert process.poll() is None, (tmp_path / "langgraph.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/ok", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "langgraph dev did not answer /ok in 60 s"
+            time.sleep(0.5)
+        yield url
+        assert process.poll() is None, "the server died: " + (tmp_path / "langgraph.log").read_text()[-3000:]
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def test_a_thread_runs_through_langgraph_server(langgraph_server, data_dir):
+    client = get_sync_client(url=langgraph_server)
+    assert {a["graph_id"] for a in client.assistants.search()} == {"imagerag", "agent"}
+
+    thread = client.threads.create()
+    parts = list(client.runs.stream(
+        thread["thread_id"], "imagerag",
+        input={"prompt": PROMPT, "budget": {"max_rounds": 2}},
+        stream_mode=["updates", "custom"],
+    ))
+    events = [p.event for p in parts]
+    assert "error" not in events, [p.data for p in parts if p.event == "error"]
+    updated = [node for p in parts if p.event == "updates" for node in p.data]
+    assert updated[:3] == ["plan", "generate", "critique"] and updated[-1] == "finish"
+    assert any(p.event == "custom" and p.data.get("event") == "diffusion_step" for p in parts)
+
+    state = client.threads.get_state(thread["thread_id"])["values"]
+    assert state["status"] in {"satisfied", "budget_exhausted"} and 1 <= state["usage"]["rounds"] <= 2
+    assert [c["text"] for c in state["concepts"]] == ["a red heart on the left", "a blue square on the right"]
+    assert {c["verdict"] for c in state["concepts"]} <= {"satisfied", "missing"}
+    # The state holds ids; the images themselves are files in the thread's folder.
+    for candidate in state["candidates"]:
+        assert (data_dir / "runs" / thread["thread_id"] / "images" / f"{candidate['image_id']}.png").exists()
+
+    # Bad input: an error event naming the problem, and the server goes on serving.
+    for bad, message in [
+        ({"prompt": "   "}, "the prompt is empty"),
+        ({"prompt": PROMPT, "budget": {"max_rounds": 0}}, "greater than or equal to 1"),
+        ({"prompt": 5}, "Input should be a valid string"),
+    ]:
+        other = client.threads.create()
+        errors = [p.data for p in client.runs.stream(other["thread_id"], "imagerag", input=bad) if p.event == "error"]
+        assert errors and message in errors[0]["message"], errors
+    with pytest.raises(NotFoundError):
+        list(client.runs.stream("00000000-0000-0000-0000-000000000000", "imagerag", input={"prompt": PROMPT}))
+
+    again = client.runs.wait(client.threads.create()["thread_id"], "imagerag", input={"prompt": "a green square", "budget": {"max_rounds": 1}})
+    assert again["status"] in {"satisfied", "budget_exhausted"} and again["candidates"]

@@ -1,0 +1,297 @@
+"""The whole loop as one call, for larger assistants: a service shared by the MCP server and a LangChain tool.
+
+`ImageRAGAssistant` validates a request, runs it through `agent.run.stream` (backends loaded once, one run at a
+time: the pipelines are not re-entrant), forwards the typed events to a callback, and answers with an
+`ImageRunOutput`: the thread to refine, the status, the best image and the verdict of every concept. Anything a
+caller got wrong comes back as an `AssistantError` whose message names the fix, so every surface can hand it on.
+
+`ImageRAGTool` is that call as a LangChain `BaseTool` with a pydantic schema, for a LangGraph or LangChain agent
+to bind. Its ToolMessage content is a short summary for the LLM; the artifact is the `ImageRunOutput` as a dict.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from langchain_core.tools import BaseTool, ToolException
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.config import ConfigError, Settings
+from agent.events import RunEvent
+from agent.state import MAX_PROMPT_CHARS, THREAD_PATTERN, Budget, RetrievalHit, RunInput
+from tools.toolkit import Backends
+
+MAX_ROUNDS = 10
+MAX_HITS = 20
+
+PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw, in plain words.")]
+Instruction = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="How to change the thread's image, e.g. 'make the scarf green'.")]
+Rounds = Annotated[int, Field(ge=1, le=MAX_ROUNDS, description="Budget: policy rounds, the first generation included.")]
+ThreadName = Annotated[str, Field(pattern=THREAD_PATTERN, description="A thread id returned by an earlier call (letters, digits, '.', '_', '-').")]
+Caption = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the reference images should show.")]
+HitCount = Annotated[int, Field(ge=1, le=MAX_HITS, description="Reference images to return at most.")]
+
+
+class AssistantError(ValueError):
+    """A request the assistant cannot run; the message says what is wrong and how to fix it."""
+
+
+class ConceptOutcome(BaseModel):
+    """The verdict on one concept of the prompt, judged on the best image."""
+
+    id: str = Field(description="Concept id within the thread, e.g. 'c1'.")
+    text: str = Field(description="The concept in a few words.")
+    verdict: Literal["pending", "satisfied", "missing"]
+    score: float | None = Field(description="The critic's alignment score in [0, 1].")
+    evidence: str = Field(description="Why the critic decided so.")
+
+
+class ImageRunOutput(BaseModel):
+    """What one call of the loop produced."""
+
+    thread: str = Field(description="Refine this image later by passing this thread id.")
+    status: Literal["satisfied", "budget_exhausted", "stopped", "failed", "paused", "running"]
+    stop_reason: str
+    error: str | None
+    prompt: str = Field(description="The prompt the image was drawn for (a refinement rewrites it).")
+    turn: int = Field(description="1 for a new thread, then one more per refinement.")
+    rounds: int
+    generations: int
+    best_image: str | None = Field(description="Path of the best image's PNG on the server.")
+    report: str = Field(description="Path of the run's report.html on the server.")
+    concepts: list[ConceptOutcome]
+
+    @property
+    def satisfied(self) -> list[str]:
+        return [c.text for c in self.concepts if c.verdict == "satisfied"]
+
+    @property
+    def missing(self) -> list[str]:
+        return [c.text for c in self.concepts if c.verdict != "satisfied"]
+
+    def summary(self) -> str:
+        """A few lines an LLM can act on."""
+        lines = [
+            f"{self.status} after {self.rounds} round(s) and {self.generations} image(s) (thread {self.thread}, turn {self.turn})",
+            f"prompt: {self.prompt}",
+            f"satisfied: {'; '.join(self.satisfied) or 'none'}",
+            f"missing: {'; '.join(self.missing) or 'none'}",
+            f"best image: {self.best_image or 'none'}",
+        ]
+        if self.error:
+            lines.append(f"error: {self.error}")
+        if self.missing and self.status != "failed":
+            lines.append(f"to refine, call again with thread={self.thread!r} and an instruction")
+        return "\n".join(lines)
+
+
+class SearchOutput(BaseModel):
+    caption: str
+    hits: list[RetrievalHit]
+
+
+def describe_event(event: RunEvent) -> str | None:
+    """One line of progress for a typed run event (None: nothing worth telling)."""
+    kind = event.kind
+    if kind == "node_started":
+        return f"{event.node}"
+    if kind == "diffusion_step":
+        return f"diffusion step {event.step}/{event.total}"
+    if kind == "retrieved":
+        return f"retrieved {len(event.hits)} reference(s) for {', '.join(map(repr, event.captions))}"
+    if kind == "verdicts":
+        return f"image {event.image_id[:12]}: {sum(v.satisfied for v in event.verdicts)}/{len(event.verdicts)} concept(s) satisfied"
+    if kind == "budget":
+        return f"budget left: {event.rounds} round(s), {event.generations} image(s)"
+    if kind == "node_finished":
+        return "; ".join(s.summary for s in event.steps) or None
+    if kind == "finished":
+        return f"finished: {event.result.status}"
+    return None
+
+
+def explain(error: ValidationError) -> str:
+    """A pydantic error as one line: which argument, what is wrong."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in error.errors())
+
+
+class _RunRequest(BaseModel):
+    message: PromptText
+    max_rounds: Rounds = 3
+    thread: ThreadName | None = None
+
+
+class ImageRAGAssistant:
+    """The loop behind one call. Settings come from the caller (usually `Settings()`: IMAGERAG_* and the TOML file).
+
+    Runs never pause for review (nobody is there to answer); images and reports go to `out`, by default
+    `<data_dir>/runs`.
+    """
+
+    def __init__(self, settings: Settings, out: Path | None = None, backends: Backends | None = None):
+        try:
+            settings.resolved_profile()
+        except ConfigError as error:
+            raise AssistantError(str(error)) from None
+        self.settings = settings.model_copy(update={"review": False})
+        self.out = Path(out) if out is not None else Path(settings.data_dir) / "runs"
+        self._backends = backends
+        self._lock = threading.Lock()  # one run at a time: diffusers pipelines are not re-entrant
+
+    def backends(self) -> Backends:
+        if self._backends is None:
+            from tools.backends.loading import load_backends
+
+            self._backends = load_backends(self.settings)
+        return self._backends
+
+    def thread_exists(self, thread: str) -> bool:
+        from agent.run import RunError, history
+
+        try:
+            history(thread, self.settings)
+        except RunError:
+            return False
+        return True
+
+    def run(
+        self,
+        message: str,
+        max_rounds: int = 3,
+        thread: str | None = None,
+        on_event: Callable[[RunEvent], None] | None = None,
+    ) -> tuple[ImageRunOutput, Any]:
+        """Draw `message`, or continue `thread` with it when the thread exists. Returns the output and the RunResult."""
+        from agent.events import Finished, ReviewRequested
+        from agent.run import RunError, stream
+        from tools.backends.store import StoreError
+
+        try:
+            request = _RunRequest(message=message, max_rounds=max_rounds, thread=thread)
+            RunInput(prompt=request.message)  # an empty prompt fails here, before any model is loaded
+        except ValidationError as error:
+            raise AssistantError(explain(error).removeprefix("prompt: Value error, ")) from None
+        budget = self.settings.budget.model_dump() | {
+            "max_rounds": request.max_rounds,
+            # Each round draws one image, so a rounds budget above the generations cap would never be reached.
+            "max_generations": max(self.settings.budget.max_generations, request.max_rounds),
+        }
+        settings = self.settings.model_copy(update={"budget": Budget.model_validate(budget)})
+        with self._lock:
+            try:
+                for event in stream(request.message, settings, self.out, request.thread, self.backends()):
+                    if on_event is not None:
+                        on_event(event)
+                    if isinstance(event, Finished):
+                        return self.output(event.result), event.result
+                    if isinstance(event, ReviewRequested):  # only when a thread was started with review on
+                        raise AssistantError(f"thread {request.thread!r} waits for a review: answer it with `imagerag resume`")
+            except (RunError, ConfigError, StoreError, FileNotFoundError) as error:
+                raise AssistantError(str(error)) from None
+            except ValidationError as error:
+                raise AssistantError(explain(error)) from None
+        raise AssistantError("the run ended without a result")
+
+    def search(self, caption: str, k: int = 5) -> SearchOutput:
+        """Reference images in the collection for `caption`, none below the profile's relevance threshold."""
+        try:
+            request = _SearchRequest(caption=caption, k=k)
+        except ValidationError as error:
+            raise AssistantError(explain(error)) from None
+        if not request.caption.strip():
+            raise AssistantError("the caption is empty: describe the reference image to find, e.g. 'a red square'")
+        from tools.backends.store import StoreError
+
+        with self._lock:
+            try:
+                backends = self.backends()
+                hits = backends.store.search(request.caption.strip(), request.k, backends.min_similarity)
+            except (StoreError, ConfigError) as error:
+                raise AssistantError(str(error)) from None
+        return SearchOutput(caption=request.caption.strip(), hits=hits)
+
+    @staticmethod
+    def output(result) -> ImageRunOutput:
+        run_dir = Path(result.run_dir).resolve()
+        return ImageRunOutput(
+            thread=result.thread,
+            status=result.status,
+            stop_reason=result.stop_reason,
+            error=result.error,
+            prompt=result.prompt,
+            turn=result.turn,
+            rounds=result.rounds,
+            generations=result.generations,
+            best_image=str(run_dir / result.best_image) if result.best_image else None,
+            report=str(run_dir / "report.html"),
+            concepts=[ConceptOutcome(id=c.id, text=c.text, verdict=c.verdict, score=c.score, evidence=c.evidence) for c in result.concepts],
+        )
+
+
+class _SearchRequest(BaseModel):
+    caption: Caption
+    k: HitCount = 5
+
+
+def png_bytes(path: str | Path, max_side: int | None = None) -> bytes:
+    """An image file as PNG bytes, optionally shrunk (references can be large photographs)."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if max_side:
+            image.thumbnail((max_side, max_side))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+class ImageRAGInput(BaseModel):
+    """Draw an image that shows everything the prompt asks, or refine the image of an earlier thread."""
+
+    prompt: PromptText = Field(description="What to draw; with an existing `thread`, how to change its image.")
+    max_rounds: Rounds = 3
+    thread: ThreadName | None = Field(default=None, description="Refine the image of this thread (an id an earlier call returned); omit to start a new image.")
+
+
+def _validation_message(error: ValidationError) -> str:
+    return f"invalid arguments for imagerag: {explain(error)}"
+
+
+class ImageRAGTool(BaseTool):
+    """The whole ImageRAG loop as one LangChain tool.
+
+    Returns (summary, artifact): the summary tells the LLM what was drawn, what is still missing and which thread
+    to refine; the artifact is the `ImageRunOutput` as a dict (paths of the best image and report, every verdict).
+    Bad input never raises into the agent: it comes back as an error ToolMessage the LLM can correct.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    name: str = "imagerag"
+    description: str = (
+        "Generate an image for a text prompt and make sure every part of the prompt is drawn: the image is critiqued "
+        "per concept, reference images are retrieved for missing concepts, and it is regenerated until satisfied or "
+        "the round budget is spent. Pass `thread` from an earlier result to refine that image with an instruction."
+    )
+    args_schema: type[BaseModel] = ImageRAGInput
+    response_format: Literal["content", "content_and_artifact"] = "content_and_artifact"
+    handle_tool_error: bool = True
+    handle_validation_error: Any = _validation_message
+    assistant: ImageRAGAssistant
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, out: Path | None = None, backends: Backends | None = None) -> ImageRAGTool:
+        return cls(assistant=ImageRAGAssistant(settings or Settings(), out, backends))
+
+    def _run(self, prompt: str, max_rounds: int = 3, thread: str | None = None, run_manager=None) -> tuple[str, dict]:
+        try:
+            if thread is not None and not self.assistant.thread_exists(thread):
+                raise AssistantError(f"unknown thread {thread!r}: pass a thread id an earlier call returned, or none to start a new image")
+            output, _ = self.assistant.run(prompt, max_rounds, thread)
+        except AssistantError as error:
+            raise ToolException(str(error)) from None
+        return output.summary(), output.model_dump()
