@@ -162,7 +162,7 @@ PROFILES: dict[str, Profile] = {
             model_id="mini:t2i",
             ip_adapter=IPAdapterSpec(repo="mini:ip_adapter", subfolder="", weight_name="ip_adapter.safetensors", scale=1.0),
             steps=20,
-            guidance_scale=3.0,
+            guidance_scale=8.0,
             height=32,
             width=32,
             # Its text encoder knows only the world's caption grammar, so references get no extra words.
@@ -197,6 +197,7 @@ class Settings(BaseSettings):
     seed: int = 0
     retrieve_k: int = Field(default=1, ge=1, description="References retrieved per missing concept.")
     max_tool_errors: int = Field(default=3, ge=1, description="Consecutive failed tool calls before a run fails.")
+    chroma_url: str | None = Field(default=None, description="A Chroma server (http://host:8000); default: chromadb in data_dir.")
     checkpoint_url: str | None = Field(default=None, description="postgresql://... for threads; default: SQLite in data_dir.")
     review: bool = Field(default=False, description="Pause before each regeneration for a person to review references.")
     budget: Budget = Field(default_factory=Budget)

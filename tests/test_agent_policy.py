@@ -6,7 +6,7 @@ from agent.run import run
 from agent.state import Budget
 from scripted import ScriptedChatModel, ScriptedCritic, call, fake_backends, last_tool_answer, tool_turn
 
-PROMPT = "a red heart on the left and a blue square on the right"
+PROMPT = "a heart and a square"  # concepts c1 (a heart), c2 (a square)
 
 
 def go(tiny_settings, tiny_store, tmp_path, llm, critic, budget=None):

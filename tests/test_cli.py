@@ -91,7 +91,7 @@ def test_index_is_incremental(data_dir, tmp_path):
     second = imagerag("index", str(folder), "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "cli-test")
     assert "added 3, skipped 1, failed 1" in first.stderr
     assert "added 0, skipped 4, failed 1" in second.stderr
-    search = imagerag("search", "img1", "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "cli-test", "-k", "2")
+    search = imagerag("search", "img1", "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "cli-test", "-k", "2", "--no-sheet")
     assert search.exit_code == 0 and "2 hit(s)" in search.stdout
 
 

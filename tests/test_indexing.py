@@ -231,7 +231,7 @@ def chroma_server(tmp_path):
 def test_index_and_search_against_a_chroma_server(tmp_path, data_dir, chroma_server, monkeypatch):
     folder = tmp_path / "imgs"
     folder.mkdir()
-    for i, colour in enumerate(("red", "blue")):
+    for colour in ("red", "blue"):
         (folder / f"{colour}.png").write_bytes(png(colour))
     common = ["--profile", "tiny", "--data-dir", str(data_dir), "--collection", "served", "--chroma-url", chroma_server]
     indexed = runner.invoke(app, ["index", str(folder), *common])

@@ -96,7 +96,7 @@ def test_a_thread_runs_through_langgraph_server(langgraph_server, data_dir):
 
     state = client.threads.get_state(thread["thread_id"])["values"]
     assert state["status"] in {"satisfied", "budget_exhausted"} and 1 <= state["usage"]["rounds"] <= 2
-    assert [c["text"] for c in state["concepts"]] == ["a red heart on the left", "a blue square on the right"]
+    assert [c["text"] for c in state["concepts"]] == ["a heart", "a red heart", "a heart on the left", "a square", "a blue square", "a square on the right"]
     assert {c["verdict"] for c in state["concepts"]} <= {"satisfied", "missing"}
     # The state holds ids; the images themselves are files in the thread's folder.
     for candidate in state["candidates"]:

@@ -42,7 +42,7 @@ class ColourEmbedder:
         return torch.nn.functional.normalize(torch.tensor([rgb(t) for t in texts], dtype=torch.float32) + 1e-3, dim=-1).numpy()
 
 
-COLOURS = {"red": (255, 0, 0), "pinkish-red": (255, 60, 60), "blue": (0, 0, 255), "green": (0, 255, 0)}
+COLOURS = {"red": (255, 0, 0), "pinkish-red": (255, 60, 60), "blue": (0, 0, 255), "green": (60, 255, 0)}  # green leans to red: no ties
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from graphs.common import ReviewDecision
 from scripted import FakeGenerator, ScriptedChatModel, ScriptedCritic, fake_backends
 from tools.backends.planner import ConceptList, RuleDecomposer
 
-PROMPT = "a red heart on the left and a blue square on the right"
+PROMPT = "a heart and a blue square"  # c1 a heart, c2 a square, c3 a blue square (needs c2)
 
 
 class ConceptCritic:
@@ -32,31 +32,32 @@ def settings_for(tiny_settings, **update):
 
 
 def test_a_thread_refines_its_image_over_turns(tiny_settings, tiny_store, tmp_path):
-    critic = ConceptCritic({"a red heart on the left", "a blue square on the right"})
+    critic = ConceptCritic({"a heart", "a square", "a blue square"})
     backends = fake_backends(tiny_store, critic)
     settings = settings_for(tiny_settings)
     first = run(PROMPT, settings, tmp_path, thread="scarf", backends=backends)
     assert first.status == "satisfied" and first.turn == 1 and first.run_dir.endswith("scarf")
 
-    critic.ok |= {"a green square on the right"}  # the changed concept is satisfied only by a new image
+    critic.ok |= {"a green square"}  # the changed concept is satisfied only by a new image
     critic.calls.clear()
     second = run("now make the square green", settings, tmp_path, thread="scarf", backends=backends)
-    assert second.turn == 2 and second.prompt == "a red heart on the left and a green square on the right"
-    kept, changed = second.concepts
-    assert (kept.id, kept.text, kept.verdict) == ("c1", "a red heart on the left", "satisfied")
-    assert changed.id == "c3" and changed.text == "a green square on the right"
+    assert second.turn == 2 and second.prompt == "a heart and a green square"
+    heart, square, changed = second.concepts
+    assert (heart.id, heart.text, heart.verdict) == ("c1", "a heart", "satisfied") and square.id == "c2"
+    assert changed.id == "c4" and changed.text == "a green square"
     # The best image was carried into the turn and judged only on the changed concept.
-    assert critic.calls[0] == ["a green square on the right"]
+    assert critic.calls[0] == ["a green square"]
     assert second.status == "satisfied" and second.rounds == 0 and second.candidates[-1].round == 0
 
     third = run("add a yellow star at the top", settings, tmp_path, thread="scarf", backends=backends)
-    assert [c.text for c in third.concepts][-1] == "a yellow star at the top"
+    assert [c.text for c in third.concepts][-3:] == ["a star", "a yellow star", "a star at the top"]
+    assert third.concepts[-1].depends_on == [third.concepts[-3].id]
     assert third.status == "budget_exhausted" and third.generations == 3  # the star never appears
     assert third.best.turn == 3
 
     turns = history("scarf", settings)
     assert [t.message for t in turns] == [PROMPT, "now make the square green", "add a yellow star at the top"]
-    assert turns[2].missing == ["a yellow star at the top"]
+    assert turns[2].missing == ["a star", "a yellow star", "a star at the top"]
 
 
 def test_a_thread_name_is_validated_and_unknown_threads_are_clear_errors(tiny_settings, tmp_path):
@@ -70,7 +71,7 @@ def test_a_thread_name_is_validated_and_unknown_threads_are_clear_errors(tiny_se
 
 def test_stream_yields_typed_events_in_order(tiny_settings, tiny_store, tmp_path):
     backends = fake_backends(tiny_store, ScriptedCritic([{"c2"}, {"c1", "c2"}]))
-    events = list(stream(PROMPT, settings_for(tiny_settings), tmp_path, backends=backends))
+    events = list(stream("a heart and a square", settings_for(tiny_settings), tmp_path, backends=backends))
     kinds = [e.kind for e in events]
     assert kinds[0] == "node_started" and isinstance(events[-1], Finished)
     started = [e.node for e in events if isinstance(e, NodeStarted)]
@@ -87,7 +88,7 @@ def test_review_pauses_before_regeneration_and_applies_the_decision(tiny_setting
     generator = FakeGenerator()
     backends = fake_backends(tiny_store, ScriptedCritic([set(), {"c1", "c2"}]), generator=generator)
     settings = settings_for(tiny_settings, review=True)
-    events = list(stream(PROMPT, settings, tmp_path, thread="reviewed", backends=backends))
+    events = list(stream("a heart and a square", settings, tmp_path, thread="reviewed", backends=backends))
     pause = events[-1]
     assert isinstance(pause, ReviewRequested) and pause.request["hits"]
     assert (tmp_path / "reviewed" / "run.json").read_text().count('"paused"') == 1
@@ -149,10 +150,14 @@ def test_long_prompts_fix_objects_before_their_attributes_and_rotate_within_the_
 
 def test_rule_revisions():
     rules = RuleDecomposer()
-    concepts, _ = rules.decompose("a boston bull wearing a red scarf, a lighthouse")
-    revision, _ = rules.revise("a boston bull wearing a red scarf, a lighthouse", concepts, "remove the lighthouse")
-    assert revision.prompt == "a boston bull wearing a red scarf" and [c.text for c in revision.concepts] == ["a boston bull wearing a red scarf"]
-    revision, _ = rules.revise("a boston bull wearing a red scarf", concepts[:1], "make the scarf green")
-    assert revision.prompt == "a boston bull wearing a green scarf" and revision.concepts[0].keep is None
-    revision, _ = rules.revise("a cat", [c.model_copy(update={"text": "a cat"}) for c in concepts[:1]], "add a lighthouse behind it")
+    prompt = "a dog with a red scarf, a lighthouse"
+    concepts, _ = rules.decompose(prompt)
+    assert [c.text for c in concepts] == ["a dog", "a scarf", "a red scarf", "a lighthouse"]
+    revision, _ = rules.revise(prompt, concepts, "remove the lighthouse")
+    assert revision.prompt == "a dog and a red scarf" and [c.text for c in revision.concepts] == ["a dog", "a scarf", "a red scarf"]
+    revision, _ = rules.revise(prompt, concepts, "make the scarf green")
+    assert revision.prompt == "a dog with a green scarf, a lighthouse"
+    assert [(c.text, c.keep) for c in revision.concepts][1:3] == [("a scarf", "c2"), ("a green scarf", None)]
+    revision, _ = rules.revise("a cat", concepts[:1], "add a lighthouse behind it")
     assert revision.prompt == "a cat, a lighthouse behind it" and revision.concepts[0].keep == "c1"
+    assert [c.text for c in revision.concepts[1:]] == ["a lighthouse", "a lighthouse behind it"] and revision.concepts[2].parent == 2

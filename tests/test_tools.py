@@ -57,11 +57,21 @@ def test_a_missing_collection_is_a_clear_error(tiny_settings):
         ReferenceStore.open(chroma_client(tiny_settings.data_dir), "nowhere", load_embedder(tiny_settings))
 
 
-def test_the_rule_decomposer_splits_clauses_not_adjective_pairs():
-    concepts, tokens = RuleDecomposer().decompose("A photo of a red heart on the left and a blue square, in watercolour style")
-    assert [(c.text, c.kind) for c in concepts] == [("a red heart on the left", "object"), ("a blue square", "object"), ("in watercolour style", "style")]
+def test_the_rule_decomposer_splits_clauses_into_objects_attributes_and_relations():
+    concepts, tokens = RuleDecomposer().decompose("A photo of a large red heart on the left and a blue square, in watercolour style")
+    assert [(c.id, c.text, c.kind, c.depends_on) for c in concepts] == [
+        ("c1", "a heart", "object", []),
+        ("c2", "a large heart", "attribute", ["c1"]),
+        ("c3", "a red heart", "attribute", ["c1"]),
+        ("c4", "a heart on the left", "relation", ["c1"]),
+        ("c5", "a square", "object", []),
+        ("c6", "a blue square", "attribute", ["c5"]),
+        ("c7", "in watercolour style", "style", []),
+    ]
     assert tokens == 0
-    assert [c.text for c in RuleDecomposer().decompose("a black and white photo of a lighthouse")[0]] == ["a black and white photo of a lighthouse"]
+    # 'and' between adjectives does not split the clause; counts keep their number.
+    assert [c.text for c in RuleDecomposer().decompose("a black and white photo")[0]] == ["a photo", "a black and white photo"]
+    assert [(c.text, c.kind) for c in RuleDecomposer().decompose("three apples")[0]] == [("three apples", "count")]
 
 
 def test_the_llm_decomposer_uses_structured_output():

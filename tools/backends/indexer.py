@@ -129,8 +129,8 @@ class _FreshBatches(Sampler):
 class DecodeAndPreprocess:
     """Collate: decode each record's bytes and preprocess it for the CLIP; unreadable ones are set aside."""
 
-    def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor]):
-        self.preprocess = preprocess
+    def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor], draft_size: int | None = None):
+        self.preprocess, self.draft_size = preprocess, draft_size
 
     def __call__(self, items: list[_Fresh]) -> _Batch:
         good, tensors, formats, failed = [], [], [], []
@@ -138,6 +138,10 @@ class DecodeAndPreprocess:
             try:
                 with Image.open(io.BytesIO(item.record.data)) as image:
                     fmt = image.format or "PNG"
+                    if self.draft_size and fmt == "JPEG":
+                        # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below the model's input size: the
+                        # resize that follows sees the same detail for a fraction of the decoding.
+                        image.draft("RGB", (self.draft_size, self.draft_size))
                     tensors.append(self.preprocess(image.convert("RGB")))
             except Exception as error:  # PIL raises many types for broken files; none may stop a long run
                 failed.append((item, f"{type(error).__name__}: {error}"))
@@ -145,6 +149,11 @@ class DecodeAndPreprocess:
             good.append(item)
             formats.append({"JPEG": "jpg"}.get(fmt, fmt.lower()))
         return _Batch(good, torch.stack(tensors) if tensors else None, formats, failed)
+
+
+def _input_size(embedder) -> int | None:
+    size = getattr(getattr(getattr(embedder, "model", None), "visual", None), "image_size", None)
+    return max(size) if isinstance(size, (tuple, list)) else size
 
 
 def cache_copy(cache_dir: Path, image_id: str, data: bytes, suffix: str) -> Path:
@@ -194,7 +203,7 @@ def index_sources(
     pending: set[str] = set()
     sampler = _FreshBatches(opened, store, batch_size, summary, pending, progress)
     loader = DataLoader(
-        _Passthrough(), batch_sampler=sampler, collate_fn=DecodeAndPreprocess(store.embedder.preprocess),
+        _Passthrough(), batch_sampler=sampler, collate_fn=DecodeAndPreprocess(store.embedder.preprocess, _input_size(store.embedder)),
         num_workers=num_workers, **({"prefetch_factor": 2} if num_workers else {}),
     )
     try:

@@ -66,7 +66,7 @@ def load_backends(settings: Settings) -> Backends:
     profile = settings.resolved_profile()
     clip = calibrated(settings)
     embedder = load_embedder(settings)
-    store = ReferenceStore.open(chroma_client(settings.data_dir), settings.collection_name, embedder)
+    store = ReferenceStore.open(chroma_client(settings.data_dir, settings.chroma_url), settings.collection_name, embedder)
     llm = make_chat_model(settings.llm)
     retries = settings.llm.max_retries
     return Backends(

@@ -98,10 +98,12 @@ class LLMDecomposer:
 
 
 class RuleDecomposer:
-    """Offline parser. Splits a prompt into noun-phrase clauses: at commas, semicolons, and 'and'/'with' before a
-    determiner ('a red heart on the left and a blue square' -> two concepts; 'black and white photo' stays whole).
-    Style phrases become style concepts. Revisions understand 'add X', 'remove X' and 'make the N ADJ'; anything
-    else is added as new concepts. An LLM does all of this far better; this keeps the system usable offline.
+    """Offline parser, in the spirit of DSG. Splits a prompt into noun-phrase clauses (at commas, semicolons, and
+    'and'/'with' before a determiner; 'black and white photo' stays whole), then each clause into its object
+    ('a heart'), one attribute per adjective ('a red heart') and its relation ('a heart on the left'); attributes
+    and relations depend on their object. Style phrases become style concepts. Revisions understand 'add X',
+    'remove X' and 'make the N ADJ'; anything else is added. An LLM does all of this far better; this keeps the
+    system usable offline.
     """
 
     _FRAME = re.compile(r"^(a |an )?(photo|picture|image|painting|drawing|render(ing)?) of ", re.I)
@@ -116,8 +118,37 @@ class RuleDecomposer:
         body = self._FRAME.sub("", text.strip().rstrip("."))
         return [c.strip() for c in self._SPLIT.split(body) if c and c.strip()]
 
-    def specs(self, text: str) -> list[ConceptSpec]:
-        return [ConceptSpec(text=c, kind="style" if self._STYLE.search(c) else "object") for c in self.clauses(text)]
+    _DETERMINER = re.compile(r"^(a|an|the|one|two|three|four|five|six|some|\d+)\s+", re.I)
+    _RELATION = re.compile(r"\s+(?=(?:on|in|at|by|near|under|over|above|below|behind|beside|inside|next|with|wearing|holding|of)\b)", re.I)
+
+    def specs(self, text: str, offset: int = 0) -> list[ConceptSpec]:
+        """Concepts of `text`; parents are 1-based positions counted after `offset` earlier concepts."""
+        specs: list[ConceptSpec] = []
+        for clause in self.clauses(text):
+            if self._STYLE.search(clause):
+                specs.append(ConceptSpec(text=clause, kind="style"))
+                continue
+            specs += self._clause_specs(clause, parent=offset + len(specs) + 1)
+        return specs
+
+    def _clause_specs(self, clause: str, parent: int) -> list[ConceptSpec]:
+        determiner = self._DETERMINER.match(clause)
+        body = clause[determiner.end():] if determiner else clause
+        head, _, relation = (self._RELATION.split(body, maxsplit=1) + [""])[:2], None, None
+        phrase, relation = head[0].split(), head[1]
+        if not phrase:
+            return [ConceptSpec(text=clause)]
+        noun, adjectives = phrase[-1], _adjective_groups(phrase[:-1])
+        word = (determiner.group(1).lower() if determiner else "a")
+        counted = word not in ("a", "an", "the", "one", "some")
+        article = word if counted else ("an" if noun[0].lower() in "aeiou" else "a")
+        obj = ConceptSpec(text=f"{article} {noun}", kind="count" if counted else "object")
+        if not adjectives and not relation:
+            return [obj]
+        parts = [obj] + [ConceptSpec(text=f"{_article(a)} {a} {noun}" if not counted else f"{article} {a} {noun}", kind="attribute", parent=parent) for a in adjectives]
+        if relation:
+            parts.append(ConceptSpec(text=f"{article} {noun} {relation.strip()}", kind="relation", parent=parent))
+        return parts
 
     def decompose(self, prompt: str) -> tuple[list[Concept], int]:
         return number(self.specs(prompt) or [ConceptSpec(text=prompt.strip())]), 0
@@ -132,15 +163,19 @@ class RuleDecomposer:
             return Revision(prompt=prompt, concepts=remaining or kept), 0
         if (match := self._CHANGE.match(text)) and not self._ADD.match(text):
             noun, adjective = match.group(1).split()[-1].lower(), match.group(2).lower()
-            hits = [k for k in kept if noun in k.text.lower().split()]
-            if hits:
-                for k in hits:
+            if any(noun in k.text.lower().split() for k in kept):
+                # The attribute in front of the noun changes ('a blue square' -> 'a green square'); with none,
+                # the new attribute is added beside its object.
+                changed = [k for k in kept if _adjective_before(k.text, noun)]
+                for k in changed:
                     k.text, k.keep = _set_adjective(k.text, noun, adjective), None
+                if not changed:
+                    kept.append(RevisedConcept(text=f"{_article(adjective)} {adjective} {noun}", kind="attribute"))
                 return Revision(prompt=_set_adjective(prompt, noun, adjective), concepts=kept), 0
             text = f"a {adjective} {noun}"
         if match := self._ADD.match(text):
             text = match.group(1)
-        added = [RevisedConcept(**s.model_dump()) for s in self.specs(text)]
+        added = [RevisedConcept(**s.model_dump()) for s in self.specs(text, offset=len(kept))]
         return Revision(prompt=f"{prompt}, {text}" if added else prompt, concepts=kept + added), 0
 
 
@@ -149,6 +184,26 @@ _ADJECTIVES = set(
     "red green blue yellow purple orange pink black white grey gray brown gold silver small large big tiny huge "
     "tall short old young wooden metal glass striped dotted".split()
 )
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def _adjective_groups(words: list[str]) -> list[str]:
+    """['large', 'red'] -> two attributes; ['black', 'and', 'white'] -> one."""
+    groups: list[list[str]] = []
+    for i, word in enumerate(words):
+        if groups and (word == "and" or (i > 0 and words[i - 1] == "and")):
+            groups[-1].append(word)
+        else:
+            groups.append([word])
+    return [" ".join(g) for g in groups]
+
+
+def _adjective_before(text: str, noun: str) -> bool:
+    words = [w.lower().strip(",.") for w in text.split()]
+    return noun in words and words.index(noun) > 0 and words[words.index(noun) - 1] in _ADJECTIVES
 
 
 def _set_adjective(text: str, noun: str, adjective: str) -> str:

@@ -8,7 +8,6 @@ counted) when the indexer decodes it.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -114,20 +113,25 @@ class TarShardSource:
 
     def __iter__(self) -> Iterator[SourceRecord]:
         key, sample = None, {}
-        with tarfile.open(self.path, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, _, name = member.name.rpartition("/")
-                stem, dot, ext = name.partition(".")
-                if not dot:
-                    continue
-                member_key = f"{folder}/{stem}" if folder else stem
-                if member_key != key:
-                    yield from self._sample(key, sample)
-                    key, sample = member_key, {}
-                handle = tar.extractfile(member)
-                sample[ext.lower()] = handle.read() if handle else b""
+        try:
+            with tarfile.open(self.path, "r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, _, name = member.name.rpartition("/")
+                    stem, dot, ext = name.partition(".")
+                    if not dot:
+                        continue
+                    member_key = f"{folder}/{stem}" if folder else stem
+                    if member_key != key:
+                        yield from self._sample(key, sample)
+                        key, sample = member_key, {}
+                    handle = tar.extractfile(member)
+                    sample[ext.lower()] = handle.read() if handle else b""
+        except (tarfile.TarError, OSError, EOFError) as error:
+            # A truncated shard (an interrupted download) keeps what was read; the rest counts as one failure.
+            yield SourceRecord(b"", "", f"{self.uri}#unreadable after {key or 'the start'} ({type(error).__name__}: {error})")
+            return
         yield from self._sample(key, sample)
 
     def _sample(self, key: str | None, sample: dict[str, bytes]) -> Iterator[SourceRecord]:
@@ -157,7 +161,10 @@ class ParquetSource:
         if not self.path.is_file():
             raise SourceError(f"no parquet file at {path}")
         self.uri = str(self.path.resolve())
-        self.file = pq.ParquetFile(self.path)
+        try:
+            self.file = pq.ParquetFile(self.path)
+        except Exception as error:  # pyarrow's ArrowInvalid and friends
+            raise SourceError(f"cannot read {path} as parquet: {error}") from None
         schema = self.file.schema_arrow
         self.image_column = image_column or self._find_image_column(schema)
         self.caption_column = caption_column or next((c for c in CAPTION_KEYS if c in schema.names), None)
@@ -214,11 +221,3 @@ def open_source(path: Path | str, image_column: str | None = None, caption_colum
     if not path.exists():
         raise SourceError(f"no image folder at {path} (nor a .tar shard or .parquet file): pass existing sources")
     raise SourceError(f"cannot index {path}: pass an image folder, a webdataset .tar shard or a .parquet file")
-
-
-def image_bytes_format(data: bytes) -> str:
-    """File suffix for a cached copy, from the decoded format (PIL's name for it)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return {"JPEG": "jpg"}.get(image.format or "", (image.format or "png").lower())

@@ -6,9 +6,9 @@ refused, because similarities across embedding spaces are meaningless.
 Minimum similarity (`min_similarity`) is a cosine between a caption's text embedding and an image embedding, so
 its meaning depends on the embedding model; each profile carries its own (agent/config.py):
 - tiny (random open_clip): -1.0, i.e. no threshold; a random model's similarities mean nothing.
-- mini (the miniature world's CLIP): measured on the world's corpus by evals/miniworld/train_clip.py and read
-  from mini:clip/calibration.json (`retrieval_min_similarity`, the balanced-accuracy optimum between a
-  caption's best match being of the concept or not); 0.3 until that file exists.
+- mini (the miniature world's CLIP): measured by evals/miniworld/train_clip.py on the world's corpus and read
+  from mini:clip/calibration.json: the cosine that best separates queries whose concept the corpus holds from
+  queries whose concept it lacks (0.6141 for the current model, balanced accuracy 0.967 on 60 + 60 queries).
 - ViT-B-32/openai: 0.22, a starting point from the usual ranges (matching photo 0.25-0.32, unrelated
   0.12-0.20). It could not be measured here (no weights offline); calibrate it on your own collection.
 """
@@ -81,9 +81,12 @@ class ReferenceStore:
                     f"no reference collection {name!r}: build it with `imagerag index IMAGE_FOLDER --collection {name}`"
                 ) from None
             # get_or_create: another indexer may have created it meanwhile; its metadata is checked below.
-            collection = client.get_or_create_collection(
-                name, embedding_function=None, metadata={"hnsw:space": "cosine", **model_metadata(info)}
-            )
+            try:
+                collection = client.get_or_create_collection(
+                    name, embedding_function=None, metadata={"hnsw:space": "cosine", **model_metadata(info)}
+                )
+            except ValueError as error:  # chromadb's InvalidArgumentError: a bad name
+                raise StoreError(f"cannot create collection {name!r}: {error}") from None
         meta = collection.metadata or {}
         if any(f"embed_{k}" not in meta for k in ("name", "pretrained", "dim")):
             raise StoreError(

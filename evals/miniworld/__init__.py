@@ -1,0 +1,1 @@
+"""Miniature world: procedural scenes and small trained models for offline ImageRAG tests."""

@@ -1,0 +1,136 @@
+"""Shared helpers for training the miniature models: seeds, data pools, augmentation, paths."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evals.miniworld.world import (
+    COLOUR_NAMES, POSITION_NAMES, POSITION_PHRASES, SHAPES, Scene, render_array, sample_scenes,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Seed ranges: training pools use seeds < 1_000_000; held-out prompts use 10_000_000+ (world.py).
+SEED_CLIP = 101
+SEED_ORACLE = 202
+SEED_T2I = 303
+SEED_EVAL = 900_001
+
+
+def seed_everything(seed: int, threads: int = 2) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+
+
+class Pool:
+    """Rendered scenes held in memory as uint8 (N, 32, 32, 3)."""
+
+    def __init__(self, scenes: Sequence[Scene]):
+        self.scenes = list(scenes)
+        self.images = render_array(self.scenes)
+
+    @classmethod
+    def sample(cls, seed: int, n: int, p_two: float = 0.4, shapes: Sequence[str] = SHAPES) -> "Pool":
+        return cls(sample_scenes(seed, n, p_two=p_two, shapes=shapes))
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def batch01(self, idx: Sequence[int]) -> torch.Tensor:
+        """float tensor (B, 3, 32, 32) in [0, 1]."""
+        return torch.from_numpy(self.images[np.asarray(idx)]).permute(0, 3, 1, 2).float() / 255.0
+
+
+def normalize_clip(x01: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(CLIP_MEAN, dtype=x01.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x01.dtype).view(1, 3, 1, 1)
+    return (x01 - mean) / std
+
+
+def augment(x01: torch.Tensor, gen: torch.Generator, p_blur: float = 0.4, noise: float = 0.04) -> torch.Tensor:
+    """Blur and noise so that models also read the generator's slightly soft outputs."""
+    b = x01.shape[0]
+    k = torch.tensor([1.0, 2.0, 1.0])
+    k2 = (k[:, None] * k[None, :]) / 16.0
+    blurred = F.conv2d(F.pad(x01, (1, 1, 1, 1), mode="replicate"), k2.expand(3, 1, 3, 3), groups=3)
+    mask = (torch.rand(b, 1, 1, 1, generator=gen) < p_blur).float()
+    x = mask * blurred + (1 - mask) * x01
+    sigma = torch.rand(b, 1, 1, 1, generator=gen) * noise
+    x = x + sigma * torch.randn(x.shape, generator=gen)
+    gain = 1.0 + 0.06 * (torch.rand(b, 3, 1, 1, generator=gen) - 0.5)
+    return (x * gain).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- partial captions
+
+def partial_caption(scene: Scene, rng: random.Random) -> tuple[str, tuple]:
+    """A random caption of the scene at varied detail, and its query (list of object constraints:
+    (shape, colour|None, position|None, size|None)). The full caption is one of the options."""
+    r = rng.random()
+    if r < 0.2 or len(scene.objects) == 1 and r < 0.3:
+        objs = list(scene.objects)
+        if len(objs) == 2 and rng.random() < 0.5:
+            objs = objs[::-1]
+        parts, query = [], []
+        for o in objs:
+            size = o.size if (o.size == "large" or rng.random() < 0.3) else None
+            parts.append(" ".join(w for w in ["a", size, o.colour, o.shape, POSITION_PHRASES[o.position]] if w))
+            query.append((o.shape, o.colour, o.position, size))
+        return " and ".join(parts), tuple(query)
+    o = rng.choice(scene.objects)
+    use_c = rng.random() < 0.5
+    use_p = rng.random() < 0.5
+    use_s = rng.random() < 0.15
+    words = ["a", o.size if use_s else None, o.colour if use_c else None, o.shape,
+             POSITION_PHRASES[o.position] if use_p else None]
+    q = ((o.shape, o.colour if use_c else None, o.position if use_p else None, o.size if use_s else None),)
+    return " ".join(w for w in words if w), q
+
+
+def query_true(query: tuple, scene: Scene) -> bool:
+    for shape, colour, pos, size in query:
+        if not any(o.shape == shape and (colour is None or o.colour == colour)
+                   and (pos is None or o.position == pos) and (size is None or o.size == size)
+                   for o in scene.objects):
+            return False
+    return True
+
+
+def false_concepts(scene: Scene, rng: random.Random) -> list[tuple[str, tuple]]:
+    """Single-concept captions that are false of the scene (wrong shape, colour or position)."""
+    out = []
+    present = {o.shape for o in scene.objects}
+    absent = [s for s in SHAPES if s not in present]
+    out.append((f"a {rng.choice(absent)}", None))
+    for o in scene.objects:
+        wrong_c = rng.choice([c for c in COLOUR_NAMES if not any(x.shape == o.shape and x.colour == c for x in scene.objects)])
+        out.append((f"a {wrong_c} {o.shape}", None))
+        wrong_p = rng.choice([p for p in POSITION_NAMES if not any(x.shape == o.shape and x.position == p for x in scene.objects)])
+        out.append((f"a {o.shape} {POSITION_PHRASES[wrong_p]}", None))
+    return out
+
+
+def warmup_cosine(opt, total_steps: int, warmup: float = 0.05):
+    """Linear warm-up then cosine decay to 5% (a LambdaLR that works for any number of steps)."""
+    import math
+    w = max(1, int(total_steps * warmup))
+
+    def f(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        p = min(1.0, (step - w) / max(1, total_steps - w))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
