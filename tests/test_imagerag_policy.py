@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import Settings
 from agent.run import run
 from agent.state import Budget
 from scripted import FakeGenerator, ScriptedCritic, fake_backends

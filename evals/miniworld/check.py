@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 
 from evals.miniworld.common import MODELS_DIR, SEED_EVAL  # noqa: E402
 from evals.miniworld.world import (  # noqa: E402
-    COMMON_SHAPES, RARE_SHAPES, SHAPES, Scene, corpus_scenes, heldout_prompts, render, render_array, sample_scenes,
+    Scene, corpus_scenes, heldout_prompts, render, render_array, sample_scenes,
 )
 
 DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 8.0, "ip_adapter_scale": 1.0, "height": 32, "width": 32,

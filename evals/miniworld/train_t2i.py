@@ -30,9 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from evals.miniworld.common import MODELS_DIR, warmup_cosine, SEED_EVAL, SEED_T2I, Pool, augment, normalize_clip, seed_everything
+from evals.miniworld.common import MODELS_DIR, warmup_cosine, SEED_T2I, Pool, augment, normalize_clip, seed_everything
 from evals.miniworld.world import (
-    COMMON_SHAPES, POSITION_PHRASES, RARE_SHAPES, SHAPES, ObjectSpec, Scene, sample_scene,
+    POSITION_PHRASES, RARE_SHAPES, SHAPES, ObjectSpec, Scene,
 )
 
 VAE_CFG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -245,7 +245,7 @@ def base_unet_from(unet):
     from diffusers import UNet2DConditionModel
     base = UNet2DConditionModel(**UNET_CFG)
     sd = {k: v for k, v in unet.state_dict().items() if ".processor." not in k and not k.startswith("encoder_hid_proj")}
-    missing, unexpected = base.load_state_dict(sd, strict=True), None
+    base.load_state_dict(sd, strict=True)
     return base
 
 
