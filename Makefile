@@ -19,7 +19,7 @@ install: $(STAMP)
 # The embedded default: the miniature world (evals/miniworld), whose small trained models ship in the repo.
 # The first run renders its 6,000-image retrieval corpus and indexes it (once); then the agent loop runs.
 DEMO_DATA := .imagerag
-DEMO_PROMPT := a red heart on the left and a blue square on the right
+DEMO_PROMPT := a large red heart on the left
 
 demo: install
 	test -f $(DEMO_DATA)/miniworld-corpus/scene_005999.png || $(OFFLINE) $(BIN)/python -m evals.miniworld.world corpus $(DEMO_DATA)/miniworld-corpus --n 6000 --seed 1
