@@ -173,7 +173,8 @@ class RunState(RunInput):
     turn: int = 1
     turns: Annotated[list[Turn], operator.add] = Field(default_factory=list)
     review: bool = Field(default=False, description="Pause for a person before each regeneration.")
-    started_at: float = Field(default_factory=time.time)
+    # Set by the first node that runs (not a default factory: a field no node writes would be "now" in every node).
+    started_at: float | None = None
     concepts: list[Concept] = Field(default_factory=list)
     candidates: list[Candidate] = Field(default_factory=list)
     hits: list[RetrievalHit] = Field(default_factory=list, description="References retrieved this round.")
@@ -198,7 +199,7 @@ class RunState(RunInput):
         return self.instruction or self.prompt
 
     def elapsed(self) -> float:
-        return time.time() - self.started_at
+        return time.time() - self.started_at if self.started_at is not None else 0.0
 
 
 class AgentState(RunState):

@@ -6,6 +6,7 @@ Nodes are closures over a Toolkit (heavy backends) built by the graph factories;
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -31,6 +32,9 @@ def make_plan(toolkit: Toolkit) -> Callable[[RunState], dict]:
     best image forward, judged again only on the concepts the message added or changed."""
 
     def plan(state: RunState) -> dict:
+        if state.started_at is None:  # the run's first node starts its clock
+            started = time.time()
+            return {"started_at": started, **plan(state.model_copy(update={"started_at": started}))}
         if state.instruction is None:
             if state.concepts:  # a resumed run keeps its plan
                 return {}

@@ -45,6 +45,18 @@ def test_stops_on_each_budget(tiny_settings, tiny_store, tmp_path, budget, reaso
     assert result.generations == generations
 
 
+def test_the_clock_counts_the_whole_run(tiny_settings, tiny_store, tmp_path):
+    import time
+
+    class SlowGenerator(FakeGenerator):
+        def generate(self, *args, **kwargs):
+            time.sleep(0.05)
+            return super().generate(*args, **kwargs)
+
+    result = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([set()]), budget=Budget(max_rounds=3), generator=SlowGenerator())
+    assert result.generations == 3 and result.usage.seconds >= 0.15  # three sleeps at least, whatever the machine
+
+
 def test_stops_on_the_token_budget(tiny_settings, tiny_store, tmp_path):
     # Each VLM-style critique costs tokens; the budget counts them.
     class CostlyCritic(ScriptedCritic):
