@@ -112,11 +112,13 @@ def summarise(outcomes: list[PromptOutcome]) -> dict:
 
     shape_common = [s for o in outcomes for s, rare in zip(o.shape, o.rare_objects) if not rare]
     shape_rare = [s for o in outcomes for s, rare in zip(o.shape, o.rare_objects) if rare]
+    rare_all = [x for o in outcomes for i, rare in enumerate(o.rare_objects) if rare for x in (o.shape[i], o.colour[i], o.position[i])]
     two = [o for o in outcomes if o.group == "two_object"]
     return {
         "prompts": len(outcomes),
         "shape_common_pct": rate(shape_common),
         "shape_rare_pct": rate(shape_rare),
+        "rare_objects_all_concepts_pct": rate(rare_all),
         "two_object_all_concepts_pct": rate([all(o.shape + o.colour + o.position) for o in two]),
         "colour_pct": rate([c for o in outcomes for c in o.colour]),
         "position_pct": rate([p for o in outcomes for p in o.position]),
@@ -151,9 +153,9 @@ def absent_queries(store: ReferenceStore, min_similarity: float) -> dict:
 
 
 def markdown(report: dict) -> str:
-    rows = ["| condition | shape, common | shape, rare | two-object, all concepts | colour | position | all concepts | generations / prompt | seconds / prompt |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| condition | shape, common | shape, rare | rare objects, shape+colour+position | two-object, all concepts | colour | position | all concepts | generations / prompt | seconds / prompt |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in report["conditions"].items():
-        rows.append(f"| {name} | {s['shape_common_pct']}% | {s['shape_rare_pct']}% | {s['two_object_all_concepts_pct']}% | {s['colour_pct']}% | {s['position_pct']}% | {s['all_concepts_pct']}% | {s['generations_per_prompt']} | {s['seconds_per_prompt']} |")
+        rows.append(f"| {name} | {s['shape_common_pct']}% | {s['shape_rare_pct']}% | {s['rare_objects_all_concepts_pct']}% | {s['two_object_all_concepts_pct']}% | {s['colour_pct']}% | {s['position_pct']}% | {s['all_concepts_pct']}% | {s['generations_per_prompt']} | {s['seconds_per_prompt']} |")
     r, a = report["retrieval"], report["absent_concept"]
     rows += [
         "",
@@ -178,8 +180,11 @@ def evaluate(data_dir: Path, out: Path, n_prompts: int | None = None, loop_round
     report: dict = {"prompts": len(prompts), "conditions": {}}
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp)
+        outcomes: list[PromptOutcome] = []
         for condition in conditions(loop_rounds):
-            report["conditions"][condition.name] = summarise(run_condition(prompts, condition, settings, backends, oracle, runs))
+            done = run_condition(prompts, condition, settings, backends, oracle, runs)
+            report["conditions"][condition.name] = summarise(done)
+            outcomes += done
         report["retrieval"] = retrieval_precision(store, backends.min_similarity)
 
         absent_store = ensure_collection(settings, f"miniworld-no-{ABSENT_SHAPE}", data_dir / f"miniworld-corpus-no-{ABSENT_SHAPE}", (ABSENT_SHAPE,))
@@ -196,4 +201,5 @@ def evaluate(data_dir: Path, out: Path, n_prompts: int | None = None, loop_round
     out.mkdir(parents=True, exist_ok=True)
     (out / "miniworld.json").write_text(json.dumps(report, indent=2))
     (out / "miniworld.md").write_text(markdown(report))
+    (out / "miniworld-prompts.jsonl").write_text("".join(o.model_dump_json() + "\n" for o in outcomes))
     return report
