@@ -107,6 +107,7 @@ def test_a_thread_runs_through_langgraph_server(langgraph_server, data_dir):
         ({"prompt": "   "}, "the prompt is empty"),
         ({"prompt": PROMPT, "budget": {"max_rounds": 0}}, "greater than or equal to 1"),
         ({"prompt": 5}, "Input should be a valid string"),
+        ({"prompt": "a red heart " * 400}, "more than 4000"),
     ]:
         other = client.threads.create()
         errors = [p.data for p in client.runs.stream(other["thread_id"], "imagerag", input=bad) if p.event == "error"]
