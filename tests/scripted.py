@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
@@ -169,3 +174,31 @@ def fake_backends(store: ReferenceStore, critic, llm=None, generator=None, min_s
         llm=llm,
         min_similarity=min_similarity,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def server_process(command: list[str], log_path: Path, ready: Callable[[], bool], what: str, **popen) -> Iterator[subprocess.Popen]:
+    """Start a server, wait (60 s at most) until `ready()`, yield it, then stop it: terminate, kill if it lingers."""
+    log = log_path.open("w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **popen)
+    try:
+        deadline = time.time() + 60
+        while not ready():
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, f"{what} was not ready within 60 s"
+            time.sleep(0.3)
+        yield process
+        assert process.poll() is None, "the server died: " + log_path.read_text()[-3000:]
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()

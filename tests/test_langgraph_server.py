@@ -6,25 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from langgraph_sdk import get_sync_client
 from langgraph_sdk.errors import NotFoundError
+from scripted import free_port, server_process
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a red heart on the left and a blue square on the right"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config_for(folder: Path) -> Path:
@@ -49,33 +41,20 @@ def langgraph_server(data_dir, tmp_path):
         "LANGGRAPH_CLI_NO_ANALYTICS": "1", "LANGSMITH_TRACING": "false", "LANGCHAIN_TRACING_V2": "false",
         "HF_HUB_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False",
     }
-    log = (tmp_path / "langgraph.log").open("w")
-    process = subprocess.Popen(
-        [str(cli), "dev", "--config", str(config_for(tmp_path)), "--host", "127.0.0.1", "--port", str(port),
-         "--no-browser", "--no-reload", "--n-jobs-per-worker", "1"],
-        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            assert process.poll() is None, (tmp_path / "langgraph.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/ok", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "langgraph dev did not answer /ok in 60 s"
-            time.sleep(0.5)
-        yield url
-        assert process.poll() is None, "the server died: " + (tmp_path / "langgraph.log").read_text()[-3000:]
-    finally:
-        process.terminate()
+
+    def answers() -> bool:
         try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+            return httpx.get(f"{url}/ok", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    command = [
+        str(cli), "dev", "--config", str(config_for(tmp_path)), "--host", "127.0.0.1", "--port", str(port),
+        "--no-browser", "--no-reload", "--n-jobs-per-worker", "1",
+    ]
+    with server_process(command, tmp_path / "langgraph.log", answers, "langgraph dev", cwd=tmp_path, env=env):
+        yield url
 
 
 def test_a_thread_runs_through_langgraph_server(langgraph_server, data_dir):

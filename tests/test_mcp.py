@@ -10,9 +10,7 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import anyio
@@ -20,6 +18,7 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from PIL import Image
+from scripted import free_port, server_process
 
 PROMPT = "a red heart on the left and a blue square on the right"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False", "PYTHONUNBUFFERED": "1"}
@@ -36,12 +35,6 @@ def imagerag_command() -> list[str]:
 
 def serve_args(data_dir: Path, out: Path) -> list[str]:
     return ["serve", "mcp", "--profile", "tiny", "--data-dir", str(data_dir), "--out", str(out)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def text_of(result) -> str:
@@ -126,30 +119,17 @@ def test_mcp_over_stdio(data_dir, tmp_path):
 def http_server(data_dir, tmp_path):
     """`imagerag serve mcp --http` on a free loopback port; yields its URL and stops it after the test."""
     port = free_port()
-    log = (tmp_path / "server.log").open("w")
-    process = subprocess.Popen(
-        [*imagerag_command(), *serve_args(data_dir, tmp_path / "runs"), "--http", "--port", str(port)],
-        env={**os.environ, **OFFLINE_ENV}, stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.time() + 60
-        while True:
-            assert process.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline, "the MCP server did not start listening in 60 s"
-                time.sleep(0.3)
-        yield f"http://127.0.0.1:{port}/mcp"
-        assert process.poll() is None, "the server died: " + (tmp_path / "server.log").read_text()
-    finally:
-        process.terminate()
+
+    def listening() -> bool:
         try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    command = [*imagerag_command(), *serve_args(data_dir, tmp_path / "runs"), "--http", "--port", str(port)]
+    with server_process(command, tmp_path / "server.log", listening, "the MCP server", env={**os.environ, **OFFLINE_ENV}):
+        yield f"http://127.0.0.1:{port}/mcp"
 
 
 def test_mcp_over_streamable_http(http_server, tmp_path):
