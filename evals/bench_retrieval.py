@@ -14,8 +14,8 @@ Throughput: the same rendered PNG files and batch size for both; raw = open_clip
 already-preprocessed tensors (the physical limit), end to end = `index_sources` (read, hash, decode,
 preprocess, embed, chromadb write) into a fresh collection.
 
-Results go to OUT/retrieval.json and OUT/retrieval.md; levels measured by an earlier run are kept unless
-measured again.
+Results go to OUT/retrieval.json and OUT/retrieval.md; levels and throughput rows (model, image size) measured by
+an earlier run are kept unless measured again.
 """
 
 from __future__ import annotations
@@ -201,7 +201,9 @@ def bench_throughput(label: str, embedder, folder: Path, batch_size: int, workdi
         for n_workers in workers:
             e2e[n_workers].append(end_to_end(n_workers))
     raw_rate = len(paths) / min(raw)
-    result = {"model": label, "images": len(paths), "batch_size": batch_size, "torch_threads": torch.get_num_threads(),
+    with Image.open(paths[0]) as first:
+        image_size = first.width
+    result = {"model": label, "images": len(paths), "image_size": image_size, "batch_size": batch_size, "torch_threads": torch.get_num_threads(),
               "rounds": rounds, "raw_forward_images_per_s": round(raw_rate, 1), "raw_seconds": [round(x, 2) for x in raw]}
     for n_workers, seconds in e2e.items():
         rate = len(paths) / min(seconds)
@@ -234,11 +236,11 @@ def markdown(report: dict) -> str:
         lines.append(f"- {level['inserted']:,} vectors: " + "; ".join(cells))
     if report.get("throughput"):
         lines += ["", "## Indexing throughput: end to end vs the raw open_clip forward", "",
-                  "| model | images | batch | raw forward (img/s) | end to end, 0 workers (img/s) | ratio | end to end, 1 worker (img/s) | ratio |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for t in report["throughput"]:
+                  "| model | images | size (px) | batch | raw forward (img/s) | end to end, 0 workers (img/s) | ratio | end to end, 1 worker (img/s) | ratio |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for t in report["throughput"].values():
             lines.append(
-                f"| {t['model']} | {t['images']} | {t['batch_size']} | {t['raw_forward_images_per_s']} | "
+                f"| {t['model']} | {t['images']} | {t['image_size']} | {t['batch_size']} | {t['raw_forward_images_per_s']} | "
                 f"{t.get('end_to_end_workers0_images_per_s', '')} | {t.get('ratio_workers0', '')} | "
                 f"{t.get('end_to_end_workers1_images_per_s', '')} | {t.get('ratio_workers1', '')} |"
             )
@@ -284,7 +286,7 @@ def main() -> None:
 
             folder = workdir / "images"
             render_images(folder, args.images, args.image_size, args.seed)
-            report["throughput"] = []
+            report.setdefault("throughput", {})
             for model in args.models:
                 if model.startswith("mini:"):
                     embedder = ClipEmbedder.from_pretrained(LOCAL_DIR + str(MINI_MODELS / model.removeprefix("mini:")))
@@ -294,7 +296,7 @@ def main() -> None:
                     label = f"{model} (random weights, {embedder.info.dim}-d)"
                 t = bench_throughput(label, embedder, folder, args.batch_size, workdir, args.workers, args.rounds)
                 print(json.dumps(t), flush=True)
-                report["throughput"].append(t)
+                report["throughput"][f"{model}@{args.image_size}px"] = t  # rows measured earlier are kept
         for n in args.sizes:
             level = bench_search(n, args.dim, args.queries, args.seed, args.insert_limit, workdir, args.ef_search)
             print(json.dumps(level), flush=True)
