@@ -112,10 +112,22 @@ def concepts_from_best(concepts: list[Concept], candidates: list[Candidate]) -> 
 
 
 def targets_for_round(state: RunState, limit: int) -> list[Concept]:
-    """Which missing concepts this round fixes, within the generator's reference limit: objects before the
-    attributes that depend on them, then the least tried, then prompt order. Later rounds rotate through the rest."""
-    missing = {c.id for c in state.missing()}
-    return sorted(state.missing(), key=lambda c: (any(p in missing for p in c.depends_on), c.attempts))[:limit]
+    """Which concepts this round's references show, within the generator's reference limit.
+
+    References go to what the generator cannot draw from text. A missing concept that an image drawn from text
+    alone already showed needs another sample, not a reference (with one reference slot, spending it there
+    would trade away the concept that did need it). When every missing concept is of that kind, the references
+    go to the satisfied concepts that only reference-conditioned images showed, so the next sample keeps them.
+    Within that: objects before attributes (an attribute cannot be right without its object; an attribute whose
+    object is missing comes last), then the least tried, then prompt order.
+    """
+    from_text = {v.concept_id for c in state.current() if not c.references for v in c.verdicts if v.satisfied}
+    missing = state.missing()
+    missing_ids = {c.id for c in missing}
+    needs_reference = [c for c in missing if c.id not in from_text]
+    kept_by_reference = [c for c in state.concepts if c.id not in from_text and c.id not in missing_ids]
+    targets = needs_reference or kept_by_reference or missing
+    return sorted(targets, key=lambda c: (bool(c.depends_on), any(p in missing_ids for p in c.depends_on), c.attempts))[:limit]
 
 
 def stop_reason(state: RunState) -> str | None:

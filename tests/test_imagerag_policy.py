@@ -85,6 +85,16 @@ def test_rounds_rotate_through_missing_concepts_and_never_reuse_a_reference(tiny
     assert len(set(ids)) == len(ids)
 
 
+def test_references_go_to_what_text_alone_could_not_draw(tiny_settings, tiny_store, tmp_path):
+    # Round 1 (text) draws the square, round 2 (heart reference) draws the heart and loses the square, and ranks
+    # first. The square needs another sample, not the one reference slot: round 3 keeps a heart reference.
+    critic = ScriptedCritic([{"c2"}, {"c1"}, set()], score_bonus=[0.0, 0.1, 0.0])
+    result = go(tiny_settings, tiny_store, tmp_path, critic, budget=Budget(max_rounds=3))
+    assert result.best.round == 2
+    assert [c.references[0].query for c in result.candidates[1:]] == ["a photo of a heart", "a heart"]
+    assert result.candidates[1].references[0].id != result.candidates[2].references[0].id
+
+
 def test_no_reference_below_the_threshold_means_a_fresh_text_sample(tiny_settings, tiny_store, tmp_path):
     generator = FakeGenerator()
     result = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([set()]), budget=Budget(max_rounds=3), generator=generator, min_similarity=0.99)

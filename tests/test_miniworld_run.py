@@ -40,3 +40,20 @@ def _open(path):
 
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+def test_the_benchmark_records_the_oracle_on_every_image_and_which_one_each_condition_returns(mini_settings, tmp_path):
+    from evals.miniworld.benchmark import conditions, run_condition, summarise
+    from evals.miniworld.world import heldout_prompts
+
+    prompts = [p for p in heldout_prompts() if p.group == "rare"][:2]
+    oracle = Oracle.from_pretrained(MINI_MODELS / "oracle")
+    for condition in conditions(loop_rounds=3)[1:]:  # the one pass returns its last image, the loop its best
+        done = run_condition(prompts, condition, mini_settings, load_backends(mini_settings), oracle, tmp_path)
+        for outcome in done:
+            assert [i.round for i in outcome.images] == list(range(1, outcome.generations + 1))
+            [chosen] = [i for i in outcome.images if i.chosen]
+            assert (outcome.shape, outcome.colour, outcome.position) == (chosen.shape, chosen.colour, chosen.position)
+            assert chosen is outcome.images[-1] or condition.pick == "best"
+        summary = summarise(done)
+        assert summary["prompts"] == 2 and summary["shape_rare_any_image_pct"] >= summary["shape_rare_pct"]

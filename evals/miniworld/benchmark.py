@@ -41,6 +41,16 @@ class Condition(BaseModel):
     pick: str  # "best": the run's answer; "last": the last image, as the one-pass paper method returns
 
 
+class ImageVerdicts(BaseModel):
+    """The oracle on one image of a run (every round's, not only the chosen one: shows what the critic picked from)."""
+
+    round: int
+    chosen: bool
+    shape: list[bool]
+    colour: list[bool]
+    position: list[bool]
+
+
 class PromptOutcome(BaseModel):
     condition: str
     group: str
@@ -53,6 +63,7 @@ class PromptOutcome(BaseModel):
     generations: int
     seconds: float
     status: str
+    images: list[ImageVerdicts]
 
 
 def conditions(loop_rounds: int) -> list[Condition]:
@@ -78,8 +89,12 @@ def run_condition(prompts: list[HeldoutPrompt], condition: Condition, settings: 
     for item in prompts:
         result = run(item.prompt, settings, runs / condition.name, backends=backends)
         chosen = result.candidates[-1] if condition.pick == "last" else result.best
-        image = _load(Path(result.run_dir) / "images" / f"{chosen.image_id}.png")
-        verdicts = oracle.judge(image, item.scene)
+        images = [
+            ImageVerdicts(round=c.round, chosen=c is chosen, shape=[v.shape for v in vs], colour=[v.colour for v in vs], position=[v.position for v in vs])
+            for c in result.candidates
+            for vs in [oracle.judge(_load(Path(result.run_dir) / "images" / f"{c.image_id}.png"), item.scene)]
+        ]
+        verdicts = next(i for i in images if i.chosen)
         outcomes.append(
             PromptOutcome(
                 condition=condition.name,
@@ -87,12 +102,13 @@ def run_condition(prompts: list[HeldoutPrompt], condition: Condition, settings: 
                 prompt=item.prompt,
                 shapes=[o.shape for o in item.scene.objects],
                 rare_objects=[o.is_rare for o in item.scene.objects],
-                shape=[v.shape for v in verdicts],
-                colour=[v.colour for v in verdicts],
-                position=[v.position for v in verdicts],
+                shape=verdicts.shape,
+                colour=verdicts.colour,
+                position=verdicts.position,
                 generations=result.generations,
                 seconds=result.elapsed,
                 status=result.status,
+                images=images,
             )
         )
     return outcomes
@@ -123,6 +139,8 @@ def summarise(outcomes: list[PromptOutcome]) -> dict:
         "colour_pct": rate([c for o in outcomes for c in o.colour]),
         "position_pct": rate([p for o in outcomes for p in o.position]),
         "all_concepts_pct": rate([x for o in outcomes for x in o.shape + o.colour + o.position]),
+        # What a perfect critic could have picked: the rare shape drawn in any image of the run.
+        "shape_rare_any_image_pct": rate([any(i.shape[k] for i in o.images) for o in outcomes for k, rare in enumerate(o.rare_objects) if rare]),
         "generations_per_prompt": round(statistics.mean(o.generations for o in outcomes), 2),
         "seconds_per_prompt": round(statistics.mean(o.seconds for o in outcomes), 3),
     }
@@ -159,6 +177,9 @@ def markdown(report: dict) -> str:
     r, a = report["retrieval"], report["absent_concept"]
     rows += [
         "",
+        "Rare shape drawn in any image of the run (what a perfect critic could pick): "
+        + ", ".join(f"{name} {s['shape_rare_any_image_pct']}%" for name, s in report["conditions"].items()) + ".",
+        "",
         f"Mini CLIP retrieval precision@1 over {r['captions']} concept captions: {r['precision_at_1_pct']}% (rare {r['precision_at_1_rare_pct']}%, common {r['precision_at_1_common_pct']}%).",
         "",
         f"Concept not in the database (every {ABSENT_SHAPE} removed): {a['retrieval']['empty_answers_pct']}% of {a['retrieval']['captions']} {ABSENT_SHAPE} captions retrieve nothing above the threshold; "
@@ -193,8 +214,8 @@ def evaluate(data_dir: Path, out: Path, n_prompts: int | None = None, loop_round
         text, loop = conditions(loop_rounds)[0], conditions(loop_rounds)[2]
         absent = {"prompts": len(with_absent), "retrieval": absent_queries(absent_store, backends.min_similarity)}
         for key, condition in (("text_alone_shape_pct", text), ("loop_shape_pct", loop)):
-            outcomes = run_condition(with_absent, condition, settings, absent_backends, oracle, runs / "absent")
-            flags = [ok for o in outcomes for ok, shape in zip(o.shape, o.shapes) if shape == ABSENT_SHAPE]
+            done = run_condition(with_absent, condition, settings, absent_backends, oracle, runs / "absent")
+            flags = [ok for o in done for ok, shape in zip(o.shape, o.shapes) if shape == ABSENT_SHAPE]
             absent[key] = round(100 * sum(flags) / len(flags), 1) if flags else float("nan")
         report["absent_concept"] = absent
     report["seconds_total"] = round(time.time() - started, 1)
