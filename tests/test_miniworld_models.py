@@ -103,3 +103,17 @@ def test_oracle_judges_renders():
     wrong = Scene((ObjectSpec("heart", "blue", "top"),))
     (v,) = oracle.judge(render(sc), wrong)
     assert not v.shape and not v.position and not v.occupied
+
+
+def test_the_device_check_runs_the_shipped_models_and_compares_with_the_cpu(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from evals.miniworld import device_check
+
+    monkeypatch.setattr(sys, "argv", ["device_check", "--prompts", "2", "--out", str(tmp_path)])
+    device_check.main()
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    [cpu] = [r for r in report["runs"] if r["device"] == "cpu"]
+    assert cpu["prompts"] == 2 and cpu["mean_abs_pixel_diff_vs_cpu"] == 0.0
+    assert 0 <= cpu["rare_shape_with_reference"] <= 2 and 0.0 <= cpu["judge_score_first_image"] <= 1.0
