@@ -2,9 +2,10 @@
 
 plan -> generate -> critique -> (all satisfied or budget spent? finish) -> retrieve for the missing concepts ->
 [review] -> regenerate with the references -> critique -> ... Each round spends the generator's reference slots on
-what it could not draw from text (see targets_for_round), objects before their attributes, the least tried first; it
-never reuses a reference, and with no reference above the relevance threshold draws a fresh sample from text
-instead of conditioning on an unrelated image. A later turn of a thread starts from its best image instead of generating from scratch.
+what it could not draw from text (see targets_for_round), objects before their attributes, the least tried first;
+it never reuses a reference, and with no reference above the relevance threshold draws a fresh sample from text
+instead of conditioning on an unrelated image. A later turn of a thread starts from its best image instead of
+generating from scratch.
 """
 
 from __future__ import annotations

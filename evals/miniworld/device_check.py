@@ -20,12 +20,12 @@ import torch
 
 from agent.config import PROFILES
 from agent.state import Concept
+from evals.miniworld.common import MODELS_DIR as MINI_MODELS  # not tools.backends.loading: no chromadb needed here
 from evals.miniworld.oracle import Oracle
 from evals.miniworld.world import ObjectSpec, Scene, heldout_prompts, render
 from tools.backends.clip import LOCAL_DIR, ClipEmbedder
 from tools.backends.diffusion import DiffusersGenerator
 from tools.backends.judges import ClipJudge
-from evals.miniworld.common import MODELS_DIR as MINI_MODELS  # not tools.backends.loading: no chromadb needed here
 
 
 def measure(device: str, dtype: str, prompts: int) -> tuple[dict, list[np.ndarray]]:
