@@ -83,9 +83,18 @@ class Candidate(BaseModel):
         """Aggregate alignment: mean per-concept score (0 when not yet judged)."""
         return sum(v.score for v in self.verdicts) / len(self.verdicts) if self.verdicts else 0.0
 
-    def rank_key(self) -> tuple[int, float, int]:
-        # More satisfied concepts first, then higher mean score, then the earlier image (cheaper to reproduce).
-        return (self.satisfied_count, self.score, -self.round)
+    def rank_key(self, roots: frozenset[str] = frozenset()) -> tuple[int, int, float, int]:
+        """Ordering of candidates, best last. First the satisfied `roots` (the concepts that depend on nothing:
+        objects, styles), as in DSG: an image missing an object is worse than one with a wrong attribute. Then
+        satisfied concepts, then the mean score, then the earlier image (cheaper to reproduce)."""
+        satisfied_roots = sum(v.satisfied for v in self.verdicts if v.concept_id in roots)
+        return (satisfied_roots, self.satisfied_count, self.score, -self.round)
+
+
+def best_candidate(candidates: list[Candidate], concepts: list[Concept]) -> Candidate | None:
+    """The judged candidate ranked first (see Candidate.rank_key)."""
+    roots = frozenset(c.id for c in concepts if not c.depends_on)
+    return max((c for c in candidates if c.judged), key=lambda c: c.rank_key(roots), default=None)
 
 
 class Budget(BaseModel):
@@ -189,8 +198,7 @@ class RunState(RunInput):
         return [c for c in self.candidates if c.turn == self.turn]
 
     def best(self) -> Candidate | None:
-        judged = [c for c in self.current() if c.judged]
-        return max(judged, key=Candidate.rank_key) if judged else None
+        return best_candidate(self.current(), self.concepts)
 
     def missing(self) -> list[Concept]:
         return [c for c in self.concepts if c.verdict != "satisfied"]

@@ -14,7 +14,7 @@ from typing import Literal
 from langgraph.types import RetryPolicy, interrupt
 from pydantic import BaseModel, Field
 
-from agent.state import Candidate, Concept, ConceptVerdict, RetrievalHit, RunState, Step, Turn, Usage
+from agent.state import Candidate, Concept, ConceptVerdict, RetrievalHit, RunState, Step, Turn, Usage, best_candidate
 from tools.toolkit import Toolkit
 
 # Critic and generator calls can fail transiently (a VLM refusal streak, a CUDA hiccup): retry the node a few
@@ -42,7 +42,7 @@ def make_plan(toolkit: Toolkit) -> Callable[[RunState], dict]:
             summary = "; ".join(f"{c.id} {c.kind}: {c.text}" for c in concepts)
             return {"concepts": concepts, "usage": clock(state, state.usage.add(llm_tokens=tokens)), "steps": [Step(node="plan", round=0, summary=summary)]}
 
-        previous = max((c for c in state.candidates if c.turn == state.turn - 1 and c.judged), key=Candidate.rank_key, default=None)
+        previous = best_candidate([c for c in state.candidates if c.turn == state.turn - 1], state.concepts)
         prompt, concepts, tokens = toolkit.revise(state.prompt, state.concepts, state.instruction)
         revised = state.model_copy(update={"prompt": prompt, "concepts": concepts, "usage": state.usage.add(llm_tokens=tokens)})
         kept = {c.id for c in concepts}
@@ -99,10 +99,10 @@ def enforce_dependencies(verdicts: list[ConceptVerdict], concepts: list[Concept]
 def concepts_from_best(concepts: list[Concept], candidates: list[Candidate]) -> list[Concept]:
     """Each concept carries its verdict on the best candidate: the image the run would return now."""
     turn = max((c.turn for c in candidates), default=0)
-    judged = [c for c in candidates if c.judged and c.turn == turn]
-    if not judged:
+    chosen = best_candidate([c for c in candidates if c.turn == turn], concepts)
+    if chosen is None:
         return concepts
-    best = {v.concept_id: v for v in max(judged, key=Candidate.rank_key).verdicts}
+    best = {v.concept_id: v for v in chosen.verdicts}
     return [
         c.model_copy(update={"verdict": "satisfied" if v.satisfied else "missing", "score": v.score, "evidence": v.evidence})
         if (v := best.get(c.id))

@@ -77,6 +77,17 @@ def test_returns_the_best_image_not_the_last(tiny_settings, tiny_store, tmp_path
     assert [c.verdict for c in result.concepts] == ["satisfied", "missing"]
 
 
+def test_an_image_with_every_object_ranks_above_one_missing_an_object(tiny_settings, tiny_store, tmp_path):
+    # c1 a heart, c2 a red heart (needs c1), c3 a square, c4 a blue square (needs c3). Both images satisfy two
+    # concepts; the second has both objects, the first a whole heart and no square.
+    settings = tiny_settings.model_copy(update={"budget": Budget(max_rounds=2)})
+    backends = fake_backends(tiny_store, ScriptedCritic([{"c1", "c2"}, {"c1", "c3"}]))
+    result = run("a red heart and a blue square", settings, tmp_path / "runs", backends=backends)
+    assert [c.depends_on for c in result.concepts] == [[], ["c1"], [], ["c3"]]
+    assert result.best.image_id == result.candidates[1].image_id
+    assert [c.verdict for c in result.concepts] == ["satisfied", "missing", "satisfied", "missing"]
+
+
 def test_rounds_rotate_through_missing_concepts_and_never_reuse_a_reference(tiny_settings, tiny_store, tmp_path):
     result = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([set()]), budget=Budget(max_rounds=5))
     queries = [c.references[0].query for c in result.candidates[1:]]
