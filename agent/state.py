@@ -83,18 +83,26 @@ class Candidate(BaseModel):
         """Aggregate alignment: mean per-concept score (0 when not yet judged)."""
         return sum(v.score for v in self.verdicts) / len(self.verdicts) if self.verdicts else 0.0
 
-    def rank_key(self, roots: frozenset[str] = frozenset()) -> tuple[int, int, float, int]:
+    def rank_key(self, roots: frozenset[str] = frozenset(), hard: frozenset[str] = frozenset()) -> tuple[int, int, int, float, int]:
         """Ordering of candidates, best last. First the satisfied `roots` (the concepts that depend on nothing:
-        objects, styles), as in DSG: an image missing an object is worse than one with a wrong attribute. Then
+        objects, styles), as in DSG: an image missing an object is worse than one with a wrong attribute. Then the
+        satisfied `hard` roots, those no image from text alone showed: between two images with as many objects, the
+        one showing what only a reference could draw is the one a fresh sample would not give back. Then
         satisfied concepts, then the mean score, then the earlier image (cheaper to reproduce)."""
-        satisfied_roots = sum(v.satisfied for v in self.verdicts if v.concept_id in roots)
-        return (satisfied_roots, self.satisfied_count, self.score, -self.round)
+        satisfied = {v.concept_id for v in self.verdicts if v.satisfied}
+        return (len(satisfied & roots), len(satisfied & hard), len(satisfied), self.score, -self.round)
+
+
+def drawn_from_text(candidates: list[Candidate]) -> set[str]:
+    """Ids of the concepts that some image drawn without references was judged to show."""
+    return {v.concept_id for c in candidates if not c.references for v in c.verdicts if v.satisfied}
 
 
 def best_candidate(candidates: list[Candidate], concepts: list[Concept]) -> Candidate | None:
     """The judged candidate ranked first (see Candidate.rank_key)."""
     roots = frozenset(c.id for c in concepts if not c.depends_on)
-    return max((c for c in candidates if c.judged), key=lambda c: c.rank_key(roots), default=None)
+    hard = roots - drawn_from_text(candidates)
+    return max((c for c in candidates if c.judged), key=lambda c: c.rank_key(roots, hard), default=None)
 
 
 class Budget(BaseModel):

@@ -14,7 +14,7 @@ from typing import Literal
 from langgraph.types import RetryPolicy, interrupt
 from pydantic import BaseModel, Field
 
-from agent.state import Candidate, Concept, ConceptVerdict, RetrievalHit, RunState, Step, Turn, Usage, best_candidate
+from agent.state import Candidate, Concept, ConceptVerdict, RetrievalHit, RunState, Step, Turn, Usage, best_candidate, drawn_from_text
 from tools.toolkit import Toolkit
 
 # Critic and generator calls can fail transiently (a VLM refusal streak, a CUDA hiccup): retry the node a few
@@ -121,7 +121,7 @@ def targets_for_round(state: RunState, limit: int) -> list[Concept]:
     Within that: objects before attributes (an attribute cannot be right without its object; an attribute whose
     object is missing comes last), then the least tried, then prompt order.
     """
-    from_text = {v.concept_id for c in state.current() if not c.references for v in c.verdicts if v.satisfied}
+    from_text = drawn_from_text(state.current())
     missing = state.missing()
     missing_ids = {c.id for c in missing}
     needs_reference = [c for c in missing if c.id not in from_text]

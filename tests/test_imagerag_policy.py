@@ -88,6 +88,15 @@ def test_an_image_with_every_object_ranks_above_one_missing_an_object(tiny_setti
     assert [c.verdict for c in result.concepts] == ["satisfied", "missing", "satisfied", "missing"]
 
 
+def test_between_images_with_as_many_objects_the_one_text_could_not_draw_ranks_first(tiny_settings, tiny_store, tmp_path):
+    # Round 1 (text) draws a blue square: two concepts. Round 2 (heart reference) draws a heart and loses the square:
+    # one concept. Each has one object; the heart is the one no image from text showed, so round 2 is the answer.
+    settings = tiny_settings.model_copy(update={"budget": Budget(max_rounds=2)})
+    backends = fake_backends(tiny_store, ScriptedCritic([{"c3", "c4"}, {"c1"}]))
+    result = run("a red heart and a blue square", settings, tmp_path / "runs", backends=backends)
+    assert result.candidates[1].references and result.best.image_id == result.candidates[1].image_id
+
+
 def test_rounds_rotate_through_missing_concepts_and_never_reuse_a_reference(tiny_settings, tiny_store, tmp_path):
     result = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([set()]), budget=Budget(max_rounds=5))
     queries = [c.references[0].query for c in result.candidates[1:]]
