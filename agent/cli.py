@@ -318,11 +318,12 @@ def eval_miniworld(
     out: Annotated[Path, typer.Option(help="Where miniworld.json and miniworld.md are written.")] = Path("evals/results"),
     prompts: Annotated[Optional[int], typer.Option(min=3, help="Use only this many held-out prompts (default: all).")] = None,
     rounds: Annotated[int, typer.Option(min=2, help="Round budget of the loop condition.")] = 4,
+    seed: Annotated[int, typer.Option(help="Base seed of every generation (run several to see the spread).")] = 0,
 ) -> None:
     """Text alone vs the paper's one pass vs the loop on the miniature world, judged by its oracle."""
     from evals.miniworld.benchmark import evaluate, markdown
 
-    report = evaluate(data_dir, out, prompts, rounds)
+    report = evaluate(data_dir, out, prompts, rounds, seed)
     Console().print(markdown(report))
     err.print(f"written to {out / 'miniworld.json'} and {out / 'miniworld.md'} in {report['seconds_total']} s")
 

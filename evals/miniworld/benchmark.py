@@ -188,17 +188,18 @@ def markdown(report: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def evaluate(data_dir: Path, out: Path, n_prompts: int | None = None, loop_rounds: int = 4) -> dict:
-    """Run the whole benchmark; write out/miniworld.json and out/miniworld.md. Returns the report."""
+def evaluate(data_dir: Path, out: Path, n_prompts: int | None = None, loop_rounds: int = 4, seed: int = 0) -> dict:
+    """Run the whole benchmark; write out/miniworld.json and out/miniworld.md. Returns the report.
+    `seed` is the generator's base seed for every run (the prompts and the corpus stay the same)."""
     started = time.time()
-    settings = Settings(profile="mini", data_dir=data_dir)
+    settings = Settings(profile="mini", data_dir=data_dir, seed=seed)
     prompts = heldout_prompts()
     if n_prompts is not None:  # a quick look: keep the group mix
         prompts = prompts[:: max(1, len(prompts) // n_prompts)][:n_prompts]
     store = ensure_collection(settings, "miniworld", data_dir / "miniworld-corpus")
     backends = dataclasses.replace(load_backends(settings), store=store)
     oracle = Oracle.from_pretrained(MINI_MODELS / "oracle")
-    report: dict = {"prompts": len(prompts), "conditions": {}}
+    report: dict = {"prompts": len(prompts), "seed": seed, "conditions": {}}
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp)
         outcomes: list[PromptOutcome] = []
