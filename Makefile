@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # Offline by design: no Hub downloads in the demo or the tests, no chromadb telemetry.
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ANONYMIZED_TELEMETRY=False
 
-.PHONY: install demo test clean
+.PHONY: install test-deps demo test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,13 @@ demo: install
 	$(OFFLINE) $(BIN)/imagerag index $(DEMO_DATA)/miniworld-corpus --profile mini --data-dir $(DEMO_DATA)
 	$(OFFLINE) $(BIN)/imagerag generate "$(DEMO_PROMPT)" --profile mini --data-dir $(DEMO_DATA) --out runs
 
-test: install
+# The system packages the tests need besides the Python ones: Debian's chromium (the report test's headless browser) and
+# postgresql (the server binaries for the thread test's throwaway cluster). Installed with apt-get (sudo when not root)
+# when missing, a no-op when present; stops with what to install when it cannot. See scripts/provision-test-deps.
+test-deps:
+	bash scripts/provision-test-deps
+
+test: test-deps install
 	$(OFFLINE) $(BIN)/python -m pytest -q
 
 clean:

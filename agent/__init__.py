@@ -1,6 +1,6 @@
 """imagerag-agent: state, configuration, policies' entry points (agent.run), CLI and report.
 
-    from agent.config import Settings
-    from agent.run import run
+    from imagerag.agent.config import Settings
+    from imagerag.agent.run import run
     result = run("a boston bull wearing a red scarf", Settings(profile="sdxl"))
 """

@@ -3,38 +3,60 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from agent.config import ConfigError, Settings
-from agent.state import Budget
+# Heavy libraries (torch, diffusers, langgraph, chromadb, ...) load inside the commands that need them, so
+# `imagerag --help` answers at once; tests/test_cli_startup.py keeps it so.
+if TYPE_CHECKING:
+    from imagerag.agent.config import Settings
+    from imagerag.agent.events import RunEvent
+    from imagerag.agent.result import RunResult
+    from imagerag.graphs.nodes import ReviewDecision
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Make text-to-image models draw what the prompt asks.")
 err = Console(stderr=True)
-USER_ERRORS = (ConfigError, ValidationError, FileNotFoundError)
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
 
 
-def make_settings(budget: dict | None = None, **overrides) -> Settings:
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean the input or the setup is wrong (exit 2 with the message), not a bug."""
+    from pydantic import ValidationError
+
+    from imagerag.agent.runfolder import RunError
+    from imagerag.tools.backends.sources import SourceError
+    from imagerag.tools.backends.store import StoreError
+    from imagerag.tools.config import ConfigError
+
+    return (RunError, ConfigError, StoreError, SourceError, ValidationError, FileNotFoundError)
+
+
+def make_settings(budget: dict[str, Any] | None = None, **overrides: Any) -> Settings:
     """Settings from env/TOML with the CLI's explicit flags on top (None means: not given)."""
+    from pydantic import ValidationError
+
+    from imagerag.agent.config import Settings
+    from imagerag.graphs.state import Budget
+    from imagerag.tools.config import ConfigError
+
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
         given = {k: v for k, v in (budget or {}).items() if v is not None}
         if given:
             settings = settings.model_copy(update={"budget": Budget.model_validate(settings.budget.model_dump() | given)})
-        settings.resolved_profile()
-        return settings
+        return settings.check()
     except ValidationError as error:
         fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()))
     except ConfigError as error:
@@ -64,13 +86,13 @@ def generate(
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Generate an image, critique it per concept, retrieve references and regenerate until satisfied."""
-    from agent.run import stream
+    from imagerag.agent.run import stream
 
     settings = make_settings(
         budget=dict(max_rounds=max_rounds, max_generations=max_generations, max_seconds=max_seconds, max_tokens=max_tokens),
         profile=profile, policy=policy, seed=seed, collection=collection, data_dir=data_dir, review=review or None,
     )
-    drive(lambda: stream(prompt, settings, out, thread), json_output)
+    drive(settings, lambda: stream(prompt, settings, out, thread), json_output)
 
 
 @app.command()
@@ -82,8 +104,8 @@ def resume(
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Continue a run that was killed, failed, or paused for review, from its last checkpoint."""
-    from agent.run import resume as resume_run
-    from graphs.common import ReviewDecision
+    from imagerag.agent.run import resume as resume_run
+    from imagerag.graphs.nodes import ReviewDecision
 
     settings = make_settings(data_dir=data_dir)
     answer = None
@@ -93,7 +115,7 @@ def resume(
         if decision not in ("accept", "drop"):
             fail(f"--decision must be accept or drop, not {decision!r}")
         answer = ReviewDecision(action=decision)
-    drive(lambda: resume_run(run, answer, settings), json_output)
+    drive(settings, lambda: resume_run(run, answer, settings), json_output, load=False)  # the run folder names its profile
 
 
 @app.command()
@@ -105,7 +127,7 @@ def chat(
     out: Annotated[Path, typer.Option(help="Folder that receives the thread's folder.")] = Path("runs"),
 ) -> None:
     """An interactive session: the first message draws, each next one refines the current best image."""
-    from agent.run import stream
+    from imagerag.agent.run import stream
 
     settings = make_settings(profile=profile, policy=policy, data_dir=data_dir)
     thread = thread or f"chat-{datetime.now():%Y%m%d-%H%M%S}"
@@ -117,7 +139,7 @@ def chat(
             break
         if message in ("", "exit", "quit"):
             break
-        drive(lambda: stream(message, settings, out, thread), json_output=False, exit_on_failure=False)
+        drive(settings, lambda: stream(message, settings, out, thread), json_output=False, exit_on_failure=False)
 
 
 @app.command()
@@ -126,7 +148,8 @@ def history(
     data_dir: DataDir = None,
 ) -> None:
     """List a thread's turns."""
-    from agent.run import RunError, history as thread_history
+    from imagerag.agent.run import RunError
+    from imagerag.agent.run import history as thread_history
 
     try:
         turns = thread_history(thread, make_settings(data_dir=data_dir))
@@ -140,17 +163,24 @@ def history(
     Console().print(table)
 
 
-def drive(start, json_output: bool, exit_on_failure: bool = True) -> None:
-    """Run an event stream with live progress; answer review pauses at the terminal; print the result."""
-    from agent.events import Finished, ReviewRequested
-    from agent.run import RunError, resume as resume_run
-    from tools.backends.store import StoreError
+def drive(
+    settings: Settings, start: Callable[[], Iterator[RunEvent]], json_output: bool, exit_on_failure: bool = True, load: bool = True
+) -> None:
+    """Load the backends of `settings` (with `load`; a local profile builds its collection on first use) with
+    progress, run an event stream with live progress, answer review pauses at the terminal, print the result."""
+    from imagerag.agent.events import Finished, ReviewRequested
+    from imagerag.agent.run import prepare
+    from imagerag.agent.run import resume as resume_run
 
-    result = None
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as progress:
+    result: RunResult | None = None
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("loading models", total=None)
-        events = start()
         try:
+            if load:
+                prepare(settings, lambda stage, done, total: progress.update(task, description=stage, completed=done, total=total))
+            progress.update(task, description="starting", completed=0, total=None)
+            events = start()
             while result is None:
                 for event in events:
                     if isinstance(event, Finished):
@@ -159,13 +189,13 @@ def drive(start, json_output: bool, exit_on_failure: bool = True) -> None:
                         progress.stop()
                         decision = ask_reviewer(event.request)
                         progress.start()
-                        events = resume_run(event.run_dir, decision)
+                        events = resume_run(event.run_dir, decision, settings)
                         break
                     else:
                         show_event(event, progress, task)
                 else:
                     break
-        except (RunError, StoreError, *USER_ERRORS) as error:
+        except user_errors() as error:
             progress.stop()
             fail(str(error))
     if result is None:
@@ -178,7 +208,7 @@ def drive(start, json_output: bool, exit_on_failure: bool = True) -> None:
         raise typer.Exit(1)
 
 
-def show_event(event, progress, task) -> None:
+def show_event(event: RunEvent, progress: Progress, task: TaskID) -> None:
     if event.kind == "diffusion_step":
         progress.update(task, description="diffusion", completed=event.step, total=event.total)
     elif event.kind == "node_started":
@@ -188,9 +218,9 @@ def show_event(event, progress, task) -> None:
             err.print(f"[dim]round {step.round}[/] [bold]{step.node}[/] {step.summary}")
 
 
-def ask_reviewer(request: dict):
+def ask_reviewer(request: dict[str, Any]) -> ReviewDecision:
     """Show the references a regeneration would use and read the person's decision."""
-    from graphs.common import ReviewDecision, ReviewRequest
+    from imagerag.graphs.nodes import ReviewDecision, ReviewRequest
 
     req = ReviewRequest.model_validate(request)
     table = Table(title=f"review before round {req.round}: references for {', '.join(req.concepts) or 'the prompt'}")
@@ -212,7 +242,7 @@ def ask_reviewer(request: dict):
         err.print("[red]answer with accept, drop, keep ID[,ID] or replace PATH[,PATH][/]")
 
 
-def show_result(result) -> None:
+def show_result(result: RunResult) -> None:
     table = Table(title=f"{result.status} ({result.stop_reason}) · {result.rounds} round(s), {result.generations} image(s), {result.elapsed:.1f} s")
     for column in ("concept", "verdict", "score"):
         table.add_column(column)
@@ -221,8 +251,8 @@ def show_result(result) -> None:
     err.print(table)
     if result.error:
         err.print(f"[red]{result.error}[/]")
-    err.print(f"best image: {Path(result.run_dir) / result.best_image if result.best_image else 'none'}")
-    err.print(f"report:     {Path(result.run_dir) / 'report.html'}")
+    err.print(f"best image: {result.best_image or 'none'}")
+    err.print(f"report:     {result.report}")
 
 
 @app.command()
@@ -245,10 +275,10 @@ def index(
     from rich.progress import ProgressColumn
     from rich.text import Text
 
-    from tools.backends.indexer import IndexSummary, index_sources, open_sources, size_hint
-    from tools.backends.loading import load_embedder
-    from tools.backends.sources import SourceError
-    from tools.backends.store import ReferenceStore, StoreError, chroma_client
+    from imagerag.tools.backends.indexer import IndexSummary, index_sources, open_sources, size_hint
+    from imagerag.tools.backends.loading import load_embedder
+    from imagerag.tools.backends.sources import SourceError
+    from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client
 
     class ImagesPerSecond(ProgressColumn):
         def render(self, task) -> Text:
@@ -287,8 +317,8 @@ def search(
     chroma_url: Annotated[Optional[str], typer.Option(help="A Chroma server (http://host:8000) instead of the data folder's.")] = None,
 ) -> None:
     """Search a reference collection by caption: print the hits and write a contact sheet of them."""
-    from tools.backends.loading import calibrated, load_embedder
-    from tools.backends.store import ReferenceStore, StoreError, chroma_client, contact_sheet, default_sheet_path
+    from imagerag.tools.backends.loading import calibrated, load_embedder
+    from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client, contact_sheet, default_sheet_path
 
     settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
     try:
@@ -321,7 +351,7 @@ def eval_miniworld(
     seed: Annotated[int, typer.Option(help="Base seed of every generation (run several to see the spread).")] = 0,
 ) -> None:
     """Text alone vs the paper's one pass vs the loop on the miniature world, judged by its oracle."""
-    from evals.miniworld.benchmark import evaluate, markdown
+    from imagerag.evals.miniworld.benchmark import evaluate, markdown
 
     report = evaluate(data_dir, out, prompts, rounds, seed)
     Console().print(markdown(report))
@@ -343,11 +373,11 @@ def serve_mcp(
     port: Annotated[int, typer.Option(min=1, max=65535, help="With --http: the port.")] = 8000,
 ) -> None:
     """An MCP server with the tools generate_image, refine_image and search_references (stdio by default)."""
-    from agent.serve import serve_mcp as serve
+    from imagerag.agent.mcp_server import serve_mcp as serve
 
     settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
     if out is not None:
-        from agent.run import RunError, check_out_dir
+        from imagerag.agent.runfolder import RunError, check_out_dir
 
         try:
             check_out_dir(out)
@@ -361,14 +391,11 @@ def serve_mcp(
 def main() -> None:
     import warnings
 
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    logging.basicConfig(level=logging.WARNING)
-    # Library chatter (load bars, deprecation notes) would bury our own progress; errors still show.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    # Library chatter (load bars, deprecation notes) would bury our own progress; errors still show. Set through
+    # the libraries' environment variables, so that nothing heavy is imported before a command needs it.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()

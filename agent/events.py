@@ -6,7 +6,9 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field
 
-from agent.state import ConceptVerdict, RetrievalHit, Step
+from imagerag.tools.types import ConceptVerdict, RetrievalHit
+from imagerag.agent.result import RunResult
+from imagerag.graphs.state import Step
 
 
 class NodeStarted(BaseModel):
@@ -56,7 +58,7 @@ class ReviewRequested(BaseModel):
 
 class Finished(BaseModel):
     kind: Literal["finished"] = "finished"
-    result: Any  # agent.run.RunResult (typed there; kept loose here to avoid an import cycle)
+    result: RunResult
 
 
 RunEvent = Annotated[

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from agent.run import RunResult
+from imagerag.agent.result import RunResult
+from imagerag.graphs.context import IMAGES
 
 
 def _data_url(path: Path) -> str | None:
@@ -17,9 +18,9 @@ def _data_url(path: Path) -> str | None:
     return f"data:image/{kind};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def render_report(result: RunResult, run_dir: Path) -> str:
-    env = Environment(loader=PackageLoader("agent", ""), undefined=StrictUndefined, autoescape=select_autoescape(["html", "j2"]))
-    images = {c.image_id: _data_url(run_dir / "images" / f"{c.image_id}.png") for c in result.candidates}
+def render_report(result: RunResult) -> str:
+    env = Environment(loader=PackageLoader("imagerag.agent", ""), undefined=StrictUndefined, autoescape=select_autoescape(["html", "j2"]))
+    images = {c.image_id: _data_url(Path(result.run_dir) / IMAGES / f"{c.image_id}.png") for c in result.candidates}
     references = {h.id: _data_url(Path(h.source)) for c in result.candidates for h in c.references}
     texts = {c.id: c.text for c in result.concepts}
     return env.get_template("report.html.j2").render(r=result, images=images, references=references, texts=texts)

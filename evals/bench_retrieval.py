@@ -167,8 +167,8 @@ def bench_throughput(label: str, embedder, folder: Path, batch_size: int, workdi
     import torch
     from PIL import Image
 
-    from tools.backends.indexer import index_sources
-    from tools.backends.store import ReferenceStore, chroma_client
+    from imagerag.tools.backends.indexer import index_sources
+    from imagerag.tools.backends.store import ReferenceStore, chroma_client
 
     paths = sorted(folder.glob("*.png"))
     pixels = []
@@ -281,8 +281,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-retrieval-"))
     try:
         if args.throughput:
-            from tools.backends.clip import LOCAL_DIR, ClipEmbedder
-            from tools.backends.loading import MINI_MODELS
+            from imagerag.tools.backends.clip import LOCAL_DIR, ClipEmbedder
+            from imagerag.tools.miniworld import MODELS_DIR as MINI_MODELS
 
             folder = workdir / "images"
             render_images(folder, args.images, args.image_size, args.seed)

@@ -1,135 +1,161 @@
 """The LLM policy: a chat model with the four tools bound, run by a ToolNode.
 
-The LLM chooses the calls; the graph keeps the books and owns the stop rule. After every tool turn the
-`observe` node records images and references, has the critic judge each new image (so every image is
-judged, whatever the LLM does), and ends the run once every concept is satisfied or a budget is spent,
-even if the LLM would keep calling tools. The LLM may also end early by answering without a tool call.
+The LLM chooses the calls; the graph keeps the books and owns the stop rule. After every tool turn the `observe`
+node records images and references, has the critic judge each new image (so every image is judged, whatever the
+LLM does), and ends the run once every concept is satisfied or a budget is spent, even if the LLM would keep
+calling tools. The LLM may also end early by answering without a tool call.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
 from langgraph.graph import END, START, StateGraph
 from langgraph.prebuilt import ToolNode
+from langgraph.runtime import Runtime
 
-from agent.state import AgentState, Step
-from graphs.common import NODE_RETRY, ask_review, clock, concepts_from_best, finish, judge_new, make_plan, stop_reason
-from prompts import render
-from tools.backends.llm import tokens_of
-from tools.toolkit import Toolkit, ToolOutcome, describe_verdicts
+from imagerag.graphs.agent_tools import TOOLS, ToolOutcome, describe_verdicts
+from imagerag.graphs.context import RunContext, backends_for, context_of, toolkit
+from imagerag.graphs.nodes import NODE_RETRY, ask_review, finish, judge_new, plan
+from imagerag.graphs.rules import clock, concepts_from_best, stop_reason
+from imagerag.graphs.state import AgentState, RunInput, RunOutput, Step
+from imagerag.prompts import render
+from imagerag.tools.backends.llm import tokens_of
+from imagerag.tools.config import ConfigError
 
 
-def build_agent_graph(toolkit: Toolkit, llm: BaseChatModel, max_tool_errors: int = 3) -> StateGraph:
-    tools = toolkit.as_langchain_tools()
-    model = llm.bind_tools(tools)
-    plan = make_plan(toolkit)
-
-    def agent(state: AgentState) -> dict:
-        budget = state.budget
-        system = SystemMessage(
-            render(
-                "agent_system",
-                prompt=state.prompt,
-                concepts=state.concepts,
-                max_references=toolkit.max_references,
-                budget=f"{budget.max_rounds} rounds, {budget.max_generations} images",
-            )
+def agent(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    context = context_of(runtime)
+    llm = backends_for(context).llm
+    if llm is None:
+        raise ConfigError(
+            "the agent policy needs an LLM: set IMAGERAG_LLM__MODEL (and IMAGERAG_LLM__BASE_URL for vLLM or Ollama), "
+            "or use --policy imagerag"
         )
-        # The turn's first call opens with the user's message: the prompt, or a thread's refinement.
-        opening = [] if state.usage.rounds else [HumanMessage(state.instruction or f"Draw: {state.prompt}")]
-        usage, nudge = state.usage.add(rounds=1), []
-        for _ in range(max_tool_errors):
-            reply = model.invoke([system, *state.messages, *opening, *nudge])
-            usage = usage.add(llm_tokens=tokens_of(reply))
-            if not reply.invalid_tool_calls:
-                calls = ", ".join(c["name"] for c in reply.tool_calls) or "final answer"
-                return {"messages": [*opening, reply], "usage": clock(state, usage), "steps": [Step(node="agent", round=usage.rounds, summary=calls)]}
-            # A malformed call is not kept in the conversation (it has no tool answer); ask again instead.
-            error = "; ".join(str(c.get("error") or c.get("args")) for c in reply.invalid_tool_calls)
-            nudge = [HumanMessage(render("tool_call_error", error=error, tools=[t.name for t in tools]))]
-        return {
-            "status": "failed",
-            "error": f"the LLM made malformed tool calls {max_tool_errors} times in a row ({error})",
-            "usage": clock(state, usage),
-            "steps": [Step(node="agent", round=usage.rounds, summary="malformed tool calls; giving up")],
-        }
+    model = llm.bind_tools(TOOLS)
+    budget = state.budget
+    system = SystemMessage(
+        render(
+            "agent_system",
+            prompt=state.prompt,
+            concepts=state.concepts,
+            max_references=toolkit(state, runtime).max_references,
+            budget=f"{budget.max_rounds} rounds, {budget.max_generations} images",
+        )
+    )
+    # The turn's first call opens with the user's message: the prompt, or a thread's refinement.
+    opening = [] if state.usage.rounds else [HumanMessage(state.instruction or f"Draw: {state.prompt}")]
+    usage, nudge, error = state.usage.add(rounds=1), [], ""
+    for _ in range(context.max_tool_errors):
+        reply = model.invoke([system, *state.messages, *opening, *nudge])
+        usage = usage.add(llm_tokens=tokens_of(reply))
+        if not isinstance(reply, AIMessage) or not reply.invalid_tool_calls:
+            calls = ", ".join(c["name"] for c in getattr(reply, "tool_calls", [])) or "final answer"
+            return {"messages": [*opening, reply], "usage": clock(state, usage), "steps": [Step(node="agent", round=usage.rounds, summary=calls)]}
+        # A malformed call is not kept in the conversation (it has no tool answer); ask again instead.
+        error = "; ".join(str(c.get("error") or c.get("args")) for c in reply.invalid_tool_calls)
+        nudge = [HumanMessage(render("tool_call_error", error=error, tools=[t.name for t in TOOLS]))]
+    return {
+        "status": "failed",
+        "error": f"the LLM made malformed tool calls {context.max_tool_errors} times in a row ({error})",
+        "usage": clock(state, usage),
+        "steps": [Step(node="agent", round=usage.rounds, summary="malformed tool calls; giving up")],
+    }
 
-    def after_plan(state: AgentState) -> Literal["agent", "finish"]:
-        return "finish" if state.current() and stop_reason(state) else "agent"
 
-    def after_agent(state: AgentState) -> Literal["review", "tools", "finish"]:
-        last = state.messages[-1] if state.messages else None
-        if not (isinstance(last, AIMessage) and last.tool_calls) or stop_reason(state):
-            return "finish"
-        return "review" if state.review and any(c["name"] == "regenerate" for c in last.tool_calls) else "tools"
+def after_plan(state: AgentState) -> Literal["agent", "finish"]:
+    return "finish" if state.current() and stop_reason(state) else "agent"
 
-    def review(state: AgentState) -> dict:
-        """Show a person the references of each regenerate call; rewrite the call with their decision."""
-        last = state.messages[-1]
-        known = {h.id: h for h in state.hits}
-        calls, added = [], []
-        for tool_call in last.tool_calls:
-            if tool_call["name"] == "regenerate":
-                hits = [known[i] for i in tool_call["args"].get("reference_ids", []) if i in known]
-                chosen = ask_review(hits, [c.text for c in state.missing()], state.usage.rounds)
-                added += [h for h in chosen if h.id not in known]
-                tool_call = {**tool_call, "args": {**tool_call["args"], "reference_ids": [h.id for h in chosen]}}
-            calls.append(tool_call)
-        summary = "; ".join(", ".join(c["args"]["reference_ids"]) or "no reference" for c in calls if c["name"] == "regenerate")
-        return {"messages": [last.model_copy(update={"tool_calls": calls})], "hits": [*state.hits, *added], "steps": [Step(node="review", round=state.usage.rounds, summary=f"reviewed: {summary}")]}
 
-    def observe(state: AgentState) -> dict:
-        recent = trailing_tool_messages(state.messages)
-        candidates, hits, usage = list(state.candidates), list(state.hits), state.usage
-        for message in recent:
-            if message.status == "error" or message.artifact is None:
-                continue
-            outcome = ToolOutcome.model_validate(message.artifact)
-            candidates += outcome.candidates
-            hits += outcome.hits
-            usage = usage.add(generations=len(outcome.candidates))
-            if outcome.critique is not None:
-                usage = usage.add(critic_calls=1, llm_tokens=outcome.critique.tokens)
-                candidates = [
-                    c.model_copy(update={"verdicts": outcome.critique.verdicts}) if c.image_id == outcome.judged_image else c
-                    for c in candidates
-                ]
-        fresh = {c.image_id for c in candidates if not c.judged}
-        candidates, usage, steps = judge_new(toolkit, state.model_copy(update={"usage": usage}), candidates)
-        # Show the LLM the automatic verdicts in the answer of the call that made each image.
-        by_id = {c.image_id: c for c in candidates}
-        updated = []
-        for message in recent:
-            made = [i for i in fresh if i in str(message.content)]
-            if made:
-                notes = [describe_verdicts(i, by_id[i].verdicts, state.concepts) for i in made]
-                updated.append(message.model_copy(update={"content": f"{message.content}\n" + "\n".join(notes)}))
-        errors = sum(m.status == "error" for m in recent)
-        tool_errors = state.tool_errors + 1 if recent and errors == len(recent) else 0
-        update = {
-            "candidates": candidates,
-            "hits": hits,
-            "concepts": concepts_from_best(state.concepts, candidates),
-            "usage": usage,
-            "tool_errors": tool_errors,
-            "messages": updated,
-            "steps": steps or [Step(node="observe", round=usage.rounds, summary=f"{len(recent)} tool result(s), {errors} failed")],
-        }
-        if tool_errors >= max_tool_errors:
-            update |= {"status": "failed", "error": f"{tool_errors} tool turns in a row failed: {recent[-1].content}"}
-        return update
+def after_agent(state: AgentState) -> Literal["review", "tools", "finish"]:
+    last = state.messages[-1] if state.messages else None
+    if not (isinstance(last, AIMessage) and last.tool_calls) or stop_reason(state):
+        return "finish"
+    return "review" if state.review and any(c["name"] == "regenerate" for c in last.tool_calls) else "tools"
 
-    def after_observe(state: AgentState) -> Literal["agent", "finish"]:
-        return "finish" if stop_reason(state) else "agent"
 
-    builder = StateGraph(AgentState)
+def review(state: AgentState) -> dict[str, Any]:
+    """Show a person the references of each regenerate call; rewrite the call with their decision."""
+    last = state.messages[-1]
+    assert isinstance(last, AIMessage)  # after_agent routes here only after an AI message with tool calls
+    known = {h.id: h for h in state.hits}
+    calls, added = [], []
+    for tool_call in last.tool_calls:
+        if tool_call["name"] == "regenerate":
+            hits = [known[i] for i in tool_call["args"].get("reference_ids", []) if i in known]
+            chosen = ask_review(hits, [c.text for c in state.missing()], state.usage.rounds)
+            added += [h for h in chosen if h.id not in known]
+            tool_call = {**tool_call, "args": {**tool_call["args"], "reference_ids": [h.id for h in chosen]}}
+        calls.append(tool_call)
+    summary = "; ".join(", ".join(c["args"]["reference_ids"]) or "no reference" for c in calls if c["name"] == "regenerate")
+    return {
+        "messages": [last.model_copy(update={"tool_calls": calls})],
+        "hits": [*state.hits, *added],
+        "steps": [Step(node="review", round=state.usage.rounds, summary=f"reviewed: {summary}")],
+    }
+
+
+def observe(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    recent = trailing_tool_messages(state.messages)
+    candidates, hits, usage = list(state.candidates), list(state.hits), state.usage
+    for message in recent:
+        if message.status == "error" or message.artifact is None:
+            continue
+        outcome = ToolOutcome.model_validate(message.artifact)
+        candidates += outcome.candidates
+        hits += outcome.hits
+        usage = usage.add(generations=len(outcome.candidates))
+        if outcome.critique is not None:
+            usage = usage.add(critic_calls=1, llm_tokens=outcome.critique.tokens)
+            verdicts = outcome.critique.verdicts
+            candidates = [c.model_copy(update={"verdicts": verdicts}) if c.image_id == outcome.judged_image else c for c in candidates]
+    fresh = {c.image_id for c in candidates if not c.judged}
+    candidates, usage, steps = judge_new(toolkit(state, runtime), state.model_copy(update={"usage": usage}), candidates)
+    # Show the LLM the automatic verdicts in the answer of the call that made each image.
+    by_id = {c.image_id: c for c in candidates}
+    updated = []
+    for message in recent:
+        made = [i for i in fresh if i in str(message.content)]
+        if made:
+            notes = [describe_verdicts(i, by_id[i].verdicts, state.concepts) for i in made]
+            updated.append(message.model_copy(update={"content": f"{message.content}\n" + "\n".join(notes)}))
+    errors = sum(m.status == "error" for m in recent)
+    tool_errors = state.tool_errors + 1 if recent and errors == len(recent) else 0
+    update: dict[str, Any] = {
+        "candidates": candidates,
+        "hits": hits,
+        "concepts": concepts_from_best(state.concepts, candidates),
+        "usage": usage,
+        "tool_errors": tool_errors,
+        "messages": updated,
+        "steps": steps or [Step(node="observe", round=usage.rounds, summary=f"{len(recent)} tool result(s), {errors} failed")],
+    }
+    if tool_errors >= context_of(runtime).max_tool_errors:
+        update |= {"status": "failed", "error": f"{tool_errors} tool turns in a row failed: {recent[-1].content}"}
+    return update
+
+
+def after_observe(state: AgentState) -> Literal["agent", "finish"]:
+    return "finish" if stop_reason(state) else "agent"
+
+
+def trailing_tool_messages(messages: list[AnyMessage]) -> list[ToolMessage]:
+    """The tool answers after the last AI message: this turn's results."""
+    recent = []
+    for message in reversed(messages):
+        if not isinstance(message, ToolMessage):
+            break
+        recent.append(message)
+    return recent[::-1]
+
+
+def build_agent_graph() -> StateGraph:
+    builder = StateGraph(AgentState, context_schema=RunContext, input_schema=RunInput, output_schema=RunOutput)
     builder.add_node(plan, retry_policy=NODE_RETRY)
     builder.add_node(agent)
     builder.add_node(review)
-    builder.add_node("tools", ToolNode(tools, handle_tool_errors=True))
+    builder.add_node("tools", ToolNode(TOOLS, handle_tool_errors=True))
     builder.add_node(observe, retry_policy=NODE_RETRY)
     builder.add_node(finish)
     builder.add_edge(START, "plan")
@@ -140,13 +166,3 @@ def build_agent_graph(toolkit: Toolkit, llm: BaseChatModel, max_tool_errors: int
     builder.add_conditional_edges("observe", after_observe)
     builder.add_edge("finish", END)
     return builder
-
-
-def trailing_tool_messages(messages: list) -> list[ToolMessage]:
-    """The tool answers after the last AI message: this turn's results."""
-    recent = []
-    for message in reversed(messages):
-        if not isinstance(message, ToolMessage):
-            break
-        recent.append(message)
-    return recent[::-1]

@@ -2,80 +2,90 @@
 
 plan -> generate -> critique -> (all satisfied or budget spent? finish) -> retrieve for the missing concepts ->
 [review] -> regenerate with the references -> critique -> ... Each round spends the generator's reference slots on
-what it could not draw from text (see targets_for_round), objects before their attributes, the least tried first;
-it never reuses a reference, and with no reference above the relevance threshold draws a fresh sample from text
-instead of conditioning on an unrelated image. A later turn of a thread starts from its best image instead of
-generating from scratch.
+what it could not draw from text (rules.targets_for_round), objects before their attributes, the least tried
+first; it never reuses a reference, and with no reference above the relevance threshold draws a fresh sample from
+text instead of conditioning on an unrelated image. A later turn of a thread starts from its best image.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
 
-from agent.state import RunState, Step
-from graphs.common import NODE_RETRY, ask_review, clock, concepts_from_best, finish, judge_new, make_plan, stop_reason, targets_for_round
-from tools.toolkit import Toolkit
+from imagerag.graphs.context import RunContext, context_of, toolkit
+from imagerag.graphs.nodes import NODE_RETRY, ask_review, finish, judge_new, plan
+from imagerag.graphs.rules import best_of_turn, clock, concepts_from_best, stop_reason, targets_for_round
+from imagerag.graphs.state import RunInput, RunOutput, RunState, Step
 
 
-def build_imagerag_graph(toolkit: Toolkit, retrieve_k: int = 1) -> StateGraph:
-    plan = make_plan(toolkit)
+def after_plan(state: RunState) -> Literal["generate", "retrieve", "finish"]:
+    if not state.current():  # every turn that has no image yet draws one, whatever the budget
+        return "generate"
+    return "finish" if stop_reason(state) else "retrieve"
 
-    def after_plan(state: RunState) -> Literal["generate", "retrieve", "finish"]:
-        if not state.current():  # every turn that has no image yet draws one, whatever the budget
-            return "generate"
-        return "finish" if stop_reason(state) else "retrieve"
 
-    def generate(state: RunState) -> dict:
-        usage = state.usage.add(rounds=1, generations=1)
-        [candidate] = toolkit.generate(state.prompt, state.seed, 1, round=usage.rounds, turn=state.turn)
-        return {
-            "candidates": [*state.candidates, candidate],
-            "usage": clock(state, usage),
-            "steps": [Step(node="generate", round=usage.rounds, summary=f"image {candidate.image_id} from text")],
-        }
+def generate(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    usage = state.usage.add(rounds=1, generations=1)
+    [candidate] = toolkit(state, runtime).generate(state.prompt, state.seed, 1, round=usage.rounds, turn=state.turn)
+    return {
+        "candidates": [*state.candidates, candidate],
+        "usage": clock(state, usage),
+        "steps": [Step(node="generate", round=usage.rounds, summary=f"image {candidate.image_id} from text")],
+    }
 
-    def critique(state: RunState) -> dict:
-        candidates, usage, steps = judge_new(toolkit, state, state.candidates)
-        return {"candidates": candidates, "concepts": concepts_from_best(state.concepts, candidates), "usage": usage, "steps": steps}
 
-    def after_critique(state: RunState) -> Literal["retrieve", "finish"]:
-        return "finish" if stop_reason(state) else "retrieve"
+def critique(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    candidates, usage, steps = judge_new(toolkit(state, runtime), state, state.candidates)
+    return {"candidates": candidates, "concepts": concepts_from_best(state.concepts, candidates), "usage": usage, "steps": steps}
 
-    def retrieve(state: RunState) -> dict:
-        targets = targets_for_round(state, toolkit.max_references)
-        best = state.best()
-        captions_by_id = {v.concept_id: v.caption for v in best.verdicts} if best else {}
-        captions = [captions_by_id.get(c.id) or c.text for c in targets]
-        used = {h.id for cand in state.candidates for h in cand.references}
-        hits = toolkit.retrieve_many(captions, k=retrieve_k, exclude=used)
-        targeted = {c.id for c in targets}
-        concepts = [c.model_copy(update={"attempts": c.attempts + 1}) if c.id in targeted else c for c in state.concepts]
-        found = ", ".join(f"{h.caption!r} ({h.similarity:.2f})" for h in hits) or "nothing above the threshold"
-        return {"hits": hits, "concepts": concepts, "usage": clock(state), "steps": [Step(node="retrieve", round=state.usage.rounds, summary=f"for {', '.join(map(repr, captions))}: {found}")]}
 
-    def after_retrieve(state: RunState) -> Literal["review", "regenerate"]:
-        return "review" if state.review else "regenerate"
+def after_critique(state: RunState) -> Literal["retrieve", "finish"]:
+    return "finish" if stop_reason(state) else "retrieve"
 
-    def review(state: RunState) -> dict:
-        targets = [c.text for c in targets_for_round(state, toolkit.max_references)]
-        hits = ask_review(state.hits, targets, state.usage.rounds + 1)
-        summary = ", ".join(h.caption for h in hits) or "no reference"
-        return {"hits": hits, "steps": [Step(node="review", round=state.usage.rounds, summary=f"reviewed: {summary}")]}
 
-    def regenerate(state: RunState) -> dict:
-        usage = state.usage.add(rounds=1, generations=1)
-        # A new seed each round: with no usable reference the round is a fresh sample, not a repeat.
-        candidate = toolkit.regenerate(state.prompt, state.hits, seed=state.seed + usage.rounds - 1, round=usage.rounds, turn=state.turn)
-        refs = ", ".join(h.caption for h in candidate.references) or "no reference"
-        return {
-            "candidates": [*state.candidates, candidate],
-            "usage": clock(state, usage),
-            "steps": [Step(node="regenerate", round=usage.rounds, summary=f"image {candidate.image_id} with {refs}")],
-        }
+def retrieve(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    tools = toolkit(state, runtime)
+    targets = targets_for_round(state, tools.max_references)
+    best = best_of_turn(state)
+    captions_by_id = {v.concept_id: v.caption for v in best.verdicts} if best else {}
+    captions = [captions_by_id.get(c.id) or c.text for c in targets]
+    used = {h.id for cand in state.candidates for h in cand.references}
+    hits = tools.retrieve_many(captions, k=context_of(runtime).retrieve_k, exclude=used)
+    targeted = {c.id for c in targets}
+    concepts = [c.model_copy(update={"attempts": c.attempts + 1}) if c.id in targeted else c for c in state.concepts]
+    found = ", ".join(f"{h.caption!r} ({h.similarity:.2f})" for h in hits) or "nothing above the threshold"
+    summary = f"for {', '.join(map(repr, captions))}: {found}"
+    return {"hits": hits, "concepts": concepts, "usage": clock(state), "steps": [Step(node="retrieve", round=state.usage.rounds, summary=summary)]}
 
-    builder = StateGraph(RunState)
+
+def after_retrieve(state: RunState) -> Literal["review", "regenerate"]:
+    return "review" if state.review else "regenerate"
+
+
+def review(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    targets = [c.text for c in targets_for_round(state, toolkit(state, runtime).max_references)]
+    hits = ask_review(state.hits, targets, state.usage.rounds + 1)
+    summary = ", ".join(h.caption for h in hits) or "no reference"
+    return {"hits": hits, "steps": [Step(node="review", round=state.usage.rounds, summary=f"reviewed: {summary}")]}
+
+
+def regenerate(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    usage = state.usage.add(rounds=1, generations=1)
+    # A new seed each round: with no usable reference the round is a fresh sample, not a repeat.
+    seed = state.seed + usage.rounds - 1
+    candidate = toolkit(state, runtime).regenerate(state.prompt, state.hits, seed=seed, round=usage.rounds, turn=state.turn)
+    refs = ", ".join(h.caption for h in candidate.references) or "no reference"
+    return {
+        "candidates": [*state.candidates, candidate],
+        "usage": clock(state, usage),
+        "steps": [Step(node="regenerate", round=usage.rounds, summary=f"image {candidate.image_id} with {refs}")],
+    }
+
+
+def build_imagerag_graph() -> StateGraph:
+    builder = StateGraph(RunState, context_schema=RunContext, input_schema=RunInput, output_schema=RunOutput)
     builder.add_node(plan, retry_policy=NODE_RETRY)
     builder.add_node(generate, retry_policy=NODE_RETRY)
     builder.add_node(critique, retry_policy=NODE_RETRY)

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from agent.config import Settings
+from imagerag.agent.config import Settings
 from scripted import ScriptedCritic, fake_backends
-from tools.backends.images import ImageStore
-from tools.backends.indexer import index_folders
-from tools.backends.loading import load_embedder
-from tools.backends.store import ReferenceStore, chroma_client
-from tools.toolkit import Toolkit
+from imagerag.tools.backends.images import ImageStore
+from imagerag.tools.backends.indexer import index_folders
+from imagerag.tools.backends.loading import load_embedder
+from imagerag.tools.backends.store import ReferenceStore, chroma_client
+from imagerag.tools.toolkit import Toolkit
 
 _real_connect = socket.socket.connect
 

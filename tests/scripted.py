@@ -19,12 +19,12 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.runnables import RunnableLambda
 from PIL import Image
 
-from agent.config import PROFILES
-from agent.state import Concept, ConceptVerdict
-from tools.backends.judges import Critique
-from tools.backends.planner import RuleDecomposer
-from tools.backends.store import ReferenceStore
-from tools.toolkit import Backends
+from imagerag.tools.config import PROFILES
+from imagerag.tools.types import Concept, ConceptVerdict
+from imagerag.tools.types import Critique
+from imagerag.tools.backends.planner import RuleDecomposer
+from imagerag.tools.backends.store import ReferenceStore
+from imagerag.tools.toolkit import Backends
 
 
 class ScriptedChatModel(GenericFakeChatModel):

@@ -2,8 +2,8 @@
 
 from langchain_core.messages import AIMessage, ToolMessage
 
-from agent.run import run
-from agent.state import Budget
+from imagerag.agent.run import run
+from imagerag.graphs.state import Budget
 from scripted import ScriptedChatModel, ScriptedCritic, call, fake_backends, last_tool_answer, tool_turn
 
 PROMPT = "a heart and a square"  # concepts c1 (a heart), c2 (a square)

@@ -11,7 +11,7 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 
 from scripted import ScriptedChatModel, call, tool_turn
-from tools.assistant_tool import ImageRAGInput, ImageRAGTool
+from imagerag.agent.assistant import ImageRAGInput, ImageRAGTool
 
 PROMPT = "a red heart on the left and a blue square on the right"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli import app
+from imagerag.agent.cli import app
 from scripted import FakeOpenAIServer
 from test_openai_http import scripted_openai
 

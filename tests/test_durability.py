@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from agent.config import Settings
-from agent.persistence import open_checkpointer
-from agent.run import resume
+from imagerag.agent.config import Settings
+from imagerag.agent.checkpoints import open_checkpointer
+from imagerag.agent.run import resume
 from scripted import FakeGenerator, ScriptedCritic, fake_backends
 
 PROMPT = "a red heart on the left and a blue square on the right"
@@ -40,7 +40,8 @@ def test_a_killed_run_resumes_where_it_stopped(data_dir, tiny_store, tmp_path):
 
     generator = FakeGenerator()  # counts what the resumed run still has to draw
     backends = fake_backends(tiny_store, ScriptedCritic([set()]), generator=generator)
-    final = list(resume(tmp_path / "killed", backends=backends))[-1].result
+    # Where data lives comes from the caller, never from the run folder.
+    final = list(resume(tmp_path / "killed", settings=Settings(data_dir=data_dir), backends=backends))[-1].result
     assert final.status == "budget_exhausted" and final.generations == budget
     assert len(generator.calls) == budget - done
     kept = {c.image_id + ".png" for c in final.candidates}

@@ -2,10 +2,10 @@
 
 from PIL import Image
 
-from agent.config import PROFILES
-from agent.state import RetrievalHit
-from prompts import render
-from tools.backends.diffusion import DiffusersGenerator
+from imagerag.tools.config import PROFILES
+from imagerag.tools.types import RetrievalHit
+from imagerag.prompts import render
+from imagerag.tools.backends.diffusion import DiffusersGenerator
 
 
 class RecordingPipe:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.run import run
-from agent.state import Budget
+from imagerag.agent.run import run
+from imagerag.graphs.state import Budget
 from scripted import FakeGenerator, ScriptedCritic, fake_backends
 
 PROMPT = "a heart and a square"  # concepts c1 (a heart), c2 (a square)
@@ -73,7 +73,7 @@ def test_returns_the_best_image_not_the_last(tiny_settings, tiny_store, tmp_path
     result = go(tiny_settings, tiny_store, tmp_path, critic, budget=Budget(max_rounds=4))
     assert result.generations == 4
     assert result.best.image_id == result.candidates[1].image_id != result.candidates[-1].image_id
-    assert result.best_image == f"images/{result.best.image_id}.png"
+    assert result.best_image == str(Path(result.run_dir) / "images" / f"{result.best.image_id}.png")
     assert [c.verdict for c in result.concepts] == ["satisfied", "missing"]
 
 
@@ -147,4 +147,4 @@ def test_runs_never_share_a_folder(tiny_settings, tiny_store, tmp_path):
     first = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([{"c1", "c2"}]))
     second = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([{"c1", "c2"}]))
     assert first.run_dir != second.run_dir
-    assert json.loads((Path(first.run_dir) / "run.json").read_text())["run_id"] == first.run_id
+    assert json.loads((Path(first.run_dir) / "run.json").read_text())["thread"] == first.thread

@@ -14,12 +14,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from agent.cli import app
-from tools.backends.clip import ClipEmbedder, EmbeddingModelInfo
-from tools.backends.indexer import IndexSummary, index_folders, index_sources
-from tools.backends.loading import load_embedder
-from tools.backends.sources import SourceError, content_id
-from tools.backends.store import ReferenceStore, StoreError, chroma_client
+from imagerag.agent.cli import app
+from imagerag.tools.backends.clip import ClipEmbedder, EmbeddingModelInfo
+from imagerag.tools.backends.indexer import IndexSummary, index_folders, index_sources
+from imagerag.tools.backends.loading import load_embedder
+from imagerag.tools.backends.sources import SourceError
+from imagerag.tools.files import content_id
+from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client
 
 runner = CliRunner()
 

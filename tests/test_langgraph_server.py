@@ -59,12 +59,20 @@ def langgraph_server(data_dir, tmp_path):
 
 def test_a_thread_runs_through_langgraph_server(langgraph_server, data_dir):
     client = get_sync_client(url=langgraph_server)
-    assert {a["graph_id"] for a in client.assistants.search()} == {"imagerag", "agent"}
+    assistants = {a["graph_id"]: a for a in client.assistants.search()}
+    assert set(assistants) == {"imagerag", "agent"}
+    # Studio and the server show a caller only what it sets, gets back and may configure.
+    for assistant in assistants.values():
+        schemas = client.assistants.get_schemas(assistant["assistant_id"])
+        assert set(schemas["input_schema"]["properties"]) == {"message", "seed", "budget", "review"}
+        assert {"status", "concepts", "candidates"} <= set(schemas["output_schema"]["properties"])
+        assert not {"hits", "started_at", "instruction", "messages"} & set(schemas["output_schema"]["properties"])
+        assert {"profile", "data_dir", "retrieve_k"} <= set(schemas["context_schema"]["properties"])
 
     thread = client.threads.create()
     parts = list(client.runs.stream(
         thread["thread_id"], "imagerag",
-        input={"prompt": PROMPT, "budget": {"max_rounds": 2}},
+        input={"message": PROMPT, "budget": {"max_rounds": 2}},
         stream_mode=["updates", "custom"],
     ))
     events = [p.event for p in parts]
@@ -81,18 +89,22 @@ def test_a_thread_runs_through_langgraph_server(langgraph_server, data_dir):
     for candidate in state["candidates"]:
         assert (data_dir / "runs" / thread["thread_id"] / "images" / f"{candidate['image_id']}.png").exists()
 
+    # A second message on the thread refines its image: turn 2 starts from the best image of turn 1.
+    refined = client.runs.wait(thread["thread_id"], "imagerag", input={"message": "make the square green", "budget": {"max_rounds": 1}})
+    assert refined["turn"] == 2 and "green square" in refined["prompt"] and len(refined["turns"]) == 2
+
     # Bad input: an error event naming the problem, and the server goes on serving.
     for bad, message in [
-        ({"prompt": "   "}, "the prompt is empty"),
-        ({"prompt": PROMPT, "budget": {"max_rounds": 0}}, "greater than or equal to 1"),
-        ({"prompt": 5}, "Input should be a valid string"),
-        ({"prompt": "a red heart " * 400}, "more than 4000"),
+        ({"message": "   "}, "the prompt is empty"),
+        ({"message": PROMPT, "budget": {"max_rounds": 0}}, "greater than or equal to 1"),
+        ({"message": 5}, "Input should be a valid string"),
+        ({"message": "a red heart " * 400}, "more than 4000"),
     ]:
         other = client.threads.create()
         errors = [p.data for p in client.runs.stream(other["thread_id"], "imagerag", input=bad) if p.event == "error"]
         assert errors and message in errors[0]["message"], errors
     with pytest.raises(NotFoundError):
-        list(client.runs.stream("00000000-0000-0000-0000-000000000000", "imagerag", input={"prompt": PROMPT}))
+        list(client.runs.stream("00000000-0000-0000-0000-000000000000", "imagerag", input={"message": PROMPT}))
 
-    again = client.runs.wait(client.threads.create()["thread_id"], "imagerag", input={"prompt": "a green square", "budget": {"max_rounds": 1}})
+    again = client.runs.wait(client.threads.create()["thread_id"], "imagerag", input={"message": "a green square", "budget": {"max_rounds": 1}})
     assert again["status"] in {"satisfied", "budget_exhausted"} and again["candidates"]

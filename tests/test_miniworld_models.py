@@ -14,15 +14,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-torch = pytest.importorskip("torch")
-open_clip = pytest.importorskip("open_clip")
-diffusers = pytest.importorskip("diffusers")
+import open_clip  # noqa: E402
+import torch  # noqa: E402
 
-from evals.miniworld.world import (  # noqa: E402
-    ObjectSpec, Scene, caption, concepts, corpus_scenes, heldout_prompts, render, write_corpus,
-)
+from imagerag.evals.miniworld.common import ORACLE_DIR  # noqa: E402
+from imagerag.tools.miniworld import MODELS_DIR  # noqa: E402
 
-MODELS = Path(__file__).resolve().parents[1] / "evals" / "miniworld" / "models"
+from imagerag.tools.miniworld.world import ObjectSpec, Scene, caption, concepts, corpus_scenes, heldout_prompts, render, write_corpus
+
+MODELS = MODELS_DIR
 
 
 def _scene(shape, colour="red", position="centre", size="large"):
@@ -95,8 +95,8 @@ def test_t2i_generates_with_and_without_reference(pipe):
 
 
 def test_oracle_judges_renders():
-    from evals.miniworld.oracle import Oracle
-    oracle = Oracle.from_pretrained(MODELS / "oracle")
+    from imagerag.evals.miniworld.oracle import Oracle
+    oracle = Oracle.from_pretrained(ORACLE_DIR)
     sc = Scene((ObjectSpec("star", "orange", "left", "large"), ObjectSpec("ring", "green", "right", "small")))
     verdicts = oracle.judge(render(sc), sc)
     assert all(v.shape and v.colour and v.position for v in verdicts)
@@ -109,7 +109,7 @@ def test_the_device_check_runs_the_shipped_models_and_compares_with_the_cpu(tmp_
     import json
     import sys
 
-    from evals.miniworld import device_check
+    from imagerag.evals.miniworld import device_check
 
     monkeypatch.setattr(sys, "argv", ["device_check", "--prompts", "2", "--out", str(tmp_path)])
     device_check.main()

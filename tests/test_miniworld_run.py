@@ -1,15 +1,18 @@
 """One short run of the loop on the mini profile: the shipped models, the project's own indexer, the oracle."""
 
+from pathlib import Path
+
 import pytest
 
-from agent.config import Settings
-from agent.run import run
-from agent.state import Budget
-from evals.miniworld.oracle import Oracle
-from evals.miniworld.world import ObjectSpec, Scene, caption, write_corpus
-from tools.backends.indexer import index_folders
-from tools.backends.loading import MINI_MODELS, load_backends, load_embedder
-from tools.backends.store import ReferenceStore, chroma_client
+from imagerag.agent.config import Settings
+from imagerag.agent.run import run
+from imagerag.graphs.state import Budget
+from imagerag.evals.miniworld.common import ORACLE_DIR
+from imagerag.evals.miniworld.oracle import Oracle
+from imagerag.tools.miniworld.world import ObjectSpec, Scene, caption, write_corpus
+from imagerag.tools.backends.indexer import index_folders
+from imagerag.tools.backends.loading import load_backends, load_embedder
+from imagerag.tools.backends.store import ReferenceStore, chroma_client
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +29,8 @@ def mini_settings(tmp_path_factory) -> Settings:
 def test_the_loop_adds_a_rare_shape_that_text_alone_misses(mini_settings, tmp_path):
     scene = Scene((ObjectSpec("heart", "red", "left", "large"),))
     result = run(caption(scene), mini_settings.model_copy(update={"budget": Budget(max_rounds=4)}), tmp_path, backends=load_backends(mini_settings))
-    oracle = Oracle.from_pretrained(MINI_MODELS / "oracle")
-    images = {c.image_id: _open(tmp_path / result.run_id / "images" / f"{c.image_id}.png") for c in result.candidates}
+    oracle = Oracle.from_pretrained(ORACLE_DIR)
+    images = {c.image_id: _open(Path(result.run_dir) / "images" / f"{c.image_id}.png") for c in result.candidates}
     first = result.candidates[0]
     assert not first.references and not oracle.judge(images[first.image_id], scene)[0].shape  # text alone: no heart
     assert all("heart" in h.caption for c in result.candidates for h in c.references)  # retrieval found hearts
@@ -43,11 +46,11 @@ def _open(path):
 
 
 def test_the_benchmark_records_the_oracle_on_every_image_and_which_one_each_condition_returns(mini_settings, tmp_path):
-    from evals.miniworld.benchmark import conditions, run_condition, summarise
-    from evals.miniworld.world import heldout_prompts
+    from imagerag.evals.miniworld.benchmark import conditions, run_condition, summarise
+    from imagerag.tools.miniworld.world import heldout_prompts
 
     prompts = [p for p in heldout_prompts() if p.group == "rare"][:2]
-    oracle = Oracle.from_pretrained(MINI_MODELS / "oracle")
+    oracle = Oracle.from_pretrained(ORACLE_DIR)
     for condition in conditions(loop_rounds=3)[1:]:  # the one pass returns its last image, the loop its best
         done = run_condition(prompts, condition, mini_settings, load_backends(mini_settings), oracle, tmp_path)
         for outcome in done:

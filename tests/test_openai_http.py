@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from agent.run import run
-from agent.state import Budget
+from imagerag.agent.run import run
+from imagerag.graphs.state import Budget
 from scripted import FakeOpenAIServer, function_call
-from tools.backends.loading import load_backends
+from imagerag.tools.backends.loading import load_backends
 
 PROMPT = "a red heart on the left and a blue square on the right"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.run import history, run
-from agent.state import Budget
+from imagerag.agent.run import history, run
+from imagerag.graphs.state import Budget
 from scripted import ScriptedCritic, fake_backends
 
 BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))

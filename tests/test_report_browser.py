@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import sync_playwright
 
-from agent.run import run
-from agent.state import Budget
+from imagerag.agent.run import run
+from imagerag.graphs.state import Budget
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -8,11 +8,11 @@ import torch
 from PIL import Image, ImageColor
 from typer.testing import CliRunner
 
-from agent.cli import app
-from agent.state import RetrievalHit
-from tools.backends.clip import EmbeddingModelInfo
-from tools.backends.indexer import index_folders
-from tools.backends.store import ReferenceStore, StoreError, chroma_client, mmr_order
+from imagerag.agent.cli import app
+from imagerag.tools.types import RetrievalHit
+from imagerag.tools.backends.clip import EmbeddingModelInfo
+from imagerag.tools.backends.indexer import index_folders
+from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client, mmr_order
 
 runner = CliRunner()
 
@@ -104,7 +104,7 @@ def test_the_reranker_sees_the_candidate_pool_and_has_the_last_word(colour_store
 
 
 def test_search_with_another_model_fails_clearly(colour_store, tmp_path, tiny_settings):
-    from tools.backends.loading import load_embedder
+    from imagerag.tools.backends.loading import load_embedder
 
     with pytest.raises(StoreError, match=r"was embedded with colour \(test, dim 3\) but the current model is local-dir"):
         ReferenceStore.open(chroma_client(tmp_path / "db"), "colours", load_embedder(tiny_settings))

@@ -3,12 +3,12 @@
 import pytest
 from PIL import Image
 
-from agent.events import BudgetLeft, Finished, NodeFinished, NodeStarted, ReviewRequested, Verdicts
-from agent.run import RunError, history, resume, run, stream
-from agent.state import Budget
-from graphs.common import ReviewDecision
+from imagerag.agent.events import BudgetLeft, Finished, NodeFinished, NodeStarted, ReviewRequested, Verdicts
+from imagerag.agent.run import RunError, history, resume, run, stream
+from imagerag.graphs.state import Budget
+from imagerag.graphs.nodes import ReviewDecision
 from scripted import FakeGenerator, ScriptedChatModel, ScriptedCritic, fake_backends
-from tools.backends.planner import ConceptList, RuleDecomposer
+from imagerag.tools.backends.planner import ConceptList, RuleDecomposer
 
 PROMPT = "a heart and a blue square"  # c1 a heart, c2 a square, c3 a blue square (needs c2)
 
@@ -20,8 +20,8 @@ class ConceptCritic:
         self.ok, self.calls = ok, []
 
     def critique(self, image, concepts, prompt):
-        from agent.state import ConceptVerdict
-        from tools.backends.judges import Critique
+        from imagerag.tools.types import ConceptVerdict
+        from imagerag.tools.types import Critique
 
         self.calls.append([c.text for c in concepts])
         return Critique(verdicts=[ConceptVerdict(concept_id=c.id, satisfied=c.text in self.ok, score=0.9 if c.text in self.ok else 0.1) for c in concepts])
@@ -93,11 +93,11 @@ def test_review_pauses_before_regeneration_and_applies_the_decision(tiny_setting
     assert isinstance(pause, ReviewRequested) and pause.request["hits"]
     assert (tmp_path / "reviewed" / "run.json").read_text().count('"paused"') == 1
     with pytest.raises(RunError, match="waits for a review"):
-        next(resume(pause.run_dir, backends=backends))
+        next(resume(pause.run_dir, settings=settings, backends=backends))
 
     mine = tmp_path / "my-heart.png"
     Image.new("RGB", (8, 8), "red").save(mine)
-    final = list(resume(pause.run_dir, ReviewDecision(action="replace", images=[str(mine)], caption="my heart"), backends=backends))[-1]
+    final = list(resume(pause.run_dir, ReviewDecision(action="replace", images=[str(mine)], caption="my heart"), settings, backends=backends))[-1]
     assert isinstance(final, Finished) and final.result.status == "satisfied"
     [reference] = final.result.best.references
     assert reference.caption == "my heart" and reference.source == str(mine.resolve())
@@ -134,7 +134,7 @@ def test_long_prompts_fix_objects_before_their_attributes_and_rotate_within_the_
     # The critic "sees" stripes on every image, but a child never counts while its object is missing.
     critic = ConceptCritic({"the lighthouse is striped", "watercolour style"})
     backends = fake_backends(tiny_store, critic, generator=generator)
-    from tools.backends.planner import LLMDecomposer
+    from imagerag.tools.backends.planner import LLMDecomposer
 
     backends.decomposer = LLMDecomposer(llm)
     result = run("a boston bull in a green scarf by a striped lighthouse, a sailboat, watercolour", settings_for(tiny_settings, budget=Budget(max_rounds=3)), tmp_path, backends=backends)

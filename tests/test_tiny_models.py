@@ -6,10 +6,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from tools.backends.clip import ClipEmbedder, LOCAL_DIR
-from tools.backends.loading import load_backends, resolve
-from tools.backends.images import ImageStore
-from tools.toolkit import Toolkit
+from imagerag.tools.backends.clip import ClipEmbedder, LOCAL_DIR
+from imagerag.tools.backends.loading import load_backends, resolve
+from imagerag.tools.backends.images import ImageStore
+from imagerag.tools.toolkit import Toolkit
 
 
 def test_tiny_pipeline_round_trips_through_save_and_from_pretrained(tiny_settings, tmp_path):

@@ -3,23 +3,24 @@
 import pytest
 from PIL import Image
 
-from agent.state import Concept
+from imagerag.graphs.agent_tools import TOOLS
+from imagerag.tools.types import Concept
 from scripted import ScriptedChatModel
-from tools.backends.judges import ClipJudge, VLMJudge, VLMJudgement
-from tools.backends.llm import LLMOutputError
-from tools.backends.planner import ConceptList, LLMDecomposer, RuleDecomposer
-from tools.backends.store import ReferenceStore, StoreError, chroma_client
-from tools.backends.loading import load_embedder
+from imagerag.tools.backends.judges import ClipJudge, VLMJudge, VLMJudgement
+from imagerag.tools.backends.llm import LLMOutputError
+from imagerag.tools.backends.planner import ConceptList, LLMDecomposer, RuleDecomposer
+from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client
+from imagerag.tools.backends.loading import load_embedder
 
 CONCEPTS = [Concept(id="c1", text="a red heart"), Concept(id="c2", text="a blue square")]
 
 
-def test_tools_are_langchain_tools_whose_schemas_hide_the_injected_state(toolkit):
-    tools = {t.name: t for t in toolkit.as_langchain_tools()}
+def test_tools_are_langchain_tools_whose_schemas_hide_the_injected_runtime():
+    tools = {t.name: t for t in TOOLS}
     assert set(tools) == {"generate", "critique", "retrieve", "regenerate"}
     for tool in tools.values():
         schema = tool.tool_call_schema.model_json_schema()
-        assert "state" not in schema["properties"] and tool.description
+        assert "runtime" not in schema["properties"] and "state" not in schema["properties"] and tool.description
     assert tools["regenerate"].tool_call_schema.model_json_schema()["required"] == ["prompt", "reference_ids"]
 
 
@@ -40,6 +41,8 @@ def test_images_are_content_addressed_and_unknown_ids_are_a_clear_error(toolkit)
     assert toolkit.images.put(image) == toolkit.images.put(image.copy())
     with pytest.raises(KeyError, match="use an image id returned by generate"):
         toolkit.images.get("0000")
+    with pytest.raises(KeyError, match="is not an image id"):
+        toolkit.images.get("../../etc/passwd")
 
 
 def test_retrieval_drops_everything_below_the_threshold(tiny_store):

@@ -21,15 +21,23 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from agent.config import Settings
-from agent.run import run
-from agent.state import Budget
-from evals.miniworld.oracle import Oracle
-from evals.miniworld.world import COLOUR_NAMES, RARE_SHAPES, SHAPES, HeldoutPrompt, heldout_prompts, write_corpus
-from tools.backends.indexer import index_folders
-from tools.backends.loading import MINI_MODELS, load_backends, load_embedder
-from tools.backends.store import ReferenceStore, chroma_client
-from tools.toolkit import Backends
+from imagerag.agent.config import Settings
+from imagerag.agent.run import run
+from imagerag.evals.miniworld.common import ORACLE_DIR
+from imagerag.evals.miniworld.oracle import Oracle
+from imagerag.graphs.state import Budget
+from imagerag.tools.backends.indexer import index_folders
+from imagerag.tools.backends.loading import load_backends, load_embedder
+from imagerag.tools.backends.store import ReferenceStore, chroma_client
+from imagerag.tools.miniworld.world import (
+    COLOUR_NAMES,
+    RARE_SHAPES,
+    SHAPES,
+    HeldoutPrompt,
+    heldout_prompts,
+    write_corpus,
+)
+from imagerag.tools.toolkit import Backends
 
 ABSENT_SHAPE = "heart"
 CORPUS_SIZE, CORPUS_SEED = 6000, 1
@@ -90,7 +98,7 @@ def run_condition(prompts: list[HeldoutPrompt], condition: Condition, settings: 
         result = run(item.prompt, settings, runs / condition.name, backends=backends)
         chosen = result.candidates[-1] if condition.pick == "last" else result.best
         images = [
-            ImageVerdicts(round=c.round, chosen=c is chosen, shape=[v.shape for v in vs], colour=[v.colour for v in vs], position=[v.position for v in vs])
+            ImageVerdicts(round=c.round, chosen=chosen is not None and c.image_id == chosen.image_id, shape=[v.shape for v in vs], colour=[v.colour for v in vs], position=[v.position for v in vs])
             for c in result.candidates
             for vs in [oracle.judge(_load(Path(result.run_dir) / "images" / f"{c.image_id}.png"), item.scene)]
         ]
@@ -198,7 +206,7 @@ def evaluate(data_dir: Path, out: Path, n_prompts: int | None = None, loop_round
         prompts = prompts[:: max(1, len(prompts) // n_prompts)][:n_prompts]
     store = ensure_collection(settings, "miniworld", data_dir / "miniworld-corpus")
     backends = dataclasses.replace(load_backends(settings), store=store)
-    oracle = Oracle.from_pretrained(MINI_MODELS / "oracle")
+    oracle = Oracle.from_pretrained(ORACLE_DIR)
     report: dict = {"prompts": len(prompts), "seed": seed, "conditions": {}}
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp)

@@ -1,6 +1,6 @@
 """Final check of the shipped miniature models, loaded from disk through their real classes.
 
-    python -m evals.miniworld.check [--steps 20 --guidance 8.0 --ip-scale 1.0]
+    python -m imagerag.evals.miniworld.check [--steps 20 --guidance 8.0 --ip-scale 1.0]
 
 Writes evals/miniworld/models/metrics.json and a sample grid to evals/miniworld/logs/.
 """
@@ -20,10 +20,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from evals.miniworld.common import MODELS_DIR, SEED_EVAL  # noqa: E402
-from evals.miniworld.world import (  # noqa: E402
-    Scene, corpus_scenes, heldout_prompts, render, render_array, sample_scenes,
-)
+from imagerag.evals.miniworld.common import ORACLE_DIR, SEED_EVAL  # noqa: E402
+from imagerag.tools.miniworld import MODELS_DIR  # noqa: E402
+from imagerag.tools.miniworld.world import Scene, corpus_scenes, heldout_prompts, render, render_array, sample_scenes
 
 DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 8.0, "ip_adapter_scale": 1.0, "height": 32, "width": 32,
             "seed": 0}
@@ -52,7 +51,8 @@ def ref_target(scene: Scene):
     return rare[0] if rare else scene.objects[0]
 
 
-def generate(pipe, prompts: list[str], refs: list[Image.Image] | None, settings: dict, bs: int = 64) -> list[Image.Image]:
+def generate(pipe, prompts: list[str], refs: list[Image.Image] | None, settings: dict,
+             bs: int = 64) -> list[Image.Image]:
     out = []
     for i in range(0, len(prompts), bs):
         chunk = prompts[i:i + bs]
@@ -95,10 +95,10 @@ def split_groups(items, scenes):
 def run_check(log=print, models_dir: Path = MODELS_DIR, settings: dict | None = None, grid: bool = True) -> dict:
     import open_clip
 
-    from evals.miniworld.oracle import Oracle
-    from evals.miniworld.train_clip import TokenCache, zero_shot_shape_accuracy
-    from evals.miniworld.train_oracle import evaluate as oracle_eval
-    from evals.miniworld.common import Pool
+    from imagerag.evals.miniworld.common import Pool
+    from imagerag.evals.miniworld.oracle import Oracle
+    from imagerag.evals.miniworld.train_clip import clip_tokens, zero_shot_shape_accuracy
+    from imagerag.evals.miniworld.train_oracle import evaluate as oracle_eval
 
     torch.set_num_threads(2)
     settings = {**DEFAULTS, **(settings or {})}
@@ -109,13 +109,14 @@ def run_check(log=print, models_dir: Path = MODELS_DIR, settings: dict | None = 
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
     model.eval()
     ev = sample_scenes(SEED_EVAL + 1, 1000, p_two=0.0)
-    metrics["clip_zero_shot_shape_accuracy"] = zero_shot_shape_accuracy(model, TokenCache(), ev, render_array(ev))
+    metrics["clip_zero_shot_shape_accuracy"] = zero_shot_shape_accuracy(model, clip_tokens(), ev, render_array(ev))
     metrics["clip_calibration"] = json.loads((clip_dir / "calibration.json").read_text())
     log(f"[check] clip zero-shot {metrics['clip_zero_shot_shape_accuracy']}")
 
-    oracle = Oracle.from_pretrained(models_dir / "oracle")
+    oracle = Oracle.from_pretrained(ORACLE_DIR)
     ev_pool = Pool.sample(SEED_EVAL + 2, 2000, p_two=0.5)
-    metrics["oracle_accuracy"] = {"clean": oracle_eval(oracle, ev_pool), "blurred": oracle_eval(oracle, ev_pool, blur=True)}
+    metrics["oracle_accuracy"] = {"clean": oracle_eval(oracle, ev_pool),
+                                  "blurred": oracle_eval(oracle, ev_pool, blur=True)}
     log(f"[check] oracle {metrics['oracle_accuracy']}")
 
     items = heldout_prompts(0)
@@ -175,7 +176,7 @@ def run_check(log=print, models_dir: Path = MODELS_DIR, settings: dict | None = 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m evals.miniworld.check")
+    ap = argparse.ArgumentParser(prog="python -m imagerag.evals.miniworld.check")
     ap.add_argument("--steps", type=int, default=DEFAULTS["num_inference_steps"])
     ap.add_argument("--guidance", type=float, default=DEFAULTS["guidance_scale"])
     ap.add_argument("--ip-scale", type=float, default=DEFAULTS["ip_adapter_scale"])

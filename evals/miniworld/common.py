@@ -1,23 +1,32 @@
-"""Shared helpers for training the miniature models: seeds, data pools, augmentation, paths."""
+"""Shared helpers for training the miniature models: seeds, data pools, augmentation, token caching, the
+optimisation loop, paths."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evals.miniworld.world import (
-    COLOUR_NAMES, POSITION_NAMES, POSITION_PHRASES, SHAPES, Scene, render_array, sample_scenes,
+from imagerag.tools.miniworld.world import (
+    COLOUR_NAMES,
+    POSITION_NAMES,
+    POSITION_PHRASES,
+    SHAPES,
+    Scene,
+    render_array,
+    sample_scenes,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
+ORACLE_DIR = Path(__file__).resolve().parent / "models" / "oracle"  # evaluation only: never loaded by a run
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -116,16 +125,34 @@ def false_concepts(scene: Scene, rng: random.Random) -> list[tuple[str, tuple]]:
     absent = [s for s in SHAPES if s not in present]
     out.append((f"a {rng.choice(absent)}", None))
     for o in scene.objects:
-        wrong_c = rng.choice([c for c in COLOUR_NAMES if not any(x.shape == o.shape and x.colour == c for x in scene.objects)])
+        wrong_c = rng.choice([c for c in COLOUR_NAMES
+                              if not any(x.shape == o.shape and x.colour == c for x in scene.objects)])
         out.append((f"a {wrong_c} {o.shape}", None))
-        wrong_p = rng.choice([p for p in POSITION_NAMES if not any(x.shape == o.shape and x.position == p for x in scene.objects)])
+        wrong_p = rng.choice([p for p in POSITION_NAMES
+                              if not any(x.shape == o.shape and x.position == p for x in scene.objects)])
         out.append((f"a {o.shape} {POSITION_PHRASES[wrong_p]}", None))
     return out
 
 
-def warmup_cosine(opt, total_steps: int, warmup: float = 0.05):
+class TokenCache:
+    """Token ids per text, computed once: training draws the same captions over and over."""
+
+    def __init__(self, encode: Callable[[list[str]], torch.Tensor]) -> None:
+        self.encode = encode  # texts -> (len(texts), context length) token ids
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            self.cache.update(zip(missing, self.encode(missing)))
+        return torch.stack([self.cache[t] for t in texts])
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int,
+                  warmup: float = 0.05) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up then cosine decay to 5% (a LambdaLR that works for any number of steps)."""
-    import math
     w = max(1, int(total_steps * warmup))
 
     def f(step: int) -> float:
@@ -134,3 +161,28 @@ def warmup_cosine(opt, total_steps: int, warmup: float = 0.05):
         p = min(1.0, (step - w) / max(1, total_steps - w))
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def fit(params: Iterable[torch.nn.Parameter], steps: int, step_fn: Callable[[int], tuple[torch.Tensor, str]],
+        log: Callable[[str], None], *, tag: str, lr: float, weight_decay: float = 0.01, warmup: float = 0.1,
+        every: int = 200, max_grad_norm: float | None = None,
+        schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None) -> float:
+    """Minimise with AdamW for `steps` steps; `step_fn(step)` returns the loss and extra text for the log ("" for
+    none). The learning rate follows warmup_cosine unless `schedule` builds another scheduler; gradients are clipped
+    to `max_grad_norm` when one is given. Logs every `every` steps and at the last; returns the loop's seconds."""
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = schedule(opt) if schedule else warmup_cosine(opt, steps, warmup)
+    t0 = time.time()
+    for step in range(steps):
+        loss, note = step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        sched.step()
+        if step % every == 0 or step == steps - 1:
+            extra = f" {note}" if note else ""
+            log(f"[{tag}] step {step}/{steps} loss {loss.item():.4f}{extra} {time.time() - t0:.0f}s")
+    return time.time() - t0

@@ -19,7 +19,7 @@ import torch.nn as nn
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from evals.miniworld.world import COLOUR_NAMES, POSITION_NAMES, SHAPES, Scene
+from imagerag.tools.miniworld.world import COLOUR_NAMES, POSITION_NAMES, SHAPES, Scene
 
 EMPTY = "empty"
 SLOT_CLASSES: tuple[str, ...] = (EMPTY,) + SHAPES

@@ -1,7 +1,7 @@
 """Train every model of the miniature world and write evals/miniworld/models/.
 
-    python -m evals.miniworld.train                 # all stages: clip, oracle, t2i, check
-    python -m evals.miniworld.train --stages t2i    # one stage (timings merge into train_log.json)
+    python -m imagerag.evals.miniworld.train                 # all stages: clip, oracle, t2i, check
+    python -m imagerag.evals.miniworld.train --stages t2i    # one stage (timings merge into train_log.json)
 
 Fixed seeds and deterministic data; CPU, 2 threads. Timings and final metrics go to
 models/train_log.json; the final check writes models/metrics.json.
@@ -16,7 +16,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from evals.miniworld.common import MODELS_DIR  # noqa: E402
+from imagerag.tools.miniworld import MODELS_DIR  # noqa: E402
 
 STAGES = ("clip", "oracle", "t2i", "check")
 
@@ -30,7 +30,7 @@ def _log_factory(path):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m evals.miniworld.train")
+    ap = argparse.ArgumentParser(prog="python -m imagerag.evals.miniworld.train")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {STAGES}")
     args = ap.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
@@ -42,13 +42,13 @@ def main(argv=None) -> None:
     for stage in stages:
         t0 = time.time()
         if stage == "clip":
-            from evals.miniworld.train_clip import train as run
+            from imagerag.evals.miniworld.train_clip import train as run
         elif stage == "oracle":
-            from evals.miniworld.train_oracle import train as run
+            from imagerag.evals.miniworld.train_oracle import train as run
         elif stage == "t2i":
-            from evals.miniworld.train_t2i import train as run
+            from imagerag.evals.miniworld.train_t2i import train as run
         elif stage == "check":
-            from evals.miniworld.check import run_check as run
+            from imagerag.evals.miniworld.check import run_check as run
         else:
             raise SystemExit(f"unknown stage {stage}")
         result = run(log=log)

@@ -17,12 +17,30 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from evals.miniworld.common import (
-    CLIP_MEAN, CLIP_STD, MODELS_DIR, SEED_CLIP, SEED_EVAL, Pool, augment, false_concepts, normalize_clip,
-    partial_caption, query_true, seed_everything,
+from imagerag.evals.miniworld.common import (
+    CLIP_MEAN,
+    CLIP_STD,
+    SEED_CLIP,
+    SEED_EVAL,
+    Pool,
+    TokenCache,
+    augment,
+    false_concepts,
+    fit,
+    normalize_clip,
+    partial_caption,
+    query_true,
+    seed_everything,
 )
-from evals.miniworld.world import (
-    POSITION_PHRASES, SHAPES, Scene, concepts, corpus_scenes, render_array, sample_scenes,
+from imagerag.tools.miniworld import MODELS_DIR
+from imagerag.tools.miniworld.world import (
+    POSITION_PHRASES,
+    SHAPES,
+    Scene,
+    concepts,
+    corpus_scenes,
+    render_array,
+    sample_scenes,
 )
 
 MODEL_CFG = {
@@ -34,18 +52,10 @@ PREPROCESS_CFG = {"size": 32, "mode": "RGB", "mean": list(CLIP_MEAN), "std": lis
                   "interpolation": "bicubic", "resize_mode": "shortest"}
 
 
-class TokenCache:
-    def __init__(self):
-        from open_clip.tokenizer import SimpleTokenizer
-        self.tok = SimpleTokenizer(context_length=77)
-        self.cache: dict[str, torch.Tensor] = {}
-
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
-        if missing:
-            for t, row in zip(missing, self.tok(missing)):
-                self.cache[t] = row
-        return torch.stack([self.cache[t] for t in texts])
+def clip_tokens() -> TokenCache:
+    """open_clip's own tokenizer, the one a `local-dir:` model loads."""
+    from open_clip.tokenizer import SimpleTokenizer
+    return TokenCache(SimpleTokenizer(context_length=77))
 
 
 def build_model():
@@ -150,13 +160,11 @@ def train(out_dir: Path = MODELS_DIR / "clip", steps: int = 1000, batch: int = 1
     pool = Pool.sample(SEED_CLIP, 30000, p_two=0.4)
     log(f"[clip] pool rendered in {time.time() - t0:.1f}s")
     model = build_model()
-    tok = TokenCache()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.08)
+    tok = clip_tokens()
     gen = torch.Generator().manual_seed(SEED_CLIP)
     rng = random.Random(SEED_CLIP)
-    model.train()
-    for step in range(steps):
+
+    def step_fn(step: int) -> tuple[torch.Tensor, str]:
         idx = [rng.randrange(len(pool)) for _ in range(batch)]
         caps = [partial_caption(pool.scenes[i], rng) for i in idx]
         x = normalize_clip(augment(pool.batch01(idx), gen))
@@ -167,13 +175,11 @@ def train(out_dir: Path = MODELS_DIR / "clip", steps: int = 1000, batch: int = 1
         logits = model.logit_scale.exp().clamp(max=100) * img_f @ txt_f.T
         loss_i = -(target / target.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
         loss_t = -(target / target.sum(0, keepdim=True) * F.log_softmax(logits, 0)).sum(0).mean()
-        loss = 0.5 * (loss_i + loss_t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == steps - 1:
-            log(f"[clip] step {step}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+        return 0.5 * (loss_i + loss_t), ""
+
+    model.train()
+    fit(model.parameters(), steps, step_fn, log, tag="clip", lr=1e-3, weight_decay=0.05,
+        schedule=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.08))
     save(model, out_dir)
     # Reload through the real loader before measuring, so the numbers are about the shipped files.
     import open_clip

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evals.miniworld.common import MODELS_DIR, warmup_cosine, SEED_EVAL, SEED_ORACLE, Pool, augment, seed_everything
-from evals.miniworld.oracle import Oracle, OracleNet, scene_targets
+from imagerag.evals.miniworld.common import ORACLE_DIR, SEED_EVAL, SEED_ORACLE, Pool, augment, fit, seed_everything
+from imagerag.evals.miniworld.oracle import Oracle, OracleNet, scene_targets
 
 
 def evaluate(oracle: Oracle, pool: Pool, blur: bool = False) -> dict:
@@ -28,11 +29,11 @@ def evaluate(oracle: Oracle, pool: Pool, blur: bool = False) -> dict:
 
 
 def _slot_shapes(scene):
-    from evals.miniworld.oracle import SLOT_CLASSES
+    from imagerag.evals.miniworld.oracle import SLOT_CLASSES
     return [SLOT_CLASSES[i] for i in scene_targets(scene)[0]]
 
 
-def train(out_dir: Path = MODELS_DIR / "oracle", steps: int = 1200, batch: int = 96, log=print) -> dict:
+def train(out_dir: Path = ORACLE_DIR, steps: int = 1200, batch: int = 96, log: Callable[[str], None] = print) -> dict:
     seed_everything(SEED_ORACLE)
     t0 = time.time()
     pool = Pool.sample(SEED_ORACLE, 30000, p_two=0.5)
@@ -40,22 +41,18 @@ def train(out_dir: Path = MODELS_DIR / "oracle", steps: int = 1200, batch: int =
     t_shape = torch.tensor([t[0] for t in tgt])
     t_col = torch.tensor([t[1] for t in tgt])
     net = OracleNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = warmup_cosine(opt, steps, 0.1)
     gen = torch.Generator().manual_seed(SEED_ORACLE)
-    net.train()
-    for step in range(steps):
+
+    def step_fn(step: int) -> tuple[torch.Tensor, str]:
         idx = torch.randint(0, len(pool), (batch,), generator=gen)
         x = augment(pool.batch01(idx.tolist()), gen, p_blur=0.5, noise=0.08)
         s_log, c_log = net(x)
         loss = F.cross_entropy(s_log.reshape(-1, s_log.shape[-1]), t_shape[idx].reshape(-1)) + \
             F.cross_entropy(c_log.reshape(-1, c_log.shape[-1]), t_col[idx].reshape(-1), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == steps - 1:
-            log(f"[oracle] step {step}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+        return loss, ""
+
+    net.train()
+    fit(net.parameters(), steps, step_fn, log, tag="oracle", lr=2e-3, weight_decay=1e-4, every=250)
     oracle = Oracle(net)
     oracle.save_pretrained(out_dir)
     loaded = Oracle.from_pretrained(out_dir)

@@ -16,13 +16,11 @@ Load with:
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -30,10 +28,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from evals.miniworld.common import MODELS_DIR, warmup_cosine, SEED_T2I, Pool, augment, normalize_clip, seed_everything
-from evals.miniworld.world import (
-    POSITION_PHRASES, RARE_SHAPES, SHAPES, ObjectSpec, Scene,
-)
+from imagerag.evals.miniworld.common import SEED_T2I, Pool, TokenCache, augment, fit, normalize_clip, seed_everything
+from imagerag.tools.backends.tiny import clip_bpe_tokenizer
+from imagerag.tools.miniworld import MODELS_DIR
+from imagerag.tools.miniworld.world import POSITION_PHRASES, RARE_SHAPES, SHAPES, ObjectSpec, Scene
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPVisionModelWithProjection
 
 VAE_CFG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
@@ -64,7 +66,7 @@ def unknown_words(tokenizer) -> list[str]:
     """Whole-word BPE tokens that the text pathway otherwise never sees. Drawn at random, each is
     used a handful of times at most, so its embedding stays near its initial value, like the
     embedding of a rare shape word at inference time."""
-    from evals.miniworld.world import COLOUR_NAMES, POSITION_PHRASES, SIZE_NAMES
+    from imagerag.tools.miniworld.world import COLOUR_NAMES, POSITION_PHRASES, SIZE_NAMES
     grammar = set(SHAPES) | set(COLOUR_NAMES) | set(SIZE_NAMES) | set(FILLER_WORDS) | {
         w for ph in POSITION_PHRASES.values() for w in ph.split()} | {"a", "and", "according", "to", "this",
                                                                        "image", "of", "generate"}
@@ -79,39 +81,10 @@ def unknown_words(tokenizer) -> list[str]:
 
 # ----------------------------------------------------------------------------- components
 
-def build_tokenizer(folder: Path):
-    """A CLIPTokenizer from open_clip's bundled BPE vocabulary (no Hub)."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizer
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    tmp = Path(tempfile.mkdtemp())
-    (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    tok = CLIPTokenizer(vocab=str(tmp / "vocab.json"), merges=str(tmp / "merges.txt"), model_max_length=77)
-    shutil.rmtree(tmp)
-    return tok
-
-
 def feature_extractor():
     from transformers import CLIPImageProcessor
     return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_resize=True,
                               do_center_crop=True, do_normalize=True, do_convert_rgb=True, resample=3)
-
-
-class TokenCache:
-    def __init__(self, tok):
-        self.tok, self.cache = tok, {}
-
-    def __call__(self, texts):
-        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
-        if missing:
-            ids = self.tok(missing, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-            for t, row in zip(missing, ids):
-                self.cache[t] = row
-        return torch.stack([self.cache[t] for t in texts])
 
 
 # ----------------------------------------------------------------------------- captions
@@ -131,28 +104,22 @@ def training_caption(scene: Scene, rng: random.Random, hidden: int | None = None
 
 # ----------------------------------------------------------------------------- stages
 
-def train_vae(pool: Pool, steps: int, log, batch: int = 64):
+def train_vae(pool: Pool, steps: int, log: Callable[[str], None], batch: int = 64) -> tuple[AutoencoderKL, dict]:
     from diffusers import AutoencoderKL
     vae = AutoencoderKL(**VAE_CFG)
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
-    sched = warmup_cosine(opt, steps, 0.1)
     gen = torch.Generator().manual_seed(SEED_T2I + 1)
-    t0 = time.time()
-    vae.train()
-    for step in range(steps):
+
+    def step_fn(step: int) -> tuple[torch.Tensor, str]:
         idx = torch.randint(0, len(pool), (batch,), generator=gen).tolist()
         x = pool.batch01(idx) * 2 - 1
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
         kl = 0.5 * (post.mean.pow(2) + post.var - 1 - post.logvar).mean()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == steps - 1:
-            log(f"[t2i/vae] step {step}/{steps} loss {loss.item():.4f} kl {kl.item():.3f} {time.time() - t0:.0f}s")
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl, f"kl {kl.item():.3f}"
+
+    vae.train()
+    fit(vae.parameters(), steps, step_fn, log, tag="t2i/vae", lr=2e-3)
     vae.eval()
     with torch.no_grad():
         x = pool.batch01(range(512)) * 2 - 1
@@ -164,29 +131,22 @@ def train_vae(pool: Pool, steps: int, log, batch: int = 64):
     return vae, {"scaling_factor": scale, "recon_mse": mse}
 
 
-def train_image_encoder(pool: Pool, steps: int, log, batch: int = 128):
+def train_image_encoder(pool: Pool, steps: int, log: Callable[[str], None],
+                        batch: int = 128) -> tuple[CLIPVisionModelWithProjection, nn.Linear]:
     """Pretrain the IP-Adapter image encoder to embed shape (colour/position/size invariant)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
     enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**IMAGE_ENCODER_CFG))
     head = nn.Linear(IMAGE_ENCODER_CFG["projection_dim"], len(SHAPES))
-    params = list(enc.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
-    sched = warmup_cosine(opt, steps, 0.1)
     labels = torch.tensor([SHAPES.index(sc.objects[0].shape) for sc in pool.scenes])
     gen = torch.Generator().manual_seed(SEED_T2I + 2)
-    t0 = time.time()
-    enc.train()
-    for step in range(steps):
+
+    def step_fn(step: int) -> tuple[torch.Tensor, str]:
         idx = torch.randint(0, len(pool), (batch,), generator=gen)
         x = normalize_clip(augment(pool.batch01(idx.tolist()), gen, p_blur=0.3, noise=0.03))
-        emb = enc(pixel_values=x).image_embeds
-        loss = F.cross_entropy(head(emb), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == steps - 1:
-            log(f"[t2i/image_encoder] step {step}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+        return F.cross_entropy(head(enc(pixel_values=x).image_embeds), labels[idx]), ""
+
+    enc.train()
+    fit([*enc.parameters(), *head.parameters()], steps, step_fn, log, tag="t2i/image_encoder", lr=2e-3)
     enc.eval()
     return enc, head
 
@@ -200,7 +160,8 @@ def image_embeds(enc, images_u8: np.ndarray, bs: int = 512) -> torch.Tensor:
 
 def ip_processors(unet):
     from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
-    return [p for p in unet.attn_processors.values() if isinstance(p, (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0))]
+    ip_types = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
+    return [p for p in unet.attn_processors.values() if isinstance(p, ip_types)]
 
 
 def attach_ip_adapter(unet, embed_dim: int, seed: int):
@@ -257,7 +218,7 @@ def set_ip_scale(unet, scale: float) -> None:
 # ----------------------------------------------------------------------------- main training
 
 def train(out_dir: Path = MODELS_DIR, vae_steps: int = 400, enc_steps: int = 500, unet_steps: int = 3000,
-          batch: int = 64, log=print) -> dict:
+          batch: int = 64, log: Callable[[str], None] = print) -> dict:
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -292,8 +253,9 @@ def train(out_dir: Path = MODELS_DIR, vae_steps: int = 400, enc_steps: int = 500
     one_rare_idx = np.flatnonzero(n_rare == 1)
     refs_by_shape = {s: [i for i, sc in enumerate(singles.scenes) if sc.objects[0].shape == s] for s in SHAPES}
 
-    tokenizer = build_tokenizer(out_dir)
-    tcache = TokenCache(tokenizer)
+    tokenizer = clip_bpe_tokenizer()
+    tcache = TokenCache(lambda texts: tokenizer(texts, padding="max_length", max_length=77, truncation=True,
+                                                return_tensors="pt").input_ids)
     unknown = unknown_words(tokenizer)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CFG))
     unet = UNet2DConditionModel(**UNET_CFG)
@@ -301,17 +263,13 @@ def train(out_dir: Path = MODELS_DIR, vae_steps: int = 400, enc_steps: int = 500
     noise_sched = DDPMScheduler(**SCHED_CFG)
     alphas = noise_sched.alphas_cumprod
 
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=6e-4, weight_decay=0.01)
-    lr_sched = warmup_cosine(opt, unet_steps, 0.05)
     rng = random.Random(SEED_T2I)
     gen = torch.Generator().manual_seed(SEED_T2I)
     zero_emb = torch.zeros(IMAGE_ENCODER_CFG["projection_dim"])
-    unet.train()
-    text_encoder.train()
-    t0 = time.time()
     ema = None
-    for step in range(unet_steps):
+
+    def step_fn(step: int) -> tuple[torch.Tensor, str]:
+        nonlocal ema
         with_ref = step % 2 == 1
         idx, texts, embs = [], [], []
         for _ in range(batch):
@@ -359,15 +317,13 @@ def train(out_dir: Path = MODELS_DIR, vae_steps: int = 400, enc_steps: int = 500
         pred = unet(zt, t, encoder_hidden_states=enc_h,
                     added_cond_kwargs={"image_embeds": [torch.stack(embs)[:, None, :]]}).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 100 == 0 or step == unet_steps - 1:
-            log(f"[t2i/unet] step {step}/{unet_steps} loss {loss.item():.4f} ema {ema:.4f} {time.time() - t0:.0f}s")
-    timings["unet_text_ip"] = round(time.time() - t0, 1)
+        return loss, f"ema {ema:.4f}"
+
+    unet.train()
+    text_encoder.train()
+    timings["unet_text_ip"] = round(fit([*unet.parameters(), *text_encoder.parameters()], unet_steps, step_fn, log,
+                                        tag="t2i/unet", lr=6e-4, warmup=0.05, every=100, max_grad_norm=1.0), 1)
 
     # Save: the pipeline without the adapter, and the adapter in the original IP-Adapter format.
     unet.eval()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
+
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel
+
+from imagerag.tools.files import file_id
 
 LOCAL_DIR = "local-dir:"
 
@@ -37,7 +39,7 @@ class ClipEmbedder:
             # A folder's path is not an identity (it moves); its weights are.
             folder = Path(model.removeprefix(LOCAL_DIR))
             weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-            digest = hashlib.sha256(weights[0].read_bytes()).hexdigest()[:16] if weights else "unknown"
+            digest = file_id(weights[0]) if weights else "unknown"
             info = EmbeddingModelInfo(name=LOCAL_DIR.rstrip(":"), pretrained=f"sha256:{digest}", dim=dim)
         else:
             info = EmbeddingModelInfo(name=model, pretrained=pretrained or "", dim=dim)

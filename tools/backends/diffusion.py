@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from agent.config import GeneratorSpec
+from imagerag.tools.config import GeneratorSpec
 
 StepCallback = Callable[[int, int], None]  # (step, total)
 

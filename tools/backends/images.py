@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
+import re
 from pathlib import Path
 
 from PIL import Image
+
+from imagerag.tools.files import ID_CHARS, atomic_write, content_id
+
+_IMAGE_ID = re.compile(rf"^[0-9a-f]{{{ID_CHARS}}}$")
 
 
 class ImageStore:
@@ -19,16 +22,16 @@ class ImageStore:
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="PNG")
         data = buffer.getvalue()
-        image_id = hashlib.sha256(data).hexdigest()[:16]
+        image_id = content_id(data)
         path = self.path(image_id)
         if not path.exists():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            atomic_write(path, data)
         return image_id
 
     def path(self, image_id: str) -> Path:
+        # An id is a hash, never a path: "../x" or an absolute path cannot reach outside the folder.
+        if not _IMAGE_ID.match(image_id):
+            raise KeyError(f"{image_id!r} is not an image id: use an image id returned by generate or regenerate")
         return self.folder / f"{image_id}.png"
 
     def get(self, image_id: str) -> Image.Image:

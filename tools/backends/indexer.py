@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,16 +29,9 @@ from PIL import Image
 from pydantic import BaseModel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tools.backends.sources import (
-    IMAGE_SUFFIXES,  # noqa: F401  (re-exported: callers filter folders with it)
-    FolderSource,
-    Source,
-    SourceError,
-    SourceRecord,
-    open_source,
-    sidecar_caption,  # noqa: F401  (re-exported for callers of the old module)
-)
-from tools.backends.store import ReferenceStore
+from imagerag.tools.backends.sources import FolderSource, Source, SourceError, SourceRecord, open_source
+from imagerag.tools.backends.store import ReferenceStore
+from imagerag.tools.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +148,10 @@ def _input_size(embedder) -> int | None:
 
 
 def cache_copy(cache_dir: Path, image_id: str, data: bytes, suffix: str) -> Path:
-    """A content-addressed copy (write to a temp file, then rename), so a crash never leaves half a file."""
+    """A content-addressed copy, written atomically so a crash never leaves half a file."""
     path = Path(cache_dir) / image_id[:2] / f"{image_id}.{suffix}"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        atomic_write(path, data)
     return path.resolve()
 
 

@@ -10,15 +10,10 @@ from langchain_core.messages import HumanMessage
 from PIL import Image
 from pydantic import BaseModel
 
-from agent.state import Concept, ConceptVerdict
-from prompts import render
-from tools.backends.clip import ClipEmbedder
-from tools.backends.llm import image_data_url, structured_call
-
-
-class Critique(BaseModel):
-    verdicts: list[ConceptVerdict]
-    tokens: int = 0
+from imagerag.tools.types import Concept, ConceptVerdict, Critique
+from imagerag.prompts import render
+from imagerag.tools.backends.clip import ClipEmbedder
+from imagerag.tools.backends.llm import image_data_url, structured_call
 
 
 class Critic(Protocol):

@@ -12,7 +12,7 @@ from langchain_core.messages import BaseMessage
 from PIL import Image
 from pydantic import BaseModel
 
-from agent.config import LLMSettings
+from imagerag.tools.config import LLMSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)

@@ -2,49 +2,54 @@
 
 Model references are Hub ids, local folders, or two local schemes:
 - `tiny:NAME`: a folder of tiny random models built offline on first use under the data folder;
-- `mini:NAME`: a model of the miniature world shipped in evals/miniworld/models.
+- `mini:NAME`: a model of the miniature world shipped in tools/miniworld/models.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
-from agent.config import ClipSpec, ConfigError, Settings
-from tools.backends.clip import LOCAL_DIR, ClipEmbedder
-from tools.backends.diffusion import DiffusersGenerator, pick_device
-from tools.backends.judges import ClipJudge, VLMJudge
-from tools.backends.llm import make_chat_model
-from tools.backends.planner import LLMDecomposer, RuleDecomposer
-from tools.backends.store import ReferenceStore, chroma_client
-from tools.toolkit import Backends
+from imagerag.tools.backends.clip import LOCAL_DIR, ClipEmbedder
+from imagerag.tools.backends.diffusion import DiffusersGenerator, pick_device
+from imagerag.tools.backends.judges import ClipJudge, VLMJudge
+from imagerag.tools.backends.llm import make_chat_model
+from imagerag.tools.backends.planner import LLMDecomposer, RuleDecomposer
+from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client
+from imagerag.tools.config import PROFILES, BackendConfig, ClipSpec, ConfigError
+from imagerag.tools.miniworld import MODELS_DIR
+from imagerag.tools.toolkit import Backends
 
 log = logging.getLogger(__name__)
-MINI_MODELS = Path(__file__).resolve().parents[2] / "evals" / "miniworld" / "models"
+MINI_CORPUS = {"n": 6000, "seed": 1}  # the mini profile's retrieval corpus, rendered on first use
+_loading = threading.Lock()
+_loaded: dict[str, Backends] = {}
 
 
 def resolve(ref: str, data_dir: Path) -> str:
     """Turn a `tiny:`/`mini:` reference into a local folder path; other references pass through."""
     if ref.startswith("tiny:"):
-        from tools.backends.tiny import build_tiny_models
+        from imagerag.tools.backends.tiny import build_tiny_models
 
         return str(build_tiny_models(Path(data_dir) / "tiny-models") / ref.removeprefix("tiny:"))
     if ref.startswith("mini:"):
-        path = MINI_MODELS / ref.removeprefix("mini:")
+        path = MODELS_DIR / ref.removeprefix("mini:")
         if not path.exists():
-            raise ConfigError(f"the miniature world's model {path} is missing: train it with `python -m evals.miniworld.train`")
+            raise ConfigError(f"the miniature world's model {path} is missing: train it with `python -m imagerag.evals.miniworld.train`")
         return str(path)
     return ref
 
 
-def load_embedder(settings: Settings) -> ClipEmbedder:
-    clip = settings.resolved_profile().clip
+def load_embedder(config: BackendConfig) -> ClipEmbedder:
+    clip = config.resolved_profile().clip
     model = clip.model
     if model.startswith(("tiny:", "mini:")):
-        model = LOCAL_DIR + resolve(model, settings.data_dir)
-    return _embedder(model, clip.pretrained, pick_device(settings.device))
+        model = LOCAL_DIR + resolve(model, config.data_dir)
+    return _embedder(model, clip.pretrained, pick_device(config.device))
 
 
 @cache
@@ -52,28 +57,85 @@ def _embedder(model: str, pretrained: str | None, device: str) -> ClipEmbedder:
     return ClipEmbedder.from_pretrained(model, pretrained, device)
 
 
-def calibrated(settings: Settings) -> ClipSpec:
+def calibrated(config: BackendConfig) -> ClipSpec:
     """The profile's CLIP spec with thresholds from its calibration file, when it has one."""
-    clip = settings.resolved_profile().clip
+    clip = config.resolved_profile().clip
     if clip.calibration is None:
         return clip
-    measured = json.loads(Path(resolve(clip.calibration, settings.data_dir)).read_text())
+    measured = json.loads(Path(resolve(clip.calibration, config.data_dir)).read_text())
     return clip.model_copy(update={k: measured[k] for k in ("judge_threshold", "retrieval_min_similarity")})
 
 
-def load_backends(settings: Settings) -> Backends:
-    """The backends for `settings`; pipelines and CLIP are cached per process, so a second run reuses them."""
-    profile = settings.resolved_profile()
-    clip = calibrated(settings)
-    embedder = load_embedder(settings)
-    store = ReferenceStore.open(chroma_client(settings.data_dir, settings.chroma_url), settings.collection_name, embedder)
-    llm = make_chat_model(settings.llm)
-    retries = settings.llm.max_retries
+def open_store(config: BackendConfig, on_progress: Callable[[str, int, int | None], None] | None = None) -> ReferenceStore:
+    """The profile's reference collection. A local profile (mini, tiny) builds its own on first use, reporting
+    (stage, done, total) to `on_progress`; any other profile needs `imagerag index` first."""
+    client = chroma_client(config.data_dir, config.chroma_url)
+    embedder = load_embedder(config)
+    profile = config.resolved_profile()
+    try:
+        return ReferenceStore.open(client, config.collection_name, embedder)
+    except StoreError:
+        if not (profile.local and config.collection_name == profile.collection):
+            raise
+    from imagerag.tools.backends.indexer import index_folders
+
+    corpus = build_local_corpus(profile.name, Path(config.data_dir), on_progress)
+    store = ReferenceStore.open(client, config.collection_name, embedder, create=True)
+    total = len(list(corpus.glob("*.png")))
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_progress:
+            on_progress("indexing", done, total)
+
+    index_folders(store, [corpus], on_batch=advance)
+    return store
+
+
+def build_local_corpus(profile: str, data_dir: Path, on_progress: Callable[[str, int, int | None], None] | None = None) -> Path:
+    """Render a local profile's reference images with captions into the data folder (once; a finished corpus
+    is marked complete, so an interrupted one is rendered again)."""
+    folder = data_dir / f"{profile}-corpus"
+    done = folder / ".complete"
+    if done.exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    if profile == "mini":
+        from imagerag.tools.miniworld.world import write_corpus
+
+        write_corpus(folder, **MINI_CORPUS, on_image=(lambda i, n: on_progress("rendering", i, n)) if on_progress else None)
+    else:  # tiny: plain colour squares are all its random models can be asked about
+        from PIL import Image
+
+        for colour in ("red", "green", "blue", "yellow", "purple", "orange", "black", "white"):
+            Image.new("RGB", (32, 32), colour).save(folder / f"{colour}.png")
+            (folder / f"{colour}.txt").write_text(f"a {colour} square\n")
+    done.touch()
+    return folder
+
+
+def load_backends(config: BackendConfig) -> Backends:
+    """The backends for `config`, loaded once per process and shared by every run with the same backend settings."""
+    key = config.backend_key()
+    with _loading:  # two first runs at once load the models once
+        if key not in _loaded:
+            _loaded[key] = _build(config)
+        return _loaded[key]
+
+
+def _build(config: BackendConfig) -> Backends:
+    profile = config.resolved_profile()
+    clip = calibrated(config)
+    embedder = load_embedder(config)
+    llm = make_chat_model(config.llm)
+    retries = config.llm.max_retries
     return Backends(
         profile=profile,
-        generator=_generator(profile.name, settings.data_dir, pick_device(settings.device)),
+        generator=_generator(profile.name, Path(config.data_dir), pick_device(config.device)),
         critic=VLMJudge(llm, retries) if llm else ClipJudge(embedder, clip.judge_threshold),
-        store=store,
+        store=open_store(config),
         decomposer=LLMDecomposer(llm, retries) if llm else RuleDecomposer(),
         llm=llm,
         min_similarity=clip.retrieval_min_similarity,
@@ -82,8 +144,6 @@ def load_backends(settings: Settings) -> Backends:
 
 @cache
 def _generator(profile_name: str, data_dir: Path, device: str) -> DiffusersGenerator:
-    from agent.config import PROFILES
-
     spec = PROFILES[profile_name].generator
     adapter = resolve(spec.ip_adapter.repo, data_dir) if spec.ip_adapter else None
     log.info("loading %s generator %s on %s", spec.family, spec.model_id, device)

@@ -12,9 +12,9 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage
 from pydantic import BaseModel, Field
 
-from agent.state import Concept, ConceptKind
-from prompts import render
-from tools.backends.llm import structured_call
+from imagerag.tools.types import Concept, ConceptKind
+from imagerag.prompts import render
+from imagerag.tools.backends.llm import structured_call
 
 
 class ConceptSpec(BaseModel):

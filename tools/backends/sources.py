@@ -7,13 +7,14 @@ counted) when the indexer decodes it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from imagerag.tools.files import content_id
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -37,11 +38,6 @@ class SourceRecord:
     @property
     def id(self) -> str:
         return content_id(self.data)
-
-
-def content_id(data: bytes) -> str:
-    """Identical bytes, identical id: re-indexing skips them and a copy of a file is stored once."""
-    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def caption_from_json(data: dict) -> str | None:

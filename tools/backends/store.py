@@ -23,8 +23,8 @@ import numpy as np
 from chromadb.config import Settings as ChromaSettings
 from PIL import Image
 
-from agent.state import RetrievalHit
-from tools.backends.clip import ClipEmbedder, EmbeddingModelInfo
+from imagerag.tools.types import RetrievalHit
+from imagerag.tools.backends.clip import ClipEmbedder, EmbeddingModelInfo
 
 
 class StoreError(ValueError):

@@ -12,29 +12,38 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
+
 SD_DIR, IP_ADAPTER_DIR, CLIP_DIR = "sd", "ip_adapter", "clip"
 HIDDEN = 8  # text hidden size == UNet cross-attention dim == image-encoder projection
+# The text encoder and the IP-Adapter's image encoder are the same tiny transformer.
+TOWER = {"hidden_size": HIDDEN, "intermediate_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1}
 
 
-def clip_bpe_tokenizer_files(folder: Path) -> None:
-    """Write vocab.json/merges.txt for transformers' CLIPTokenizer from the BPE file open_clip ships.
+def clip_bpe_tokenizer() -> CLIPTokenizer:
+    """transformers' CLIPTokenizer over the BPE file open_clip ships (no Hub).
 
     Same construction as CLIP's own vocabulary (bytes, bytes+'</w>', merges, two specials), so token ids match
     open_clip's tokenizer.
     """
     import open_clip.tokenizer as oct
+    from transformers import CLIPTokenizer
 
-    bpe_path = Path(oct.__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
-    merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = gzip.open(oct.default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     byte_tokens = list(oct.bytes_to_unicode().values())
     vocab = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    # Through files, which transformers 4 requires; the tokenizer reads them once, here.
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
+        vocab_file.write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
 
 
 def build_tiny_models(root: Path, seed: int = 0) -> Path:
@@ -56,7 +65,7 @@ def build_tiny_models(root: Path, seed: int = 0) -> Path:
 
 def _build_sd(folder: Path) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
 
     unet = UNet2DConditionModel(
         block_out_channels=(4, 8),
@@ -82,10 +91,7 @@ def _build_sd(folder: Path) -> None:
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=16,
-            num_attention_heads=2,
-            num_hidden_layers=1,
+            **TOWER,
             vocab_size=49408,
             max_position_embeddings=77,
             bos_token_id=49406,
@@ -93,9 +99,6 @@ def _build_sd(folder: Path) -> None:
             pad_token_id=49407,
         )
     )
-    tok_dir = folder / "tokenizer_src"
-    clip_bpe_tokenizer_files(tok_dir)
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
     )
@@ -103,7 +106,7 @@ def _build_sd(folder: Path) -> None:
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        tokenizer=clip_bpe_tokenizer(),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
@@ -111,7 +114,6 @@ def _build_sd(folder: Path) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
-    shutil.rmtree(tok_dir)
 
 
 def _build_ip_adapter(sd_folder: Path, folder: Path) -> None:
@@ -122,15 +124,7 @@ def _build_ip_adapter(sd_folder: Path, folder: Path) -> None:
 
     unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet")
     encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=16,
-            num_attention_heads=2,
-            num_hidden_layers=1,
-            image_size=32,
-            patch_size=8,
-            projection_dim=HIDDEN,
-        )
+        CLIPVisionConfig(**TOWER, image_size=32, patch_size=8, projection_dim=HIDDEN)
     )
     encoder.save_pretrained(folder / "image_encoder")
     cross = unet.config.cross_attention_dim

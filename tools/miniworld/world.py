@@ -6,7 +6,7 @@ from text, so it can only draw them from a retrieved reference image. That is th
 effect in miniature, measurable on a CPU.
 
 CLI:
-    python -m evals.miniworld.world corpus OUT_DIR --n 6000 --seed 1 [--exclude-shape heart]
+    python -m imagerag.tools.miniworld.world corpus OUT_DIR --n 6000 --seed 1 [--exclude-shape heart]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -260,7 +260,10 @@ def corpus_scenes(n: int, seed: int = 1, exclude_shapes: Iterable[str] = ()) -> 
     return scenes
 
 
-def write_corpus(out_dir: str | Path, n: int = 6000, seed: int = 1, exclude_shapes: Iterable[str] = ()) -> list[Path]:
+def write_corpus(
+    out_dir: str | Path, n: int = 6000, seed: int = 1, exclude_shapes: Iterable[str] = (),
+    on_image: Callable[[int, int], None] | None = None,
+) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -269,6 +272,8 @@ def write_corpus(out_dir: str | Path, n: int = 6000, seed: int = 1, exclude_shap
         render(sc).save(stem.with_suffix(".png"))
         stem.with_suffix(".txt").write_text(caption(sc) + "\n")
         paths.append(stem.with_suffix(".png"))
+        if on_image is not None and ((i + 1) % 250 == 0 or i + 1 == n):
+            on_image(i + 1, n)
     return paths
 
 
@@ -306,7 +311,7 @@ def heldout_prompts(seed: int = 0, n_common: int = 80, n_rare: int = 80, n_two: 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m evals.miniworld.world")
+    ap = argparse.ArgumentParser(prog="python -m imagerag.tools.miniworld.world")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("corpus", help="write a retrieval corpus of PNG + .txt caption pairs")
     c.add_argument("out_dir")

@@ -6,7 +6,7 @@ Tools:
 - `search_references(caption, k)`: reference images from the collection.
 
 An image result is the best image as MCP image content (PNG), the per-concept verdicts as JSON text, and the same
-as structured content (schema: `ImageRunOutput`). While a run goes, its typed events (`agent.events`) arrive as
+as structured content (schema: `RunSummary`). While a run goes, its typed events (`agent.events`) arrive as
 progress notifications. The run is synchronous and heavy, so it runs in a worker thread; the event loop keeps
 serving. Bad input comes back as an error result naming the fix, and the server keeps going.
 
@@ -28,22 +28,10 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ImageContent, TextContent
 
-from agent.config import Settings
-from tools.assistant_tool import (
-    AssistantError,
-    Caption,
-    HitCount,
-    ImageRAGAssistant,
-    ImageRunOutput,
-    Instruction,
-    PromptText,
-    Rounds,
-    SearchOutput,
-    ThreadName,
-    describe_event,
-    png_bytes,
-)
-from tools.toolkit import Backends
+from imagerag.agent.config import Settings
+from imagerag.agent.result import RunSummary
+from imagerag.agent.assistant import AssistantError, Caption, HitCount, ImageRAGAssistant, Instruction, PromptText, Rounds, SearchOutput, ThreadName, describe_event, png_bytes
+from imagerag.tools.toolkit import Backends
 
 INSTRUCTIONS = (
     "Draws images that show everything a prompt asks for. generate_image returns the best image, a verdict per "
@@ -72,17 +60,17 @@ def build_server(settings: Settings, out: Path | None = None, backends: Backends
                 anyio.from_thread.run(report, line)
 
         try:
-            output, result = await anyio.to_thread.run_sync(lambda: assistant.run(message, max_rounds, thread, on_event))
+            result = await anyio.to_thread.run_sync(lambda: assistant.run(message, max_rounds, thread, on_event))
         except AssistantError as error:
             raise ToolError(str(error)) from None
-        return image_result(output, Path(result.run_dir) / result.best_image if result.best_image else None)
+        return image_result(result.brief())
 
     @server.tool(description="Generate an image for a prompt. Every concept of the prompt is checked; missing ones are "
                  "fixed with retrieved reference images until all are drawn or the round budget is spent. Returns the "
                  "best image, a verdict per concept, and a thread id for refine_image.")
     async def generate_image(
         prompt: PromptText, ctx: Context, max_rounds: Rounds = 3, thread: ThreadName | None = None
-    ) -> Annotated[CallToolResult, ImageRunOutput]:
+    ) -> Annotated[CallToolResult, RunSummary]:
         if thread is not None and await anyio.to_thread.run_sync(assistant.thread_exists, thread):
             raise ToolError(f"thread {thread!r} exists: change its image with refine_image, or choose another thread name")
         return await run_with_progress(ctx, prompt, max_rounds, thread)
@@ -91,7 +79,7 @@ def build_server(settings: Settings, out: Path | None = None, backends: Backends
                  "green'); the concepts that already hold are kept. Returns the new best image and its verdicts.")
     async def refine_image(
         thread: ThreadName, instruction: Instruction, ctx: Context, max_rounds: Rounds = 3
-    ) -> Annotated[CallToolResult, ImageRunOutput]:
+    ) -> Annotated[CallToolResult, RunSummary]:
         if not await anyio.to_thread.run_sync(assistant.thread_exists, thread):
             raise ToolError(f"unknown thread {thread!r}: pass a thread id that generate_image returned")
         return await run_with_progress(ctx, instruction, max_rounds, thread)
@@ -115,13 +103,14 @@ def build_server(settings: Settings, out: Path | None = None, backends: Backends
     return server
 
 
-def image_result(output: ImageRunOutput, best: Path | None) -> CallToolResult:
+def image_result(output: RunSummary) -> CallToolResult:
     """Best image (PNG) + verdicts as JSON text + structured content; a failed run is an error result."""
     verdicts = {
         "thread": output.thread, "status": output.status, "stop_reason": output.stop_reason, "error": output.error,
         "concepts": [c.model_dump() for c in output.concepts],
     }
     content: list = []
+    best = Path(output.best_image) if output.best_image else None
     if best is not None and best.exists():
         content.append(ImageContent(type="image", data=base64.b64encode(best.read_bytes()).decode(), mime_type="image/png"))
     content.append(TextContent(type="text", text=json.dumps(verdicts, indent=2)))

@@ -1,12 +1,12 @@
 """The whole loop as one call, for larger assistants: a service shared by the MCP server and a LangChain tool.
 
 `ImageRAGAssistant` validates a request, runs it through `agent.run.stream` (backends loaded once, one run at a
-time: the pipelines are not re-entrant), forwards the typed events to a callback, and answers with an
-`ImageRunOutput`: the thread to refine, the status, the best image and the verdict of every concept. Anything a
+time: the pipelines are not re-entrant), forwards the typed events to a callback, and answers with a
+`RunResult`: the thread to refine, the status, the best image and the verdict of every concept. Anything a
 caller got wrong comes back as an `AssistantError` whose message names the fix, so every surface can hand it on.
 
 `ImageRAGTool` is that call as a LangChain `BaseTool` with a pydantic schema, for a LangGraph or LangChain agent
-to bind. Its ToolMessage content is a short summary for the LLM; the artifact is the `ImageRunOutput` as a dict.
+to bind. Its ToolMessage content is a short summary for the LLM; the artifact is the `RunSummary` as a dict.
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ from langchain_core.tools import BaseTool, ToolException
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.config import ConfigError, Settings
-from agent.events import RunEvent
-from agent.state import MAX_PROMPT_CHARS, THREAD_PATTERN, Budget, RetrievalHit, RunInput
-from tools.toolkit import Backends
+from imagerag.tools.config import ConfigError
+from imagerag.agent.config import Settings
+from imagerag.agent.events import RunEvent
+from imagerag.agent.result import RunResult
+from imagerag.graphs.state import MAX_PROMPT_CHARS, THREAD_PATTERN, Budget, RunInput
+from imagerag.tools.types import RetrievalHit
+from imagerag.tools.toolkit import Backends
 
 MAX_ROUNDS = 10
 MAX_HITS = 20
@@ -39,55 +42,6 @@ HitCount = Annotated[int, Field(ge=1, le=MAX_HITS, description="Reference images
 
 class AssistantError(ValueError):
     """A request the assistant cannot run; the message says what is wrong and how to fix it."""
-
-
-class ConceptOutcome(BaseModel):
-    """The verdict on one concept of the prompt, judged on the best image."""
-
-    id: str = Field(description="Concept id within the thread, e.g. 'c1'.")
-    text: str = Field(description="The concept in a few words.")
-    verdict: Literal["pending", "satisfied", "missing"]
-    score: float | None = Field(description="The critic's alignment score in [0, 1].")
-    evidence: str = Field(description="Why the critic decided so.")
-
-
-class ImageRunOutput(BaseModel):
-    """What one call of the loop produced."""
-
-    thread: str = Field(description="Refine this image later by passing this thread id.")
-    status: Literal["satisfied", "budget_exhausted", "stopped", "failed", "paused", "running"]
-    stop_reason: str
-    error: str | None
-    prompt: str = Field(description="The prompt the image was drawn for (a refinement rewrites it).")
-    turn: int = Field(description="1 for a new thread, then one more per refinement.")
-    rounds: int
-    generations: int
-    best_image: str | None = Field(description="Path of the best image's PNG on the server.")
-    report: str = Field(description="Path of the run's report.html on the server.")
-    concepts: list[ConceptOutcome]
-
-    @property
-    def satisfied(self) -> list[str]:
-        return [c.text for c in self.concepts if c.verdict == "satisfied"]
-
-    @property
-    def missing(self) -> list[str]:
-        return [c.text for c in self.concepts if c.verdict != "satisfied"]
-
-    def summary(self) -> str:
-        """A few lines an LLM can act on."""
-        lines = [
-            f"{self.status} after {self.rounds} round(s) and {self.generations} image(s) (thread {self.thread}, turn {self.turn})",
-            f"prompt: {self.prompt}",
-            f"satisfied: {'; '.join(self.satisfied) or 'none'}",
-            f"missing: {'; '.join(self.missing) or 'none'}",
-            f"best image: {self.best_image or 'none'}",
-        ]
-        if self.error:
-            lines.append(f"error: {self.error}")
-        if self.missing and self.status != "failed":
-            lines.append(f"to refine, call again with thread={self.thread!r} and an instruction")
-        return "\n".join(lines)
 
 
 class SearchOutput(BaseModel):
@@ -145,13 +99,13 @@ class ImageRAGAssistant:
 
     def backends(self) -> Backends:
         if self._backends is None:
-            from tools.backends.loading import load_backends
+            from imagerag.tools.backends.loading import load_backends
 
             self._backends = load_backends(self.settings)
         return self._backends
 
     def thread_exists(self, thread: str) -> bool:
-        from agent.run import RunError, history
+        from imagerag.agent.run import RunError, history
 
         try:
             history(thread, self.settings)
@@ -165,17 +119,17 @@ class ImageRAGAssistant:
         max_rounds: int = 3,
         thread: str | None = None,
         on_event: Callable[[RunEvent], None] | None = None,
-    ) -> tuple[ImageRunOutput, Any]:
-        """Draw `message`, or continue `thread` with it when the thread exists. Returns the output and the RunResult."""
-        from agent.events import Finished, ReviewRequested
-        from agent.run import RunError, stream
-        from tools.backends.store import StoreError
+    ) -> RunResult:
+        """Draw `message`, or continue `thread` with it when the thread exists."""
+        from imagerag.agent.events import Finished, ReviewRequested
+        from imagerag.agent.run import RunError, stream
+        from imagerag.tools.backends.store import StoreError
 
         try:
             request = _RunRequest(message=message, max_rounds=max_rounds, thread=thread)
-            RunInput(prompt=request.message)  # an empty prompt fails here, before any model is loaded
+            RunInput(message=request.message)  # an empty prompt fails here, before any model is loaded
         except ValidationError as error:
-            raise AssistantError(explain(error).removeprefix("prompt: Value error, ")) from None
+            raise AssistantError(explain(error).removeprefix("message: Value error, ")) from None
         budget = self.settings.budget.model_dump() | {
             "max_rounds": request.max_rounds,
             # Each round draws one image, so a rounds budget above the generations cap would never be reached.
@@ -188,7 +142,7 @@ class ImageRAGAssistant:
                     if on_event is not None:
                         on_event(event)
                     if isinstance(event, Finished):
-                        return self.output(event.result), event.result
+                        return event.result
                     if isinstance(event, ReviewRequested):  # only when a thread was started with review on
                         raise AssistantError(f"thread {request.thread!r} waits for a review: answer it with `imagerag resume`")
             except (RunError, ConfigError, StoreError, FileNotFoundError) as error:
@@ -205,7 +159,7 @@ class ImageRAGAssistant:
             raise AssistantError(explain(error)) from None
         if not request.caption.strip():
             raise AssistantError("the caption is empty: describe the reference image to find, e.g. 'a red square'")
-        from tools.backends.store import StoreError
+        from imagerag.tools.backends.store import StoreError
 
         with self._lock:
             try:
@@ -214,23 +168,6 @@ class ImageRAGAssistant:
             except (StoreError, ConfigError) as error:
                 raise AssistantError(str(error)) from None
         return SearchOutput(caption=request.caption.strip(), hits=hits)
-
-    @staticmethod
-    def output(result) -> ImageRunOutput:
-        run_dir = Path(result.run_dir).resolve()
-        return ImageRunOutput(
-            thread=result.thread,
-            status=result.status,
-            stop_reason=result.stop_reason,
-            error=result.error,
-            prompt=result.prompt,
-            turn=result.turn,
-            rounds=result.rounds,
-            generations=result.generations,
-            best_image=str(run_dir / result.best_image) if result.best_image else None,
-            report=str(run_dir / "report.html"),
-            concepts=[ConceptOutcome(id=c.id, text=c.text, verdict=c.verdict, score=c.score, evidence=c.evidence) for c in result.concepts],
-        )
 
 
 class _SearchRequest(BaseModel):
@@ -265,7 +202,7 @@ class ImageRAGTool(BaseTool):
     """The whole ImageRAG loop as one LangChain tool.
 
     Returns (summary, artifact): the summary tells the LLM what was drawn, what is still missing and which thread
-    to refine; the artifact is the `ImageRunOutput` as a dict (paths of the best image and report, every verdict).
+    to refine; the artifact is the `RunSummary` as a dict (paths of the best image and report, every verdict).
     Bad input never raises into the agent: it comes back as an error ToolMessage the LLM can correct.
     """
 
@@ -291,7 +228,7 @@ class ImageRAGTool(BaseTool):
         try:
             if thread is not None and not self.assistant.thread_exists(thread):
                 raise AssistantError(f"unknown thread {thread!r}: pass a thread id an earlier call returned, or none to start a new image")
-            output, _ = self.assistant.run(prompt, max_rounds, thread)
+            summary = self.assistant.run(prompt, max_rounds, thread).brief()
         except AssistantError as error:
             raise ToolException(str(error)) from None
-        return output.summary(), output.model_dump()
+        return summary.summary(), summary.model_dump()

@@ -1,0 +1,114 @@
+"""The four tools as an LLM sees them: LangChain tools with typed arguments, which read the run (budget, concepts,
+references retrieved so far) from the ToolNode's runtime and call the plain Toolkit. Each ToolMessage artifact is
+a ToolOutcome for the graph's `observe` node to record."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from langchain_core.tools import BaseTool, tool
+from langgraph.prebuilt import ToolRuntime
+from pydantic import BaseModel, Field
+
+from imagerag.graphs.context import RunContext, toolkit
+from imagerag.graphs.state import AgentState
+from imagerag.tools.toolkit import Toolkit
+from imagerag.tools.types import Candidate, Concept, ConceptVerdict, Critique, RetrievalHit
+
+Runtime = ToolRuntime[RunContext, AgentState]
+
+
+class ToolOutcome(BaseModel):
+    """What a tool call produced, carried as the ToolMessage artifact for the graph to record."""
+
+    candidates: list[Candidate] = Field(default_factory=list)
+    judged_image: str | None = None
+    critique: Critique | None = None
+    hits: list[RetrievalHit] = Field(default_factory=list)
+
+
+class ToolInputError(ValueError):
+    """A tool call the run cannot honour; the message goes back to the LLM."""
+
+
+def _run(runtime: Runtime) -> AgentState:
+    return AgentState.model_validate(runtime.state)
+
+
+def _tools(runtime: Runtime) -> Toolkit:
+    return toolkit(_run(runtime), runtime)
+
+
+def describe_verdicts(image_id: str, verdicts: list[ConceptVerdict], concepts: list[Concept]) -> str:
+    text = {c.id: c.text for c in concepts}
+    lines = [
+        f"- {v.concept_id} {text.get(v.concept_id, '?')!r}: {'satisfied' if v.satisfied else 'MISSING'} (score {v.score:.2f})"
+        + (f"; retrieve with {v.caption!r}" if v.caption and not v.satisfied else "")
+        for v in verdicts
+    ]
+    return f"critique of image {image_id}:\n" + "\n".join(lines)
+
+
+@tool(response_format="content_and_artifact")
+def generate(
+    prompt: Annotated[str, Field(description="The full text prompt to draw.")],
+    runtime: Runtime,
+    seed: Annotated[int, Field(ge=0, description="Random seed; change it for a different sample.")] = 0,
+    n: Annotated[int, Field(ge=1, le=4, description="How many images.")] = 1,
+) -> tuple[str, ToolOutcome]:
+    """Generate image(s) from the text prompt alone. Returns image ids; each image is judged automatically."""
+    run = _run(runtime)
+    n = min(n, run.budget.max_generations - run.usage.generations)
+    if n < 1:
+        raise ToolInputError("the generation budget is spent: no image can be generated")
+    candidates = _tools(runtime).generate(prompt, seed, n, round=run.usage.rounds, turn=run.turn)
+    return f"generated image(s) {', '.join(c.image_id for c in candidates)}", ToolOutcome(candidates=candidates)
+
+
+@tool(response_format="content_and_artifact")
+def critique(
+    image_id: Annotated[str, Field(description="Id of an image returned by generate or regenerate.")], runtime: Runtime
+) -> tuple[str, ToolOutcome]:
+    """Judge one generated image against every concept of the prompt."""
+    run = _run(runtime)
+    if image_id not in {c.image_id for c in run.candidates}:
+        raise ToolInputError(f"unknown image id {image_id!r}: pass an id returned by generate or regenerate in this run")
+    verdicts = _tools(runtime).critique(image_id, run.concepts, run.prompt)
+    return describe_verdicts(image_id, verdicts.verdicts, run.concepts), ToolOutcome(judged_image=image_id, critique=verdicts)
+
+
+@tool(response_format="content_and_artifact")
+def retrieve(
+    caption: Annotated[str, Field(description="Stand-alone caption of the concept, e.g. 'a photo of a boston bull dog'.")],
+    runtime: Runtime,
+    k: Annotated[int, Field(ge=1, le=5, description="How many references.")] = 1,
+    min_similarity: Annotated[float | None, Field(description="Relevance threshold; default: the profile's.")] = None,
+) -> tuple[str, ToolOutcome]:
+    """Find reference images in the database for one missing concept."""
+    hits = _tools(runtime).retrieve(caption, k, min_similarity)
+    if not hits:
+        return f"no reference image is similar enough to {caption!r}; try another caption or regenerate without one", ToolOutcome()
+    listed = "; ".join(f"{h.id}: {h.caption!r} (similarity {h.similarity:.2f})" for h in hits)
+    return f"references for {caption!r}: {listed}", ToolOutcome(hits=hits)
+
+
+@tool(response_format="content_and_artifact")
+def regenerate(
+    prompt: Annotated[str, Field(description="The full text prompt to draw.")],
+    reference_ids: Annotated[list[str], Field(description="Ids of references returned by retrieve.")],
+    runtime: Runtime,
+    seed: Annotated[int, Field(ge=0, description="Random seed.")] = 0,
+) -> tuple[str, ToolOutcome]:
+    """Generate again from the prompt, conditioned on retrieved reference images."""
+    run = _run(runtime)
+    if run.usage.generations >= run.budget.max_generations:
+        raise ToolInputError("the generation budget is spent: no image can be generated")
+    known = {h.id: h for h in run.hits}
+    unknown = [i for i in reference_ids if i not in known]
+    if unknown:
+        raise ToolInputError(f"unknown reference ids {unknown}: pass ids returned by retrieve in this run")
+    candidate = _tools(runtime).regenerate(prompt, [known[i] for i in reference_ids], seed, round=run.usage.rounds, turn=run.turn)
+    return f"regenerated image {candidate.image_id} with {len(candidate.references)} reference(s)", ToolOutcome(candidates=[candidate])
+
+
+TOOLS: list[BaseTool] = [generate, critique, retrieve, regenerate]

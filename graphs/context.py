@@ -1,0 +1,81 @@
+"""The run context (LangGraph's context_schema): settings passed with every call and never checkpointed, so a
+resumed run passes them again. Nodes turn them into a Toolkit over backends cached per process."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from pathlib import Path
+
+from langgraph.config import get_config
+from langgraph.prebuilt import ToolRuntime
+from langgraph.runtime import Runtime
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from imagerag.graphs.state import THREAD_PATTERN, RunState
+from imagerag.tools.backends.images import ImageStore
+from imagerag.tools.config import BackendConfig, ConfigError
+from imagerag.tools.files import content_id
+from imagerag.tools.toolkit import Backends, Toolkit
+
+IMAGES = "images"
+
+
+class RunContext(BackendConfig, BaseSettings):
+    """Backends and policy knobs of a run. Unset fields come from IMAGERAG_* variables (so a LangGraph Server is
+    configured by its environment), then the defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="IMAGERAG_", env_nested_delimiter="__", extra="ignore")
+
+    retrieve_k: int = Field(default=1, ge=1, description="References retrieved per missing concept.")
+    max_tool_errors: int = Field(default=3, ge=1, description="Consecutive failed tool calls before a run fails.")
+    runs_dir: Path | None = Field(default=None, description="Where run folders go (one per thread); default: DATA_DIR/runs.")
+    backends_id: str | None = Field(
+        default=None, description="Backends handed over in this process (register_backends); default: load them."
+    )
+
+
+_registered: dict[str, Backends] = {}
+
+
+def register_backends(backends: Backends) -> str:
+    """Hand already-built backends (an embedding app's, a test's fakes) to runs that name the returned id."""
+    key = f"in-process:{id(backends)}"
+    _registered[key] = backends
+    return key
+
+
+def context_of(runtime: Runtime[RunContext] | ToolRuntime[RunContext, Any] | None) -> RunContext:
+    """The call's context; a caller that passed none (or a plain dict, as a server does) gets the environment's."""
+    context = runtime.context if runtime is not None else None
+    if isinstance(context, RunContext):
+        return context
+    return RunContext(**(context or {}))
+
+
+def backends_for(context: RunContext) -> Backends:
+    if context.backends_id is not None:
+        try:
+            return _registered[context.backends_id]
+        except KeyError:
+            raise ConfigError(f"no backends {context.backends_id!r} in this process: drop backends_id to load them") from None
+    from imagerag.tools.backends.loading import load_backends
+
+    return load_backends(context)
+
+
+def run_dir_of(state: RunState, context: RunContext) -> Path:
+    """The run's folder: the one its first node recorded, else <runs_dir>/<thread_id>."""
+    if state.run_dir:
+        return Path(state.run_dir)
+    thread = str((get_config().get("configurable") or {}).get("thread_id") or "_no_thread")
+    if not re.fullmatch(THREAD_PATTERN, thread):  # a thread id names a folder: never a path of its own
+        thread = content_id(thread.encode())
+    return Path(context.runs_dir or Path(context.data_dir) / "runs") / thread
+
+
+def toolkit(state: RunState, runtime: Runtime[RunContext] | ToolRuntime[RunContext, Any]) -> Toolkit:
+    """The tools for this run: backends from the call's context, images in the run's folder."""
+    context = context_of(runtime)
+    return Toolkit(backends_for(context), ImageStore(run_dir_of(state, context) / IMAGES))

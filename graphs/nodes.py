@@ -1,0 +1,157 @@
+"""Nodes both policies share: planning (and continuing a thread), judging new images, review pauses, finishing.
+
+Nodes are module-level functions of (state, runtime); the heavy backends come from the runtime's context
+(graphs.context), never from the state, which holds only ids, texts and verdicts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from langgraph.runtime import Runtime
+from langgraph.types import RetryPolicy, interrupt
+from pydantic import BaseModel, Field
+
+from imagerag.graphs.context import RunContext, context_of, run_dir_of, toolkit
+from imagerag.graphs.rules import best_candidate, best_of_turn, clock, concepts_from_best, enforce_dependencies, stop_reason
+from imagerag.graphs.state import RunState, RunStatus, Step, Turn, Usage
+from imagerag.tools.files import content_id
+from imagerag.tools.toolkit import Toolkit
+from imagerag.tools.types import Candidate, RetrievalHit
+
+# Critic and generator calls can fail transiently (a VLM refusal streak, a CUDA hiccup): retry the node a few
+# times, then let the run fail cleanly with everything made so far kept in the checkpoint.
+NODE_RETRY = RetryPolicy(max_attempts=3, initial_interval=0.2, retry_on=Exception)
+
+
+def plan(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    """A new thread: decompose the message into concepts. A finished thread that gets a message: start the next
+    turn, revising prompt and concepts by the message, with the best image carried forward and judged again only
+    on what changed. A resumed run keeps its plan."""
+    if state.status != "running":
+        return next_turn(state, runtime)
+    if state.concepts:
+        return {}
+    started = time.time()
+    tools = toolkit(state, runtime)
+    concepts, tokens = tools.decompose(state.message)
+    summary = "; ".join(f"{c.id} {c.kind}: {c.text}" for c in concepts)
+    usage = state.usage.add(llm_tokens=tokens).model_copy(update={"seconds": time.time() - started})
+    return {
+        "prompt": state.message,
+        "run_dir": str(run_dir_of(state, context_of(runtime))),
+        "started_at": started,
+        "concepts": concepts,
+        "usage": usage,
+        "steps": [Step(node="plan", round=0, summary=summary)],
+    }
+
+
+def next_turn(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    previous = best_of_turn(state)
+    tools = toolkit(state, runtime)
+    prompt, concepts, tokens = tools.revise(state.prompt, state.concepts, state.message)
+    turn = state.turn + 1
+    revised = state.model_copy(
+        update={
+            "prompt": prompt, "concepts": concepts, "turn": turn, "instruction": state.message, "status": "running",
+            "stop_reason": "", "error": None, "hits": [], "started_at": time.time(), "usage": Usage(llm_tokens=tokens),
+        }
+    )
+    kept = {c.id for c in concepts}
+    carried = [
+        previous.model_copy(update={"turn": turn, "round": 0, "verdicts": [v for v in previous.verdicts if v.concept_id in kept]})
+    ] if previous else []
+    judged, usage, steps = judge_new(tools, revised, carried)
+    summary = f"{state.message!r} -> {prompt!r}: " + "; ".join(f"{c.id}: {c.text}" for c in concepts)
+    update: dict[str, Any] = {
+        name: getattr(revised, name) for name in ("prompt", "turn", "instruction", "status", "stop_reason", "error", "hits", "started_at")
+    }
+    if "tool_errors" in type(state).model_fields:
+        update["tool_errors"] = 0
+    return update | {
+        "concepts": concepts_from_best(concepts, judged),
+        "candidates": [*state.candidates, *judged],
+        "usage": usage,
+        "steps": [Step(node="plan", round=0, summary=summary), *steps],
+    }
+
+
+def judge_new(tools: Toolkit, state: RunState, candidates: list[Candidate]) -> tuple[list[Candidate], Usage, list[Step]]:
+    """Critique each current-turn candidate on the concepts it has no verdict for yet; returns the updated list,
+    usage and step records."""
+    usage, steps, judged = state.usage, [], []
+    for candidate in candidates:
+        have = {v.concept_id for v in candidate.verdicts}
+        todo = [c for c in state.concepts if c.id not in have]
+        if candidate.turn == state.turn and todo:
+            critique = tools.critique(candidate.image_id, todo, state.prompt)
+            verdicts = enforce_dependencies([*candidate.verdicts, *critique.verdicts], state.concepts)
+            candidate = candidate.model_copy(update={"verdicts": verdicts})
+            usage = usage.add(critic_calls=1, llm_tokens=critique.tokens)
+            summary = f"{candidate.image_id}: {candidate.satisfied_count}/{len(state.concepts)} satisfied, score {candidate.score:.2f}"
+            steps.append(Step(node="critique", round=candidate.round, summary=summary))
+        judged.append(candidate)
+    return judged, clock(state, usage), steps
+
+
+def finish(state: RunState) -> dict[str, Any]:
+    # No stop reason here means the policy itself ended (the agent's final answer) with budget left.
+    reason = stop_reason(state) or "stopped_by_policy"
+    status = "stopped" if reason == "stopped_by_policy" else cast(RunStatus, reason.split(":")[0])
+    best = best_candidate(state.current(), state.concepts)
+    turn = Turn(
+        index=state.turn,
+        message=state.message,
+        prompt=state.prompt,
+        status=status,
+        stop_reason=reason,
+        best_image=best.image_id if best else None,
+        satisfied=[c.text for c in state.concepts if c.verdict == "satisfied"],
+        missing=[c.text for c in state.concepts if c.verdict != "satisfied"],
+        usage=clock(state),
+    )
+    summary = f"{reason}; best image {turn.best_image or 'none'}"
+    return {
+        "status": status, "stop_reason": reason, "usage": clock(state), "turns": [turn],
+        "steps": [Step(node="finish", round=state.usage.rounds, summary=summary)],
+    }
+
+
+class ReviewRequest(BaseModel):
+    """What a person sees before a regeneration."""
+
+    round: int
+    concepts: list[str] = Field(description="The missing concepts this regeneration targets.")
+    hits: list[RetrievalHit]
+
+
+class ReviewDecision(BaseModel):
+    """A person's answer: keep the references (optionally only some), drop them all, or use their own images."""
+
+    action: Literal["accept", "drop", "replace"] = "accept"
+    keep: list[str] | None = Field(default=None, description="With accept: the hit ids to keep (default: all).")
+    images: list[str] = Field(default_factory=list, description="With replace: paths of reference images to use.")
+    caption: str | None = Field(default=None, description="With replace: what the images show.")
+
+
+def ask_review(hits: list[RetrievalHit], concepts: list[str], round: int) -> list[RetrievalHit]:
+    """Pause the graph (a LangGraph interrupt) until a person decides; return the references to use."""
+    decision = ReviewDecision.model_validate(interrupt(ReviewRequest(round=round, concepts=concepts, hits=hits).model_dump()))
+    if decision.action == "drop":
+        return []
+    if decision.action == "replace":
+        missing = [p for p in decision.images if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"review: reference images not found: {missing}")
+        query = hits[0].query if hits else (concepts[0] if concepts else "")
+        return [
+            RetrievalHit(
+                id=content_id(Path(p).read_bytes()), caption=decision.caption or Path(p).stem, similarity=1.0,
+                source=str(Path(p).resolve()), query=query,
+            )
+            for p in decision.images
+        ]
+    return [h for h in hits if decision.keep is None or h.id in decision.keep]

@@ -1,0 +1,139 @@
+"""The run's state: what a caller sets (RunInput), what it gets back (RunOutput), and what the loop keeps between
+nodes (RunState; AgentState adds the LLM's conversation). A thread is one state that later messages continue."""
+
+from __future__ import annotations
+
+import operator
+import time
+from typing import Annotated, Literal
+
+from langchain_core.messages import AnyMessage
+from langgraph.graph.message import add_messages
+from pydantic import BaseModel, Field, field_validator
+
+from imagerag.tools.types import Candidate, Concept, RetrievalHit
+
+# stopped: the agent policy ended with a final answer while concepts were missing and budget was left.
+# paused: waiting for a person's review of the references (resume with a decision).
+RunStatus = Literal["running", "paused", "satisfied", "budget_exhausted", "stopped", "failed"]
+MAX_PROMPT_CHARS = 4000  # long, dense prompts (DPG-Bench style) fit; a pasted document does not
+THREAD_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # a thread names its run folder
+
+
+class Budget(BaseModel):
+    """Limits of one run. A round is one policy turn: one pass of the imagerag policy, one LLM call of the agent."""
+
+    max_rounds: int = Field(default=4, ge=1, description="Policy turns, the initial generation included.")
+    max_generations: int = Field(default=6, ge=1, description="Images generated, all rounds together.")
+    max_seconds: float | None = Field(default=900.0, gt=0, description="Wall-clock seconds for the run.")
+    max_tokens: int | None = Field(default=60_000, gt=0, description="LLM tokens (planner, judge, agent).")
+
+
+class Usage(BaseModel):
+    rounds: int = 0
+    generations: int = 0
+    critic_calls: int = 0
+    llm_tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, **deltas: int) -> Usage:
+        return self.model_copy(update={k: getattr(self, k) + v for k, v in deltas.items()})
+
+    def spent(self, budget: Budget) -> str | None:
+        """Name of the first budget this usage has reached, or None while all have room."""
+        if self.rounds >= budget.max_rounds:
+            return "rounds"
+        if self.generations >= budget.max_generations:
+            return "generations"
+        if budget.max_seconds is not None and self.seconds >= budget.max_seconds:
+            return "seconds"
+        if budget.max_tokens is not None and self.llm_tokens >= budget.max_tokens:
+            return "tokens"
+        return None
+
+
+class Step(BaseModel):
+    """One entry of the run's step record."""
+
+    node: str
+    round: int
+    summary: str
+    at: float = Field(default_factory=time.time)
+
+
+class Turn(BaseModel):
+    """One message of a thread and where it left the image."""
+
+    index: int
+    message: str
+    prompt: str
+    status: RunStatus
+    stop_reason: str
+    best_image: str | None
+    satisfied: list[str] = Field(default_factory=list, description="Texts of the satisfied concepts.")
+    missing: list[str] = Field(default_factory=list, description="Texts of the concepts still missing.")
+    usage: Usage
+
+
+class RunInput(BaseModel):
+    """What a caller sets: the message (the prompt of a new thread, or how to change a thread's image), seed,
+    budget and whether to pause for review."""
+
+    message: str = Field(description="What to draw; on a thread that already has an image, how to change it.")
+    seed: int = Field(default=0, ge=0, lt=2**63, description="Base seed of the generations.")
+    budget: Budget = Field(default_factory=Budget)
+    review: bool = Field(default=False, description="Pause for a person before each regeneration.")
+
+    @field_validator("message")
+    @classmethod
+    def _message_fits(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("the prompt is empty: describe the image to draw, e.g. 'a red fox in the snow'")
+        if len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(
+                f"the prompt has {len(value)} characters, more than {MAX_PROMPT_CHARS}: shorten it, or split it over turns of a thread"
+            )
+        return value
+
+
+class RunOutput(BaseModel):
+    """What a caller gets back: the prompt as it now stands, the verdict per concept, every image, the record."""
+
+    prompt: str = Field(default="", description="The full prompt (a thread's messages rewrite it).")
+    run_dir: str = Field(default="", description="The run's folder (images, run.json, report.html).")
+    turn: int = 1
+    status: RunStatus = "running"
+    stop_reason: str = ""
+    error: str | None = None
+    concepts: list[Concept] = Field(default_factory=list)
+    candidates: list[Candidate] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    turns: Annotated[list[Turn], operator.add] = Field(default_factory=list)
+    steps: Annotated[list[Step], operator.add] = Field(default_factory=list)
+
+
+class RunState(RunOutput, RunInput):
+    """The graph state of both policies."""
+
+    instruction: str | None = Field(default=None, description="The refining message of this turn, if any.")
+    # Set by the first node that runs (not a default factory: a field no node writes would be "now" in every node).
+    started_at: float | None = None
+    hits: list[RetrievalHit] = Field(default_factory=list, description="References retrieved this round.")
+
+    def current(self) -> list[Candidate]:
+        """This turn's candidates (earlier turns are history)."""
+        return [c for c in self.candidates if c.turn == self.turn]
+
+    def missing(self) -> list[Concept]:
+        return [c for c in self.concepts if c.verdict != "satisfied"]
+
+    def elapsed(self) -> float:
+        return time.time() - self.started_at if self.started_at is not None else 0.0
+
+
+class AgentState(RunState):
+    """The LLM policy adds its conversation."""
+
+    messages: Annotated[list[AnyMessage], add_messages] = Field(default_factory=list)
+    tool_errors: int = Field(default=0, description="Consecutive tool turns in which every call failed.")
