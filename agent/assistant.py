@@ -17,26 +17,52 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from langchain_core.callbacks import CallbackManagerForToolRun
 from langchain_core.tools import BaseTool, ToolException
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from imagerag.tools.config import ConfigError
 from imagerag.agent.config import Settings
-from imagerag.agent.events import RunEvent
+from imagerag.agent.events import (
+    BudgetLeft,
+    DiffusionStep,
+    Finished,
+    NodeFinished,
+    NodeStarted,
+    RetrievalHits,
+    RunEvent,
+    Verdicts,
+)
 from imagerag.agent.result import RunResult
 from imagerag.graphs.state import MAX_PROMPT_CHARS, THREAD_PATTERN, Budget, RunInput
-from imagerag.tools.types import RetrievalHit
+from imagerag.tools.config import ConfigError
 from imagerag.tools.toolkit import Backends
+from imagerag.tools.types import RetrievalHit
 
 MAX_ROUNDS = 10
 MAX_HITS = 20
 
-PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw, in plain words.")]
-Instruction = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="How to change the thread's image, e.g. 'make the scarf green'.")]
+PromptText = Annotated[
+    str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw, in plain words.")
+]
+Instruction = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description="How to change the thread's image, e.g. 'make the scarf green'.",
+    ),
+]
 Rounds = Annotated[int, Field(ge=1, le=MAX_ROUNDS, description="Budget: policy rounds, the first generation included.")]
-ThreadName = Annotated[str, Field(pattern=THREAD_PATTERN, description="A thread id returned by an earlier call (letters, digits, '.', '_', '-').")]
-Caption = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the reference images should show.")]
+ThreadName = Annotated[
+    str,
+    Field(
+        pattern=THREAD_PATTERN, description="A thread id returned by an earlier call (letters, digits, '.', '_', '-')."
+    ),
+]
+Caption = Annotated[
+    str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the reference images should show.")
+]
 HitCount = Annotated[int, Field(ge=1, le=MAX_HITS, description="Reference images to return at most.")]
 
 
@@ -51,21 +77,22 @@ class SearchOutput(BaseModel):
 
 def describe_event(event: RunEvent) -> str | None:
     """One line of progress for a typed run event (None: nothing worth telling)."""
-    kind = event.kind
-    if kind == "node_started":
-        return f"{event.node}"
-    if kind == "diffusion_step":
-        return f"diffusion step {event.step}/{event.total}"
-    if kind == "retrieved":
-        return f"retrieved {len(event.hits)} reference(s) for {', '.join(map(repr, event.captions))}"
-    if kind == "verdicts":
-        return f"image {event.image_id[:12]}: {sum(v.satisfied for v in event.verdicts)}/{len(event.verdicts)} concept(s) satisfied"
-    if kind == "budget":
-        return f"budget left: {event.rounds} round(s), {event.generations} image(s)"
-    if kind == "node_finished":
-        return "; ".join(s.summary for s in event.steps) or None
-    if kind == "finished":
-        return f"finished: {event.result.status}"
+    match event:
+        case NodeStarted():
+            return event.node
+        case DiffusionStep():
+            return f"diffusion step {event.step}/{event.total}"
+        case RetrievalHits():
+            return f"retrieved {len(event.hits)} reference(s) for {', '.join(map(repr, event.captions))}"
+        case Verdicts():
+            satisfied = sum(v.satisfied for v in event.verdicts)
+            return f"image {event.image_id[:12]}: {satisfied}/{len(event.verdicts)} concept(s) satisfied"
+        case BudgetLeft():
+            return f"budget left: {event.rounds} round(s), {event.generations} image(s)"
+        case NodeFinished():
+            return "; ".join(s.summary for s in event.steps) or None
+        case Finished():
+            return f"finished: {event.result.status}"
     return None
 
 
@@ -144,7 +171,9 @@ class ImageRAGAssistant:
                     if isinstance(event, Finished):
                         return event.result
                     if isinstance(event, ReviewRequested):  # only when a thread was started with review on
-                        raise AssistantError(f"thread {request.thread!r} waits for a review: answer it with `imagerag resume`")
+                        raise AssistantError(
+                            f"thread {request.thread!r} waits for a review: answer it with `imagerag resume`"
+                        )
             except (RunError, ConfigError, StoreError, FileNotFoundError) as error:
                 raise AssistantError(str(error)) from None
             except ValidationError as error:
@@ -177,8 +206,8 @@ class _SearchRequest(BaseModel):
 
 def png_bytes(path: str | Path, max_side: int | None = None) -> bytes:
     """An image file as PNG bytes, optionally shrunk (references can be large photographs)."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
         if max_side:
             image.thumbnail((max_side, max_side))
         buffer = io.BytesIO()
@@ -191,7 +220,10 @@ class ImageRAGInput(BaseModel):
 
     prompt: PromptText = Field(description="What to draw; with an existing `thread`, how to change its image.")
     max_rounds: Rounds = 3
-    thread: ThreadName | None = Field(default=None, description="Refine the image of this thread (an id an earlier call returned); omit to start a new image.")
+    thread: ThreadName | None = Field(
+        default=None,
+        description="Refine the image of this thread (an id an earlier call returned); omit to start a new image.",
+    )
 
 
 def _validation_message(error: ValidationError) -> str:
@@ -221,13 +253,23 @@ class ImageRAGTool(BaseTool):
     assistant: ImageRAGAssistant
 
     @classmethod
-    def from_settings(cls, settings: Settings | None = None, out: Path | None = None, backends: Backends | None = None) -> ImageRAGTool:
+    def from_settings(
+        cls, settings: Settings | None = None, out: Path | None = None, backends: Backends | None = None
+    ) -> ImageRAGTool:
         return cls(assistant=ImageRAGAssistant(settings or Settings(), out, backends))
 
-    def _run(self, prompt: str, max_rounds: int = 3, thread: str | None = None, run_manager=None) -> tuple[str, dict]:
+    def _run(
+        self,
+        prompt: str,
+        max_rounds: int = 3,
+        thread: str | None = None,
+        run_manager: CallbackManagerForToolRun | None = None,
+    ) -> tuple[str, dict[str, Any]]:
         try:
             if thread is not None and not self.assistant.thread_exists(thread):
-                raise AssistantError(f"unknown thread {thread!r}: pass a thread id an earlier call returned, or none to start a new image")
+                raise AssistantError(
+                    f"unknown thread {thread!r}: pass a thread id an earlier call returned, or none to start a new image"
+                )
             summary = self.assistant.run(prompt, max_rounds, thread).brief()
         except AssistantError as error:
             raise ToolException(str(error)) from None

@@ -14,12 +14,15 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite import SqliteSaver
 
-from imagerag.tools.config import ConfigError
 from imagerag.agent.config import Settings
+from imagerag.tools.config import ConfigError
 
 # Our pydantic types that checkpoints may hold; listing them keeps checkpoint loading strict (no arbitrary types).
 CHECKPOINT_TYPES = [
-    *[("imagerag.tools.types", name) for name in ("Concept", "ConceptVerdict", "Critique", "RetrievalHit", "Candidate")],
+    *[
+        ("imagerag.tools.types", name)
+        for name in ("Concept", "ConceptVerdict", "Critique", "RetrievalHit", "Candidate")
+    ],
     *[("imagerag.graphs.state", name) for name in ("Budget", "Usage", "Step", "Turn")],
     ("imagerag.graphs.agent_tools", "ToolOutcome"),
 ]

@@ -6,8 +6,9 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -22,7 +23,9 @@ if TYPE_CHECKING:
     from imagerag.agent.result import RunResult
     from imagerag.graphs.nodes import ReviewDecision
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Make text-to-image models draw what the prompt asks.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Make text-to-image models draw what the prompt asks."
+)
 err = Console(stderr=True)
 
 
@@ -55,7 +58,9 @@ def make_settings(budget: dict[str, Any] | None = None, **overrides: Any) -> Set
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
         given = {k: v for k, v in (budget or {}).items() if v is not None}
         if given:
-            settings = settings.model_copy(update={"budget": Budget.model_validate(settings.budget.model_dump() | given)})
+            settings = settings.model_copy(
+                update={"budget": Budget.model_validate(settings.budget.model_dump() | given)}
+            )
         return settings.check()
     except ValidationError as error:
         fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()))
@@ -63,34 +68,48 @@ def make_settings(budget: dict[str, Any] | None = None, **overrides: Any) -> Set
         fail(str(error))
 
 
-Profile = Annotated[Optional[str], typer.Option(help="Backend profile: sdxl, omnigen, sd15, tiny, mini.")]
-Collection = Annotated[Optional[str], typer.Option(help="Reference collection (default: the profile's).")]
-DataDir = Annotated[Optional[Path], typer.Option(help="Data folder for chromadb and built models.")]
+Profile = Annotated[str | None, typer.Option(help="Backend profile: sdxl, omnigen, sd15, tiny, mini.")]
+Collection = Annotated[str | None, typer.Option(help="Reference collection (default: the profile's).")]
+DataDir = Annotated[Path | None, typer.Option(help="Data folder for chromadb and built models.")]
 
 
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw; with an existing --thread, how to change its image.")],
     profile: Profile = None,
-    policy: Annotated[Optional[str], typer.Option(help="imagerag (deterministic) or agent (LLM).")] = None,
-    max_rounds: Annotated[Optional[int], typer.Option(help="Policy turns, the first generation included.")] = None,
-    max_generations: Annotated[Optional[int], typer.Option(help="Images generated in all.")] = None,
-    max_seconds: Annotated[Optional[float], typer.Option(help="Wall-clock budget.")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(help="LLM token budget.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    policy: Annotated[str | None, typer.Option(help="imagerag (deterministic) or agent (LLM).")] = None,
+    max_rounds: Annotated[int | None, typer.Option(help="Policy turns, the first generation included.")] = None,
+    max_generations: Annotated[int | None, typer.Option(help="Images generated in all.")] = None,
+    max_seconds: Annotated[float | None, typer.Option(help="Wall-clock budget.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="LLM token budget.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     collection: Collection = None,
     data_dir: DataDir = None,
     out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
-    thread: Annotated[Optional[str], typer.Option(help="Name the run as a thread; an existing thread is continued.")] = None,
-    review: Annotated[bool, typer.Option("--review", help="Pause before each regeneration to review references.")] = False,
+    thread: Annotated[
+        str | None, typer.Option(help="Name the run as a thread; an existing thread is continued.")
+    ] = None,
+    review: Annotated[
+        bool, typer.Option("--review", help="Pause before each regeneration to review references.")
+    ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Generate an image, critique it per concept, retrieve references and regenerate until satisfied."""
     from imagerag.agent.run import stream
 
     settings = make_settings(
-        budget=dict(max_rounds=max_rounds, max_generations=max_generations, max_seconds=max_seconds, max_tokens=max_tokens),
-        profile=profile, policy=policy, seed=seed, collection=collection, data_dir=data_dir, review=review or None,
+        budget={
+            "max_rounds": max_rounds,
+            "max_generations": max_generations,
+            "max_seconds": max_seconds,
+            "max_tokens": max_tokens,
+        },
+        profile=profile,
+        policy=policy,
+        seed=seed,
+        collection=collection,
+        data_dir=data_dir,
+        review=review or None,
     )
     drive(settings, lambda: stream(prompt, settings, out, thread), json_output)
 
@@ -98,8 +117,10 @@ def generate(
 @app.command()
 def resume(
     run: Annotated[str, typer.Argument(help="A run folder, or a thread name.")],
-    decision: Annotated[Optional[str], typer.Option(help="For a run paused for review: accept or drop.")] = None,
-    replace: Annotated[Optional[list[Path]], typer.Option(help="For a run paused for review: use these images instead.")] = None,
+    decision: Annotated[str | None, typer.Option(help="For a run paused for review: accept or drop.")] = None,
+    replace: Annotated[
+        list[Path] | None, typer.Option(help="For a run paused for review: use these images instead.")
+    ] = None,
     data_dir: DataDir = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
@@ -114,15 +135,17 @@ def resume(
     elif decision:
         if decision not in ("accept", "drop"):
             fail(f"--decision must be accept or drop, not {decision!r}")
-        answer = ReviewDecision(action=decision)
-    drive(settings, lambda: resume_run(run, answer, settings), json_output, load=False)  # the run folder names its profile
+        answer = ReviewDecision.model_validate({"action": decision})
+    drive(
+        settings, lambda: resume_run(run, answer, settings), json_output, load=False
+    )  # the run folder names its profile
 
 
 @app.command()
 def chat(
-    thread: Annotated[Optional[str], typer.Option(help="Thread to continue (default: a new one).")] = None,
+    thread: Annotated[str | None, typer.Option(help="Thread to continue (default: a new one).")] = None,
     profile: Profile = None,
-    policy: Annotated[Optional[str], typer.Option(help="imagerag or agent.")] = None,
+    policy: Annotated[str | None, typer.Option(help="imagerag or agent.")] = None,
     data_dir: DataDir = None,
     out: Annotated[Path, typer.Option(help="Folder that receives the thread's folder.")] = Path("runs"),
 ) -> None:
@@ -139,7 +162,7 @@ def chat(
             break
         if message in ("", "exit", "quit"):
             break
-        drive(settings, lambda: stream(message, settings, out, thread), json_output=False, exit_on_failure=False)
+        drive(settings, partial(stream, message, settings, out, thread), json_output=False, exit_on_failure=False)
 
 
 @app.command()
@@ -159,12 +182,18 @@ def history(
     for column in ("turn", "message", "status", "best image", "satisfied", "missing"):
         table.add_column(column)
     for t in turns:
-        table.add_row(str(t.index), t.message, t.status, t.best_image or "", "; ".join(t.satisfied), "; ".join(t.missing))
+        table.add_row(
+            str(t.index), t.message, t.status, t.best_image or "", "; ".join(t.satisfied), "; ".join(t.missing)
+        )
     Console().print(table)
 
 
 def drive(
-    settings: Settings, start: Callable[[], Iterator[RunEvent]], json_output: bool, exit_on_failure: bool = True, load: bool = True
+    settings: Settings,
+    start: Callable[[], Iterator[RunEvent]],
+    json_output: bool,
+    exit_on_failure: bool = True,
+    load: bool = True,
 ) -> None:
     """Load the backends of `settings` (with `load`; a local profile builds its collection on first use) with
     progress, run an event stream with live progress, answer review pauses at the terminal, print the result."""
@@ -173,12 +202,21 @@ def drive(
     from imagerag.agent.run import resume as resume_run
 
     result: RunResult | None = None
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("loading models", total=None)
         try:
             if load:
-                prepare(settings, lambda stage, done, total: progress.update(task, description=stage, completed=done, total=total))
+                prepare(
+                    settings,
+                    lambda stage, done, total: progress.update(task, description=stage, completed=done, total=total),
+                )
             progress.update(task, description="starting", completed=0, total=None)
             events = start()
             while result is None:
@@ -236,14 +274,18 @@ def ask_reviewer(request: dict[str, Any]) -> ReviewDecision:
         if verb == "accept" or verb == "drop":
             return ReviewDecision(action=verb)
         if verb == "keep" and items:
-            return ReviewDecision(action="accept", keep=[h.id for h in req.hits if any(h.id.startswith(i) for i in items)])
+            return ReviewDecision(
+                action="accept", keep=[h.id for h in req.hits if any(h.id.startswith(i) for i in items)]
+            )
         if verb == "replace" and items:
             return ReviewDecision(action="replace", images=items)
         err.print("[red]answer with accept, drop, keep ID[,ID] or replace PATH[,PATH][/]")
 
 
 def show_result(result: RunResult) -> None:
-    table = Table(title=f"{result.status} ({result.stop_reason}) · {result.rounds} round(s), {result.generations} image(s), {result.elapsed:.1f} s")
+    table = Table(
+        title=f"{result.status} ({result.stop_reason}) · {result.rounds} round(s), {result.generations} image(s), {result.elapsed:.1f} s"
+    )
     for column in ("concept", "verdict", "score"):
         table.add_column(column)
     for c in result.concepts:
@@ -257,22 +299,40 @@ def show_result(result: RunResult) -> None:
 
 @app.command()
 def index(
-    sources: Annotated[list[Path], typer.Argument(help="Image folders (recursive; captions from sidecar .txt/.json), webdataset .tar shards (img2dataset: jpg/png + txt + json) or .parquet files (image bytes + caption columns).")],
+    sources: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Image folders (recursive; captions from sidecar .txt/.json), webdataset .tar shards (img2dataset: jpg/png + txt + json) or .parquet files (image bytes + caption columns)."
+        ),
+    ],
     collection: Collection = None,
     profile: Profile = None,
     data_dir: DataDir = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per embedding forward and per database write.")] = 64,
-    chroma_url: Annotated[Optional[str], typer.Option(help="A Chroma server (http://host:8000) instead of the data folder's.")] = None,
-    workers: Annotated[int, typer.Option(min=0, max=8, help="Decode/preprocess worker processes (0: in the main process; 1 overlaps decoding with embedding).")] = 1,
-    image_column: Annotated[Optional[str], typer.Option(help="Parquet column with the image bytes (default: found by name and type).")] = None,
-    caption_column: Annotated[Optional[str], typer.Option(help="Parquet column with the caption (default: caption or text).")] = None,
+    chroma_url: Annotated[
+        str | None, typer.Option(help="A Chroma server (http://host:8000) instead of the data folder's.")
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=8,
+            help="Decode/preprocess worker processes (0: in the main process; 1 overlaps decoding with embedding).",
+        ),
+    ] = 1,
+    image_column: Annotated[
+        str | None, typer.Option(help="Parquet column with the image bytes (default: found by name and type).")
+    ] = None,
+    caption_column: Annotated[
+        str | None, typer.Option(help="Parquet column with the caption (default: caption or text).")
+    ] = None,
 ) -> None:
     """Embed images with the profile's CLIP and add them to a reference collection (incremental, resumable).
 
     Re-running skips what is indexed; after a crash or Ctrl-C it resumes where it stopped. Images from shards and
     parquet files are copied to DATA_DIR/references so the agent can open them later.
     """
-    from rich.progress import ProgressColumn
+    from rich.progress import ProgressColumn, Task
     from rich.text import Text
 
     from imagerag.tools.backends.indexer import IndexSummary, index_sources, open_sources, size_hint
@@ -281,13 +341,15 @@ def index(
     from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client
 
     class ImagesPerSecond(ProgressColumn):
-        def render(self, task) -> Text:
+        def render(self, task: Task) -> Text:
             return Text(f"{task.speed:.1f} images/s" if task.speed else "", style="progress.data.speed")
 
     settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
     try:
         opened = open_sources(sources, image_column, caption_column)
-        store = ReferenceStore.open(chroma_client(settings.data_dir, chroma_url), settings.collection_name, load_embedder(settings), create=True)
+        store = ReferenceStore.open(
+            chroma_client(settings.data_dir, chroma_url), settings.collection_name, load_embedder(settings), create=True
+        )
     except (SourceError, StoreError) as error:
         fail(str(error))
     summary = IndexSummary()
@@ -295,8 +357,15 @@ def index(
     try:
         with Progress(*columns, console=err) as progress:
             task = progress.add_task("index", total=size_hint(opened))
-            index_sources(store, opened, batch_size, cache_dir=settings.data_dir / "references", num_workers=workers,
-                          on_batch=lambda n: progress.advance(task, n), summary=summary)
+            index_sources(
+                store,
+                opened,
+                batch_size,
+                cache_dir=settings.data_dir / "references",
+                num_workers=workers,
+                on_batch=lambda n: progress.advance(task, n),
+                summary=summary,
+            )
     except KeyboardInterrupt:
         err.print(f"interrupted: {summary.line()}; run the same command again to resume")
         raise typer.Exit(130) from None
@@ -307,22 +376,44 @@ def index(
 def search(
     caption: Annotated[str, typer.Argument(help="What to look for.")],
     k: Annotated[int, typer.Option("-k", min=1, help="Hits to return at most.")] = 5,
-    min_similarity: Annotated[Optional[float], typer.Option(help="Drop hits below this cosine similarity (default: the profile's calibrated value).")] = None,
-    mmr: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Diversify with maximal marginal relevance: 1 = by similarity only, 0 = by difference only.")] = None,
-    sheet: Annotated[Optional[Path], typer.Option(help="Contact sheet PNG (default: ./<caption>.png, never overwriting a file).")] = None,
+    min_similarity: Annotated[
+        float | None,
+        typer.Option(help="Drop hits below this cosine similarity (default: the profile's calibrated value)."),
+    ] = None,
+    mmr: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Diversify with maximal marginal relevance: 1 = by similarity only, 0 = by difference only.",
+        ),
+    ] = None,
+    sheet: Annotated[
+        Path | None, typer.Option(help="Contact sheet PNG (default: ./<caption>.png, never overwriting a file).")
+    ] = None,
     no_sheet: Annotated[bool, typer.Option("--no-sheet", help="Write no contact sheet.")] = False,
     collection: Collection = None,
     profile: Profile = None,
     data_dir: DataDir = None,
-    chroma_url: Annotated[Optional[str], typer.Option(help="A Chroma server (http://host:8000) instead of the data folder's.")] = None,
+    chroma_url: Annotated[
+        str | None, typer.Option(help="A Chroma server (http://host:8000) instead of the data folder's.")
+    ] = None,
 ) -> None:
     """Search a reference collection by caption: print the hits and write a contact sheet of them."""
     from imagerag.tools.backends.loading import calibrated, load_embedder
-    from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client, contact_sheet, default_sheet_path
+    from imagerag.tools.backends.store import (
+        ReferenceStore,
+        StoreError,
+        chroma_client,
+        contact_sheet,
+        default_sheet_path,
+    )
 
     settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
     try:
-        store = ReferenceStore.open(chroma_client(settings.data_dir, chroma_url), settings.collection_name, load_embedder(settings))
+        store = ReferenceStore.open(
+            chroma_client(settings.data_dir, chroma_url), settings.collection_name, load_embedder(settings)
+        )
     except StoreError as error:
         fail(str(error))
     threshold = calibrated(settings).retrieval_min_similarity if min_similarity is None else min_similarity
@@ -344,9 +435,15 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command("miniworld")
 def eval_miniworld(
-    data_dir: Annotated[Path, typer.Option(help="Data folder for the world's corpus and collections.")] = Path(".imagerag"),
-    out: Annotated[Path, typer.Option(help="Where miniworld.json and miniworld.md are written.")] = Path("evals/results"),
-    prompts: Annotated[Optional[int], typer.Option(min=3, help="Use only this many held-out prompts (default: all).")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Data folder for the world's corpus and collections.")] = Path(
+        ".imagerag"
+    ),
+    out: Annotated[Path, typer.Option(help="Where miniworld.json and miniworld.md are written.")] = Path(
+        "evals/results"
+    ),
+    prompts: Annotated[
+        int | None, typer.Option(min=3, help="Use only this many held-out prompts (default: all).")
+    ] = None,
     rounds: Annotated[int, typer.Option(min=2, help="Round budget of the loop condition.")] = 4,
     seed: Annotated[int, typer.Option(help="Base seed of every generation (run several to see the spread).")] = 0,
 ) -> None:
@@ -367,9 +464,13 @@ def serve_mcp(
     profile: Profile = None,
     collection: Collection = None,
     data_dir: DataDir = None,
-    out: Annotated[Optional[Path], typer.Option(help="Folder that receives run folders (default: DATA_DIR/runs).")] = None,
-    http: Annotated[bool, typer.Option("--http", help="Streamable HTTP at http://HOST:PORT/mcp instead of stdio.")] = False,
-    host: Annotated[str, typer.Option(help="With --http: the address to bind (loopback unless told otherwise).")] = "127.0.0.1",
+    out: Annotated[Path | None, typer.Option(help="Folder that receives run folders (default: DATA_DIR/runs).")] = None,
+    http: Annotated[
+        bool, typer.Option("--http", help="Streamable HTTP at http://HOST:PORT/mcp instead of stdio.")
+    ] = False,
+    host: Annotated[
+        str, typer.Option(help="With --http: the address to bind (loopback unless told otherwise).")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="With --http: the port.")] = 8000,
 ) -> None:
     """An MCP server with the tools generate_image, refine_image and search_references (stdio by default)."""

@@ -17,6 +17,7 @@ from imagerag.graphs.context import RunContext
 from imagerag.graphs.state import Budget
 from imagerag.tools.config import ConfigError
 
+
 class RunRecipe(BaseModel):
     """settings.json of a run folder (format 2): the settings that decide how the run draws. A run folder is trusted
     for that and for results, never for where data lives or what to connect to (data_dir, chroma_url,
@@ -36,7 +37,9 @@ class Settings(RunContext):
 
     policy: Literal["imagerag", "agent"] = "imagerag"
     seed: int = Field(default=0, ge=0, lt=2**63)
-    checkpoint_url: str | None = Field(default=None, description="postgresql://... for threads; default: SQLite in data_dir.")
+    checkpoint_url: str | None = Field(
+        default=None, description="postgresql://... for threads; default: SQLite in data_dir."
+    )
     review: bool = Field(default=False, description="Pause before each regeneration for a person to review references.")
     budget: Budget = Field(default_factory=Budget)
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from imagerag.tools.types import ConceptVerdict, RetrievalHit
 from imagerag.agent.result import RunResult
 from imagerag.graphs.state import Step
+from imagerag.tools.types import ConceptVerdict, RetrievalHit
 
 
 class NodeStarted(BaseModel):
@@ -62,6 +62,6 @@ class Finished(BaseModel):
 
 
 RunEvent = Annotated[
-    Union[NodeStarted, NodeFinished, DiffusionStep, RetrievalHits, Verdicts, BudgetLeft, ReviewRequested, Finished],
+    NodeStarted | NodeFinished | DiffusionStep | RetrievalHits | Verdicts | BudgetLeft | ReviewRequested | Finished,
     Field(discriminator="kind"),
 ]

@@ -28,9 +28,22 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ImageContent, TextContent
 
+from imagerag.agent.assistant import (
+    AssistantError,
+    Caption,
+    HitCount,
+    ImageRAGAssistant,
+    Instruction,
+    PromptText,
+    Rounds,
+    SearchOutput,
+    ThreadName,
+    describe_event,
+    png_bytes,
+)
 from imagerag.agent.config import Settings
+from imagerag.agent.events import RunEvent
 from imagerag.agent.result import RunSummary
-from imagerag.agent.assistant import AssistantError, Caption, HitCount, ImageRAGAssistant, Instruction, PromptText, Rounds, SearchOutput, ThreadName, describe_event, png_bytes
 from imagerag.tools.toolkit import Backends
 
 INSTRUCTIONS = (
@@ -54,7 +67,7 @@ def build_server(settings: Settings, out: Path | None = None, backends: Backends
             count += 1  # progress must grow with every notification; the total is unknown in advance
             await ctx.report_progress(count, None, line)
 
-        def on_event(event) -> None:  # in the worker thread: hand each event to the event loop
+        def on_event(event: RunEvent) -> None:  # in the worker thread: hand each event to the event loop
             line = describe_event(event)
             if line:
                 anyio.from_thread.run(report, line)
@@ -65,18 +78,24 @@ def build_server(settings: Settings, out: Path | None = None, backends: Backends
             raise ToolError(str(error)) from None
         return image_result(result.brief())
 
-    @server.tool(description="Generate an image for a prompt. Every concept of the prompt is checked; missing ones are "
-                 "fixed with retrieved reference images until all are drawn or the round budget is spent. Returns the "
-                 "best image, a verdict per concept, and a thread id for refine_image.")
+    @server.tool(
+        description="Generate an image for a prompt. Every concept of the prompt is checked; missing ones are "
+        "fixed with retrieved reference images until all are drawn or the round budget is spent. Returns the "
+        "best image, a verdict per concept, and a thread id for refine_image."
+    )
     async def generate_image(
         prompt: PromptText, ctx: Context, max_rounds: Rounds = 3, thread: ThreadName | None = None
     ) -> Annotated[CallToolResult, RunSummary]:
         if thread is not None and await anyio.to_thread.run_sync(assistant.thread_exists, thread):
-            raise ToolError(f"thread {thread!r} exists: change its image with refine_image, or choose another thread name")
+            raise ToolError(
+                f"thread {thread!r} exists: change its image with refine_image, or choose another thread name"
+            )
         return await run_with_progress(ctx, prompt, max_rounds, thread)
 
-    @server.tool(description="Change the best image of an earlier thread with an instruction (e.g. 'make the scarf "
-                 "green'); the concepts that already hold are kept. Returns the new best image and its verdicts.")
+    @server.tool(
+        description="Change the best image of an earlier thread with an instruction (e.g. 'make the scarf "
+        "green'); the concepts that already hold are kept. Returns the new best image and its verdicts."
+    )
     async def refine_image(
         thread: ThreadName, instruction: Instruction, ctx: Context, max_rounds: Rounds = 3
     ) -> Annotated[CallToolResult, RunSummary]:
@@ -84,8 +103,10 @@ def build_server(settings: Settings, out: Path | None = None, backends: Backends
             raise ToolError(f"unknown thread {thread!r}: pass a thread id that generate_image returned")
         return await run_with_progress(ctx, instruction, max_rounds, thread)
 
-    @server.tool(description="Search the reference collection for images matching a caption; returns the hits "
-                 "(caption, similarity, source) and a thumbnail of each.")
+    @server.tool(
+        description="Search the reference collection for images matching a caption; returns the hits "
+        "(caption, similarity, source) and a thumbnail of each."
+    )
     async def search_references(caption: Caption, k: HitCount = 5) -> Annotated[CallToolResult, SearchOutput]:
         try:
             found = await anyio.to_thread.run_sync(assistant.search, caption, k)
@@ -106,21 +127,30 @@ def build_server(settings: Settings, out: Path | None = None, backends: Backends
 def image_result(output: RunSummary) -> CallToolResult:
     """Best image (PNG) + verdicts as JSON text + structured content; a failed run is an error result."""
     verdicts = {
-        "thread": output.thread, "status": output.status, "stop_reason": output.stop_reason, "error": output.error,
+        "thread": output.thread,
+        "status": output.status,
+        "stop_reason": output.stop_reason,
+        "error": output.error,
         "concepts": [c.model_dump() for c in output.concepts],
     }
     content: list = []
     best = Path(output.best_image) if output.best_image else None
     if best is not None and best.exists():
-        content.append(ImageContent(type="image", data=base64.b64encode(best.read_bytes()).decode(), mime_type="image/png"))
+        content.append(
+            ImageContent(type="image", data=base64.b64encode(best.read_bytes()).decode(), mime_type="image/png")
+        )
     content.append(TextContent(type="text", text=json.dumps(verdicts, indent=2)))
     if output.status == "failed":
-        content.append(TextContent(type="text", text=f"the run failed: {output.error}; its record is in {output.report}"))
+        content.append(
+            TextContent(type="text", text=f"the run failed: {output.error}; its record is in {output.report}")
+        )
         return CallToolResult(content=content, is_error=True)
     return CallToolResult(content=content, structured_content=output.model_dump(mode="json"))
 
 
-def serve_mcp(settings: Settings, out: Path | None = None, http: bool = False, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve_mcp(
+    settings: Settings, out: Path | None = None, http: bool = False, host: str = "127.0.0.1", port: int = 8000
+) -> None:
     """Serve over stdio, or over streamable HTTP at http://host:port/mcp."""
     server = build_server(settings, out)
     if http:

@@ -19,7 +19,11 @@ def _data_url(path: Path) -> str | None:
 
 
 def render_report(result: RunResult) -> str:
-    env = Environment(loader=PackageLoader("imagerag.agent", ""), undefined=StrictUndefined, autoescape=select_autoescape(["html", "j2"]))
+    env = Environment(
+        loader=PackageLoader("imagerag.agent", ""),
+        undefined=StrictUndefined,
+        autoescape=select_autoescape(["html", "j2"]),
+    )
     images = {c.image_id: _data_url(Path(result.run_dir) / IMAGES / f"{c.image_id}.png") for c in result.candidates}
     references = {h.id: _data_url(Path(h.source)) for c in result.candidates for h in c.references}
     texts = {c.id: c.text for c in result.concepts}

@@ -75,7 +75,20 @@ class RunResult(RunSummary):
         best = best_of_turn(state)
         folder = run_dir.resolve()
         return cls(
-            **state.model_dump(include={"stop_reason", "error", "prompt", "turn", "concepts", "candidates", "usage", "budget", "steps", "turns"}),
+            **state.model_dump(
+                include={
+                    "stop_reason",
+                    "error",
+                    "prompt",
+                    "turn",
+                    "concepts",
+                    "candidates",
+                    "usage",
+                    "budget",
+                    "steps",
+                    "turns",
+                }
+            ),
             thread=run_dir.name,
             status=state.status if state.status != "running" else "failed",
             rounds=state.usage.rounds,

@@ -25,14 +25,22 @@ from imagerag.agent import runfolder
 from imagerag.agent.checkpoints import open_checkpointer
 from imagerag.agent.config import Settings
 from imagerag.agent.events import (
-    BudgetLeft, DiffusionStep, Finished, NodeFinished, NodeStarted, RetrievalHits, ReviewRequested, RunEvent, Verdicts,
+    BudgetLeft,
+    DiffusionStep,
+    Finished,
+    NodeFinished,
+    NodeStarted,
+    RetrievalHits,
+    ReviewRequested,
+    RunEvent,
+    Verdicts,
 )
 from imagerag.agent.result import RunResult
 from imagerag.agent.runfolder import RunError
 from imagerag.graphs import build_graph
-from imagerag.graphs.context import register_backends
+from imagerag.graphs.context import RunContext, register_backends
 from imagerag.graphs.nodes import ReviewDecision, ReviewRequest
-from imagerag.graphs.state import THREAD_PATTERN, AgentState, RunInput, RunState, Turn, Usage
+from imagerag.graphs.state import THREAD_PATTERN, AgentState, Budget, RunInput, RunOutput, RunState, Turn, Usage
 from imagerag.tools.toolkit import Backends
 
 Reviewer = Callable[[ReviewRequest], ReviewDecision]
@@ -60,7 +68,9 @@ def stream(
         existing = _thread_values(saver, thread) if thread else None
         if existing:
             if existing.get("status") == "running":  # crashed, failed or paused for review
-                raise RunError(f"thread {thread!r} has an unfinished run: continue it with `imagerag resume {thread}` first")
+                raise RunError(
+                    f"thread {thread!r} has an unfinished run: continue it with `imagerag resume {thread}` first"
+                )
             run_dir = Path(existing["run_dir"])
             settings = settings.with_recipe(runfolder.read_recipe(run_dir))
             graph_input = _input(message, settings)
@@ -105,10 +115,14 @@ def resume(
         if not snapshot.values:
             raise RunError(f"no checkpoint for {run_dir.name!r} in {settings.data_dir}: it cannot be resumed")
         if not snapshot.tasks:  # (a node that finished just before a crash has a task with its result pending)
-            raise RunError(f"run {run_dir.name!r} already ended ({snapshot.values.get('status')}); send a new message to its thread instead")
+            raise RunError(
+                f"run {run_dir.name!r} already ended ({snapshot.values.get('status')}); send a new message to its thread instead"
+            )
         paused = any(task.interrupts for task in snapshot.tasks)
         if paused and answer is None:
-            raise RunError(f"run {run_dir.name!r} waits for a review: resume it with a decision (accept, drop or replace)")
+            raise RunError(
+                f"run {run_dir.name!r} waits for a review: resume it with a decision (accept, drop or replace)"
+            )
         usage = Usage.model_validate(snapshot.values.get("usage") or {})
         # The clock restarts where it stopped: downtime and a person's thinking do not spend the time budget.
         clock = {"started_at": time.time() - usage.seconds}
@@ -157,16 +171,19 @@ def history(thread: str, settings: Settings) -> list[Turn]:
 
 def _input(message: str, settings: Settings) -> dict[str, Any]:
     try:
-        return RunInput(message=message, seed=settings.seed, budget=settings.budget, review=settings.review).model_dump()
+        return RunInput(
+            message=message, seed=settings.seed, budget=settings.budget, review=settings.review
+        ).model_dump()
     except ValidationError as error:
         raise RunError("; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())) from None
 
 
 def _thread_values(saver: BaseCheckpointSaver, thread: str) -> dict[str, Any] | None:
+    values: dict[str, Any] | None
     try:
         found = saver.get_tuple({"configurable": {"thread_id": thread}})
-    except Exception:  # a checkpoint holding types this version does not know
-        found, values = None, {"status": "unreadable"}
+    except Exception:  # noqa: BLE001 - a checkpoint holding types this version does not know; answered below
+        values = {"status": "unreadable"}
     else:
         values = dict(found.checkpoint["channel_values"]) if found else None
     if values is not None and "message" not in values:
@@ -177,44 +194,34 @@ def _thread_values(saver: BaseCheckpointSaver, thread: str) -> dict[str, Any] | 
     return values
 
 
-def _compile(saver: BaseCheckpointSaver, settings: Settings, run_dir: Path) -> tuple[CompiledStateGraph, RunnableConfig]:
+def _compile(
+    saver: BaseCheckpointSaver, settings: Settings, run_dir: Path
+) -> tuple[CompiledStateGraph[Any, RunContext, RunInput, RunOutput], RunnableConfig]:
     graph = build_graph(settings.policy).compile(checkpointer=saver)
     return graph, {"configurable": {"thread_id": run_dir.name}, "recursion_limit": 10 * settings.budget.max_rounds + 50}
 
 
-def _drive(saver: BaseCheckpointSaver, settings: Settings, backends: Backends, run_dir: Path, graph_input: Any) -> Iterator[RunEvent]:
+def _drive(
+    saver: BaseCheckpointSaver, settings: Settings, backends: Backends, run_dir: Path, graph_input: Any
+) -> Iterator[RunEvent]:
     """Stream the graph, translate its chunks to events, and write run.json and report.html at the end."""
     graph, config = _compile(saver, settings, run_dir)
-    context = settings.context().model_copy(update={"runs_dir": run_dir.parent, "backends_id": register_backends(backends)})
-    started, error, announced = time.time(), None, set()
-    budget = settings.budget
+    context = settings.context().model_copy(
+        update={"runs_dir": run_dir.parent, "backends_id": register_backends(backends)}
+    )
+    started, error = time.time(), None
+    announced: set[tuple[str, int, int]] = set()
     try:
-        for mode, chunk in graph.stream(graph_input, config, context=context, stream_mode=["tasks", "updates", "custom"]):
-            if mode == "tasks" and "input" in chunk:
-                yield NodeStarted(node=chunk["name"])
-            elif mode == "custom" and chunk.get("event") == "diffusion_step":
-                yield DiffusionStep(step=chunk["step"], total=chunk["total"])
-            elif mode == "custom" and chunk.get("event") == "retrieved":
-                yield RetrievalHits(captions=chunk.get("captions") or [chunk.get("caption", "")], hits=chunk["hits"])
-            elif mode == "updates":
-                for node, update in chunk.items():
-                    if node == "__interrupt__" or not isinstance(update, dict):
-                        continue
-                    yield NodeFinished(node=node, steps=update.get("steps", []))
-                    for candidate in update.get("candidates", []):
-                        key = (candidate.image_id, candidate.turn, len(candidate.verdicts))
-                        if candidate.judged and key not in announced:
-                            announced.add(key)
-                            yield Verdicts(image_id=candidate.image_id, verdicts=candidate.verdicts)
-                    if "usage" in update:
-                        u = update["usage"]
-                        yield BudgetLeft(
-                            rounds=budget.max_rounds - u.rounds,
-                            generations=budget.max_generations - u.generations,
-                            seconds=None if budget.max_seconds is None else budget.max_seconds - u.seconds,
-                            tokens=None if budget.max_tokens is None else budget.max_tokens - u.llm_tokens,
-                        )
-    except Exception as exc:  # the run fails cleanly: what the checkpoint holds is kept
+        for part in graph.stream(
+            graph_input, config, context=context, stream_mode=["tasks", "updates", "custom"], version="v2"
+        ):
+            if part["type"] == "tasks" and "input" in part["data"]:
+                yield NodeStarted(node=part["data"]["name"])
+            elif part["type"] == "custom":
+                yield from _custom_events(part["data"])
+            elif part["type"] == "updates":
+                yield from _update_events(part["data"], settings.budget, announced)
+    except Exception as exc:  # noqa: BLE001 - any failure ends the run cleanly; the checkpoint keeps its work
         error = f"{exc.__class__.__name__}: {exc}"
     snapshot = graph.get_state(config)
     state = (AgentState if settings.policy == "agent" else RunState).model_validate(snapshot.values)
@@ -227,7 +234,9 @@ def _drive(saver: BaseCheckpointSaver, settings: Settings, backends: Backends, r
         state = state.model_copy(update={"status": "paused", "stop_reason": "review"})
     result = RunResult.of(state, run_dir, settings.policy, settings.profile, time.time() - started)
     runfolder.write_outputs(result)
-    yield ReviewRequested(run_dir=str(run_dir), request=pending[0]) if pending and not error else Finished(result=result)
+    yield (
+        ReviewRequested(run_dir=str(run_dir), request=pending[0]) if pending and not error else Finished(result=result)
+    )
 
 
 def prepare(settings: Settings, on_progress: Callable[[str, int, int | None], None] | None = None) -> Backends:
@@ -243,6 +252,36 @@ def prepare(settings: Settings, on_progress: Callable[[str, int, int | None], No
     elif pick_device(settings.device) == "cpu":
         log.warning(
             "no GPU found: each image of the %s profile will take minutes on the CPU (try --profile mini for the "
-            "offline demo, or set IMAGERAG_DEVICE)", profile.name
+            "offline demo, or set IMAGERAG_DEVICE)",
+            profile.name,
         )
     return load_backends(settings)
+
+
+def _custom_events(data: dict[str, Any]) -> Iterator[RunEvent]:
+    """Events that the tools sent through LangGraph's stream writer (tools.toolkit)."""
+    if data.get("event") == "diffusion_step":
+        yield DiffusionStep(step=data["step"], total=data["total"])
+    elif data.get("event") == "retrieved":
+        yield RetrievalHits(captions=data.get("captions") or [data.get("caption", "")], hits=data["hits"])
+
+
+def _update_events(updates: dict[str, Any], budget: Budget, announced: set[tuple[str, int, int]]) -> Iterator[RunEvent]:
+    """A node finished: its steps, the verdicts on images judged for the first time, the budget left."""
+    for node, update in updates.items():
+        if node == "__interrupt__" or not isinstance(update, dict):
+            continue
+        yield NodeFinished(node=node, steps=update.get("steps", []))
+        for candidate in update.get("candidates", []):
+            key = (candidate.image_id, candidate.turn, len(candidate.verdicts))
+            if candidate.judged and key not in announced:
+                announced.add(key)
+                yield Verdicts(image_id=candidate.image_id, verdicts=candidate.verdicts)
+        if "usage" in update:
+            used = update["usage"]
+            yield BudgetLeft(
+                rounds=budget.max_rounds - used.rounds,
+                generations=budget.max_generations - used.generations,
+                seconds=None if budget.max_seconds is None else budget.max_seconds - used.seconds,
+                tokens=None if budget.max_tokens is None else budget.max_tokens - used.llm_tokens,
+            )

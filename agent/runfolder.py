@@ -29,7 +29,9 @@ def check_out_dir(out: Path) -> None:
         if not os.access(out, os.W_OK):
             raise PermissionError(out)
     except OSError as error:
-        raise RunError(f"cannot write runs to {out} ({error.__class__.__name__}): pass a writable folder with --out") from None
+        raise RunError(
+            f"cannot write runs to {out} ({error.__class__.__name__}): pass a writable folder with --out"
+        ) from None
 
 
 def new_run_dir(out: Path, prompt: str) -> Path:

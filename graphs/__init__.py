@@ -4,14 +4,18 @@ Both take RunInput, return RunOutput and read their backends through RunContext 
 
 from __future__ import annotations
 
+from typing import Any
+
 from langgraph.graph import StateGraph
 
+from imagerag.graphs.context import RunContext
+from imagerag.graphs.state import RunInput, RunOutput
 from imagerag.tools.config import ConfigError
 
 POLICIES = ("imagerag", "agent")
 
 
-def build_graph(policy: str) -> StateGraph:
+def build_graph(policy: str) -> StateGraph[Any, RunContext, RunInput, RunOutput]:
     """The uncompiled builder for `policy`; callers compile it with the checkpointer they need."""
     if policy == "imagerag":
         from imagerag.graphs.imagerag import build_imagerag_graph

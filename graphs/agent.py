@@ -46,13 +46,18 @@ def agent(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     )
     # The turn's first call opens with the user's message: the prompt, or a thread's refinement.
     opening = [] if state.usage.rounds else [HumanMessage(state.instruction or f"Draw: {state.prompt}")]
-    usage, nudge, error = state.usage.add(rounds=1), [], ""
+    usage, error = state.usage.add(rounds=1), ""
+    nudge: list[HumanMessage] = []
     for _ in range(context.max_tool_errors):
         reply = model.invoke([system, *state.messages, *opening, *nudge])
         usage = usage.add(llm_tokens=tokens_of(reply))
         if not isinstance(reply, AIMessage) or not reply.invalid_tool_calls:
             calls = ", ".join(c["name"] for c in getattr(reply, "tool_calls", [])) or "final answer"
-            return {"messages": [*opening, reply], "usage": clock(state, usage), "steps": [Step(node="agent", round=usage.rounds, summary=calls)]}
+            return {
+                "messages": [*opening, reply],
+                "usage": clock(state, usage),
+                "steps": [Step(node="agent", round=usage.rounds, summary=calls)],
+            }
         # A malformed call is not kept in the conversation (it has no tool answer); ask again instead.
         error = "; ".join(str(c.get("error") or c.get("args")) for c in reply.invalid_tool_calls)
         nudge = [HumanMessage(render("tool_call_error", error=error, tools=[t.name for t in TOOLS]))]
@@ -88,7 +93,9 @@ def review(state: AgentState) -> dict[str, Any]:
             added += [h for h in chosen if h.id not in known]
             tool_call = {**tool_call, "args": {**tool_call["args"], "reference_ids": [h.id for h in chosen]}}
         calls.append(tool_call)
-    summary = "; ".join(", ".join(c["args"]["reference_ids"]) or "no reference" for c in calls if c["name"] == "regenerate")
+    summary = "; ".join(
+        ", ".join(c["args"]["reference_ids"]) or "no reference" for c in calls if c["name"] == "regenerate"
+    )
     return {
         "messages": [last.model_copy(update={"tool_calls": calls})],
         "hits": [*state.hits, *added],
@@ -109,7 +116,10 @@ def observe(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         if outcome.critique is not None:
             usage = usage.add(critic_calls=1, llm_tokens=outcome.critique.tokens)
             verdicts = outcome.critique.verdicts
-            candidates = [c.model_copy(update={"verdicts": verdicts}) if c.image_id == outcome.judged_image else c for c in candidates]
+            candidates = [
+                c.model_copy(update={"verdicts": verdicts}) if c.image_id == outcome.judged_image else c
+                for c in candidates
+            ]
     fresh = {c.image_id for c in candidates if not c.judged}
     candidates, usage, steps = judge_new(toolkit(state, runtime), state.model_copy(update={"usage": usage}), candidates)
     # Show the LLM the automatic verdicts in the answer of the call that made each image.
@@ -129,7 +139,8 @@ def observe(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         "usage": usage,
         "tool_errors": tool_errors,
         "messages": updated,
-        "steps": steps or [Step(node="observe", round=usage.rounds, summary=f"{len(recent)} tool result(s), {errors} failed")],
+        "steps": steps
+        or [Step(node="observe", round=usage.rounds, summary=f"{len(recent)} tool result(s), {errors} failed")],
     }
     if tool_errors >= context_of(runtime).max_tool_errors:
         update |= {"status": "failed", "error": f"{tool_errors} tool turns in a row failed: {recent[-1].content}"}
@@ -150,7 +161,7 @@ def trailing_tool_messages(messages: list[AnyMessage]) -> list[ToolMessage]:
     return recent[::-1]
 
 
-def build_agent_graph() -> StateGraph:
+def build_agent_graph() -> StateGraph[AgentState, RunContext, RunInput, RunOutput]:
     builder = StateGraph(AgentState, context_schema=RunContext, input_schema=RunInput, output_schema=RunOutput)
     builder.add_node(plan, retry_policy=NODE_RETRY)
     builder.add_node(agent)

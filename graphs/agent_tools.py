@@ -72,14 +72,20 @@ def critique(
     """Judge one generated image against every concept of the prompt."""
     run = _run(runtime)
     if image_id not in {c.image_id for c in run.candidates}:
-        raise ToolInputError(f"unknown image id {image_id!r}: pass an id returned by generate or regenerate in this run")
+        raise ToolInputError(
+            f"unknown image id {image_id!r}: pass an id returned by generate or regenerate in this run"
+        )
     verdicts = _tools(runtime).critique(image_id, run.concepts, run.prompt)
-    return describe_verdicts(image_id, verdicts.verdicts, run.concepts), ToolOutcome(judged_image=image_id, critique=verdicts)
+    return describe_verdicts(image_id, verdicts.verdicts, run.concepts), ToolOutcome(
+        judged_image=image_id, critique=verdicts
+    )
 
 
 @tool(response_format="content_and_artifact")
 def retrieve(
-    caption: Annotated[str, Field(description="Stand-alone caption of the concept, e.g. 'a photo of a boston bull dog'.")],
+    caption: Annotated[
+        str, Field(description="Stand-alone caption of the concept, e.g. 'a photo of a boston bull dog'.")
+    ],
     runtime: Runtime,
     k: Annotated[int, Field(ge=1, le=5, description="How many references.")] = 1,
     min_similarity: Annotated[float | None, Field(description="Relevance threshold; default: the profile's.")] = None,
@@ -87,7 +93,10 @@ def retrieve(
     """Find reference images in the database for one missing concept."""
     hits = _tools(runtime).retrieve(caption, k, min_similarity)
     if not hits:
-        return f"no reference image is similar enough to {caption!r}; try another caption or regenerate without one", ToolOutcome()
+        return (
+            f"no reference image is similar enough to {caption!r}; try another caption or regenerate without one",
+            ToolOutcome(),
+        )
     listed = "; ".join(f"{h.id}: {h.caption!r} (similarity {h.similarity:.2f})" for h in hits)
     return f"references for {caption!r}: {listed}", ToolOutcome(hits=hits)
 
@@ -107,8 +116,12 @@ def regenerate(
     unknown = [i for i in reference_ids if i not in known]
     if unknown:
         raise ToolInputError(f"unknown reference ids {unknown}: pass ids returned by retrieve in this run")
-    candidate = _tools(runtime).regenerate(prompt, [known[i] for i in reference_ids], seed, round=run.usage.rounds, turn=run.turn)
-    return f"regenerated image {candidate.image_id} with {len(candidate.references)} reference(s)", ToolOutcome(candidates=[candidate])
+    candidate = _tools(runtime).regenerate(
+        prompt, [known[i] for i in reference_ids], seed, round=run.usage.rounds, turn=run.turn
+    )
+    return f"regenerated image {candidate.image_id} with {len(candidate.references)} reference(s)", ToolOutcome(
+        candidates=[candidate]
+    )
 
 
 TOOLS: list[BaseTool] = [generate, critique, retrieve, regenerate]

@@ -4,8 +4,8 @@ resumed run passes them again. Nodes turn them into a Toolkit over backends cach
 from __future__ import annotations
 
 import re
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from langgraph.config import get_config
 from langgraph.prebuilt import ToolRuntime
@@ -30,7 +30,9 @@ class RunContext(BackendConfig, BaseSettings):
 
     retrieve_k: int = Field(default=1, ge=1, description="References retrieved per missing concept.")
     max_tool_errors: int = Field(default=3, ge=1, description="Consecutive failed tool calls before a run fails.")
-    runs_dir: Path | None = Field(default=None, description="Where run folders go (one per thread); default: DATA_DIR/runs.")
+    runs_dir: Path | None = Field(
+        default=None, description="Where run folders go (one per thread); default: DATA_DIR/runs."
+    )
     backends_id: str | None = Field(
         default=None, description="Backends handed over in this process (register_backends); default: load them."
     )
@@ -59,7 +61,9 @@ def backends_for(context: RunContext) -> Backends:
         try:
             return _registered[context.backends_id]
         except KeyError:
-            raise ConfigError(f"no backends {context.backends_id!r} in this process: drop backends_id to load them") from None
+            raise ConfigError(
+                f"no backends {context.backends_id!r} in this process: drop backends_id to load them"
+            ) from None
     from imagerag.tools.backends.loading import load_backends
 
     return load_backends(context)

@@ -38,7 +38,12 @@ def generate(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
 
 def critique(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     candidates, usage, steps = judge_new(toolkit(state, runtime), state, state.candidates)
-    return {"candidates": candidates, "concepts": concepts_from_best(state.concepts, candidates), "usage": usage, "steps": steps}
+    return {
+        "candidates": candidates,
+        "concepts": concepts_from_best(state.concepts, candidates),
+        "usage": usage,
+        "steps": steps,
+    }
 
 
 def after_critique(state: RunState) -> Literal["retrieve", "finish"]:
@@ -57,7 +62,12 @@ def retrieve(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     concepts = [c.model_copy(update={"attempts": c.attempts + 1}) if c.id in targeted else c for c in state.concepts]
     found = ", ".join(f"{h.caption!r} ({h.similarity:.2f})" for h in hits) or "nothing above the threshold"
     summary = f"for {', '.join(map(repr, captions))}: {found}"
-    return {"hits": hits, "concepts": concepts, "usage": clock(state), "steps": [Step(node="retrieve", round=state.usage.rounds, summary=summary)]}
+    return {
+        "hits": hits,
+        "concepts": concepts,
+        "usage": clock(state),
+        "steps": [Step(node="retrieve", round=state.usage.rounds, summary=summary)],
+    }
 
 
 def after_retrieve(state: RunState) -> Literal["review", "regenerate"]:
@@ -75,7 +85,9 @@ def regenerate(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     usage = state.usage.add(rounds=1, generations=1)
     # A new seed each round: with no usable reference the round is a fresh sample, not a repeat.
     seed = state.seed + usage.rounds - 1
-    candidate = toolkit(state, runtime).regenerate(state.prompt, state.hits, seed=seed, round=usage.rounds, turn=state.turn)
+    candidate = toolkit(state, runtime).regenerate(
+        state.prompt, state.hits, seed=seed, round=usage.rounds, turn=state.turn
+    )
     refs = ", ".join(h.caption for h in candidate.references) or "no reference"
     return {
         "candidates": [*state.candidates, candidate],
@@ -84,7 +96,7 @@ def regenerate(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     }
 
 
-def build_imagerag_graph() -> StateGraph:
+def build_imagerag_graph() -> StateGraph[RunState, RunContext, RunInput, RunOutput]:
     builder = StateGraph(RunState, context_schema=RunContext, input_schema=RunInput, output_schema=RunOutput)
     builder.add_node(plan, retry_policy=NODE_RETRY)
     builder.add_node(generate, retry_policy=NODE_RETRY)

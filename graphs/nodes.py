@@ -15,7 +15,14 @@ from langgraph.types import RetryPolicy, interrupt
 from pydantic import BaseModel, Field
 
 from imagerag.graphs.context import RunContext, context_of, run_dir_of, toolkit
-from imagerag.graphs.rules import best_candidate, best_of_turn, clock, concepts_from_best, enforce_dependencies, stop_reason
+from imagerag.graphs.rules import (
+    best_candidate,
+    best_of_turn,
+    clock,
+    concepts_from_best,
+    enforce_dependencies,
+    stop_reason,
+)
 from imagerag.graphs.state import RunState, RunStatus, Step, Turn, Usage
 from imagerag.tools.files import content_id
 from imagerag.tools.toolkit import Toolkit
@@ -56,18 +63,33 @@ def next_turn(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     turn = state.turn + 1
     revised = state.model_copy(
         update={
-            "prompt": prompt, "concepts": concepts, "turn": turn, "instruction": state.message, "status": "running",
-            "stop_reason": "", "error": None, "hits": [], "started_at": time.time(), "usage": Usage(llm_tokens=tokens),
+            "prompt": prompt,
+            "concepts": concepts,
+            "turn": turn,
+            "instruction": state.message,
+            "status": "running",
+            "stop_reason": "",
+            "error": None,
+            "hits": [],
+            "started_at": time.time(),
+            "usage": Usage(llm_tokens=tokens),
         }
     )
     kept = {c.id for c in concepts}
-    carried = [
-        previous.model_copy(update={"turn": turn, "round": 0, "verdicts": [v for v in previous.verdicts if v.concept_id in kept]})
-    ] if previous else []
+    carried = (
+        [
+            previous.model_copy(
+                update={"turn": turn, "round": 0, "verdicts": [v for v in previous.verdicts if v.concept_id in kept]}
+            )
+        ]
+        if previous
+        else []
+    )
     judged, usage, steps = judge_new(tools, revised, carried)
     summary = f"{state.message!r} -> {prompt!r}: " + "; ".join(f"{c.id}: {c.text}" for c in concepts)
     update: dict[str, Any] = {
-        name: getattr(revised, name) for name in ("prompt", "turn", "instruction", "status", "stop_reason", "error", "hits", "started_at")
+        name: getattr(revised, name)
+        for name in ("prompt", "turn", "instruction", "status", "stop_reason", "error", "hits", "started_at")
     }
     if "tool_errors" in type(state).model_fields:
         update["tool_errors"] = 0
@@ -79,7 +101,9 @@ def next_turn(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     }
 
 
-def judge_new(tools: Toolkit, state: RunState, candidates: list[Candidate]) -> tuple[list[Candidate], Usage, list[Step]]:
+def judge_new(
+    tools: Toolkit, state: RunState, candidates: list[Candidate]
+) -> tuple[list[Candidate], Usage, list[Step]]:
     """Critique each current-turn candidate on the concepts it has no verdict for yet; returns the updated list,
     usage and step records."""
     usage, steps, judged = state.usage, [], []
@@ -115,7 +139,10 @@ def finish(state: RunState) -> dict[str, Any]:
     )
     summary = f"{reason}; best image {turn.best_image or 'none'}"
     return {
-        "status": status, "stop_reason": reason, "usage": clock(state), "turns": [turn],
+        "status": status,
+        "stop_reason": reason,
+        "usage": clock(state),
+        "turns": [turn],
         "steps": [Step(node="finish", round=state.usage.rounds, summary=summary)],
     }
 
@@ -139,7 +166,9 @@ class ReviewDecision(BaseModel):
 
 def ask_review(hits: list[RetrievalHit], concepts: list[str], round: int) -> list[RetrievalHit]:
     """Pause the graph (a LangGraph interrupt) until a person decides; return the references to use."""
-    decision = ReviewDecision.model_validate(interrupt(ReviewRequest(round=round, concepts=concepts, hits=hits).model_dump()))
+    decision = ReviewDecision.model_validate(
+        interrupt(ReviewRequest(round=round, concepts=concepts, hits=hits).model_dump())
+    )
     if decision.action == "drop":
         return []
     if decision.action == "replace":
@@ -149,8 +178,11 @@ def ask_review(hits: list[RetrievalHit], concepts: list[str], round: int) -> lis
         query = hits[0].query if hits else (concepts[0] if concepts else "")
         return [
             RetrievalHit(
-                id=content_id(Path(p).read_bytes()), caption=decision.caption or Path(p).stem, similarity=1.0,
-                source=str(Path(p).resolve()), query=query,
+                id=content_id(Path(p).read_bytes()),
+                caption=decision.caption or Path(p).stem,
+                similarity=1.0,
+                source=str(Path(p).resolve()),
+                query=query,
             )
             for p in decision.images
         ]

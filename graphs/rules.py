@@ -45,7 +45,9 @@ def enforce_dependencies(verdicts: list[ConceptVerdict], concepts: list[Concept]
         missing = [p for p in parents.get(verdict.concept_id, []) if p in by_id and not by_id[p].satisfied]
         if verdict.satisfied and missing:
             evidence = f"{verdict.evidence} (needs {', '.join(missing)}, which is missing)".strip()
-            verdict = verdict.model_copy(update={"satisfied": False, "score": min(verdict.score, 0.49), "evidence": evidence})
+            verdict = verdict.model_copy(
+                update={"satisfied": False, "score": min(verdict.score, 0.49), "evidence": evidence}
+            )
             by_id[verdict.concept_id] = verdict
         out.append(verdict)
     return out
@@ -59,7 +61,9 @@ def concepts_from_best(concepts: list[Concept], candidates: list[Candidate]) -> 
         return concepts
     best = {v.concept_id: v for v in chosen.verdicts}
     return [
-        c.model_copy(update={"verdict": "satisfied" if v.satisfied else "missing", "score": v.score, "evidence": v.evidence})
+        c.model_copy(
+            update={"verdict": "satisfied" if v.satisfied else "missing", "score": v.score, "evidence": v.evidence}
+        )
         if (v := best.get(c.id))
         else c
         for c in concepts
@@ -82,7 +86,9 @@ def targets_for_round(state: RunState, limit: int) -> list[Concept]:
     needs_reference = [c for c in missing if c.id not in from_text]
     kept_by_reference = [c for c in state.concepts if c.id not in from_text and c.id not in missing_ids]
     targets = needs_reference or kept_by_reference or missing
-    return sorted(targets, key=lambda c: (bool(c.depends_on), any(p in missing_ids for p in c.depends_on), c.attempts))[:limit]
+    return sorted(targets, key=lambda c: (bool(c.depends_on), any(p in missing_ids for p in c.depends_on), c.attempts))[
+        :limit
+    ]
 
 
 def clock(state: RunState, usage: Usage | None = None) -> Usage:

@@ -9,7 +9,13 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 @cache
 def _env() -> Environment:
-    return Environment(loader=PackageLoader("imagerag.prompts", ""), undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
+    return Environment(
+        loader=PackageLoader("imagerag.prompts", ""),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=False,
+    )
 
 
 def render(name: str, **variables) -> str:

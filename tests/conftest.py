@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", ANONYMIZED_TELEMETRY="False", OPENAI_API_KEY="sk-test-not-real")
+os.environ.update(
+    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", ANONYMIZED_TELEMETRY="False", OPENAI_API_KEY="sk-test-not-real"
+)
 for leaked in [k for k in os.environ if k.startswith("IMAGERAG_")]:
     del os.environ[leaked]  # a developer's own configuration must not steer the tests
 
@@ -13,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from scripted import ScriptedCritic, fake_backends
 
 from imagerag.agent.config import Settings
-from scripted import ScriptedCritic, fake_backends
 from imagerag.tools.backends.images import ImageStore
 from imagerag.tools.backends.indexer import index_folders
 from imagerag.tools.backends.loading import load_embedder
@@ -27,7 +29,9 @@ _real_connect = socket.socket.connect
 
 def _loopback_only(self, address):
     host = address[0] if isinstance(address, tuple) else address
-    if isinstance(host, str) and (host.startswith("127.") or host in {"localhost", "::1"} or self.family == socket.AF_UNIX):
+    if isinstance(host, str) and (
+        host.startswith("127.") or host in {"localhost", "::1"} or self.family == socket.AF_UNIX
+    ):
         return _real_connect(self, address)
     raise ConnectionRefusedError(f"tests may not open a socket to {address!r}: only loopback is allowed")
 
@@ -65,4 +69,3 @@ def tiny_store(tiny_settings) -> ReferenceStore:
 @pytest.fixture
 def toolkit(tiny_store, tmp_path) -> Toolkit:
     return Toolkit(fake_backends(tiny_store, ScriptedCritic([set()])), ImageStore(tmp_path / "images"))
-

@@ -18,13 +18,13 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.runnables import RunnableLambda
 from PIL import Image
+from pydantic import Field
 
-from imagerag.tools.config import PROFILES
-from imagerag.tools.types import Concept, ConceptVerdict
-from imagerag.tools.types import Critique
 from imagerag.tools.backends.planner import RuleDecomposer
 from imagerag.tools.backends.store import ReferenceStore
+from imagerag.tools.config import PROFILES
 from imagerag.tools.toolkit import Backends
+from imagerag.tools.types import Concept, ConceptVerdict, Critique
 
 
 class ScriptedChatModel(GenericFakeChatModel):
@@ -35,8 +35,8 @@ class ScriptedChatModel(GenericFakeChatModel):
 
     structured: Iterator[Any] = iter(())
     temperature: float = 0.0
-    temperatures: list[float] = []
-    seen: list[list] = []
+    temperatures: list[float] = Field(default_factory=list)
+    seen: list[list] = Field(default_factory=list)
 
     def bind_tools(self, tools, **kwargs):
         return self
@@ -71,7 +71,11 @@ def last_tool_answer(messages) -> str:
 
 
 def tool_turn(*calls: dict, tokens: int = 50) -> AIMessage:
-    return AIMessage("", tool_calls=list(calls), usage_metadata={"input_tokens": tokens - 10, "output_tokens": 10, "total_tokens": tokens})
+    return AIMessage(
+        "",
+        tool_calls=list(calls),
+        usage_metadata={"input_tokens": tokens - 10, "output_tokens": 10, "total_tokens": tokens},
+    )
 
 
 class ScriptedCritic:
@@ -92,7 +96,12 @@ class ScriptedCritic:
             raise step
         return Critique(
             verdicts=[
-                ConceptVerdict(concept_id=c.id, satisfied=c.id in step, score=min(1.0, (0.8 if c.id in step else 0.2) + bonus), caption=None if c.id in step else f"a photo of {c.text}")
+                ConceptVerdict(
+                    concept_id=c.id,
+                    satisfied=c.id in step,
+                    score=min(1.0, (0.8 if c.id in step else 0.2) + bonus),
+                    caption=None if c.id in step else f"a photo of {c.text}",
+                )
                 for c in concepts
             ],
             tokens=0,
@@ -111,7 +120,10 @@ class FakeGenerator:
         self.calls.append({"prompt": prompt, "seed": seed, "n": n, "references": len(references)})
         if on_step:
             on_step(1, 1)
-        return [Image.new("RGB", (8, 8), ((37 * (seed + i) + 80 * len(references)) % 256, len(self.calls) * 13 % 256, 7)) for i in range(n)]
+        return [
+            Image.new("RGB", (8, 8), ((37 * (seed + i) + 80 * len(references)) % 256, len(self.calls) * 13 % 256, 7))
+            for i in range(n)
+        ]
 
 
 class FakeOpenAIServer:
@@ -131,7 +143,13 @@ class FakeOpenAIServer:
                     "object": "chat.completion",
                     "created": 0,
                     "model": body.get("model", "scripted"),
-                    "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", **message},
+                            "finish_reason": "tool_calls" if message.get("tool_calls") else "stop",
+                        }
+                    ],
                     "usage": {"prompt_tokens": 40, "completion_tokens": 10, "total_tokens": 50},
                 }
                 data = json.dumps(payload).encode()
@@ -161,7 +179,12 @@ class FakeOpenAIServer:
 
 
 def function_call(name: str, arguments: dict, call_id: str = "call_1") -> dict:
-    return {"content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}]}
+    return {
+        "content": None,
+        "tool_calls": [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+        ],
+    }
 
 
 def fake_backends(store: ReferenceStore, critic, llm=None, generator=None, min_similarity: float = -1.0) -> Backends:
@@ -183,7 +206,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def server_process(command: list[str], log_path: Path, ready: Callable[[], bool], what: str, **popen) -> Iterator[subprocess.Popen]:
+def server_process(
+    command: list[str], log_path: Path, ready: Callable[[], bool], what: str, **popen
+) -> Iterator[subprocess.Popen]:
     """Start a server, wait (60 s at most) until `ready()`, yield it, then stop it: terminate, kill if it lingers."""
     log = log_path.open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **popen)

@@ -1,16 +1,18 @@
 """The LLM policy: tool calls run through a ToolNode, the graph owns the stop rule and the budget."""
 
 from langchain_core.messages import AIMessage, ToolMessage
+from scripted import ScriptedChatModel, ScriptedCritic, call, fake_backends, last_tool_answer, tool_turn
 
 from imagerag.agent.run import run
 from imagerag.graphs.state import Budget
-from scripted import ScriptedChatModel, ScriptedCritic, call, fake_backends, last_tool_answer, tool_turn
 
 PROMPT = "a heart and a square"  # concepts c1 (a heart), c2 (a square)
 
 
 def go(tiny_settings, tiny_store, tmp_path, llm, critic, budget=None):
-    settings = tiny_settings.model_copy(update={"policy": "agent", "budget": budget or Budget(max_rounds=8, max_generations=8)})
+    settings = tiny_settings.model_copy(
+        update={"policy": "agent", "budget": budget or Budget(max_rounds=8, max_generations=8)}
+    )
     return run(PROMPT, settings, tmp_path / "runs", backends=fake_backends(tiny_store, critic, llm=llm))
 
 
@@ -42,12 +44,26 @@ def test_the_agent_generates_retrieves_and_regenerates_until_satisfied(tiny_sett
 
 def test_the_budget_holds_against_an_llm_that_never_stops(tiny_settings, tiny_store, tmp_path):
     endless = (tool_turn(call("generate", f"g{i}", prompt=PROMPT, seed=i)) for i in range(1000))
-    result = go(tiny_settings, tiny_store, tmp_path, ScriptedChatModel(messages=endless), ScriptedCritic([set()]), Budget(max_rounds=100, max_generations=3))
+    result = go(
+        tiny_settings,
+        tiny_store,
+        tmp_path,
+        ScriptedChatModel(messages=endless),
+        ScriptedCritic([set()]),
+        Budget(max_rounds=100, max_generations=3),
+    )
     assert result.status == "budget_exhausted" and result.stop_reason == "budget_exhausted:generations"
     assert result.generations == 3 and result.rounds == 3
 
     retrieving_forever = (tool_turn(call("retrieve", f"r{i}", caption="a heart")) for i in range(1000))
-    result = go(tiny_settings, tiny_store, tmp_path, ScriptedChatModel(messages=retrieving_forever), ScriptedCritic([set()]), Budget(max_rounds=4))
+    result = go(
+        tiny_settings,
+        tiny_store,
+        tmp_path,
+        ScriptedChatModel(messages=retrieving_forever),
+        ScriptedCritic([set()]),
+        Budget(max_rounds=4),
+    )
     assert result.stop_reason == "budget_exhausted:rounds" and result.rounds == 4 and result.generations == 0
 
 
@@ -58,14 +74,21 @@ def test_the_generation_budget_caps_a_multi_image_request(tiny_settings, tiny_st
 
 
 def test_the_llm_may_end_early_with_a_final_answer(tiny_settings, tiny_store, tmp_path):
-    llm = ScriptedChatModel(messages=iter([tool_turn(call("generate", "g1", prompt=PROMPT)), AIMessage("This is as good as it gets.")]))
+    llm = ScriptedChatModel(
+        messages=iter([tool_turn(call("generate", "g1", prompt=PROMPT)), AIMessage("This is as good as it gets.")])
+    )
     result = go(tiny_settings, tiny_store, tmp_path, llm, ScriptedCritic([{"c1"}]))
     assert result.status == "stopped" and result.stop_reason == "stopped_by_policy"
     assert result.best is not None and result.generations == 1
 
 
 def test_a_malformed_tool_call_is_retried(tiny_settings, tiny_store, tmp_path):
-    broken = AIMessage("", invalid_tool_calls=[{"name": "generate", "args": "{prompt: oops", "id": "b1", "error": "bad JSON", "type": "invalid_tool_call"}])
+    broken = AIMessage(
+        "",
+        invalid_tool_calls=[
+            {"name": "generate", "args": "{prompt: oops", "id": "b1", "error": "bad JSON", "type": "invalid_tool_call"}
+        ],
+    )
     llm = ScriptedChatModel(messages=iter([broken, tool_turn(call("generate", "g1", prompt=PROMPT))]))
     result = go(tiny_settings, tiny_store, tmp_path, llm, ScriptedCritic([{"c1", "c2"}]))
     assert result.status == "satisfied"
@@ -74,7 +97,12 @@ def test_a_malformed_tool_call_is_retried(tiny_settings, tiny_store, tmp_path):
 
 
 def test_persistent_malformed_calls_fail_the_run_cleanly(tiny_settings, tiny_store, tmp_path):
-    broken = AIMessage("", invalid_tool_calls=[{"name": "generate", "args": "{", "id": "b", "error": "bad JSON", "type": "invalid_tool_call"}])
+    broken = AIMessage(
+        "",
+        invalid_tool_calls=[
+            {"name": "generate", "args": "{", "id": "b", "error": "bad JSON", "type": "invalid_tool_call"}
+        ],
+    )
     llm = ScriptedChatModel(messages=iter([tool_turn(call("generate", "g1", prompt=PROMPT)), broken, broken, broken]))
     result = go(tiny_settings, tiny_store, tmp_path, llm, ScriptedCritic([{"c1"}]))
     assert result.status == "failed" and "malformed tool calls 3 times" in result.error

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
-
 from scripted import ScriptedChatModel, call, tool_turn
+
 from imagerag.agent.assistant import ImageRAGInput, ImageRAGTool
 
 PROMPT = "a red heart on the left and a blue square on the right"
@@ -44,22 +44,38 @@ def test_the_tool_schema_is_what_an_llm_binds():
 def test_a_react_agent_draws_recovers_from_bad_input_and_refines(imagerag_tool, tmp_path):
     def refine_the_first_thread(messages):
         first = tool_messages(messages)[0]
-        return tool_turn(call("imagerag", "c3", prompt="make the square green", thread=first.artifact["thread"], max_rounds=1))
+        return tool_turn(
+            call("imagerag", "c3", prompt="make the square green", thread=first.artifact["thread"], max_rounds=1)
+        )
 
-    script = iter([
-        tool_turn(call("imagerag", "c1", prompt=PROMPT, max_rounds=2)),
-        tool_turn(call("imagerag", "c2a", prompt="", max_rounds=0), call("imagerag", "c2b", prompt=PROMPT, thread="ghost")),
-        refine_the_first_thread,
-        AIMessage("Here is your image, with the square now green."),
-    ])
+    script = iter(
+        [
+            tool_turn(call("imagerag", "c1", prompt=PROMPT, max_rounds=2)),
+            tool_turn(
+                call("imagerag", "c2a", prompt="", max_rounds=0), call("imagerag", "c2b", prompt=PROMPT, thread="ghost")
+            ),
+            refine_the_first_thread,
+            AIMessage("Here is your image, with the square now green."),
+        ]
+    )
     agent = create_agent(ScriptedChatModel(messages=script), [imagerag_tool])
-    final = agent.invoke({"messages": [HumanMessage(f"Draw {PROMPT}, then make the square green.")]}, {"configurable": {"thread_id": "assistant"}})
+    final = agent.invoke(
+        {"messages": [HumanMessage(f"Draw {PROMPT}, then make the square green.")]},
+        {"configurable": {"thread_id": "assistant"}},
+    )
 
     drawn, empty, ghost, refined = tool_messages(final["messages"])
     assert drawn.status == "success" and drawn.name == "imagerag"
     first = drawn.artifact
     assert first["status"] in {"satisfied", "budget_exhausted"} and 1 <= first["rounds"] <= 2
-    assert [c["text"] for c in first["concepts"]] == ["a heart", "a red heart", "a heart on the left", "a square", "a blue square", "a square on the right"]
+    assert [c["text"] for c in first["concepts"]] == [
+        "a heart",
+        "a red heart",
+        "a heart on the left",
+        "a square",
+        "a blue square",
+        "a square on the right",
+    ]
     assert Path(first["best_image"]).exists() and Path(first["report"]).exists()
     assert f"thread {first['thread']}" in drawn.content and "best image:" in drawn.content
 
@@ -68,7 +84,9 @@ def test_a_react_agent_draws_recovers_from_bad_input_and_refines(imagerag_tool, 
     assert "greater than or equal to 1" in empty.content
     assert ghost.status == "error" and "unknown thread 'ghost'" in ghost.content
 
-    assert refined.status == "success" and refined.artifact["turn"] == 2 and refined.artifact["thread"] == first["thread"]
+    assert (
+        refined.status == "success" and refined.artifact["turn"] == 2 and refined.artifact["thread"] == first["thread"]
+    )
     assert refined.artifact["prompt"] == "a red heart on the left and a green square on the right"
     assert final["messages"][-1].content.startswith("Here is your image")
 

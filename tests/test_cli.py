@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+from scripted import FakeOpenAIServer
+from test_openai_http import scripted_openai
 from typer.testing import CliRunner
 
 from imagerag.agent.cli import app
-from scripted import FakeOpenAIServer
-from test_openai_http import scripted_openai
 
 runner = CliRunner()
 PROMPT = "a red heart on the left and a blue square on the right"
@@ -19,7 +19,19 @@ def imagerag(*args: str, **env):
 
 
 def test_generate_writes_a_run_folder_and_prints_json(data_dir, tmp_path):
-    result = imagerag("generate", PROMPT, "--profile", "tiny", "--data-dir", str(data_dir), "--out", str(tmp_path), "--max-rounds", "2", "--json")
+    result = imagerag(
+        "generate",
+        PROMPT,
+        "--profile",
+        "tiny",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(tmp_path),
+        "--max-rounds",
+        "2",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     run_dir = Path(printed["run_dir"])
@@ -35,8 +47,19 @@ def test_generate_writes_a_run_folder_and_prints_json(data_dir, tmp_path):
 def test_generate_with_the_agent_policy_over_an_openai_compatible_endpoint(data_dir, tmp_path):
     with FakeOpenAIServer(scripted_openai()) as server:
         result = imagerag(
-            "generate", PROMPT, "--profile", "tiny", "--policy", "agent", "--data-dir", str(data_dir), "--out", str(tmp_path), "--json",
-            IMAGERAG_LLM__MODEL="gpt-4o-2024-08-06", IMAGERAG_LLM__BASE_URL=server.base_url,
+            "generate",
+            PROMPT,
+            "--profile",
+            "tiny",
+            "--policy",
+            "agent",
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(tmp_path),
+            "--json",
+            IMAGERAG_LLM__MODEL="gpt-4o-2024-08-06",
+            IMAGERAG_LLM__BASE_URL=server.base_url,
         )
     assert result.exit_code == 0, result.output
     saved = json.loads(result.stdout)
@@ -50,7 +73,11 @@ def test_settings_come_from_a_toml_file_under_the_flags(data_dir, tmp_path, monk
     result = imagerag("generate", PROMPT, "--out", str(tmp_path / "runs"), "--json")
     assert result.exit_code == 0, result.output
     saved = json.loads(result.stdout)
-    assert saved["profile"] == "tiny" and saved["rounds"] == 1 and saved["stop_reason"] in {"budget_exhausted:rounds", "satisfied"}
+    assert (
+        saved["profile"] == "tiny"
+        and saved["rounds"] == 1
+        and saved["stop_reason"] in {"budget_exhausted:rounds", "satisfied"}
+    )
 
 
 @pytest.mark.parametrize(
@@ -58,14 +85,19 @@ def test_settings_come_from_a_toml_file_under_the_flags(data_dir, tmp_path, monk
     [
         (["generate", "   ", "--profile", "tiny"], "the prompt is empty"),
         (["generate", PROMPT, "--profile", "nope"], "unknown profile 'nope'"),
-        (["generate", PROMPT, "--profile", "tiny", "--max-rounds", "0"], "max_rounds: Input should be greater than or equal to 1"),
+        (
+            ["generate", PROMPT, "--profile", "tiny", "--max-rounds", "0"],
+            "max_rounds: Input should be greater than or equal to 1",
+        ),
         (["generate", PROMPT, "--profile", "tiny", "--collection", "absent"], "no reference collection 'absent'"),
         (["generate", PROMPT, "--profile", "tiny", "--policy", "agent"], "the agent policy needs an LLM"),
         (["index", "/no/such/folder", "--profile", "tiny"], "no image folder at /no/such/folder"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_a_nonzero_exit(data_dir, tmp_path, args, message):
-    result = imagerag(*args, "--data-dir", str(data_dir), *(["--out", str(tmp_path / "runs")] if args[0] == "generate" else []))
+    result = imagerag(
+        *args, "--data-dir", str(data_dir), *(["--out", str(tmp_path / "runs")] if args[0] == "generate" else [])
+    )
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.stderr.split())
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no half-made run folder
@@ -74,7 +106,9 @@ def test_bad_input_gets_a_clear_error_and_a_nonzero_exit(data_dir, tmp_path, arg
 def test_an_unwritable_out_dir_is_refused_before_any_work(data_dir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    result = imagerag("generate", PROMPT, "--profile", "tiny", "--data-dir", str(data_dir), "--out", str(blocker / "runs"))
+    result = imagerag(
+        "generate", PROMPT, "--profile", "tiny", "--data-dir", str(data_dir), "--out", str(blocker / "runs")
+    )
     assert result.exit_code == 2 and "cannot write runs to" in " ".join(result.stderr.split())
 
 
@@ -88,16 +122,34 @@ def test_index_is_incremental(data_dir, tmp_path):
     (folder / "broken.png").write_bytes(b"not an image")
     (folder / "copy-of-img0.png").write_bytes((folder / "img0.png").read_bytes())  # same content, same id
     first = imagerag("index", str(folder), "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "cli-test")
-    second = imagerag("index", str(folder), "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "cli-test")
+    second = imagerag(
+        "index", str(folder), "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "cli-test"
+    )
     assert "added 3, skipped 1, failed 1" in first.stderr
     assert "added 0, skipped 4, failed 1" in second.stderr
-    search = imagerag("search", "img1", "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "cli-test", "-k", "2", "--no-sheet")
+    search = imagerag(
+        "search",
+        "img1",
+        "--profile",
+        "tiny",
+        "--data-dir",
+        str(data_dir),
+        "--collection",
+        "cli-test",
+        "-k",
+        "2",
+        "--no-sheet",
+    )
     assert search.exit_code == 0 and "2 hit(s)" in search.stdout
 
 
 def test_chat_refines_one_thread_and_history_lists_its_turns(data_dir, tmp_path):
     messages = "a red heart on the left and a blue square on the right\nmake the square green\n\n"
-    result = runner.invoke(app, ["chat", "--thread", "talk", "--profile", "tiny", "--data-dir", str(data_dir), "--out", str(tmp_path)], input=messages)
+    result = runner.invoke(
+        app,
+        ["chat", "--thread", "talk", "--profile", "tiny", "--data-dir", str(data_dir), "--out", str(tmp_path)],
+        input=messages,
+    )
     assert result.exit_code == 0, result.output
     listed = imagerag("history", "talk", "--data-dir", str(data_dir))
     assert listed.exit_code == 0
@@ -109,11 +161,24 @@ def test_chat_refines_one_thread_and_history_lists_its_turns(data_dir, tmp_path)
 def test_review_at_the_terminal(data_dir, tmp_path):
     result = runner.invoke(
         app,
-        ["generate", PROMPT, "--profile", "tiny", "--data-dir", str(data_dir), "--out", str(tmp_path), "--max-rounds", "2", "--review", "--json"],
+        [
+            "generate",
+            PROMPT,
+            "--profile",
+            "tiny",
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(tmp_path),
+            "--max-rounds",
+            "2",
+            "--review",
+            "--json",
+        ],
         input="drop\n",
     )
     assert result.exit_code == 0, result.output
-    saved = json.loads(result.stdout[result.stdout.index("{"):])
+    saved = json.loads(result.stdout[result.stdout.index("{") :])
     assert "review before round 2" in " ".join(result.stderr.split())
     assert saved["generations"] == 2 and saved["candidates"][1]["references"] == []
     assert any(s["node"] == "review" and "no reference" in s["summary"] for s in saved["steps"])

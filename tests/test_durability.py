@@ -8,10 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from imagerag.agent.config import Settings
-from imagerag.agent.checkpoints import open_checkpointer
-from imagerag.agent.run import resume
 from scripted import FakeGenerator, ScriptedCritic, fake_backends
+
+from imagerag.agent.checkpoints import open_checkpointer
+from imagerag.agent.config import Settings
+from imagerag.agent.run import resume
 
 PROMPT = "a red heart on the left and a blue square on the right"
 
@@ -19,8 +20,21 @@ PROMPT = "a red heart on the left and a blue square on the right"
 def test_a_killed_run_resumes_where_it_stopped(data_dir, tiny_store, tmp_path):
     budget = 10
     command = [
-        str(Path(sys.executable).with_name("imagerag")), "generate", PROMPT, "--profile", "tiny", "--data-dir", str(data_dir),
-        "--out", str(tmp_path), "--thread", "killed", "--max-rounds", str(budget), "--max-generations", str(budget),
+        str(Path(sys.executable).with_name("imagerag")),
+        "generate",
+        PROMPT,
+        "--profile",
+        "tiny",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(tmp_path),
+        "--thread",
+        "killed",
+        "--max-rounds",
+        str(budget),
+        "--max-generations",
+        str(budget),
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     images = tmp_path / "killed" / "images"

@@ -2,10 +2,10 @@
 
 from PIL import Image
 
-from imagerag.tools.config import PROFILES
-from imagerag.tools.types import RetrievalHit
 from imagerag.prompts import render
 from imagerag.tools.backends.diffusion import DiffusersGenerator
+from imagerag.tools.config import PROFILES
+from imagerag.tools.types import RetrievalHit
 
 
 class RecordingPipe:
@@ -48,7 +48,9 @@ def test_omnigen_gets_up_to_three_references_in_context_with_numbered_placeholde
     generator = DiffusersGenerator(pipe, spec, "cpu")
     refs = [hit("a boston bull"), hit("a red scarf"), hit("a lighthouse"), hit("a fourth thing")][: spec.max_references]
     prompt = render(spec.regenerate_template, prompt="a boston bull in a red scarf by a lighthouse", references=refs)
-    assert "<img><|image_3|></img>" in prompt and "<|image_4|>" not in prompt and "A red scarf looks like this" in prompt
+    assert (
+        "<img><|image_3|></img>" in prompt and "<|image_4|>" not in prompt and "A red scarf looks like this" in prompt
+    )
     generator.generate(prompt, seed=0, references=[Image.new("RGB", (8, 8))] * 4)
     call = pipe.calls[0]
     assert len(call["input_images"]) == 3 and call["img_guidance_scale"] == 1.6 and call["guidance_scale"] == 2.5
@@ -58,7 +60,11 @@ def test_omnigen_gets_up_to_three_references_in_context_with_numbered_placeholde
 def test_profiles_name_the_papers_weights():
     sdxl = PROFILES["sdxl"]
     assert sdxl.generator.model_id == "stabilityai/stable-diffusion-xl-base-1.0"
-    assert (sdxl.generator.ip_adapter.repo, sdxl.generator.ip_adapter.subfolder, sdxl.generator.ip_adapter.weight_name) == ("h94/IP-Adapter", "sdxl_models", "ip-adapter-plus_sdxl_vit-h.safetensors")
+    assert (
+        sdxl.generator.ip_adapter.repo,
+        sdxl.generator.ip_adapter.subfolder,
+        sdxl.generator.ip_adapter.weight_name,
+    ) == ("h94/IP-Adapter", "sdxl_models", "ip-adapter-plus_sdxl_vit-h.safetensors")
     assert sdxl.generator.ip_adapter.image_encoder_folder == "models/image_encoder"
     assert (sdxl.clip.model, sdxl.clip.pretrained) == ("ViT-B-32", "openai")
     assert PROFILES["omnigen"].generator.model_id == "Shitao/OmniGen-v1-diffusers"

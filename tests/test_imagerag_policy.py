@@ -4,10 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
+from scripted import FakeGenerator, ScriptedCritic, fake_backends
 
 from imagerag.agent.run import run
 from imagerag.graphs.state import Budget
-from scripted import FakeGenerator, ScriptedCritic, fake_backends
 
 PROMPT = "a heart and a square"  # concepts c1 (a heart), c2 (a square)
 
@@ -20,14 +20,24 @@ def go(tiny_settings, tiny_store, tmp_path, critic, budget=None, generator=None,
 
 def test_stops_as_soon_as_every_concept_is_satisfied(tiny_settings, tiny_store, tmp_path):
     generator = FakeGenerator()
-    result = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([{"c2"}, {"c1", "c2"}, {"c1"}]), generator=generator)
+    result = go(
+        tiny_settings, tiny_store, tmp_path, ScriptedCritic([{"c2"}, {"c1", "c2"}, {"c1"}]), generator=generator
+    )
     assert result.status == "satisfied"
     assert result.rounds == 2 and result.generations == 2
     assert [c.verdict for c in result.concepts] == ["satisfied", "satisfied"]
     # The second image was conditioned on a reference retrieved for the missing concept only.
     assert generator.calls[0]["references"] == 0 and generator.calls[1]["references"] == 1
     assert result.candidates[1].references[0].query == "a photo of a heart"
-    assert [s.node for s in result.steps] == ["plan", "generate", "critique", "retrieve", "regenerate", "critique", "finish"]
+    assert [s.node for s in result.steps] == [
+        "plan",
+        "generate",
+        "critique",
+        "retrieve",
+        "regenerate",
+        "critique",
+        "finish",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -53,7 +63,14 @@ def test_the_clock_counts_the_whole_run(tiny_settings, tiny_store, tmp_path):
             time.sleep(0.05)
             return super().generate(*args, **kwargs)
 
-    result = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([set()]), budget=Budget(max_rounds=3), generator=SlowGenerator())
+    result = go(
+        tiny_settings,
+        tiny_store,
+        tmp_path,
+        ScriptedCritic([set()]),
+        budget=Budget(max_rounds=3),
+        generator=SlowGenerator(),
+    )
     assert result.generations == 3 and result.usage.seconds >= 0.15  # three sleeps at least, whatever the machine
 
 
@@ -88,7 +105,9 @@ def test_an_image_with_every_object_ranks_above_one_missing_an_object(tiny_setti
     assert [c.verdict for c in result.concepts] == ["satisfied", "missing", "satisfied", "missing"]
 
 
-def test_between_images_with_as_many_objects_the_one_text_could_not_draw_ranks_first(tiny_settings, tiny_store, tmp_path):
+def test_between_images_with_as_many_objects_the_one_text_could_not_draw_ranks_first(
+    tiny_settings, tiny_store, tmp_path
+):
     # Round 1 (text) draws a blue square: two concepts. Round 2 (heart reference) draws a heart and loses the square:
     # one concept. Each has one object; the heart is the one no image from text showed, so round 2 is the answer.
     settings = tiny_settings.model_copy(update={"budget": Budget(max_rounds=2)})
@@ -117,7 +136,15 @@ def test_references_go_to_what_text_alone_could_not_draw(tiny_settings, tiny_sto
 
 def test_no_reference_below_the_threshold_means_a_fresh_text_sample(tiny_settings, tiny_store, tmp_path):
     generator = FakeGenerator()
-    result = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([set()]), budget=Budget(max_rounds=3), generator=generator, min_similarity=0.99)
+    result = go(
+        tiny_settings,
+        tiny_store,
+        tmp_path,
+        ScriptedCritic([set()]),
+        budget=Budget(max_rounds=3),
+        generator=generator,
+        min_similarity=0.99,
+    )
     assert all(not c.references for c in result.candidates)
     assert [c["seed"] for c in generator.calls] == [0, 1, 2]
     assert "nothing above the threshold" in next(s.summary for s in result.steps if s.node == "retrieve")

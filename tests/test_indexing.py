@@ -19,8 +19,8 @@ from imagerag.tools.backends.clip import ClipEmbedder, EmbeddingModelInfo
 from imagerag.tools.backends.indexer import IndexSummary, index_folders, index_sources
 from imagerag.tools.backends.loading import load_embedder
 from imagerag.tools.backends.sources import SourceError
-from imagerag.tools.files import content_id
 from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client
+from imagerag.tools.files import content_id
 
 runner = CliRunner()
 
@@ -43,7 +43,7 @@ def store(tmp_path, embedder) -> ReferenceStore:
 
 def everything(store: ReferenceStore) -> dict[str, tuple[str, dict]]:
     got = store.collection.get(include=["documents", "metadatas"])
-    return {i: (doc, meta) for i, doc, meta in zip(got["ids"], got["documents"], got["metadatas"])}
+    return {i: (doc, meta) for i, doc, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True)}
 
 
 def test_a_folder_is_indexed_recursively_with_sidecar_captions(tmp_path, store):
@@ -81,12 +81,20 @@ def img2dataset_shard(path: Path, samples: list[tuple[str, bytes, str | None, di
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_webdataset_shard_is_indexed_and_its_images_cached_for_the_agent(tmp_path, store, workers):
     shard = tmp_path / "00000.tar"
-    img2dataset_shard(shard, [
-        ("000000000", png("red", fmt="JPEG"), "a red photo", {"url": "http://x/0.jpg", "caption": "ignored: txt wins"}),
-        ("000000001", png("blue", fmt="JPEG"), None, {"caption": "a blue photo"}),
-        ("000000002", b"\xff\xd8 truncated jpeg", "broken", {}),
-        ("000000003", png((0, 200, 0), fmt="JPEG"), "a green photo", None),
-    ])
+    img2dataset_shard(
+        shard,
+        [
+            (
+                "000000000",
+                png("red", fmt="JPEG"),
+                "a red photo",
+                {"url": "http://x/0.jpg", "caption": "ignored: txt wins"},
+            ),
+            ("000000001", png("blue", fmt="JPEG"), None, {"caption": "a blue photo"}),
+            ("000000002", b"\xff\xd8 truncated jpeg", "broken", {}),
+            ("000000003", png((0, 200, 0), fmt="JPEG"), "a green photo", None),
+        ],
+    )
     cache = tmp_path / "refs-cache"
 
     summary = index_sources(store, [shard], batch_size=2, cache_dir=cache, num_workers=workers)
@@ -104,11 +112,17 @@ def test_a_webdataset_shard_is_indexed_and_its_images_cached_for_the_agent(tmp_p
 
 
 def test_a_parquet_file_as_hugging_face_datasets_exports_it(tmp_path, store):
-    table = pa.table({
-        "image": [{"bytes": png("red"), "path": "r.png"}, {"bytes": png("blue"), "path": "b.png"}, {"bytes": None, "path": "gone.png"}],
-        "text": ["a red square", "a blue square", "nothing"],
-        "id": [1, 2, 3],
-    })
+    table = pa.table(
+        {
+            "image": [
+                {"bytes": png("red"), "path": "r.png"},
+                {"bytes": png("blue"), "path": "b.png"},
+                {"bytes": None, "path": "gone.png"},
+            ],
+            "text": ["a red square", "a blue square", "nothing"],
+            "id": [1, 2, 3],
+        }
+    )
     pq.write_table(table, tmp_path / "train-00000-of-00001.parquet")
     summary = index_sources(store, [tmp_path / "train-00000-of-00001.parquet"], cache_dir=tmp_path / "cache")
     assert (summary.added, summary.failed) == (2, 1)
@@ -118,8 +132,19 @@ def test_a_parquet_file_as_hugging_face_datasets_exports_it(tmp_path, store):
 
 
 def test_a_parquet_file_with_named_binary_columns_through_the_cli(tmp_path, data_dir):
-    pq.write_table(pa.table({"jpg_bytes": [png("red"), png("blue")], "alt": ["red one", "blue one"]}), tmp_path / "x.parquet")
-    args = ["index", str(tmp_path / "x.parquet"), "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "parquet-cli"]
+    pq.write_table(
+        pa.table({"jpg_bytes": [png("red"), png("blue")], "alt": ["red one", "blue one"]}), tmp_path / "x.parquet"
+    )
+    args = [
+        "index",
+        str(tmp_path / "x.parquet"),
+        "--profile",
+        "tiny",
+        "--data-dir",
+        str(data_dir),
+        "--collection",
+        "parquet-cli",
+    ]
     first = runner.invoke(app, args + ["--caption-column", "alt"])
     assert first.exit_code == 0, first.output
     assert "added 2, skipped 0, failed 0" in first.stderr and "images/s" in first.stderr
@@ -175,10 +200,18 @@ def test_corrupt_and_non_image_files_are_skipped_counted_and_logged(tmp_path, st
 
 def test_a_collection_refuses_another_embedding_model(tmp_path, store, embedder):
     index_sources(store, [tmp_path], batch_size=2)  # an empty folder is fine: nothing to add
-    other = ClipEmbedder(embedder.model, embedder.preprocess, embedder.tokenizer, EmbeddingModelInfo(name="ViT-B-32", pretrained="openai", dim=512), "cpu")
+    other = ClipEmbedder(
+        embedder.model,
+        embedder.preprocess,
+        embedder.tokenizer,
+        EmbeddingModelInfo(name="ViT-B-32", pretrained="openai", dim=512),
+        "cpu",
+    )
     client = chroma_client(tmp_path / "db")
     for create in (False, True):  # searching it, or indexing more into it
-        with pytest.raises(StoreError, match=r"was embedded with local-dir .* but the current model is ViT-B-32 \(openai, dim 512\)"):
+        with pytest.raises(
+            StoreError, match=r"was embedded with local-dir .* but the current model is ViT-B-32 \(openai, dim 512\)"
+        ):
             ReferenceStore.open(client, "refs", other, create=create)
     client.create_collection("foreign", embedding_function=None)
     with pytest.raises(StoreError, match="records no embedding model"):
@@ -211,8 +244,11 @@ def chroma_server(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     chroma = shutil.which("chroma") or str(Path(sys.executable).with_name("chroma"))
-    server = subprocess.Popen([chroma, "run", "--path", str(tmp_path / "server-db"), "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [chroma, "run", "--path", str(tmp_path / "server-db"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
@@ -238,7 +274,9 @@ def test_index_and_search_against_a_chroma_server(tmp_path, data_dir, chroma_ser
     indexed = runner.invoke(app, ["index", str(folder), *common])
     assert indexed.exit_code == 0, indexed.output
     assert "added 2, skipped 0, failed 0" in indexed.stderr
-    assert "served" not in [c.name for c in chroma_client(data_dir).list_collections()]  # nothing went to the local folder
+    assert "served" not in [
+        c.name for c in chroma_client(data_dir).list_collections()
+    ]  # nothing went to the local folder
     monkeypatch.chdir(tmp_path)
     found = runner.invoke(app, ["search", "red", "-k", "2", "--no-sheet", *common])
     assert found.exit_code == 0 and "2 hit(s)" in found.stdout
@@ -249,6 +287,8 @@ def test_a_truncated_shard_keeps_what_was_read_and_counts_the_rest_as_failed(tmp
     img2dataset_shard(shard, [(f"{i:04d}", png((i * 60, 0, 0), size=(64, 64)), f"image {i}", None) for i in range(4)])
     with tarfile.open(shard) as tar:
         last_image = [m for m in tar.getmembers() if m.name.endswith(".jpg")][-1]
-    shard.write_bytes(shard.read_bytes()[: last_image.offset_data + 100])  # a download that stopped inside the last image
+    shard.write_bytes(
+        shard.read_bytes()[: last_image.offset_data + 100]
+    )  # a download that stopped inside the last image
     summary = index_sources(store, [shard], cache_dir=tmp_path / "cache")
     assert (summary.added, summary.failed) == (3, 1)

@@ -24,7 +24,9 @@ def config_for(folder: Path) -> Path:
     in-memory runtime keeps its files) can be a temporary one."""
     config = json.loads((REPO / "langgraph.json").read_text())
     config["dependencies"] = [str(REPO / d) if d.startswith(".") else d for d in config["dependencies"]]
-    config["graphs"] = {name: str(REPO / spec) if spec.startswith("./") else spec for name, spec in config["graphs"].items()}
+    config["graphs"] = {
+        name: str(REPO / spec) if spec.startswith("./") else spec for name, spec in config["graphs"].items()
+    }
     path = folder / "langgraph.json"
     path.write_text(json.dumps(config))
     return path
@@ -37,9 +39,13 @@ def langgraph_server(data_dir, tmp_path):
     port = free_port()
     env = {
         **os.environ,
-        "IMAGERAG_PROFILE": "tiny", "IMAGERAG_DATA_DIR": str(data_dir),
-        "LANGGRAPH_CLI_NO_ANALYTICS": "1", "LANGSMITH_TRACING": "false", "LANGCHAIN_TRACING_V2": "false",
-        "HF_HUB_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False",
+        "IMAGERAG_PROFILE": "tiny",
+        "IMAGERAG_DATA_DIR": str(data_dir),
+        "LANGGRAPH_CLI_NO_ANALYTICS": "1",
+        "LANGSMITH_TRACING": "false",
+        "LANGCHAIN_TRACING_V2": "false",
+        "HF_HUB_OFFLINE": "1",
+        "ANONYMIZED_TELEMETRY": "False",
     }
     url = f"http://127.0.0.1:{port}"
 
@@ -50,8 +56,18 @@ def langgraph_server(data_dir, tmp_path):
             return False
 
     command = [
-        str(cli), "dev", "--config", str(config_for(tmp_path)), "--host", "127.0.0.1", "--port", str(port),
-        "--no-browser", "--no-reload", "--n-jobs-per-worker", "1",
+        str(cli),
+        "dev",
+        "--config",
+        str(config_for(tmp_path)),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-browser",
+        "--no-reload",
+        "--n-jobs-per-worker",
+        "1",
     ]
     with server_process(command, tmp_path / "langgraph.log", answers, "langgraph dev", cwd=tmp_path, env=env):
         yield url
@@ -70,11 +86,14 @@ def test_a_thread_runs_through_langgraph_server(langgraph_server, data_dir):
         assert {"profile", "data_dir", "retrieve_k"} <= set(schemas["context_schema"]["properties"])
 
     thread = client.threads.create()
-    parts = list(client.runs.stream(
-        thread["thread_id"], "imagerag",
-        input={"message": PROMPT, "budget": {"max_rounds": 2}},
-        stream_mode=["updates", "custom"],
-    ))
+    parts = list(
+        client.runs.stream(
+            thread["thread_id"],
+            "imagerag",
+            input={"message": PROMPT, "budget": {"max_rounds": 2}},
+            stream_mode=["updates", "custom"],
+        )
+    )
     events = [p.event for p in parts]
     assert "error" not in events, [p.data for p in parts if p.event == "error"]
     updated = [node for p in parts if p.event == "updates" for node in p.data]
@@ -83,14 +102,23 @@ def test_a_thread_runs_through_langgraph_server(langgraph_server, data_dir):
 
     state = client.threads.get_state(thread["thread_id"])["values"]
     assert state["status"] in {"satisfied", "budget_exhausted"} and 1 <= state["usage"]["rounds"] <= 2
-    assert [c["text"] for c in state["concepts"]] == ["a heart", "a red heart", "a heart on the left", "a square", "a blue square", "a square on the right"]
+    assert [c["text"] for c in state["concepts"]] == [
+        "a heart",
+        "a red heart",
+        "a heart on the left",
+        "a square",
+        "a blue square",
+        "a square on the right",
+    ]
     assert {c["verdict"] for c in state["concepts"]} <= {"satisfied", "missing"}
     # The state holds ids; the images themselves are files in the thread's folder.
     for candidate in state["candidates"]:
         assert (data_dir / "runs" / thread["thread_id"] / "images" / f"{candidate['image_id']}.png").exists()
 
     # A second message on the thread refines its image: turn 2 starts from the best image of turn 1.
-    refined = client.runs.wait(thread["thread_id"], "imagerag", input={"message": "make the square green", "budget": {"max_rounds": 1}})
+    refined = client.runs.wait(
+        thread["thread_id"], "imagerag", input={"message": "make the square green", "budget": {"max_rounds": 1}}
+    )
     assert refined["turn"] == 2 and "green square" in refined["prompt"] and len(refined["turns"]) == 2
 
     # Bad input: an error event naming the problem, and the server goes on serving.
@@ -106,5 +134,9 @@ def test_a_thread_runs_through_langgraph_server(langgraph_server, data_dir):
     with pytest.raises(NotFoundError):
         list(client.runs.stream("00000000-0000-0000-0000-000000000000", "imagerag", input={"message": PROMPT}))
 
-    again = client.runs.wait(client.threads.create()["thread_id"], "imagerag", input={"message": "a green square", "budget": {"max_rounds": 1}})
+    again = client.runs.wait(
+        client.threads.create()["thread_id"],
+        "imagerag",
+        input={"message": "a green square", "budget": {"max_rounds": 1}},
+    )
     assert again["status"] in {"satisfied", "budget_exhausted"} and again["candidates"]

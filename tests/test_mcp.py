@@ -21,7 +21,12 @@ from PIL import Image
 from scripted import free_port, server_process
 
 PROMPT = "a red heart on the left and a blue square on the right"
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False", "PYTHONUNBUFFERED": "1"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "ANONYMIZED_TELEMETRY": "False",
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 def imagerag_command() -> list[str]:
@@ -52,13 +57,22 @@ async def exercise(client: Client) -> dict:
     async def on_progress(value: float, total: float | None, message: str | None) -> None:
         progress.append((value, message))
 
-    result = await client.call_tool("generate_image", {"prompt": PROMPT, "max_rounds": 2}, progress_callback=on_progress)
+    result = await client.call_tool(
+        "generate_image", {"prompt": PROMPT, "max_rounds": 2}, progress_callback=on_progress
+    )
     assert not result.is_error, text_of(result)
     image, verdicts = result.content[0], json.loads(result.content[1].text)
     assert image.type == "image" and image.mime_type == "image/png"
     with Image.open(io.BytesIO(base64.b64decode(image.data))) as png:
         assert png.format == "PNG" and png.size == (32, 32)
-    assert [c["text"] for c in verdicts["concepts"]] == ["a heart", "a red heart", "a heart on the left", "a square", "a blue square", "a square on the right"]
+    assert [c["text"] for c in verdicts["concepts"]] == [
+        "a heart",
+        "a red heart",
+        "a heart on the left",
+        "a square",
+        "a blue square",
+        "a square on the right",
+    ]
     assert {c["verdict"] for c in verdicts["concepts"]} <= {"satisfied", "missing"}
     structured = result.structured_content
     assert structured["thread"] == verdicts["thread"] and structured["concepts"] == verdicts["concepts"]
@@ -78,8 +92,16 @@ async def exercise(client: Client) -> dict:
         "budget of zero": ("generate_image", {"prompt": PROMPT, "max_rounds": 0}, "greater than or equal to 1"),
         "wrong type": ("generate_image", {"prompt": PROMPT, "max_rounds": "three"}, "max_rounds"),
         "prompt not a string": ("generate_image", {"prompt": ["a", "list"]}, "prompt"),
-        "taken thread": ("generate_image", {"prompt": PROMPT, "thread": thread}, "exists: change its image with refine_image"),
-        "unknown thread": ("refine_image", {"thread": "ghost", "instruction": "make it green"}, "unknown thread 'ghost'"),
+        "taken thread": (
+            "generate_image",
+            {"prompt": PROMPT, "thread": thread},
+            "exists: change its image with refine_image",
+        ),
+        "unknown thread": (
+            "refine_image",
+            {"thread": "ghost", "instruction": "make it green"},
+            "unknown thread 'ghost'",
+        ),
         "bad thread name": ("refine_image", {"thread": "../etc", "instruction": "make it green"}, "thread"),
         "empty caption": ("search_references", {"caption": "  "}, "the caption is empty"),
         "k of zero": ("search_references", {"caption": "a red square", "k": 0}, "greater than or equal to 1"),
@@ -90,7 +112,9 @@ async def exercise(client: Client) -> dict:
         assert message in text_of(answer), (case, text_of(answer))
 
     # The server kept serving: refine the first thread, then search.
-    refined = await client.call_tool("refine_image", {"thread": thread, "instruction": "make the square green", "max_rounds": 1})
+    refined = await client.call_tool(
+        "refine_image", {"thread": thread, "instruction": "make the square green", "max_rounds": 1}
+    )
     assert not refined.is_error, text_of(refined)
     assert refined.structured_content["turn"] == 2 and refined.structured_content["thread"] == thread
     assert refined.structured_content["prompt"] == "a red heart on the left and a green square on the right"
@@ -99,13 +123,19 @@ async def exercise(client: Client) -> dict:
     found = await client.call_tool("search_references", {"caption": "a red square", "k": 2})
     assert not found.is_error, text_of(found)
     hits = found.structured_content["hits"]
-    assert len(hits) == 2 and {h["caption"] for h in hits} <= {f"a {c} square" for c in ("red", "blue", "green", "yellow", "purple")}
+    assert len(hits) == 2 and {h["caption"] for h in hits} <= {
+        f"a {c} square" for c in ("red", "blue", "green", "yellow", "purple")
+    }
     assert [c.type for c in found.content] == ["text", "image", "image"]
     return {"progress": progress, "thread": thread}
 
 
 def test_mcp_over_stdio(data_dir, tmp_path):
-    params = StdioServerParameters(command=imagerag_command()[0], args=[*imagerag_command()[1:], *serve_args(data_dir, tmp_path / "runs")], env=OFFLINE_ENV)
+    params = StdioServerParameters(
+        command=imagerag_command()[0],
+        args=[*imagerag_command()[1:], *serve_args(data_dir, tmp_path / "runs")],
+        env=OFFLINE_ENV,
+    )
 
     async def main():
         async with Client(params, read_timeout_seconds=120) as client:
@@ -128,7 +158,9 @@ def http_server(data_dir, tmp_path):
             return False
 
     command = [*imagerag_command(), *serve_args(data_dir, tmp_path / "runs"), "--http", "--port", str(port)]
-    with server_process(command, tmp_path / "server.log", listening, "the MCP server", env={**os.environ, **OFFLINE_ENV}):
+    with server_process(
+        command, tmp_path / "server.log", listening, "the MCP server", env={**os.environ, **OFFLINE_ENV}
+    ):
         yield f"http://127.0.0.1:{port}/mcp"
 
 

@@ -7,20 +7,26 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import open_clip
+import pytest
+import torch
 
-import open_clip  # noqa: E402
-import torch  # noqa: E402
-
-from imagerag.evals.miniworld.common import ORACLE_DIR  # noqa: E402
-from imagerag.tools.miniworld import MODELS_DIR  # noqa: E402
-
-from imagerag.tools.miniworld.world import ObjectSpec, Scene, caption, concepts, corpus_scenes, heldout_prompts, render, write_corpus
+from imagerag.evals.miniworld.common import ORACLE_DIR
+from imagerag.tools.miniworld import MODELS_DIR
+from imagerag.tools.miniworld.world import (
+    ObjectSpec,
+    Scene,
+    caption,
+    concepts,
+    corpus_scenes,
+    heldout_prompts,
+    render,
+    write_corpus,
+)
 
 MODELS = MODELS_DIR
 
@@ -39,6 +45,7 @@ def clip_model():
 @pytest.fixture(scope="module")
 def pipe():
     from diffusers import StableDiffusionPipeline
+
     p = StableDiffusionPipeline.from_pretrained(str(MODELS / "t2i"), torch_dtype=torch.float32)
     p.set_progress_bar_config(disable=True)
     return p
@@ -78,17 +85,22 @@ def test_clip_calibration_file():
 
 
 def test_t2i_generates_with_and_without_reference(pipe):
-    kw = dict(num_inference_steps=4, height=32, width=32, guidance_scale=5.0, output_type="np")
+    kw = {"num_inference_steps": 4, "height": 32, "width": 32, "guidance_scale": 5.0, "output_type": "np"}
     plain = pipe("a red heart on the left", generator=torch.Generator().manual_seed(0), **kw).images
     assert plain.shape == (1, 32, 32, 3) and plain.dtype == np.float32
     assert pipe.unet.dtype == torch.float32 and pipe.unet.config.cross_attention_dim == 64
-    pipe.load_ip_adapter(str((MODELS / "ip_adapter").resolve()), subfolder="",
-                         weight_name="ip_adapter.safetensors", image_encoder_folder="image_encoder")
+    pipe.load_ip_adapter(
+        str((MODELS / "ip_adapter").resolve()),
+        subfolder="",
+        weight_name="ip_adapter.safetensors",
+        image_encoder_folder="image_encoder",
+    )
     pipe.set_ip_adapter_scale(1.0)
     assert type(pipe.image_encoder).__name__ == "CLIPVisionModelWithProjection"
     ref = render(_scene("heart", "blue", "right", "small"))
-    with_ref = pipe("a red heart on the left", ip_adapter_image=ref,
-                    generator=torch.Generator().manual_seed(0), **kw).images
+    with_ref = pipe(
+        "a red heart on the left", ip_adapter_image=ref, generator=torch.Generator().manual_seed(0), **kw
+    ).images
     assert with_ref.shape == (1, 32, 32, 3) and np.isfinite(with_ref).all()
     assert np.abs(with_ref - plain).mean() > 1e-3  # the reference changes the image
     pipe.unload_ip_adapter()
@@ -96,6 +108,7 @@ def test_t2i_generates_with_and_without_reference(pipe):
 
 def test_oracle_judges_renders():
     from imagerag.evals.miniworld.oracle import Oracle
+
     oracle = Oracle.from_pretrained(ORACLE_DIR)
     sc = Scene((ObjectSpec("star", "orange", "left", "large"), ObjectSpec("ring", "green", "right", "small")))
     verdicts = oracle.judge(render(sc), sc)

@@ -6,13 +6,13 @@ import pytest
 
 from imagerag.agent.config import Settings
 from imagerag.agent.run import run
-from imagerag.graphs.state import Budget
 from imagerag.evals.miniworld.common import ORACLE_DIR
 from imagerag.evals.miniworld.oracle import Oracle
-from imagerag.tools.miniworld.world import ObjectSpec, Scene, caption, write_corpus
+from imagerag.graphs.state import Budget
 from imagerag.tools.backends.indexer import index_folders
 from imagerag.tools.backends.loading import load_backends, load_embedder
 from imagerag.tools.backends.store import ReferenceStore, chroma_client
+from imagerag.tools.miniworld.world import ObjectSpec, Scene, caption, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,12 @@ def mini_settings(tmp_path_factory) -> Settings:
 
 def test_the_loop_adds_a_rare_shape_that_text_alone_misses(mini_settings, tmp_path):
     scene = Scene((ObjectSpec("heart", "red", "left", "large"),))
-    result = run(caption(scene), mini_settings.model_copy(update={"budget": Budget(max_rounds=4)}), tmp_path, backends=load_backends(mini_settings))
+    result = run(
+        caption(scene),
+        mini_settings.model_copy(update={"budget": Budget(max_rounds=4)}),
+        tmp_path,
+        backends=load_backends(mini_settings),
+    )
     oracle = Oracle.from_pretrained(ORACLE_DIR)
     images = {c.image_id: _open(Path(result.run_dir) / "images" / f"{c.image_id}.png") for c in result.candidates}
     first = result.candidates[0]

@@ -5,10 +5,10 @@ import json
 import re
 
 import pytest
+from scripted import FakeOpenAIServer, function_call
 
 from imagerag.agent.run import run
 from imagerag.graphs.state import Budget
-from scripted import FakeOpenAIServer, function_call
 from imagerag.tools.backends.loading import load_backends
 
 PROMPT = "a red heart on the left and a blue square on the right"
@@ -25,16 +25,39 @@ def scripted_openai():
 
 
 def answer(request: dict, judgements: list) -> dict:
-    forced = (request.get("tool_choice") or {}).get("function", {}).get("name") if isinstance(request.get("tool_choice"), dict) else None
+    forced = (
+        (request.get("tool_choice") or {}).get("function", {}).get("name")
+        if isinstance(request.get("tool_choice"), dict)
+        else None
+    )
     if forced == "ConceptList":
-        return function_call("ConceptList", {"concepts": [{"text": "a red heart on the left", "kind": "object"}, {"text": "a blue square on the right", "kind": "object"}]})
+        return function_call(
+            "ConceptList",
+            {
+                "concepts": [
+                    {"text": "a red heart on the left", "kind": "object"},
+                    {"text": "a blue square on the right", "kind": "object"},
+                ]
+            },
+        )
     if forced == "VLMJudgement":
         judgements.append(request)
         ok = len(judgements) > 1  # the first image misses the heart, later ones have everything
-        return function_call("VLMJudgement", {"verdicts": [
-            {"concept_id": "c1", "satisfied": ok, "score": 0.9 if ok else 0.2, "evidence": "heart" if ok else "no heart", "caption": None if ok else "a red heart"},
-            {"concept_id": "c2", "satisfied": True, "score": 0.9, "evidence": "square"},
-        ]})
+        return function_call(
+            "VLMJudgement",
+            {
+                "verdicts": [
+                    {
+                        "concept_id": "c1",
+                        "satisfied": ok,
+                        "score": 0.9 if ok else 0.2,
+                        "evidence": "heart" if ok else "no heart",
+                        "caption": None if ok else "a red heart",
+                    },
+                    {"concept_id": "c2", "satisfied": True, "score": 0.9, "evidence": "square"},
+                ]
+            },
+        )
     tool_answers = [m for m in request["messages"] if m["role"] == "tool"]
     if not tool_answers:
         return function_call("generate", {"prompt": PROMPT, "seed": 0}, "call_g")
@@ -67,9 +90,16 @@ def test_the_agent_policy_over_http(tiny_settings, openai_server, tmp_path):
 
     requests = openai_server.requests
     agent_calls = [r for r in requests if not r.get("tool_choice")]
-    assert {t["function"]["name"] for t in agent_calls[0]["tools"]} == {"generate", "critique", "retrieve", "regenerate"}
+    assert {t["function"]["name"] for t in agent_calls[0]["tools"]} == {
+        "generate",
+        "critique",
+        "retrieve",
+        "regenerate",
+    }
     assert "state" not in json.dumps(agent_calls[0]["tools"][0]["function"]["parameters"]["properties"])
-    judge_calls = [r for r in requests if (r.get("tool_choice") or {}).get("function", {}).get("name") == "VLMJudgement"]
+    judge_calls = [
+        r for r in requests if (r.get("tool_choice") or {}).get("function", {}).get("name") == "VLMJudgement"
+    ]
     assert len(judge_calls) == 2
     image_part = judge_calls[0]["messages"][-1]["content"][1]
     assert image_part["type"] == "image_url" and image_part["image_url"]["url"].startswith("data:image/png;base64,")

@@ -17,13 +17,22 @@ from imagerag.agent.run import run
 from imagerag.graphs.state import Budget
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 PROMPT = "a red heart on the left and a blue square on the right"
 
 
 @pytest.fixture(scope="module")
 def browser():
-    assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM}: `apt-get install chromium` (.ci/run does), or set CHROMIUM_PATH"
+    assert Path(CHROMIUM).exists(), (
+        f"no Chromium at {CHROMIUM}: `apt-get install chromium` (.ci/run does), or set CHROMIUM_PATH"
+    )
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield browser
@@ -36,12 +45,17 @@ def test_the_report_renders_every_image_without_console_errors(browser, tiny_set
 
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     problems: list[str] = []
-    page.on("console", lambda message: problems.append(f"console {message.type}: {message.text}") if message.type == "error" else None)
+    page.on(
+        "console",
+        lambda message: problems.append(f"console {message.type}: {message.text}") if message.type == "error" else None,
+    )
     page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
     page.on("requestfailed", lambda request: problems.append(f"request failed: {request.url[:80]}"))
     page.goto(report.as_uri(), wait_until="load")
 
-    images = page.eval_on_selector_all("img", "els => els.map(e => ({src: e.src.slice(0, 40), complete: e.complete, width: e.naturalWidth}))")
+    images = page.eval_on_selector_all(
+        "img", "els => els.map(e => ({src: e.src.slice(0, 40), complete: e.complete, width: e.naturalWidth}))"
+    )
     # One image per candidate at least, plus the references used.
     assert len(images) >= result.generations, images
     assert all(img["complete"] and img["width"] > 0 for img in images), images

@@ -9,10 +9,10 @@ from PIL import Image, ImageColor
 from typer.testing import CliRunner
 
 from imagerag.agent.cli import app
-from imagerag.tools.types import RetrievalHit
 from imagerag.tools.backends.clip import EmbeddingModelInfo
 from imagerag.tools.backends.indexer import index_folders
 from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client, mmr_order
+from imagerag.tools.types import RetrievalHit
 
 runner = CliRunner()
 
@@ -39,10 +39,17 @@ class ColourEmbedder:
                     continue
             return [128.0, 128.0, 128.0]
 
-        return torch.nn.functional.normalize(torch.tensor([rgb(t) for t in texts], dtype=torch.float32) + 1e-3, dim=-1).numpy()
+        return torch.nn.functional.normalize(
+            torch.tensor([rgb(t) for t in texts], dtype=torch.float32) + 1e-3, dim=-1
+        ).numpy()
 
 
-COLOURS = {"red": (255, 0, 0), "pinkish-red": (255, 60, 60), "blue": (0, 0, 255), "green": (60, 255, 0)}  # green leans to red: no ties
+COLOURS = {
+    "red": (255, 0, 0),
+    "pinkish-red": (255, 60, 60),
+    "blue": (0, 0, 255),
+    "green": (60, 255, 0),
+}  # green leans to red: no ties
 
 
 @pytest.fixture
@@ -67,7 +74,10 @@ def test_hits_are_typed_and_ranked_by_similarity(colour_store):
 
 def test_a_query_for_something_absent_returns_nothing_above_the_threshold(colour_store):
     assert colour_store.search("a purple square", k=5, min_similarity=0.9) == []  # purple is not in the collection
-    assert [h.caption for h in colour_store.search("a red square", k=5, min_similarity=0.9)] == ["a red square", "a pinkish-red square"]
+    assert [h.caption for h in colour_store.search("a red square", k=5, min_similarity=0.9)] == [
+        "a red square",
+        "a pinkish-red square",
+    ]
     assert len(colour_store.search("a purple square", k=5, min_similarity=-1.0)) == 4  # no threshold: nonsense returned
 
 
@@ -77,7 +87,9 @@ def test_mmr_trades_a_near_duplicate_for_a_different_image(colour_store):
     assert [h.caption for h in colour_store.search("red", k=2, mmr_lambda=1.0)] == [h.caption for h in plain]
     diverse = colour_store.search("red", k=2, mmr_lambda=0.3)
     assert diverse[0].caption == "a red square" and diverse[1].caption != "a pinkish-red square"
-    assert colour_store.search("red", k=2, mmr_lambda=0.3, min_similarity=0.9)[1].caption == "a pinkish-red square"  # threshold first
+    assert (
+        colour_store.search("red", k=2, mmr_lambda=0.3, min_similarity=0.9)[1].caption == "a pinkish-red square"
+    )  # threshold first
     with pytest.raises(ValueError, match="mmr_lambda"):
         colour_store.search("red", mmr_lambda=1.5)
 
@@ -106,12 +118,16 @@ def test_the_reranker_sees_the_candidate_pool_and_has_the_last_word(colour_store
 def test_search_with_another_model_fails_clearly(colour_store, tmp_path, tiny_settings):
     from imagerag.tools.backends.loading import load_embedder
 
-    with pytest.raises(StoreError, match=r"was embedded with colour \(test, dim 3\) but the current model is local-dir"):
+    with pytest.raises(
+        StoreError, match=r"was embedded with colour \(test, dim 3\) but the current model is local-dir"
+    ):
         ReferenceStore.open(chroma_client(tmp_path / "db"), "colours", load_embedder(tiny_settings))
 
 
 def search_cli(data_dir, *args):
-    return runner.invoke(app, ["search", *args, "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "tiny"])
+    return runner.invoke(
+        app, ["search", *args, "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "tiny"]
+    )
 
 
 def test_cli_search_prints_hits_and_writes_a_contact_sheet_without_overwriting(data_dir, tmp_path, monkeypatch):
@@ -126,7 +142,9 @@ def test_cli_search_prints_hits_and_writes_a_contact_sheet_without_overwriting(d
         assert image.getpixel((80, 80)) != (255, 255, 255)  # a thumbnail, not a blank cell
     second = search_cli(data_dir, "a red square", "-k", "3")
     assert second.exit_code == 0 and (tmp_path / "a-red-square-2.png").exists()
-    chosen = search_cli(data_dir, "a red square", "-k", "2", "--sheet", str(tmp_path / "out" / "mine.png"), "--mmr", "0.5")
+    chosen = search_cli(
+        data_dir, "a red square", "-k", "2", "--sheet", str(tmp_path / "out" / "mine.png"), "--mmr", "0.5"
+    )
     assert chosen.exit_code == 0 and (tmp_path / "out" / "mine.png").exists()
     none = search_cli(data_dir, "a red square", "--min-similarity", "1.01")
     assert none.exit_code == 0 and "0 hit(s)" in none.stdout and "contact sheet" not in none.stderr
@@ -135,6 +153,19 @@ def test_cli_search_prints_hits_and_writes_a_contact_sheet_without_overwriting(d
 
 def test_cli_search_refuses_a_collection_of_another_model(data_dir, tmp_path):
     ReferenceStore.open(chroma_client(data_dir), "colour-only", ColourEmbedder(), create=True)
-    result = runner.invoke(app, ["search", "a red square", "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "colour-only", "--no-sheet"])
+    result = runner.invoke(
+        app,
+        [
+            "search",
+            "a red square",
+            "--profile",
+            "tiny",
+            "--data-dir",
+            str(data_dir),
+            "--collection",
+            "colour-only",
+            "--no-sheet",
+        ],
+    )
     assert result.exit_code == 2
     assert "was embedded with colour (test, dim 3)" in " ".join(result.stderr.split())

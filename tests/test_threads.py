@@ -2,12 +2,12 @@
 
 import pytest
 from PIL import Image
+from scripted import FakeGenerator, ScriptedChatModel, ScriptedCritic, fake_backends
 
 from imagerag.agent.events import BudgetLeft, Finished, NodeFinished, NodeStarted, ReviewRequested, Verdicts
 from imagerag.agent.run import RunError, history, resume, run, stream
-from imagerag.graphs.state import Budget
 from imagerag.graphs.nodes import ReviewDecision
-from scripted import FakeGenerator, ScriptedChatModel, ScriptedCritic, fake_backends
+from imagerag.graphs.state import Budget
 from imagerag.tools.backends.planner import ConceptList, RuleDecomposer
 
 PROMPT = "a heart and a blue square"  # c1 a heart, c2 a square, c3 a blue square (needs c2)
@@ -20,11 +20,15 @@ class ConceptCritic:
         self.ok, self.calls = ok, []
 
     def critique(self, image, concepts, prompt):
-        from imagerag.tools.types import ConceptVerdict
-        from imagerag.tools.types import Critique
+        from imagerag.tools.types import ConceptVerdict, Critique
 
         self.calls.append([c.text for c in concepts])
-        return Critique(verdicts=[ConceptVerdict(concept_id=c.id, satisfied=c.text in self.ok, score=0.9 if c.text in self.ok else 0.1) for c in concepts])
+        return Critique(
+            verdicts=[
+                ConceptVerdict(concept_id=c.id, satisfied=c.text in self.ok, score=0.9 if c.text in self.ok else 0.1)
+                for c in concepts
+            ]
+        )
 
 
 def settings_for(tiny_settings, **update):
@@ -97,7 +101,14 @@ def test_review_pauses_before_regeneration_and_applies_the_decision(tiny_setting
 
     mine = tmp_path / "my-heart.png"
     Image.new("RGB", (8, 8), "red").save(mine)
-    final = list(resume(pause.run_dir, ReviewDecision(action="replace", images=[str(mine)], caption="my heart"), settings, backends=backends))[-1]
+    final = list(
+        resume(
+            pause.run_dir,
+            ReviewDecision(action="replace", images=[str(mine)], caption="my heart"),
+            settings,
+            backends=backends,
+        )
+    )[-1]
     assert isinstance(final, Finished) and final.result.status == "satisfied"
     [reference] = final.result.best.references
     assert reference.caption == "my heart" and reference.source == str(mine.resolve())
@@ -118,16 +129,20 @@ def test_run_with_a_reviewer_that_drops_references(tiny_settings, tiny_store, tm
     assert [c["references"] for c in generator.calls] == [0, 0, 0]
 
 
-def test_long_prompts_fix_objects_before_their_attributes_and_rotate_within_the_reference_limit(tiny_settings, tiny_store, tmp_path):
-    specs = ConceptList(concepts=[
-        {"text": "a lighthouse", "kind": "object"},
-        {"text": "the lighthouse is striped", "kind": "attribute", "parent": 1},
-        {"text": "a boston bull", "kind": "object"},
-        {"text": "the dog wears a green scarf", "kind": "attribute", "parent": 3},
-        {"text": "a sailboat", "kind": "object"},
-        {"text": "a kite", "kind": "object"},
-        {"text": "watercolour style", "kind": "style"},
-    ])
+def test_long_prompts_fix_objects_before_their_attributes_and_rotate_within_the_reference_limit(
+    tiny_settings, tiny_store, tmp_path
+):
+    specs = ConceptList(
+        concepts=[
+            {"text": "a lighthouse", "kind": "object"},
+            {"text": "the lighthouse is striped", "kind": "attribute", "parent": 1},
+            {"text": "a boston bull", "kind": "object"},
+            {"text": "the dog wears a green scarf", "kind": "attribute", "parent": 3},
+            {"text": "a sailboat", "kind": "object"},
+            {"text": "a kite", "kind": "object"},
+            {"text": "watercolour style", "kind": "style"},
+        ]
+    )
     llm = ScriptedChatModel(messages=iter(()), structured=iter([specs]))
     generator = FakeGenerator()
     generator.max_references = 3  # OmniGen-like
@@ -137,15 +152,26 @@ def test_long_prompts_fix_objects_before_their_attributes_and_rotate_within_the_
     from imagerag.tools.backends.planner import LLMDecomposer
 
     backends.decomposer = LLMDecomposer(llm)
-    result = run("a boston bull in a green scarf by a striped lighthouse, a sailboat, watercolour", settings_for(tiny_settings, budget=Budget(max_rounds=3)), tmp_path, backends=backends)
+    result = run(
+        "a boston bull in a green scarf by a striped lighthouse, a sailboat, watercolour",
+        settings_for(tiny_settings, budget=Budget(max_rounds=3)),
+        tmp_path,
+        backends=backends,
+    )
     by_text = {c.text: c for c in result.concepts}
     assert by_text["the lighthouse is striped"].depends_on == ["c1"]
-    assert by_text["the lighthouse is striped"].verdict == "missing" and "needs c1" in by_text["the lighthouse is striped"].evidence
+    assert (
+        by_text["the lighthouse is striped"].verdict == "missing"
+        and "needs c1" in by_text["the lighthouse is striped"].evidence
+    )
     assert by_text["watercolour style"].verdict == "satisfied"
     targeted = [s.summary.split(": ")[0] for s in result.steps if s.node == "retrieve"]
     # Objects before the attributes that need them, three per round (the generator's limit), and the object
     # left out of the first round leads the second.
-    assert targeted == ["for 'a lighthouse', 'a boston bull', 'a sailboat'", "for 'a kite', 'a lighthouse', 'a boston bull'"]
+    assert targeted == [
+        "for 'a lighthouse', 'a boston bull', 'a sailboat'",
+        "for 'a kite', 'a lighthouse', 'a boston bull'",
+    ]
 
 
 def test_rule_revisions():
@@ -154,10 +180,16 @@ def test_rule_revisions():
     concepts, _ = rules.decompose(prompt)
     assert [c.text for c in concepts] == ["a dog", "a scarf", "a red scarf", "a lighthouse"]
     revision, _ = rules.revise(prompt, concepts, "remove the lighthouse")
-    assert revision.prompt == "a dog and a red scarf" and [c.text for c in revision.concepts] == ["a dog", "a scarf", "a red scarf"]
+    assert revision.prompt == "a dog and a red scarf" and [c.text for c in revision.concepts] == [
+        "a dog",
+        "a scarf",
+        "a red scarf",
+    ]
     revision, _ = rules.revise(prompt, concepts, "make the scarf green")
     assert revision.prompt == "a dog with a green scarf, a lighthouse"
     assert [(c.text, c.keep) for c in revision.concepts][1:3] == [("a scarf", "c2"), ("a green scarf", None)]
     revision, _ = rules.revise("a cat", concepts[:1], "add a lighthouse behind it")
     assert revision.prompt == "a cat, a lighthouse behind it" and revision.concepts[0].keep == "c1"
-    assert [c.text for c in revision.concepts[1:]] == ["a lighthouse", "a lighthouse behind it"] and revision.concepts[2].parent == 2
+    assert [c.text for c in revision.concepts[1:]] == ["a lighthouse", "a lighthouse behind it"] and revision.concepts[
+        2
+    ].parent == 2

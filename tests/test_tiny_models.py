@@ -6,9 +6,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from imagerag.tools.backends.clip import ClipEmbedder, LOCAL_DIR
-from imagerag.tools.backends.loading import load_backends, resolve
+from imagerag.tools.backends.clip import LOCAL_DIR, ClipEmbedder
 from imagerag.tools.backends.images import ImageStore
+from imagerag.tools.backends.loading import load_backends, resolve
 from imagerag.tools.toolkit import Toolkit
 
 

@@ -2,15 +2,15 @@
 
 import pytest
 from PIL import Image
+from scripted import ScriptedChatModel
 
 from imagerag.graphs.agent_tools import TOOLS
-from imagerag.tools.types import Concept
-from scripted import ScriptedChatModel
 from imagerag.tools.backends.judges import ClipJudge, VLMJudge, VLMJudgement
 from imagerag.tools.backends.llm import LLMOutputError
+from imagerag.tools.backends.loading import load_embedder
 from imagerag.tools.backends.planner import ConceptList, LLMDecomposer, RuleDecomposer
 from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client
-from imagerag.tools.backends.loading import load_embedder
+from imagerag.tools.types import Concept
 
 CONCEPTS = [Concept(id="c1", text="a red heart"), Concept(id="c2", text="a blue square")]
 
@@ -61,7 +61,9 @@ def test_a_missing_collection_is_a_clear_error(tiny_settings):
 
 
 def test_the_rule_decomposer_splits_clauses_into_objects_attributes_and_relations():
-    concepts, tokens = RuleDecomposer().decompose("A photo of a large red heart on the left and a blue square, in watercolour style")
+    concepts, tokens = RuleDecomposer().decompose(
+        "A photo of a large red heart on the left and a blue square, in watercolour style"
+    )
     assert [(c.id, c.text, c.kind, c.depends_on) for c in concepts] == [
         ("c1", "a heart", "object", []),
         ("c2", "a large heart", "attribute", ["c1"]),
@@ -73,19 +75,36 @@ def test_the_rule_decomposer_splits_clauses_into_objects_attributes_and_relation
     ]
     assert tokens == 0
     # 'and' between adjectives does not split the clause; counts keep their number.
-    assert [c.text for c in RuleDecomposer().decompose("a black and white photo")[0]] == ["a photo", "a black and white photo"]
+    assert [c.text for c in RuleDecomposer().decompose("a black and white photo")[0]] == [
+        "a photo",
+        "a black and white photo",
+    ]
     assert [(c.text, c.kind) for c in RuleDecomposer().decompose("three apples")[0]] == [("three apples", "count")]
 
 
 def test_the_llm_decomposer_uses_structured_output():
-    llm = ScriptedChatModel(messages=iter(()), structured=iter([ConceptList(concepts=[{"text": "a boston bull", "kind": "object"}, {"text": "a boston bull", "kind": "object"}])]))
+    llm = ScriptedChatModel(
+        messages=iter(()),
+        structured=iter(
+            [
+                ConceptList(
+                    concepts=[{"text": "a boston bull", "kind": "object"}, {"text": "a boston bull", "kind": "object"}]
+                )
+            ]
+        ),
+    )
     concepts, tokens = LLMDecomposer(llm).decompose("a boston bull")
     assert [(c.id, c.text) for c in concepts] == [("c1", "a boston bull")] and tokens == 100
 
 
 def test_the_vlm_judge_sends_the_image_and_retries_hotter_until_every_concept_is_answered():
     partial = VLMJudgement(verdicts=[{"concept_id": "c1", "satisfied": True, "score": 0.9}])
-    full = VLMJudgement(verdicts=[{"concept_id": "c1", "satisfied": True, "score": 0.9}, {"concept_id": "c2", "satisfied": False, "score": 0.1}])
+    full = VLMJudgement(
+        verdicts=[
+            {"concept_id": "c1", "satisfied": True, "score": 0.9},
+            {"concept_id": "c2", "satisfied": False, "score": 0.1},
+        ]
+    )
     llm = ScriptedChatModel(messages=iter(()), structured=iter([None, partial, full]))
     critique = VLMJudge(llm, retries=3).critique(Image.new("RGB", (8, 8)), CONCEPTS, "a red heart and a blue square")
     assert llm.temperatures == pytest.approx([0.0, 0.3, 0.6])

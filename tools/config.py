@@ -67,10 +67,16 @@ _NEGATIVE = "low quality, blurry, distorted, deformed, watermark, text"
 _OPENAI_B32 = ClipSpec(model="ViT-B-32", pretrained="openai", judge_threshold=0.24, retrieval_min_similarity=0.22)
 
 
-def _ip_adapter_profile(name: str, description: str, family: Literal["sd", "sdxl"], model_id: str, adapter: IPAdapterSpec) -> Profile:
+def _ip_adapter_profile(
+    name: str, description: str, family: Literal["sd", "sdxl"], model_id: str, adapter: IPAdapterSpec
+) -> Profile:
     """A Stable Diffusion family profile with the paper's settings: 50 steps, guidance 7.5, adapter scale 0.5."""
     generator = GeneratorSpec(
-        family=family, model_id=model_id, ip_adapter=adapter, negative_prompt=_NEGATIVE, regenerate_template="regenerate_ip_adapter"
+        family=family,
+        model_id=model_id,
+        ip_adapter=adapter,
+        negative_prompt=_NEGATIVE,
+        regenerate_template="regenerate_ip_adapter",
     )
     return Profile(name=name, description=description, generator=generator, clip=_OPENAI_B32, collection="default")
 
@@ -139,7 +145,9 @@ PROFILES: dict[str, Profile] = {
         generator=GeneratorSpec(
             family="sd",
             model_id="mini:t2i",
-            ip_adapter=IPAdapterSpec(repo="mini:ip_adapter", subfolder="", weight_name="ip_adapter.safetensors", scale=1.0),
+            ip_adapter=IPAdapterSpec(
+                repo="mini:ip_adapter", subfolder="", weight_name="ip_adapter.safetensors", scale=1.0
+            ),
             steps=20,
             guidance_scale=8.0,
             height=32,
@@ -149,7 +157,10 @@ PROFILES: dict[str, Profile] = {
             dtype="float32",
         ),
         clip=ClipSpec(
-            model="mini:clip", judge_threshold=0.3, retrieval_min_similarity=0.3, calibration="mini:clip/calibration.json"
+            model="mini:clip",
+            judge_threshold=0.3,
+            retrieval_min_similarity=0.3,
+            calibration="mini:clip/calibration.json",
         ),
         collection="miniworld",
         local=True,
@@ -179,7 +190,9 @@ class BackendConfig(BaseModel):
     collection: str | None = Field(default=None, description="Reference collection; default: the profile's.")
     data_dir: Path = Field(default_factory=default_data_dir, description="chromadb, built models, threads.")
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
-    chroma_url: str | None = Field(default=None, description="A Chroma server (http://host:8000); default: chromadb in data_dir.")
+    chroma_url: str | None = Field(
+        default=None, description="A Chroma server (http://host:8000); default: chromadb in data_dir."
+    )
     llm: LLMSettings = Field(default_factory=LLMSettings)
 
     def resolved_profile(self) -> Profile:

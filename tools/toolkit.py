@@ -67,7 +67,9 @@ class Toolkit:
         """Judge every concept on one stored image."""
         return self.backends.critic.critique(self.images.get(image_id), concepts, prompt)
 
-    def retrieve(self, caption: str, k: int = 1, min_similarity: float | None = None, exclude: set[str] = frozenset()) -> list[RetrievalHit]:
+    def retrieve(
+        self, caption: str, k: int = 1, min_similarity: float | None = None, exclude: set[str] = frozenset()
+    ) -> list[RetrievalHit]:
         """Reference images for one caption, none below the relevance threshold."""
         threshold = self.backends.min_similarity if min_similarity is None else min_similarity
         hits = self.backends.store.search(caption, k, threshold, exclude)
@@ -80,14 +82,18 @@ class Toolkit:
         _stream_progress({"event": "retrieved", "captions": captions, "hits": [h.model_dump() for h in hits]})
         return hits
 
-    def regenerate(self, prompt: str, references: list[RetrievalHit], seed: int = 0, round: int = 1, turn: int = 1) -> Candidate:
+    def regenerate(
+        self, prompt: str, references: list[RetrievalHit], seed: int = 0, round: int = 1, turn: int = 1
+    ) -> Candidate:
         """Draw again conditioned on reference images (at most the generator's limit)."""
         references = references[: self.max_references]
         template = self.backends.profile.generator.regenerate_template if references else "regenerate_plain"
         conditioned = render(template, prompt=prompt, references=references)
         return self._draw(prompt, conditioned, seed, 1, references, round, turn)[0]
 
-    def _draw(self, prompt: str, conditioned: str, seed: int, n: int, references: list[RetrievalHit], round: int, turn: int) -> list[Candidate]:
+    def _draw(
+        self, prompt: str, conditioned: str, seed: int, n: int, references: list[RetrievalHit], round: int, turn: int
+    ) -> list[Candidate]:
         def on_step(step: int, total: int) -> None:
             _stream_progress({"event": "diffusion_step", "step": step, "total": total})
 
@@ -95,6 +101,13 @@ class Toolkit:
             conditioned, seed, n, [ReferenceStore.load_image(h) for h in references], on_step=on_step
         )
         return [
-            Candidate(image_id=self.images.put(image), round=round, turn=turn, prompt=conditioned, seed=seed + i, references=references)
+            Candidate(
+                image_id=self.images.put(image),
+                round=round,
+                turn=turn,
+                prompt=conditioned,
+                seed=seed + i,
+                references=references,
+            )
             for i, image in enumerate(images)
         ]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -13,6 +14,20 @@ from pydantic import BaseModel
 from imagerag.tools.files import file_id
 
 LOCAL_DIR = "local-dir:"
+
+Preprocess = Callable[[Image.Image], torch.Tensor]
+"""open_clip's image transform: one PIL image to one (3, H, W) tensor."""
+Tokenizer = Callable[[list[str]], torch.Tensor]
+"""open_clip's tokenizer: texts to a (N, context length) tensor of token ids."""
+
+
+class ClipModel(Protocol):
+    """What the embedder uses of an open_clip model (CLIP, CustomTextCLIP). open_clip ships no type information,
+    and typed as a torch.nn.Module its methods would read as Module attributes (Tensor | Module)."""
+
+    def encode_image(self, image: torch.Tensor, /) -> torch.Tensor: ...
+
+    def encode_text(self, text: torch.Tensor, /) -> torch.Tensor: ...
 
 
 class EmbeddingModelInfo(BaseModel):
@@ -24,7 +39,9 @@ class EmbeddingModelInfo(BaseModel):
 
 
 class ClipEmbedder:
-    def __init__(self, model: torch.nn.Module, preprocess, tokenizer, info: EmbeddingModelInfo, device: str):
+    def __init__(
+        self, model: ClipModel, preprocess: Preprocess, tokenizer: Tokenizer, info: EmbeddingModelInfo, device: str
+    ):
         self.model, self.preprocess, self.tokenizer, self.info, self.device = model, preprocess, tokenizer, info, device
 
     @classmethod

@@ -6,13 +6,16 @@ the same weights in memory produce plain text-to-image. OmniGen takes up to thre
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from PIL import Image
 
 from imagerag.tools.config import GeneratorSpec
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 StepCallback = Callable[[int, int], None]  # (step, total)
 
@@ -21,7 +24,12 @@ class Generator(Protocol):
     max_references: int
 
     def generate(
-        self, prompt: str, seed: int, n: int = 1, references: list[Image.Image] = (), on_step: StepCallback | None = None
+        self,
+        prompt: str,
+        seed: int,
+        n: int = 1,
+        references: Sequence[Image.Image] = (),
+        on_step: StepCallback | None = None,
     ) -> list[Image.Image]: ...
 
 
@@ -41,17 +49,21 @@ def _dtype(spec_dtype: str, device: str) -> torch.dtype:
 
 
 class DiffusersGenerator:
-    def __init__(self, pipe, spec: GeneratorSpec, device: str):
+    def __init__(self, pipe: DiffusionPipeline, spec: GeneratorSpec, device: str):
         self.pipe, self.spec, self.device = pipe, spec, device
         self.max_references = spec.max_references
 
     @classmethod
-    def from_pretrained(cls, spec: GeneratorSpec, model_path: str, ip_adapter_path: str | None, device: str = "auto") -> DiffusersGenerator:
+    def from_pretrained(
+        cls, spec: GeneratorSpec, model_path: str, ip_adapter_path: str | None, device: str = "auto"
+    ) -> DiffusersGenerator:
         """Load the profile's pipeline (and IP-Adapter) once; `model_path` is a Hub id or a local folder."""
         from diffusers import OmniGenPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         device = pick_device(device)
-        pipeline_cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "omnigen": OmniGenPipeline}[spec.family]
+        pipeline_cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "omnigen": OmniGenPipeline}[
+            spec.family
+        ]
         pipe = pipeline_cls.from_pretrained(model_path, torch_dtype=_dtype(spec.dtype, device))
         if spec.ip_adapter is not None:
             adapter = spec.ip_adapter
@@ -66,26 +78,37 @@ class DiffusersGenerator:
         return cls(pipe, spec, device)
 
     def generate(
-        self, prompt: str, seed: int, n: int = 1, references: list[Image.Image] = (), on_step: StepCallback | None = None
+        self,
+        prompt: str,
+        seed: int,
+        n: int = 1,
+        references: Sequence[Image.Image] = (),
+        on_step: StepCallback | None = None,
     ) -> list[Image.Image]:
         spec = self.spec
-        kwargs = dict(
-            prompt=prompt,
-            num_inference_steps=spec.steps,
-            guidance_scale=spec.guidance_scale,
-            height=spec.height,
-            width=spec.width,
-            num_images_per_prompt=n,
-            generator=torch.Generator("cpu").manual_seed(seed),
-        )
+        kwargs: dict[str, Any] = {
+            "prompt": prompt,
+            "num_inference_steps": spec.steps,
+            "guidance_scale": spec.guidance_scale,
+            "height": spec.height,
+            "width": spec.width,
+            "num_images_per_prompt": n,
+            "generator": torch.Generator("cpu").manual_seed(seed),
+        }
         if on_step is not None:
-            def callback(pipe, step, timestep, tensors):
+
+            def callback(
+                pipe: DiffusionPipeline, step: int, timestep: torch.Tensor, tensors: dict[str, torch.Tensor]
+            ) -> dict[str, torch.Tensor]:
                 on_step(step + 1, spec.steps)
                 return tensors
 
             kwargs["callback_on_step_end"] = callback
         if spec.family == "omnigen":
-            kwargs.update(input_images=list(references[: self.max_references]) or None, img_guidance_scale=spec.image_guidance_scale)
+            kwargs.update(
+                input_images=list(references[: self.max_references]) or None,
+                img_guidance_scale=spec.image_guidance_scale,
+            )
         else:
             kwargs["negative_prompt"] = spec.negative_prompt or None
             if spec.ip_adapter is not None:

@@ -37,6 +37,8 @@ class ImageStore:
     def get(self, image_id: str) -> Image.Image:
         path = self.path(image_id)
         if not path.exists():
-            raise KeyError(f"no image {image_id!r} in {self.folder}: use an image id returned by generate or regenerate")
+            raise KeyError(
+                f"no image {image_id!r} in {self.folder}: use an image id returned by generate or regenerate"
+            )
         with Image.open(path) as image:
             return image.convert("RGB")

@@ -78,8 +78,15 @@ class _FreshBatches(Sampler):
     DataLoader sends what a batch sampler yields to its workers as-is, so the records travel with the "indices".
     """
 
-    def __init__(self, sources: Sequence[Source], store: ReferenceStore, batch_size: int, summary: IndexSummary,
-                 pending: set[str], on_skip: Callable[[int], None]):
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        store: ReferenceStore,
+        batch_size: int,
+        summary: IndexSummary,
+        pending: set[str],
+        on_skip: Callable[[int], None],
+    ):
         self.sources, self.store, self.batch_size = sources, store, batch_size
         self.summary, self.pending, self.on_skip = summary, pending, on_skip
 
@@ -100,7 +107,7 @@ class _FreshBatches(Sampler):
             ids = [record.id for record in chunk]
             present = self.store.existing(ids) | self.pending
             skipped = 0
-            for image_id, record in zip(ids, chunk):
+            for image_id, record in zip(ids, chunk, strict=True):
                 if image_id in present:
                     skipped += 1
                     continue
@@ -134,7 +141,7 @@ class DecodeAndPreprocess:
                         # resize that follows sees the same detail for a fraction of the decoding.
                         image.draft("RGB", (self.draft_size, self.draft_size))
                     tensors.append(self.preprocess(image.convert("RGB")))
-            except Exception as error:  # PIL raises many types for broken files; none may stop a long run
+            except Exception as error:  # noqa: BLE001 - PIL raises many types for broken files; none may stop a long run
                 failed.append((item, f"{type(error).__name__}: {error}"))
                 continue
             good.append(item)
@@ -155,7 +162,9 @@ def cache_copy(cache_dir: Path, image_id: str, data: bytes, suffix: str) -> Path
     return path.resolve()
 
 
-def open_sources(paths: Sequence[Path | str | Source], image_column: str | None = None, caption_column: str | None = None) -> list[Source]:
+def open_sources(
+    paths: Sequence[Path | str | Source], image_column: str | None = None, caption_column: str | None = None
+) -> list[Source]:
     return [p if not isinstance(p, (str, Path)) else open_source(p, image_column, caption_column) for p in paths]
 
 
@@ -185,13 +194,18 @@ def index_sources(
     started, summary = time.time(), summary if summary is not None else IndexSummary()
     opened = open_sources(sources, image_column, caption_column)
     if cache_dir is None and any(not isinstance(s, FolderSource) for s in opened):
-        raise SourceError("indexing .tar shards or .parquet files needs a cache folder for the extracted images (cache_dir)")
+        raise SourceError(
+            "indexing .tar shards or .parquet files needs a cache folder for the extracted images (cache_dir)"
+        )
     progress = on_batch or (lambda n: None)
     pending: set[str] = set()
     sampler = _FreshBatches(opened, store, batch_size, summary, pending, progress)
     loader = DataLoader(
-        _Passthrough(), batch_sampler=sampler, collate_fn=DecodeAndPreprocess(store.embedder.preprocess, _input_size(store.embedder)),
-        num_workers=num_workers, **({"prefetch_factor": 2} if num_workers else {}),
+        _Passthrough(),
+        batch_sampler=sampler,
+        collate_fn=DecodeAndPreprocess(store.embedder.preprocess, _input_size(store.embedder)),
+        num_workers=num_workers,
+        **({"prefetch_factor": 2} if num_workers else {}),
     )
     try:
         for batch in loader:
@@ -202,11 +216,19 @@ def index_sources(
             if batch.fresh:
                 embeddings = store.embedder.embed_images(batch.pixels)
                 sources_ = [
-                    item.record.uri if item.record.on_disk else str(cache_copy(cache_dir, item.id, item.record.data, fmt))
-                    for item, fmt in zip(batch.fresh, batch.formats)
+                    item.record.uri
+                    if item.record.on_disk
+                    else str(cache_copy(cache_dir, item.id, item.record.data, fmt))
+                    for item, fmt in zip(batch.fresh, batch.formats, strict=True)
                 ]
                 ids = [item.id for item in batch.fresh]
-                store.add(ids, embeddings, [item.record.caption for item in batch.fresh], sources_, [item.record.uri for item in batch.fresh])
+                store.add(
+                    ids,
+                    embeddings,
+                    [item.record.caption for item in batch.fresh],
+                    sources_,
+                    [item.record.uri for item in batch.fresh],
+                )
                 summary.added += len(ids)
                 pending.difference_update(ids)
             progress(len(batch.fresh) + len(batch.failed))

@@ -10,10 +10,10 @@ from langchain_core.messages import HumanMessage
 from PIL import Image
 from pydantic import BaseModel
 
-from imagerag.tools.types import Concept, ConceptVerdict, Critique
 from imagerag.prompts import render
 from imagerag.tools.backends.clip import ClipEmbedder
 from imagerag.tools.backends.llm import image_data_url, structured_call
+from imagerag.tools.types import Concept, ConceptVerdict, Critique
 
 
 class Critic(Protocol):
@@ -36,7 +36,7 @@ class ClipJudge:
         image_embedding = self.embedder.embed_images([image])[0]
         similarities = self.embedder.embed_texts([c.text for c in concepts]) @ image_embedding
         verdicts = []
-        for concept, similarity in zip(concepts, similarities.tolist()):
+        for concept, similarity in zip(concepts, similarities.tolist(), strict=True):
             satisfied = similarity >= self.threshold
             verdicts.append(
                 ConceptVerdict(
@@ -80,7 +80,9 @@ class VLMJudge:
         text = {c.id: c.text for c in concepts}
         verdicts = [
             # A missing concept always gets a retrieval caption: the concept itself when the VLM gave none.
-            by_id[c.id] if by_id[c.id].satisfied or by_id[c.id].caption else by_id[c.id].model_copy(update={"caption": text[c.id]})
+            by_id[c.id]
+            if by_id[c.id].satisfied or by_id[c.id].caption
+            else by_id[c.id].model_copy(update={"caption": text[c.id]})
             for c in concepts
         ]
         return Critique(verdicts=verdicts, tokens=tokens)

@@ -60,7 +60,7 @@ def structured_call(
         model = llm.model_copy(update={"temperature": base + attempt * TEMPERATURE_STEP}) if attempt else llm
         try:
             out = model.with_structured_output(schema, method="function_calling", include_raw=True).invoke(messages)
-        except Exception as error:  # transport errors after the client's own retries
+        except Exception as error:  # noqa: BLE001 - transport errors after the client's own retries; retried here
             problems.append(f"call failed: {error}")
             continue
         tokens += tokens_of(out.get("raw"))

@@ -39,7 +39,9 @@ def resolve(ref: str, data_dir: Path) -> str:
     if ref.startswith("mini:"):
         path = MODELS_DIR / ref.removeprefix("mini:")
         if not path.exists():
-            raise ConfigError(f"the miniature world's model {path} is missing: train it with `python -m imagerag.evals.miniworld.train`")
+            raise ConfigError(
+                f"the miniature world's model {path} is missing: train it with `python -m imagerag.evals.miniworld.train`"
+            )
         return str(path)
     return ref
 
@@ -66,7 +68,9 @@ def calibrated(config: BackendConfig) -> ClipSpec:
     return clip.model_copy(update={k: measured[k] for k in ("judge_threshold", "retrieval_min_similarity")})
 
 
-def open_store(config: BackendConfig, on_progress: Callable[[str, int, int | None], None] | None = None) -> ReferenceStore:
+def open_store(
+    config: BackendConfig, on_progress: Callable[[str, int, int | None], None] | None = None
+) -> ReferenceStore:
     """The profile's reference collection. A local profile (mini, tiny) builds its own on first use, reporting
     (stage, done, total) to `on_progress`; any other profile needs `imagerag index` first."""
     client = chroma_client(config.data_dir, config.chroma_url)
@@ -94,7 +98,9 @@ def open_store(config: BackendConfig, on_progress: Callable[[str, int, int | Non
     return store
 
 
-def build_local_corpus(profile: str, data_dir: Path, on_progress: Callable[[str, int, int | None], None] | None = None) -> Path:
+def build_local_corpus(
+    profile: str, data_dir: Path, on_progress: Callable[[str, int, int | None], None] | None = None
+) -> Path:
     """Render a local profile's reference images with captions into the data folder (once; a finished corpus
     is marked complete, so an interrupted one is rendered again)."""
     folder = data_dir / f"{profile}-corpus"
@@ -105,7 +111,9 @@ def build_local_corpus(profile: str, data_dir: Path, on_progress: Callable[[str,
     if profile == "mini":
         from imagerag.tools.miniworld.world import write_corpus
 
-        write_corpus(folder, **MINI_CORPUS, on_image=(lambda i, n: on_progress("rendering", i, n)) if on_progress else None)
+        write_corpus(
+            folder, **MINI_CORPUS, on_image=(lambda i, n: on_progress("rendering", i, n)) if on_progress else None
+        )
     else:  # tiny: plain colour squares are all its random models can be asked about
         from PIL import Image
 

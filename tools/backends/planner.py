@@ -12,9 +12,9 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage
 from pydantic import BaseModel, Field
 
-from imagerag.tools.types import Concept, ConceptKind
 from imagerag.prompts import render
 from imagerag.tools.backends.llm import structured_call
+from imagerag.tools.types import Concept, ConceptKind
 
 
 class ConceptSpec(BaseModel):
@@ -30,7 +30,9 @@ class ConceptList(BaseModel):
 
 
 class RevisedConcept(ConceptSpec):
-    keep: str | None = Field(default=None, description="Id of the existing concept this is, unchanged; null if new or changed.")
+    keep: str | None = Field(
+        default=None, description="Id of the existing concept this is, unchanged; null if new or changed."
+    )
 
 
 class Revision(BaseModel):
@@ -60,8 +62,12 @@ def number(specs: list[ConceptSpec]) -> list[Concept]:
             continue
         concept_id = seen[key] = index_to_id[i] = f"c{len(concepts) + 1}"
         concepts.append(Concept(id=concept_id, text=key[0], kind=spec.kind))
-    parents = {index_to_id[i]: index_to_id.get(s.parent) for i, s in enumerate(specs, 1) if i in index_to_id and s.parent}
-    return [c.model_copy(update={"depends_on": [p] if (p := parents.get(c.id)) and p != c.id else []}) for c in concepts]
+    parents = {
+        index_to_id[i]: index_to_id.get(s.parent) for i, s in enumerate(specs, 1) if i in index_to_id and s.parent
+    }
+    return [
+        c.model_copy(update={"depends_on": [p] if (p := parents.get(c.id)) and p != c.id else []}) for c in concepts
+    ]
 
 
 def apply_revision(old: list[Concept], revision: Revision) -> list[Concept]:
@@ -76,7 +82,7 @@ def apply_revision(old: list[Concept], revision: Revision) -> list[Concept]:
         else:
             concepts.append(Concept(id=f"c{next_id}", text=spec.text, kind=spec.kind))
             next_id += 1
-    for concept, spec in zip(concepts, revision.concepts):
+    for concept, spec in zip(concepts, revision.concepts, strict=True):
         if spec.parent and 1 <= spec.parent <= len(concepts) and concepts[spec.parent - 1] is not concept:
             concept.depends_on = [concepts[spec.parent - 1].id]
         elif (kept := by_id.get(spec.keep or "")) is not None:
@@ -89,7 +95,9 @@ class LLMDecomposer:
         self.llm, self.retries = llm, retries
 
     def decompose(self, prompt: str) -> tuple[list[Concept], int]:
-        answer, tokens = structured_call(self.llm, ConceptList, [HumanMessage(render("decompose", prompt=prompt))], self.retries)
+        answer, tokens = structured_call(
+            self.llm, ConceptList, [HumanMessage(render("decompose", prompt=prompt))], self.retries
+        )
         return number(answer.concepts), tokens
 
     def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]:
@@ -106,20 +114,33 @@ class RuleDecomposer:
     system usable offline.
     """
 
-    _FRAME = re.compile(r"^(a |an )?(photo|picture|image|painting|drawing|render(ing)?) of ", re.I)
-    _SPLIT = re.compile(r"\s*[,;]\s*(?:and\s+)?|\s+(?:and|with|next to|beside)\s+(?=(?:a|an|the|one|two|three|four|five|some|\d+)\b)", re.I)
-    _STYLE = re.compile(r"\b(style|watercolou?r|oil painting|sketch|pixel art|cartoon|anime|photorealistic|3d render|low poly)\b", re.I)
+    _FRAME = re.compile(r"^(a |an )?(photo|picture|image|painting|drawing|render(ing)?) of ", re.IGNORECASE)
+    _SPLIT = re.compile(
+        r"\s*[,;]\s*(?:and\s+)?|\s+(?:and|with|next to|beside)\s+(?=(?:a|an|the|one|two|three|four|five|some|\d+)\b)",
+        re.IGNORECASE,
+    )
+    _STYLE = re.compile(
+        r"\b(style|watercolou?r|oil painting|sketch|pixel art|cartoon|anime|photorealistic|3d render|low poly)\b",
+        re.IGNORECASE,
+    )
     _LEAD = r"^(?:(?:now|please|also|and|then),?\s+)*"
-    _ADD = re.compile(_LEAD + r"(?:add|include|put in|put)\s+(.+)$", re.I)
-    _REMOVE = re.compile(_LEAD + r"(?:remove|drop|delete|take out|get rid of|without|no)\s+(?:the\s+)?(.+)$", re.I)
-    _CHANGE = re.compile(_LEAD + r"(?:make|turn|change|paint|colou?r)\s+(?:the\s+)?(.+?)\s+(?:to\s+|into\s+)?(\w+)$", re.I)
+    _ADD = re.compile(_LEAD + r"(?:add|include|put in|put)\s+(.+)$", re.IGNORECASE)
+    _REMOVE = re.compile(
+        _LEAD + r"(?:remove|drop|delete|take out|get rid of|without|no)\s+(?:the\s+)?(.+)$", re.IGNORECASE
+    )
+    _CHANGE = re.compile(
+        _LEAD + r"(?:make|turn|change|paint|colou?r)\s+(?:the\s+)?(.+?)\s+(?:to\s+|into\s+)?(\w+)$", re.IGNORECASE
+    )
 
     def clauses(self, text: str) -> list[str]:
         body = self._FRAME.sub("", text.strip().rstrip("."))
         return [c.strip() for c in self._SPLIT.split(body) if c and c.strip()]
 
-    _DETERMINER = re.compile(r"^(a|an|the|one|two|three|four|five|six|some|\d+)\s+", re.I)
-    _RELATION = re.compile(r"\s+(?=(?:on|in|at|by|near|under|over|above|below|behind|beside|inside|next|with|wearing|holding|of)\b)", re.I)
+    _DETERMINER = re.compile(r"^(a|an|the|one|two|three|four|five|six|some|\d+)\s+", re.IGNORECASE)
+    _RELATION = re.compile(
+        r"\s+(?=(?:on|in|at|by|near|under|over|above|below|behind|beside|inside|next|with|wearing|holding|of)\b)",
+        re.IGNORECASE,
+    )
 
     def specs(self, text: str, offset: int = 0) -> list[ConceptSpec]:
         """Concepts of `text`; parents are 1-based positions counted after `offset` earlier concepts."""
@@ -133,19 +154,26 @@ class RuleDecomposer:
 
     def _clause_specs(self, clause: str, parent: int) -> list[ConceptSpec]:
         determiner = self._DETERMINER.match(clause)
-        body = clause[determiner.end():] if determiner else clause
+        body = clause[determiner.end() :] if determiner else clause
         head, _, relation = (self._RELATION.split(body, maxsplit=1) + [""])[:2], None, None
         phrase, relation = head[0].split(), head[1]
         if not phrase:
             return [ConceptSpec(text=clause)]
         noun, adjectives = phrase[-1], _adjective_groups(phrase[:-1])
-        word = (determiner.group(1).lower() if determiner else "a")
+        word = determiner.group(1).lower() if determiner else "a"
         counted = word not in ("a", "an", "the", "one", "some")
         article = word if counted else ("an" if noun[0].lower() in "aeiou" else "a")
         obj = ConceptSpec(text=f"{article} {noun}", kind="count" if counted else "object")
         if not adjectives and not relation:
             return [obj]
-        parts = [obj] + [ConceptSpec(text=f"{_article(a)} {a} {noun}" if not counted else f"{article} {a} {noun}", kind="attribute", parent=parent) for a in adjectives]
+        parts = [obj] + [
+            ConceptSpec(
+                text=f"{_article(a)} {a} {noun}" if not counted else f"{article} {a} {noun}",
+                kind="attribute",
+                parent=parent,
+            )
+            for a in adjectives
+        ]
         if relation:
             parts.append(ConceptSpec(text=f"{article} {noun} {relation.strip()}", kind="relation", parent=parent))
         return parts
@@ -180,10 +208,36 @@ class RuleDecomposer:
 
 
 # Words a change replaces in front of its noun ('a red scarf' + 'make the scarf green' -> 'a green scarf').
-_ADJECTIVES = set(
-    "red green blue yellow purple orange pink black white grey gray brown gold silver small large big tiny huge "
-    "tall short old young wooden metal glass striped dotted".split()
-)
+_ADJECTIVES = {
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "pink",
+    "black",
+    "white",
+    "grey",
+    "gray",
+    "brown",
+    "gold",
+    "silver",
+    "small",
+    "large",
+    "big",
+    "tiny",
+    "huge",
+    "tall",
+    "short",
+    "old",
+    "young",
+    "wooden",
+    "metal",
+    "glass",
+    "striped",
+    "dotted",
+}
 
 
 def _article(word: str) -> str:

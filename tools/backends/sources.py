@@ -126,7 +126,9 @@ class TarShardSource:
                     sample[ext.lower()] = handle.read() if handle else b""
         except (tarfile.TarError, OSError, EOFError) as error:
             # A truncated shard (an interrupted download) keeps what was read; the rest counts as one failure.
-            yield SourceRecord(b"", "", f"{self.uri}#unreadable after {key or 'the start'} ({type(error).__name__}: {error})")
+            yield SourceRecord(
+                b"", "", f"{self.uri}#unreadable after {key or 'the start'} ({type(error).__name__}: {error})"
+            )
             return
         yield from self._sample(key, sample)
 
@@ -150,7 +152,9 @@ class ParquetSource:
     are found by name unless given.
     """
 
-    def __init__(self, path: Path, image_column: str | None = None, caption_column: str | None = None, rows_per_read: int = 256):
+    def __init__(
+        self, path: Path, image_column: str | None = None, caption_column: str | None = None, rows_per_read: int = 256
+    ):
         import pyarrow.parquet as pq
 
         self.path = Path(path)
@@ -159,7 +163,7 @@ class ParquetSource:
         self.uri = str(self.path.resolve())
         try:
             self.file = pq.ParquetFile(self.path)
-        except Exception as error:  # pyarrow's ArrowInvalid and friends
+        except Exception as error:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError and more for a bad file
             raise SourceError(f"cannot read {path} as parquet: {error}") from None
         schema = self.file.schema_arrow
         self.image_column = image_column or self._find_image_column(schema)
@@ -184,7 +188,9 @@ class ParquetSource:
                 return name
         if candidates:
             return candidates[0]
-        raise SourceError(f"{self.path} has no image-bytes column (binary, or a struct with 'bytes'): pass --image-column")
+        raise SourceError(
+            f"{self.path} has no image-bytes column (binary, or a struct with 'bytes'): pass --image-column"
+        )
 
     def size_hint(self) -> int | None:
         return self.file.metadata.num_rows
@@ -195,9 +201,11 @@ class ParquetSource:
         for batch in self.file.iter_batches(batch_size=self.rows_per_read, columns=columns):
             images = batch.column(self.image_column).to_pylist()
             captions = batch.column(self.caption_column).to_pylist() if self.caption_column else [None] * len(images)
-            for image, caption in zip(images, captions):
+            for image, caption in zip(images, captions, strict=True):
                 data = image.get("bytes") if isinstance(image, dict) else image
-                yield SourceRecord(data or b"", str(caption).strip() if caption is not None else "", f"{self.uri}#row={row}")
+                yield SourceRecord(
+                    data or b"", str(caption).strip() if caption is not None else "", f"{self.uri}#row={row}"
+                )
                 row += 1
 
 

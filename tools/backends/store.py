@@ -16,15 +16,17 @@ its meaning depends on the embedding model; each profile carries its own (agent/
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import chromadb
 import numpy as np
+from chromadb import Collection
 from chromadb.config import Settings as ChromaSettings
 from PIL import Image
 
-from imagerag.tools.types import RetrievalHit
 from imagerag.tools.backends.clip import ClipEmbedder, EmbeddingModelInfo
+from imagerag.tools.types import RetrievalHit
 
 
 class StoreError(ValueError):
@@ -37,7 +39,9 @@ def chroma_client(data_dir: Path, url: str | None = None) -> chromadb.ClientAPI:
         from urllib.parse import urlparse
 
         parsed = urlparse(url)
-        return chromadb.HttpClient(host=parsed.hostname, port=parsed.port or 8000, ssl=parsed.scheme == "https", settings=settings)
+        return chromadb.HttpClient(
+            host=parsed.hostname, port=parsed.port or 8000, ssl=parsed.scheme == "https", settings=settings
+        )
     return chromadb.PersistentClient(path=str(Path(data_dir) / "chroma"), settings=settings)
 
 
@@ -66,16 +70,18 @@ def mmr_order(query: np.ndarray, candidates: np.ndarray, lam: float, k: int) -> 
 
 
 class ReferenceStore:
-    def __init__(self, collection, embedder: ClipEmbedder):
+    def __init__(self, collection: Collection, embedder: ClipEmbedder):
         self.collection, self.embedder = collection, embedder
 
     @classmethod
-    def open(cls, client: chromadb.ClientAPI, name: str, embedder: ClipEmbedder, create: bool = False) -> ReferenceStore:
+    def open(
+        cls, client: chromadb.ClientAPI, name: str, embedder: ClipEmbedder, create: bool = False
+    ) -> ReferenceStore:
         """Open collection `name`, checking it was embedded with `embedder`'s model; `create` makes it when absent."""
         info = embedder.info
         try:
             collection = client.get_collection(name, embedding_function=None)
-        except Exception:  # chromadb raises NotFoundError or ValueError depending on version
+        except Exception:  # noqa: BLE001 - chromadb raises NotFoundError or ValueError depending on its version
             if not create:
                 raise StoreError(
                     f"no reference collection {name!r}: build it with `imagerag index IMAGE_FOLDER --collection {name}`"
@@ -129,7 +135,9 @@ class ReferenceStore:
             ids=ids,
             embeddings=embeddings.astype(np.float32),
             documents=captions,
-            metadatas=[{"source": s, **({"origin": o} if o and o != s else {})} for s, o in zip(sources, origins)],
+            metadatas=[
+                {"source": s, **({"origin": o} if o and o != s else {})} for s, o in zip(sources, origins, strict=True)
+            ],
         )
 
     def search(
@@ -137,7 +145,7 @@ class ReferenceStore:
         caption: str,
         k: int = 1,
         min_similarity: float = -1.0,
-        exclude: set[str] | frozenset[str] = frozenset(),
+        exclude: AbstractSet[str] = frozenset(),
         *,
         mmr_lambda: float | None = None,
         reranker: Reranker | None = None,
@@ -162,7 +170,14 @@ class ReferenceStore:
         vectors = found["embeddings"][0] if mmr_lambda is not None else [None] * len(found["ids"][0])
         kept = [
             (RetrievalHit(id=i, caption=doc or "", similarity=1.0 - dist, source=meta["source"], query=caption), vec)
-            for i, doc, meta, dist, vec in zip(found["ids"][0], found["documents"][0], found["metadatas"][0], found["distances"][0], vectors)
+            for i, doc, meta, dist, vec in zip(
+                found["ids"][0],
+                found["documents"][0],
+                found["metadatas"][0],
+                found["distances"][0],
+                vectors,
+                strict=True,
+            )
             if i not in exclude and 1.0 - dist >= min_similarity
         ][:pool]
         hits = [hit for hit, _ in kept]
@@ -174,12 +189,23 @@ class ReferenceStore:
         return hits[:k]
 
     def search_many(
-        self, captions: list[str], k: int = 1, min_similarity: float = -1.0, exclude: set[str] = frozenset(), **options
+        self,
+        captions: list[str],
+        k: int = 1,
+        min_similarity: float = -1.0,
+        exclude: AbstractSet[str] = frozenset(),
+        *,
+        mmr_lambda: float | None = None,
+        reranker: Reranker | None = None,
+        fetch_k: int | None = None,
     ) -> list[RetrievalHit]:
-        """Hits for several captions with no image used twice across them; `options` go to `search`."""
-        seen, hits = set(exclude), []
+        """Hits for several captions with no image used twice across them; the keyword options go to `search`."""
+        seen: set[str] = set(exclude)
+        hits: list[RetrievalHit] = []
         for caption in captions:
-            for hit in self.search(caption, k, min_similarity, exclude=seen, **options):
+            for hit in self.search(
+                caption, k, min_similarity, exclude=seen, mmr_lambda=mmr_lambda, reranker=reranker, fetch_k=fetch_k
+            ):
                 seen.add(hit.id)
                 hits.append(hit)
         return hits

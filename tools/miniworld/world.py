@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import math
 import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -116,8 +116,15 @@ class Concept:
 
 # ----------------------------------------------------------------------------- captions
 
-def object_phrase(obj: ObjectSpec, *, shape_word: str | None = None, with_size: bool | None = None,
-                  with_colour: bool = True, with_position: bool = True) -> str:
+
+def object_phrase(
+    obj: ObjectSpec,
+    *,
+    shape_word: str | None = None,
+    with_size: bool | None = None,
+    with_colour: bool = True,
+    with_position: bool = True,
+) -> str:
     """'a large red heart on the left'. Canonical form marks only 'large'."""
     words = ["a"]
     if with_size is None:
@@ -148,9 +155,11 @@ def concepts(scene: Scene) -> list[Concept]:
 
 # ----------------------------------------------------------------------------- rendering
 
+
 def _regular_polygon(cx: float, cy: float, r: float, n: int, rot: float) -> list[tuple[float, float]]:
-    return [(cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n))
-            for k in range(n)]
+    return [
+        (cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n)) for k in range(n)
+    ]
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
@@ -212,12 +221,18 @@ def render_array(scenes: Sequence[Scene]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- sampling
 
+
 def _allowed_pair(p1: str, p2: str) -> bool:
     return p1 != p2
 
 
-def sample_scene(rng: random.Random, n_objects: int = 1, shapes: Sequence[str] = SHAPES,
-                 jitter: float = 1.5, colours: Sequence[str] = COLOUR_NAMES) -> Scene:
+def sample_scene(
+    rng: random.Random,
+    n_objects: int = 1,
+    shapes: Sequence[str] = SHAPES,
+    jitter: float = 1.5,
+    colours: Sequence[str] = COLOUR_NAMES,
+) -> Scene:
     """A random scene. Two-object scenes use two different positions; unless the pair is
     left/right or top/bottom, both objects are small so that they do not overlap."""
     if n_objects not in (1, 2):
@@ -227,9 +242,16 @@ def sample_scene(rng: random.Random, n_objects: int = 1, shapes: Sequence[str] =
     objs = []
     for pos in positions:
         size = rng.choice(SIZE_NAMES) if far else "small"
-        objs.append(ObjectSpec(
-            shape=rng.choice(list(shapes)), colour=rng.choice(list(colours)), position=pos, size=size,
-            dx=round(rng.uniform(-jitter, jitter), 2), dy=round(rng.uniform(-jitter, jitter), 2)))
+        objs.append(
+            ObjectSpec(
+                shape=rng.choice(list(shapes)),
+                colour=rng.choice(list(colours)),
+                position=pos,
+                size=size,
+                dx=round(rng.uniform(-jitter, jitter), 2),
+                dy=round(rng.uniform(-jitter, jitter), 2),
+            )
+        )
     return Scene(tuple(objs))
 
 
@@ -239,6 +261,7 @@ def sample_scenes(seed: int, n: int, p_two: float = 0.4, shapes: Sequence[str] =
 
 
 # ----------------------------------------------------------------------------- corpus
+
 
 def corpus_scenes(n: int, seed: int = 1, exclude_shapes: Iterable[str] = ()) -> list[Scene]:
     """Mostly single-object scenes; the first block enumerates every shape x colour x position x
@@ -251,8 +274,15 @@ def corpus_scenes(n: int, seed: int = 1, exclude_shapes: Iterable[str] = ()) -> 
         for colour in COLOUR_NAMES:
             for pos in POSITION_NAMES:
                 for size in SIZE_NAMES:
-                    scenes.append(Scene((ObjectSpec(shape, colour, pos, size,
-                                                    round(rng.uniform(-1, 1), 2), round(rng.uniform(-1, 1), 2)),)))
+                    scenes.append(
+                        Scene(
+                            (
+                                ObjectSpec(
+                                    shape, colour, pos, size, round(rng.uniform(-1, 1), 2), round(rng.uniform(-1, 1), 2)
+                                ),
+                            )
+                        )
+                    )
     rng.shuffle(scenes)
     scenes = scenes[:n]
     while len(scenes) < n:
@@ -261,7 +291,10 @@ def corpus_scenes(n: int, seed: int = 1, exclude_shapes: Iterable[str] = ()) -> 
 
 
 def write_corpus(
-    out_dir: str | Path, n: int = 6000, seed: int = 1, exclude_shapes: Iterable[str] = (),
+    out_dir: str | Path,
+    n: int = 6000,
+    seed: int = 1,
+    exclude_shapes: Iterable[str] = (),
     on_image: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     out = Path(out_dir)
