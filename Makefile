@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # Offline by design: no Hub downloads in the demo or the tests, no chromadb telemetry.
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ANONYMIZED_TELEMETRY=False
 
-.PHONY: install test-deps demo test clean
+.PHONY: install test-deps lint demo test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,15 +16,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The embedded default: the miniature world (evals/miniworld), whose small trained models ship in the repo.
-# The first run renders its 6,000-image retrieval corpus and indexes it (once); then the agent loop runs.
-DEMO_DATA := .imagerag
+# The embedded default: the miniature world (tools/miniworld), whose small trained models ship in the repo. Its first
+# run renders and indexes the 6,000-image retrieval corpus into the default data folder (~/.imagerag, or
+# IMAGERAG_DATA_DIR), so `imagerag generate "..." --profile mini` then works from any folder.
 DEMO_PROMPT := a large red heart on the left
 
 demo: install
-	test -f $(DEMO_DATA)/miniworld-corpus/scene_005999.png || $(OFFLINE) $(BIN)/python -m evals.miniworld.world corpus $(DEMO_DATA)/miniworld-corpus --n 6000 --seed 1
-	$(OFFLINE) $(BIN)/imagerag index $(DEMO_DATA)/miniworld-corpus --profile mini --data-dir $(DEMO_DATA)
-	$(OFFLINE) $(BIN)/imagerag generate "$(DEMO_PROMPT)" --profile mini --data-dir $(DEMO_DATA) --out runs
+	$(OFFLINE) $(BIN)/imagerag generate "$(DEMO_PROMPT)" --profile mini --out runs
 
 # The system packages the tests need besides the Python ones: Debian's chromium (the report test's headless browser) and
 # postgresql (the server binaries for the thread test's throwaway cluster). Installed with apt-get (sudo when not root)
@@ -32,7 +30,18 @@ demo: install
 test-deps:
 	bash scripts/provision-test-deps
 
-test: test-deps install
+# mypy resolves `imagerag.*` through a farm of links (the installed package maps the repository's folders under that
+# name through an import hook, which type checkers cannot follow).
+TYPECHECK := $(VENV)/typecheck/imagerag
+LAYERS := agent graphs tools prompts evals
+
+lint: install
+	mkdir -p $(TYPECHECK) && for p in $(LAYERS); do ln -sfn "$(CURDIR)/$$p" $(TYPECHECK)/$$p; done
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy $(foreach p,$(LAYERS),-p imagerag.$(p))
+
+test: test-deps install lint
 	$(OFFLINE) $(BIN)/python -m pytest -q
 
 clean:

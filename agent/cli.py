@@ -389,9 +389,12 @@ def search(
         ),
     ] = None,
     sheet: Annotated[
-        Path | None, typer.Option(help="Contact sheet PNG (default: ./<caption>.png, never overwriting a file).")
+        bool,
+        typer.Option("--sheet", help="Also write a contact sheet of the hits to ./<caption>.png (never overwriting)."),
+    ] = False,
+    sheet_to: Annotated[
+        Path | None, typer.Option(help="Write the contact sheet to this PNG instead (implies --sheet).")
     ] = None,
-    no_sheet: Annotated[bool, typer.Option("--no-sheet", help="Write no contact sheet.")] = False,
     collection: Collection = None,
     profile: Profile = None,
     data_dir: DataDir = None,
@@ -399,7 +402,7 @@ def search(
         str | None, typer.Option(help="A Chroma server (http://host:8000) instead of the data folder's.")
     ] = None,
 ) -> None:
-    """Search a reference collection by caption: print the hits and write a contact sheet of them."""
+    """Search a reference collection by caption: print the hits, and with --sheet a contact sheet of them."""
     from imagerag.tools.backends.loading import calibrated, load_embedder
     from imagerag.tools.backends.store import (
         ReferenceStore,
@@ -424,8 +427,8 @@ def search(
     for hit in hits:
         table.add_row(f"{hit.similarity:.3f}", hit.caption, hit.source)
     Console().print(table)
-    if hits and not no_sheet:
-        path = contact_sheet(hits, sheet or default_sheet_path(caption))
+    if hits and (sheet or sheet_to):
+        path = contact_sheet(hits, sheet_to or default_sheet_path(caption))
         err.print(f"contact sheet: {path}")
 
 

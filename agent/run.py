@@ -244,17 +244,20 @@ def prepare(settings: Settings, on_progress: Callable[[str, int, int | None], No
     reference collection on first use, reporting (stage, done, total); a Hub profile fails fast, with the fix,
     when its weights cannot be had, and warns that a CPU takes minutes per image."""
     from imagerag.tools.backends.diffusion import pick_device
+    from imagerag.tools.backends.hub import require_weights
     from imagerag.tools.backends.loading import load_backends, open_store
 
     profile = settings.resolved_profile()
     if profile.local:
         open_store(settings, on_progress)
-    elif pick_device(settings.device) == "cpu":
-        log.warning(
-            "no GPU found: each image of the %s profile will take minutes on the CPU (try --profile mini for the "
-            "offline demo, or set IMAGERAG_DEVICE)",
-            profile.name,
-        )
+    else:
+        require_weights(profile)
+        if pick_device(settings.device) == "cpu":
+            log.warning(
+                "no GPU found: each image of the %s profile will take minutes on the CPU (try --profile mini for "
+                "the offline demo, or set IMAGERAG_DEVICE)",
+                profile.name,
+            )
     return load_backends(settings)
 
 

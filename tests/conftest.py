@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.update(
     HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", ANONYMIZED_TELEMETRY="False", OPENAI_API_KEY="sk-test-not-real"
 )
 for leaked in [k for k in os.environ if k.startswith("IMAGERAG_")]:
     del os.environ[leaked]  # a developer's own configuration must not steer the tests
+# The default data folder (~/.imagerag) belongs to the person running the tests, not to them.
+os.environ["IMAGERAG_DATA_DIR"] = tempfile.mkdtemp(prefix="imagerag-tests-")
 
 import socket
 from pathlib import Path

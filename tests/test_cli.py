@@ -138,7 +138,6 @@ def test_index_is_incremental(data_dir, tmp_path):
         "cli-test",
         "-k",
         "2",
-        "--no-sheet",
     )
     assert search.exit_code == 0 and "2 hit(s)" in search.stdout
 
@@ -182,3 +181,43 @@ def test_review_at_the_terminal(data_dir, tmp_path):
     assert "review before round 2" in " ".join(result.stderr.split())
     assert saved["generations"] == 2 and saved["candidates"][1]["references"] == []
     assert any(s["node"] == "review" and "no reference" in s["summary"] for s in saved["steps"])
+
+
+def test_a_local_profile_builds_its_collection_on_first_use_from_any_folder(tmp_path, monkeypatch):
+    """No index step, no --data-dir: the tiny profile renders and indexes its references into the default data
+    folder (IMAGERAG_DATA_DIR here) on the first run, then draws."""
+    monkeypatch.chdir(tmp_path)
+    home = tmp_path / "home"
+    result = imagerag("generate", "a red square", "--profile", "tiny", "--max-rounds", "2", IMAGERAG_DATA_DIR=str(home))
+    assert result.exit_code == 0, result.output
+    assert (home / "tiny-corpus" / ".complete").exists() and (home / "chroma").is_dir()
+    again = imagerag("search", "a red square", "--profile", "tiny", "-k", "2", IMAGERAG_DATA_DIR=str(home))
+    assert again.exit_code == 0 and "2 hit(s)" in again.stdout
+
+
+def test_a_hub_profile_without_weights_or_hub_fails_fast_naming_the_offline_demo(tmp_path):
+    """HF_HUB_OFFLINE=1 (set for the tests) and an empty Hub cache: the default sdxl profile refuses at once."""
+    result = imagerag(
+        "generate",
+        "a red fox",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "runs"),
+        HF_HOME=str(tmp_path / "hf"),
+    )
+    assert result.exit_code == 2
+    message = " ".join(result.stderr.split())
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in message and "--profile mini" in message
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run folder was made
+
+
+def test_runs_and_threads_of_the_previous_version_fail_with_what_to_do(data_dir, tmp_path):
+    """A 0.1 run folder (settings.json held the whole Settings) is readable but cannot be resumed."""
+    old = tmp_path / "old-run"
+    old.mkdir()
+    (old / "settings.json").write_text(json.dumps({"profile": "tiny", "data_dir": str(data_dir), "policy": "imagerag"}))
+    result = imagerag("resume", str(old), "--data-dir", str(data_dir))
+    assert result.exit_code == 2
+    message = " ".join(result.stderr.split())
+    assert "earlier version of imagerag-agent" in message and "start a new run" in message

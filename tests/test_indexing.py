@@ -278,7 +278,7 @@ def test_index_and_search_against_a_chroma_server(tmp_path, data_dir, chroma_ser
         c.name for c in chroma_client(data_dir).list_collections()
     ]  # nothing went to the local folder
     monkeypatch.chdir(tmp_path)
-    found = runner.invoke(app, ["search", "red", "-k", "2", "--no-sheet", *common])
+    found = runner.invoke(app, ["search", "red", "-k", "2", *common])
     assert found.exit_code == 0 and "2 hit(s)" in found.stdout
 
 

@@ -124,6 +124,15 @@ def test_best_candidate_prefers_more_objects_over_more_attributes():
     assert best_candidate([both_objects, one_object_two_attributes], concepts).image_id == "objects"
 
 
+def test_best_candidate_prefers_more_objects_over_an_object_only_references_drew():
+    # A third root, a style no text-only image showed: an image with only that hard root still loses to one
+    # with two ordinary objects (objects first, hard roots second).
+    concepts = [*scene(), concept("c5")]
+    text_objects = candidate("objects", {FOX, TREE}, judged_ids=(FOX, TREE, "c5"), round=2)
+    ref_style = candidate("style", {"c5"}, judged_ids=(FOX, TREE, "c5"), round=1, references=True)
+    assert best_candidate([ref_style, text_objects], concepts).image_id == "objects"
+
+
 def test_best_candidate_prefers_the_object_no_text_only_image_showed():
     # With as many objects, the reference-conditioned image showing the tree (which no text-only image drew)
     # beats the text-only fox that has more satisfied concepts, a higher score and an earlier round.

@@ -130,9 +130,13 @@ def search_cli(data_dir, *args):
     )
 
 
-def test_cli_search_prints_hits_and_writes_a_contact_sheet_without_overwriting(data_dir, tmp_path, monkeypatch):
+def test_cli_search_prints_hits_and_writes_a_contact_sheet_only_when_asked_never_overwriting(
+    data_dir, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
-    first = search_cli(data_dir, "a red square", "-k", "3")
+    plain = search_cli(data_dir, "a red square", "-k", "3")
+    assert plain.exit_code == 0 and "contact sheet" not in plain.stderr and not list(tmp_path.glob("*.png"))
+    first = search_cli(data_dir, "a red square", "-k", "3", "--sheet")
     assert first.exit_code == 0, first.output
     assert "3 hit(s) for 'a red square'" in first.stdout and "a red square" in first.stdout
     sheet = tmp_path / "a-red-square.png"
@@ -140,13 +144,13 @@ def test_cli_search_prints_hits_and_writes_a_contact_sheet_without_overwriting(d
     with Image.open(sheet) as image:
         assert image.size == (3 * 160, 160 + 30)
         assert image.getpixel((80, 80)) != (255, 255, 255)  # a thumbnail, not a blank cell
-    second = search_cli(data_dir, "a red square", "-k", "3")
+    second = search_cli(data_dir, "a red square", "-k", "3", "--sheet")
     assert second.exit_code == 0 and (tmp_path / "a-red-square-2.png").exists()
     chosen = search_cli(
-        data_dir, "a red square", "-k", "2", "--sheet", str(tmp_path / "out" / "mine.png"), "--mmr", "0.5"
+        data_dir, "a red square", "-k", "2", "--sheet-to", str(tmp_path / "out" / "mine.png"), "--mmr", "0.5"
     )
     assert chosen.exit_code == 0 and (tmp_path / "out" / "mine.png").exists()
-    none = search_cli(data_dir, "a red square", "--min-similarity", "1.01")
+    none = search_cli(data_dir, "a red square", "--min-similarity", "1.01", "--sheet")
     assert none.exit_code == 0 and "0 hit(s)" in none.stdout and "contact sheet" not in none.stderr
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["a-red-square-2.png", "a-red-square.png"]
 
@@ -164,7 +168,6 @@ def test_cli_search_refuses_a_collection_of_another_model(data_dir, tmp_path):
             str(data_dir),
             "--collection",
             "colour-only",
-            "--no-sheet",
         ],
     )
     assert result.exit_code == 2

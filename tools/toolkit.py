@@ -6,6 +6,7 @@ Each tool is a plain method returning typed results. The agent policy exposes th
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from langchain_core.language_models import BaseChatModel
@@ -68,7 +69,7 @@ class Toolkit:
         return self.backends.critic.critique(self.images.get(image_id), concepts, prompt)
 
     def retrieve(
-        self, caption: str, k: int = 1, min_similarity: float | None = None, exclude: set[str] = frozenset()
+        self, caption: str, k: int = 1, min_similarity: float | None = None, exclude: AbstractSet[str] = frozenset()
     ) -> list[RetrievalHit]:
         """Reference images for one caption, none below the relevance threshold."""
         threshold = self.backends.min_similarity if min_similarity is None else min_similarity
@@ -76,7 +77,9 @@ class Toolkit:
         _stream_progress({"event": "retrieved", "caption": caption, "hits": [h.model_dump() for h in hits]})
         return hits
 
-    def retrieve_many(self, captions: list[str], k: int = 1, exclude: set[str] = frozenset()) -> list[RetrievalHit]:
+    def retrieve_many(
+        self, captions: list[str], k: int = 1, exclude: AbstractSet[str] = frozenset()
+    ) -> list[RetrievalHit]:
         """Hits for several captions, no image twice."""
         hits = self.backends.store.search_many(captions, k, self.backends.min_similarity, exclude)
         _stream_progress({"event": "retrieved", "captions": captions, "hits": [h.model_dump() for h in hits]})

@@ -91,14 +91,33 @@ def ensure_collection(settings: Settings, name: str, corpus_dir: Path, exclude: 
     return store
 
 
-def run_condition(prompts: list[HeldoutPrompt], condition: Condition, settings: Settings, backends: Backends, oracle: Oracle, runs: Path) -> list[PromptOutcome]:
-    settings = settings.model_copy(update={"budget": Budget(max_rounds=condition.rounds, max_generations=condition.rounds, max_seconds=None, max_tokens=None)})
+def run_condition(
+    prompts: list[HeldoutPrompt],
+    condition: Condition,
+    settings: Settings,
+    backends: Backends,
+    oracle: Oracle,
+    runs: Path,
+) -> list[PromptOutcome]:
+    settings = settings.model_copy(
+        update={
+            "budget": Budget(
+                max_rounds=condition.rounds, max_generations=condition.rounds, max_seconds=None, max_tokens=None
+            )
+        }
+    )
     outcomes = []
     for item in prompts:
         result = run(item.prompt, settings, runs / condition.name, backends=backends)
         chosen = result.candidates[-1] if condition.pick == "last" else result.best
         images = [
-            ImageVerdicts(round=c.round, chosen=chosen is not None and c.image_id == chosen.image_id, shape=[v.shape for v in vs], colour=[v.colour for v in vs], position=[v.position for v in vs])
+            ImageVerdicts(
+                round=c.round,
+                chosen=chosen is not None and c.image_id == chosen.image_id,
+                shape=[v.shape for v in vs],
+                colour=[v.colour for v in vs],
+                position=[v.position for v in vs],
+            )
             for c in result.candidates
             for vs in [oracle.judge(_load(Path(result.run_dir) / "images" / f"{c.image_id}.png"), item.scene)]
         ]
@@ -131,12 +150,19 @@ def _load(path: Path):
 
 def summarise(outcomes: list[PromptOutcome]) -> dict:
     """Oracle-judged per-concept satisfaction (share of objects whose shape/colour/position is right)."""
+
     def rate(flags: list[bool]) -> float:
         return round(100 * sum(flags) / len(flags), 1) if flags else float("nan")
 
-    shape_common = [s for o in outcomes for s, rare in zip(o.shape, o.rare_objects) if not rare]
-    shape_rare = [s for o in outcomes for s, rare in zip(o.shape, o.rare_objects) if rare]
-    rare_all = [x for o in outcomes for i, rare in enumerate(o.rare_objects) if rare for x in (o.shape[i], o.colour[i], o.position[i])]
+    shape_common = [s for o in outcomes for s, rare in zip(o.shape, o.rare_objects, strict=False) if not rare]
+    shape_rare = [s for o in outcomes for s, rare in zip(o.shape, o.rare_objects, strict=False) if rare]
+    rare_all = [
+        x
+        for o in outcomes
+        for i, rare in enumerate(o.rare_objects)
+        if rare
+        for x in (o.shape[i], o.colour[i], o.position[i])
+    ]
     two = [o for o in outcomes if o.group == "two_object"]
     return {
         "prompts": len(outcomes),
@@ -148,7 +174,9 @@ def summarise(outcomes: list[PromptOutcome]) -> dict:
         "position_pct": rate([p for o in outcomes for p in o.position]),
         "all_concepts_pct": rate([x for o in outcomes for x in o.shape + o.colour + o.position]),
         # What a perfect critic could have picked: the rare shape drawn in any image of the run.
-        "shape_rare_any_image_pct": rate([any(i.shape[k] for i in o.images) for o in outcomes for k, rare in enumerate(o.rare_objects) if rare]),
+        "shape_rare_any_image_pct": rate(
+            [any(i.shape[k] for i in o.images) for o in outcomes for k, rare in enumerate(o.rare_objects) if rare]
+        ),
         "generations_per_prompt": round(statistics.mean(o.generations for o in outcomes), 2),
         "seconds_per_prompt": round(statistics.mean(o.seconds for o in outcomes), 3),
     }
@@ -159,8 +187,13 @@ def retrieval_precision(store: ReferenceStore, min_similarity: float) -> dict:
     hits = defaultdict(list)
     for shape in SHAPES:
         for caption, colour in [(f"a {shape}", None)] + [(f"a {c} {shape}", c) for c in COLOUR_NAMES]:
-            [top] = store.search(caption, k=1) or [None]
-            ok = top is not None and shape in top.caption.split() and (colour is None or f"{colour} {shape}" in top.caption)
+            found = store.search(caption, k=1)
+            top = found[0] if found else None
+            ok = (
+                top is not None
+                and shape in top.caption.split()
+                and (colour is None or f"{colour} {shape}" in top.caption)
+            )
             hits["rare" if shape in RARE_SHAPES else "common"].append(ok)
     everything = hits["rare"] + hits["common"]
     return {
@@ -179,19 +212,27 @@ def absent_queries(store: ReferenceStore, min_similarity: float) -> dict:
 
 
 def markdown(report: dict) -> str:
-    rows = ["| condition | shape, common | shape, rare | rare objects, shape+colour+position | two-object, all concepts | colour | position | all concepts | generations / prompt | seconds / prompt |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| condition | shape, common | shape, rare | rare objects, shape+colour+position | two-object, all concepts | colour | position | all concepts | generations / prompt | seconds / prompt |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, s in report["conditions"].items():
-        rows.append(f"| {name} | {s['shape_common_pct']}% | {s['shape_rare_pct']}% | {s['rare_objects_all_concepts_pct']}% | {s['two_object_all_concepts_pct']}% | {s['colour_pct']}% | {s['position_pct']}% | {s['all_concepts_pct']}% | {s['generations_per_prompt']} | {s['seconds_per_prompt']} |")
+        rows.append(
+            f"| {name} | {s['shape_common_pct']}% | {s['shape_rare_pct']}% | {s['rare_objects_all_concepts_pct']}% | {s['two_object_all_concepts_pct']}% | {s['colour_pct']}% | {s['position_pct']}% | {s['all_concepts_pct']}% | {s['generations_per_prompt']} | {s['seconds_per_prompt']} |"
+        )
     r, a = report["retrieval"], report["absent_concept"]
     rows += [
         "",
         "Rare shape drawn in any image of the run (what a perfect critic could pick): "
-        + ", ".join(f"{name} {s['shape_rare_any_image_pct']}%" for name, s in report["conditions"].items()) + ".",
+        + ", ".join(f"{name} {s['shape_rare_any_image_pct']}%" for name, s in report["conditions"].items())
+        + ".",
         "",
         f"Mini CLIP retrieval precision@1 over {r['captions']} concept captions: {r['precision_at_1_pct']}% (rare {r['precision_at_1_rare_pct']}%, common {r['precision_at_1_common_pct']}%).",
         "",
-        f"Concept not in the database (every {ABSENT_SHAPE} removed): {a['retrieval']['empty_answers_pct']}% of {a['retrieval']['captions']} {ABSENT_SHAPE} captions retrieve nothing above the threshold; "
-        f"on the {a['prompts']} prompts with a {ABSENT_SHAPE}, oracle shape satisfaction is {a['text_alone_shape_pct']}% for text alone and {a['loop_shape_pct']}% for the loop.",
+        (
+            f"Concept not in the database (every {ABSENT_SHAPE} removed): {a['retrieval']['empty_answers_pct']}% of {a['retrieval']['captions']} {ABSENT_SHAPE} captions retrieve nothing above the threshold; "
+            f"on the {a['prompts']} prompts with a {ABSENT_SHAPE}, oracle shape satisfaction is {a['text_alone_shape_pct']}% for text alone and {a['loop_shape_pct']}% for the loop."
+        ),
     ]
     return "\n".join(rows) + "\n"
 
@@ -217,14 +258,16 @@ def evaluate(data_dir: Path, out: Path, n_prompts: int | None = None, loop_round
             outcomes += done
         report["retrieval"] = retrieval_precision(store, backends.min_similarity)
 
-        absent_store = ensure_collection(settings, f"miniworld-no-{ABSENT_SHAPE}", data_dir / f"miniworld-corpus-no-{ABSENT_SHAPE}", (ABSENT_SHAPE,))
+        absent_store = ensure_collection(
+            settings, f"miniworld-no-{ABSENT_SHAPE}", data_dir / f"miniworld-corpus-no-{ABSENT_SHAPE}", (ABSENT_SHAPE,)
+        )
         absent_backends = dataclasses.replace(backends, store=absent_store)
         with_absent = [p for p in prompts if any(o.shape == ABSENT_SHAPE for o in p.scene.objects)]
         text, loop = conditions(loop_rounds)[0], conditions(loop_rounds)[2]
         absent = {"prompts": len(with_absent), "retrieval": absent_queries(absent_store, backends.min_similarity)}
         for key, condition in (("text_alone_shape_pct", text), ("loop_shape_pct", loop)):
             done = run_condition(with_absent, condition, settings, absent_backends, oracle, runs / "absent")
-            flags = [ok for o in done for ok, shape in zip(o.shape, o.shapes) if shape == ABSENT_SHAPE]
+            flags = [ok for o in done for ok, shape in zip(o.shape, o.shapes, strict=False) if shape == ABSENT_SHAPE]
             absent[key] = round(100 * sum(flags) / len(flags), 1) if flags else float("nan")
         report["absent_concept"] = absent
     report["seconds_total"] = round(time.time() - started, 1)

@@ -7,8 +7,8 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class Pool:
         self.images = render_array(self.scenes)
 
     @classmethod
-    def sample(cls, seed: int, n: int, p_two: float = 0.4, shapes: Sequence[str] = SHAPES) -> "Pool":
+    def sample(cls, seed: int, n: int, p_two: float = 0.4, shapes: Sequence[str] = SHAPES) -> Pool:
         return cls(sample_scenes(seed, n, p_two=p_two, shapes=shapes))
 
     def __len__(self) -> int:
@@ -85,6 +85,7 @@ def augment(x01: torch.Tensor, gen: torch.Generator, p_blur: float = 0.4, noise:
 
 # ----------------------------------------------------------------------------- partial captions
 
+
 def partial_caption(scene: Scene, rng: random.Random) -> tuple[str, tuple]:
     """A random caption of the scene at varied detail, and its query (list of object constraints:
     (shape, colour|None, position|None, size|None)). The full caption is one of the options."""
@@ -103,33 +104,44 @@ def partial_caption(scene: Scene, rng: random.Random) -> tuple[str, tuple]:
     use_c = rng.random() < 0.5
     use_p = rng.random() < 0.5
     use_s = rng.random() < 0.15
-    words = ["a", o.size if use_s else None, o.colour if use_c else None, o.shape,
-             POSITION_PHRASES[o.position] if use_p else None]
+    words = [
+        "a",
+        o.size if use_s else None,
+        o.colour if use_c else None,
+        o.shape,
+        POSITION_PHRASES[o.position] if use_p else None,
+    ]
     q = ((o.shape, o.colour if use_c else None, o.position if use_p else None, o.size if use_s else None),)
     return " ".join(w for w in words if w), q
 
 
 def query_true(query: tuple, scene: Scene) -> bool:
     for shape, colour, pos, size in query:
-        if not any(o.shape == shape and (colour is None or o.colour == colour)
-                   and (pos is None or o.position == pos) and (size is None or o.size == size)
-                   for o in scene.objects):
+        if not any(
+            o.shape == shape
+            and (colour is None or o.colour == colour)
+            and (pos is None or o.position == pos)
+            and (size is None or o.size == size)
+            for o in scene.objects
+        ):
             return False
     return True
 
 
-def false_concepts(scene: Scene, rng: random.Random) -> list[tuple[str, tuple]]:
+def false_concepts(scene: Scene, rng: random.Random) -> list[tuple[str, None]]:
     """Single-concept captions that are false of the scene (wrong shape, colour or position)."""
     out = []
     present = {o.shape for o in scene.objects}
     absent = [s for s in SHAPES if s not in present]
     out.append((f"a {rng.choice(absent)}", None))
     for o in scene.objects:
-        wrong_c = rng.choice([c for c in COLOUR_NAMES
-                              if not any(x.shape == o.shape and x.colour == c for x in scene.objects)])
+        wrong_c = rng.choice(
+            [c for c in COLOUR_NAMES if not any(x.shape == o.shape and x.colour == c for x in scene.objects)]
+        )
         out.append((f"a {wrong_c} {o.shape}", None))
-        wrong_p = rng.choice([p for p in POSITION_NAMES
-                              if not any(x.shape == o.shape and x.position == p for x in scene.objects)])
+        wrong_p = rng.choice(
+            [p for p in POSITION_NAMES if not any(x.shape == o.shape and x.position == p for x in scene.objects)]
+        )
         out.append((f"a {o.shape} {POSITION_PHRASES[wrong_p]}", None))
     return out
 
@@ -144,14 +156,16 @@ class TokenCache:
     def __call__(self, texts: list[str]) -> torch.Tensor:
         missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
         if missing:
-            self.cache.update(zip(missing, self.encode(missing)))
+            self.cache.update(zip(missing, self.encode(missing), strict=False))
         return torch.stack([self.cache[t] for t in texts])
 
 
 # ----------------------------------------------------------------------------- optimisation
 
-def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int,
-                  warmup: float = 0.05) -> torch.optim.lr_scheduler.LambdaLR:
+
+def warmup_cosine(
+    opt: torch.optim.Optimizer, total_steps: int, warmup: float = 0.05
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up then cosine decay to 5% (a LambdaLR that works for any number of steps)."""
     w = max(1, int(total_steps * warmup))
 
@@ -160,13 +174,24 @@ def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int,
             return (step + 1) / w
         p = min(1.0, (step - w) / max(1, total_steps - w))
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
+
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
-def fit(params: Iterable[torch.nn.Parameter], steps: int, step_fn: Callable[[int], tuple[torch.Tensor, str]],
-        log: Callable[[str], None], *, tag: str, lr: float, weight_decay: float = 0.01, warmup: float = 0.1,
-        every: int = 200, max_grad_norm: float | None = None,
-        schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None) -> float:
+def fit(
+    params: Iterable[torch.nn.Parameter],
+    steps: int,
+    step_fn: Callable[[int], tuple[torch.Tensor, str]],
+    log: Callable[[str], None],
+    *,
+    tag: str,
+    lr: float,
+    weight_decay: float = 0.01,
+    warmup: float = 0.1,
+    every: int = 200,
+    max_grad_norm: float | None = None,
+    schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
+) -> float:
     """Minimise with AdamW for `steps` steps; `step_fn(step)` returns the loss and extra text for the log ("" for
     none). The learning rate follows warmup_cosine unless `schedule` builds another scheduler; gradients are clipped
     to `max_grad_norm` when one is given. Logs every `every` steps and at the last; returns the loop's seconds."""

@@ -149,7 +149,7 @@ class DecodeAndPreprocess:
         return _Batch(good, torch.stack(tensors) if tensors else None, formats, failed)
 
 
-def _input_size(embedder) -> int | None:
+def _input_size(embedder: object) -> int | None:
     size = getattr(getattr(getattr(embedder, "model", None), "visual", None), "image_size", None)
     return max(size) if isinstance(size, (tuple, list)) else size
 
@@ -162,6 +162,14 @@ def cache_copy(cache_dir: Path, image_id: str, data: bytes, suffix: str) -> Path
     return path.resolve()
 
 
+def _stored_source(item: _Fresh, fmt: str, cache_dir: Path | None) -> str:
+    """The file the store records for `item`: a folder image itself, else its copy in the cache."""
+    if item.record.on_disk:
+        return item.record.uri
+    assert cache_dir is not None, "index_sources requires a cache folder for shard and parquet sources"
+    return str(cache_copy(cache_dir, item.id, item.record.data, fmt))
+
+
 def open_sources(
     paths: Sequence[Path | str | Source], image_column: str | None = None, caption_column: str | None = None
 ) -> list[Source]:
@@ -171,7 +179,8 @@ def open_sources(
 def size_hint(sources: Sequence[Source]) -> int | None:
     """Total records when every source can tell cheaply (folders, parquet); None when a shard is among them."""
     sizes = [source.size_hint() for source in sources]
-    return None if any(s is None for s in sizes) else sum(sizes)
+    known = [s for s in sizes if s is not None]
+    return None if len(known) < len(sizes) else sum(known)
 
 
 def index_sources(
@@ -205,7 +214,7 @@ def index_sources(
         batch_sampler=sampler,
         collate_fn=DecodeAndPreprocess(store.embedder.preprocess, _input_size(store.embedder)),
         num_workers=num_workers,
-        **({"prefetch_factor": 2} if num_workers else {}),
+        prefetch_factor=2 if num_workers else None,  # DataLoader refuses any value without workers
     )
     try:
         for batch in loader:
@@ -216,10 +225,7 @@ def index_sources(
             if batch.fresh:
                 embeddings = store.embedder.embed_images(batch.pixels)
                 sources_ = [
-                    item.record.uri
-                    if item.record.on_disk
-                    else str(cache_copy(cache_dir, item.id, item.record.data, fmt))
-                    for item, fmt in zip(batch.fresh, batch.formats, strict=True)
+                    _stored_source(item, fmt, cache_dir) for item, fmt in zip(batch.fresh, batch.formats, strict=True)
                 ]
                 ids = [item.id for item in batch.fresh]
                 store.add(

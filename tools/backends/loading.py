@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import TypedDict
 
 from imagerag.tools.backends.clip import LOCAL_DIR, ClipEmbedder
 from imagerag.tools.backends.diffusion import DiffusersGenerator, pick_device
@@ -25,7 +26,16 @@ from imagerag.tools.miniworld import MODELS_DIR
 from imagerag.tools.toolkit import Backends
 
 log = logging.getLogger(__name__)
-MINI_CORPUS = {"n": 6000, "seed": 1}  # the mini profile's retrieval corpus, rendered on first use
+
+
+class CorpusSize(TypedDict):
+    """Keyword arguments of tools.miniworld.world.write_corpus that fix a corpus."""
+
+    n: int
+    seed: int
+
+
+MINI_CORPUS: CorpusSize = {"n": 6000, "seed": 1}  # the mini profile's retrieval corpus, rendered on first use
 _loading = threading.Lock()
 _loaded: dict[str, Backends] = {}
 

@@ -13,8 +13,12 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imagerag.tools.files import content_id
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -108,7 +112,8 @@ class TarShardSource:
         return None  # counting would read the whole shard twice
 
     def __iter__(self) -> Iterator[SourceRecord]:
-        key, sample = None, {}
+        key: str | None = None
+        sample: dict[str, bytes] = {}
         try:
             with tarfile.open(self.path, "r|*") as tar:
                 for member in tar:
@@ -173,10 +178,10 @@ class ParquetSource:
                 raise SourceError(f"{path} has no column {column!r}; its columns are {', '.join(schema.names)}")
         self.rows_per_read = rows_per_read
 
-    def _find_image_column(self, schema) -> str:
+    def _find_image_column(self, schema: pa.Schema) -> str:
         import pyarrow as pa
 
-        def holds_bytes(field) -> bool:
+        def holds_bytes(field: pa.Field) -> bool:
             t = field.type
             if pa.types.is_struct(t):
                 return any(t.field(i).name == "bytes" for i in range(t.num_fields))
