@@ -8,11 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from scripted import FakeGenerator, ScriptedCritic, fake_backends
 
 from imagerag.agent.checkpoints import open_checkpointer
 from imagerag.agent.config import Settings
 from imagerag.agent.run import resume
+
+pytestmark = pytest.mark.slow  # a real CLI process, killed and resumed
 
 PROMPT = "a red heart on the left and a blue square on the right"
 

@@ -265,6 +265,7 @@ def chroma_server(tmp_path):
         server.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_index_and_search_against_a_chroma_server(tmp_path, data_dir, chroma_server, monkeypatch):
     folder = tmp_path / "imgs"
     folder.mkdir()

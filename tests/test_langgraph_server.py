@@ -15,6 +15,8 @@ from langgraph_sdk import get_sync_client
 from langgraph_sdk.errors import NotFoundError
 from scripted import free_port, server_process
 
+pytestmark = pytest.mark.slow  # starts `langgraph dev`
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a red heart on the left and a blue square on the right"
 

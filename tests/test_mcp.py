@@ -130,6 +130,7 @@ async def exercise(client: Client) -> dict:
     return {"progress": progress, "thread": thread}
 
 
+@pytest.mark.slow
 def test_mcp_over_stdio(data_dir, tmp_path):
     params = StdioServerParameters(
         command=imagerag_command()[0],
@@ -164,6 +165,7 @@ def http_server(data_dir, tmp_path):
         yield f"http://127.0.0.1:{port}/mcp"
 
 
+@pytest.mark.slow
 def test_mcp_over_streamable_http(http_server, tmp_path):
     async def main():
         async with Client(http_server, read_timeout_seconds=120) as client:

@@ -50,6 +50,7 @@ def _open(path):
         return image.convert("RGB")
 
 
+@pytest.mark.slow
 def test_the_benchmark_records_the_oracle_on_every_image_and_which_one_each_condition_returns(mini_settings, tmp_path):
     from imagerag.evals.miniworld.benchmark import conditions, run_condition, summarise
     from imagerag.tools.miniworld.world import heldout_prompts

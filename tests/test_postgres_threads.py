@@ -14,6 +14,8 @@ from scripted import ScriptedCritic, fake_backends
 from imagerag.agent.run import history, run
 from imagerag.graphs.state import Budget
 
+pytestmark = pytest.mark.slow  # starts a PostgreSQL server
+
 BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
 
 
@@ -25,7 +27,7 @@ def _as_postgres(*command: str) -> list[str]:
 @pytest.fixture(scope="module")
 def postgres_url():
     if not BIN:
-        pytest.skip("PostgreSQL server binaries are not installed (Debian package postgresql)")
+        pytest.fail("PostgreSQL server binaries are not installed: `make test` installs Debian's postgresql package")
     # Not under pytest's tmp folder: that is private to the test user, and the server runs as postgres.
     folder = Path(tempfile.mkdtemp(prefix="imagerag-pg-"))
     data = folder / "data"

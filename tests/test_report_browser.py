@@ -16,6 +16,8 @@ from playwright.sync_api import sync_playwright
 from imagerag.agent.run import run
 from imagerag.graphs.state import Budget
 
+pytestmark = pytest.mark.slow  # drives a headless Chromium
+
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
@@ -31,7 +33,7 @@ PROMPT = "a red heart on the left and a blue square on the right"
 @pytest.fixture(scope="module")
 def browser():
     assert Path(CHROMIUM).exists(), (
-        f"no Chromium at {CHROMIUM}: `apt-get install chromium` (.ci/run does), or set CHROMIUM_PATH"
+        f"no Chromium at {CHROMIUM}: `make test` installs Debian's chromium, or set CHROMIUM_PATH"
     )
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)

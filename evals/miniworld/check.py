@@ -16,12 +16,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from imagerag.evals.miniworld.common import ORACLE_DIR, SEED_EVAL  # noqa: E402
-from imagerag.tools.miniworld import MODELS_DIR  # noqa: E402
+from imagerag.evals.miniworld.common import ORACLE_DIR, SEED_EVAL
+from imagerag.tools.miniworld import MODELS_DIR
 from imagerag.tools.miniworld.world import Scene, corpus_scenes, heldout_prompts, render, render_array, sample_scenes
 
 DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 8.0, "ip_adapter_scale": 1.0, "height": 32, "width": 32,
@@ -164,7 +164,7 @@ def run_check(log=print, models_dir: Path = MODELS_DIR, settings: dict | None = 
 
     if grid:
         rows = [[render(sc) for sc in scenes], text_imgs, refs, ref_imgs]
-        pick = list(range(0, 16)) + list(range(80, 96)) + list(range(160, 176))
+        pick = list(range(16)) + list(range(80, 96)) + list(range(160, 176))
         g = Image.new("RGB", (32 * len(pick), 32 * len(rows)), (128, 128, 128))
         for r, row in enumerate(rows):
             for c, i in enumerate(pick):

@@ -9,15 +9,15 @@ labels, independent of the agent's critic, and judges generated images per conce
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from imagerag.tools.miniworld.world import COLOUR_NAMES, POSITION_NAMES, SHAPES, Scene
 
@@ -96,7 +96,7 @@ class Oracle:
         self.net = net.eval()
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "Oracle":
+    def from_pretrained(cls, folder: str | Path) -> Oracle:
         folder = Path(folder)
         cfg = json.loads((folder / "config.json").read_text())
         net = OracleNet(**cfg["model"])

@@ -16,7 +16,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from imagerag.tools.miniworld import MODELS_DIR  # noqa: E402
+from imagerag.tools.miniworld import MODELS_DIR
 
 STAGES = ("clip", "oracle", "t2i", "check")
 

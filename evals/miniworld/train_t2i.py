@@ -19,14 +19,15 @@ from __future__ import annotations
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 
 from imagerag.evals.miniworld.common import SEED_T2I, Pool, TokenCache, augment, fit, normalize_clip, seed_everything
 from imagerag.tools.backends.tiny import clip_bpe_tokenizer
