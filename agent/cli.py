@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from functools import partial
@@ -14,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 # Heavy libraries (torch, diffusers, langgraph, chromadb, ...) load inside the commands that need them, so
 # `imagerag --help` answers at once; tests/test_cli_startup.py keeps it so.
@@ -26,11 +28,40 @@ if TYPE_CHECKING:
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="Make text-to-image models draw what the prompt asks."
 )
-err = Console(stderr=True)
+# Prompts, captions, paths and error messages are data from users and third-party datasets: nothing printed is
+# parsed as rich markup, and control characters (terminal escape sequences, bidi overrides) are shown, not obeyed.
+stdout = Console(markup=False, highlight=False)
+err = Console(stderr=True, markup=False, highlight=False)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def plain(value: object) -> Text:
+    """`value` as text that reaches the terminal as data: no markup, control characters made visible."""
+    return styled(str(value))
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """Strings, or (string, style) pairs for our own emphasis, as one Text; every string is sanitised."""
+    text = Text()
+    for part in parts:
+        value, style = (part, "") if isinstance(part, str) else part
+        text.append(_CONTROL.sub(_visible, value), style=style)
+    return text
+
+
+class PlainFormatter(logging.Formatter):
+    """Log lines name files and captions from datasets: their control characters are shown, not obeyed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _CONTROL.sub(_visible, super().format(record))
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(styled(("error:", "bold red"), " ", message))
     raise typer.Exit(code)
 
 
@@ -154,7 +185,7 @@ def chat(
 
     settings = make_settings(profile=profile, policy=policy, data_dir=data_dir)
     thread = thread or f"chat-{datetime.now():%Y%m%d-%H%M%S}"
-    err.print(f"thread [bold]{thread}[/]: describe an image, then refine it; an empty line or 'exit' ends")
+    err.print(styled("thread ", (thread, "bold"), ": describe an image, then refine it; an empty line or 'exit' ends"))
     while True:
         try:
             message = typer.prompt("you", default="", show_default=False, err=True).strip()
@@ -178,14 +209,13 @@ def history(
         turns = thread_history(thread, make_settings(data_dir=data_dir))
     except RunError as error:
         fail(str(error))
-    table = Table(title=f"thread {thread}")
+    table = Table(title=plain(f"thread {thread}"))
     for column in ("turn", "message", "status", "best image", "satisfied", "missing"):
         table.add_column(column)
     for t in turns:
-        table.add_row(
-            str(t.index), t.message, t.status, t.best_image or "", "; ".join(t.satisfied), "; ".join(t.missing)
-        )
-    Console().print(table)
+        row = (t.index, t.message, t.status, t.best_image or "", "; ".join(t.satisfied), "; ".join(t.missing))
+        table.add_row(*map(plain, row))
+    stdout.print(table)
 
 
 def drive(
@@ -204,7 +234,7 @@ def drive(
     result: RunResult | None = None
     columns = (
         SpinnerColumn(),
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -253,7 +283,7 @@ def show_event(event: RunEvent, progress: Progress, task: TaskID) -> None:
         progress.update(task, description=event.node, completed=0, total=None)
     elif event.kind == "node_finished":
         for step in event.steps:
-            err.print(f"[dim]round {step.round}[/] [bold]{step.node}[/] {step.summary}")
+            err.print(styled((f"round {step.round}", "dim"), " ", (step.node, "bold"), " ", step.summary))
 
 
 def ask_reviewer(request: dict[str, Any]) -> ReviewDecision:
@@ -261,11 +291,13 @@ def ask_reviewer(request: dict[str, Any]) -> ReviewDecision:
     from imagerag.graphs.nodes import ReviewDecision, ReviewRequest
 
     req = ReviewRequest.model_validate(request)
-    table = Table(title=f"review before round {req.round}: references for {', '.join(req.concepts) or 'the prompt'}")
+    table = Table(
+        title=plain(f"review before round {req.round}: references for {', '.join(req.concepts) or 'the prompt'}")
+    )
     for column in ("id", "caption", "similarity", "source"):
         table.add_column(column)
     for hit in req.hits:
-        table.add_row(hit.id[:12], hit.caption, f"{hit.similarity:.3f}", hit.source)
+        table.add_row(*map(plain, (hit.id[:12], hit.caption, f"{hit.similarity:.3f}", hit.source)))
     err.print(table)
     while True:
         answer = typer.prompt("accept | drop | keep ID[,ID] | replace PATH[,PATH]", default="accept", err=True).strip()
@@ -279,22 +311,21 @@ def ask_reviewer(request: dict[str, Any]) -> ReviewDecision:
             )
         if verb == "replace" and items:
             return ReviewDecision(action="replace", images=items)
-        err.print("[red]answer with accept, drop, keep ID[,ID] or replace PATH[,PATH][/]")
+        err.print(styled(("answer with accept, drop, keep ID[,ID] or replace PATH[,PATH]", "red")))
 
 
 def show_result(result: RunResult) -> None:
-    table = Table(
-        title=f"{result.status} ({result.stop_reason}) · {result.rounds} round(s), {result.generations} image(s), {result.elapsed:.1f} s"
-    )
+    title = f"{result.status} ({result.stop_reason}) · {result.rounds} round(s), {result.generations} image(s)"
+    table = Table(title=plain(f"{title}, {result.elapsed:.1f} s"))
     for column in ("concept", "verdict", "score"):
         table.add_column(column)
     for c in result.concepts:
-        table.add_row(c.text, c.verdict, f"{c.score:.2f}" if c.score is not None else "")
+        table.add_row(*map(plain, (c.text, c.verdict, f"{c.score:.2f}" if c.score is not None else "")))
     err.print(table)
     if result.error:
-        err.print(f"[red]{result.error}[/]")
-    err.print(f"best image: {result.best_image or 'none'}")
-    err.print(f"report:     {result.report}")
+        err.print(styled((result.error, "red")))
+    err.print(plain(f"best image: {result.best_image or 'none'}"))
+    err.print(plain(f"report:     {result.report}"))
 
 
 @app.command()
@@ -367,9 +398,9 @@ def index(
                 summary=summary,
             )
     except KeyboardInterrupt:
-        err.print(f"interrupted: {summary.line()}; run the same command again to resume")
+        err.print(plain(f"interrupted: {summary.line()}; run the same command again to resume"))
         raise typer.Exit(130) from None
-    err.print(f"{summary.line()}; collection {settings.collection_name!r} holds {store.count()}")
+    err.print(plain(f"{summary.line()}; collection {settings.collection_name!r} holds {store.count()}"))
 
 
 @app.command()
@@ -421,15 +452,15 @@ def search(
         fail(str(error))
     threshold = calibrated(settings).retrieval_min_similarity if min_similarity is None else min_similarity
     hits = store.search(caption, k, threshold, mmr_lambda=mmr)
-    table = Table(title=f"{len(hits)} hit(s) for {caption!r} at similarity >= {threshold:.3f}")
+    table = Table(title=plain(f"{len(hits)} hit(s) for {caption!r} at similarity >= {threshold:.3f}"))
     for column in ("similarity", "caption", "source"):
         table.add_column(column)
     for hit in hits:
-        table.add_row(f"{hit.similarity:.3f}", hit.caption, hit.source)
-    Console().print(table)
+        table.add_row(*map(plain, (f"{hit.similarity:.3f}", hit.caption, hit.source)))
+    stdout.print(table)
     if hits and (sheet or sheet_to):
         path = contact_sheet(hits, sheet_to or default_sheet_path(caption))
-        err.print(f"contact sheet: {path}")
+        err.print(plain(f"contact sheet: {path}"))
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
@@ -454,8 +485,8 @@ def eval_miniworld(
     from imagerag.evals.miniworld.benchmark import evaluate, markdown
 
     report = evaluate(data_dir, out, prompts, rounds, seed)
-    Console().print(markdown(report))
-    err.print(f"written to {out / 'miniworld.json'} and {out / 'miniworld.md'} in {report['seconds_total']} s")
+    typer.echo(markdown(report))
+    err.print(plain(f"written to {out / 'miniworld.json'} and {out / 'miniworld.md'} in {report['seconds_total']} s"))
 
 
 serve_app = typer.Typer(no_args_is_help=True, help="Serve the loop to larger assistants.")
@@ -488,14 +519,16 @@ def serve_mcp(
         except RunError as error:
             fail(str(error))
     if http:
-        err.print(f"MCP over streamable HTTP at http://{host}:{port}/mcp (profile {settings.profile})")
+        err.print(plain(f"MCP over streamable HTTP at http://{host}:{port}/mcp (profile {settings.profile})"))
     serve(settings, out, http=http, host=host, port=port)
 
 
 def main() -> None:
     import warnings
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(PlainFormatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     # Library chatter (load bars, deprecation notes) would bury our own progress; errors still show. Set through
     # the libraries' environment variables, so that nothing heavy is imported before a command needs it.
     warnings.filterwarnings("ignore", category=FutureWarning)
