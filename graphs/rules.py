@@ -36,21 +36,23 @@ def best_of_turn(state: RunState) -> Candidate | None:
 
 
 def enforce_dependencies(verdicts: list[ConceptVerdict], concepts: list[Concept]) -> list[ConceptVerdict]:
-    """A child concept (an attribute of an object) is never satisfied while a concept it depends on is missing."""
+    """A child concept (an attribute of an object) is never satisfied while a concept it depends on is missing,
+    through any chain of dependencies and whatever order the concepts come in. Returned in the concepts' order."""
     by_id = {v.concept_id: v for v in verdicts}
     parents = {c.id: c.depends_on for c in concepts}
+    changed = True
+    while changed:  # each pass only turns satisfied into missing, so it ends
+        changed = False
+        for concept_id, verdict in by_id.items():
+            missing = [p for p in parents.get(concept_id, []) if p in by_id and not by_id[p].satisfied]
+            if verdict.satisfied and missing:
+                evidence = f"{verdict.evidence} (needs {', '.join(missing)}, which is missing)".strip()
+                by_id[concept_id] = verdict.model_copy(
+                    update={"satisfied": False, "score": min(verdict.score, 0.49), "evidence": evidence}
+                )
+                changed = True
     order = {c.id: i for i, c in enumerate(concepts)}
-    out = []
-    for verdict in sorted(verdicts, key=lambda v: order.get(v.concept_id, len(order))):
-        missing = [p for p in parents.get(verdict.concept_id, []) if p in by_id and not by_id[p].satisfied]
-        if verdict.satisfied and missing:
-            evidence = f"{verdict.evidence} (needs {', '.join(missing)}, which is missing)".strip()
-            verdict = verdict.model_copy(
-                update={"satisfied": False, "score": min(verdict.score, 0.49), "evidence": evidence}
-            )
-            by_id[verdict.concept_id] = verdict
-        out.append(verdict)
-    return out
+    return sorted(by_id.values(), key=lambda v: order.get(v.concept_id, len(order)))
 
 
 def concepts_from_best(concepts: list[Concept], candidates: list[Candidate]) -> list[Concept]:
