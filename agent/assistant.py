@@ -1,9 +1,14 @@
 """The whole loop as one call, for larger assistants: a service shared by the MCP server and a LangChain tool.
 
-`ImageRAGAssistant` validates a request, runs it through `agent.run.stream` (backends loaded once, one run at a
-time: the pipelines are not re-entrant), forwards the typed events to a callback, and answers with a
-`RunResult`: the thread to refine, the status, the best image and the verdict of every concept. Anything a
-caller got wrong comes back as an `AssistantError` whose message names the fix, so every surface can hand it on.
+`ImageRAGAssistant` validates a request, runs it through `agent.run.stream` (backends loaded once and shared),
+forwards the typed events to a callback, and answers with a `RunResult`: the thread to refine, the status, the best
+image and the verdict of every concept. Anything a caller got wrong comes back as an `AssistantError` whose message
+names the fix, so every surface can hand it on.
+
+Runs of different threads go at once (a server has several users); each loaded generator serializes its own
+pipeline calls (`DiffusersGenerator`), the one state that concurrent runs share and that is not thread-safe. A
+thread has one run at a time: a second run of a busy thread is refused at once, not queued behind it, so that two
+refinements can never both become the same turn.
 
 `ImageRAGTool` is that call as a LangChain `BaseTool` with a pydantic schema, for a LangGraph or LangChain agent
 to bind. Its ToolMessage content is a short summary for the LLM; the artifact is the `RunSummary` as a dict.
@@ -13,7 +18,8 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -53,7 +59,10 @@ Instruction = Annotated[
         description="How to change the thread's image, e.g. 'make the scarf green'.",
     ),
 ]
-Rounds = Annotated[int, Field(ge=1, le=MAX_ROUNDS, description="Budget: policy rounds, the first generation included.")]
+# Strict: JSON `true` is not a round count, nor "3" (pydantic's lax mode would take both as numbers).
+Rounds = Annotated[
+    int, Field(strict=True, ge=1, le=MAX_ROUNDS, description="Budget: policy rounds, the first generation included.")
+]
 ThreadName = Annotated[
     str,
     Field(
@@ -63,11 +72,24 @@ ThreadName = Annotated[
 Caption = Annotated[
     str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the reference images should show.")
 ]
-HitCount = Annotated[int, Field(ge=1, le=MAX_HITS, description="Reference images to return at most.")]
+HitCount = Annotated[int, Field(strict=True, ge=1, le=MAX_HITS, description="Reference images to return at most.")]
 
 
 class AssistantError(ValueError):
     """A request the assistant cannot run; the message says what is wrong and how to fix it."""
+
+
+class ThreadStateError(AssistantError):
+    """The thread exists where a new one was asked for, or does not where an existing one was; each surface words
+    the fix in its own terms (an MCP tool name, a LangChain argument)."""
+
+    def __init__(self, thread: str, exists: bool):
+        self.thread, self.exists = thread, exists
+        super().__init__(
+            f"thread {thread!r} exists: continue it, or choose another thread name"
+            if exists
+            else f"unknown thread {thread!r}: pass a thread id that an earlier call returned"
+        )
 
 
 class SearchOutput(BaseModel):
@@ -122,14 +144,35 @@ class ImageRAGAssistant:
         self.settings = settings.model_copy(update={"review": False})
         self.out = Path(out) if out is not None else Path(settings.data_dir) / "runs"
         self._backends = backends
-        self._lock = threading.Lock()  # one run at a time: diffusers pipelines are not re-entrant
+        self._loading = threading.Lock()  # two first calls at once load the backends once
+        self._busy: set[str] = set()  # threads with a run going in this process
+        self._busy_guard = threading.Lock()
 
     def backends(self) -> Backends:
-        if self._backends is None:
-            from imagerag.tools.backends.loading import load_backends
+        with self._loading:
+            if self._backends is None:
+                from imagerag.tools.backends.loading import load_backends
 
-            self._backends = load_backends(self.settings)
-        return self._backends
+                self._backends = load_backends(self.settings)
+            return self._backends
+
+    @contextmanager
+    def _claim(self, thread: str | None) -> Iterator[None]:
+        """Hold `thread` for one run. A new run without a name gets a folder of its own: nothing to claim."""
+        if thread is None:
+            yield
+            return
+        with self._busy_guard:
+            if thread in self._busy:
+                raise AssistantError(
+                    f"thread {thread!r} is busy with another run: wait until that run returns, then send this again"
+                )
+            self._busy.add(thread)
+        try:
+            yield
+        finally:
+            with self._busy_guard:
+                self._busy.discard(thread)
 
     def thread_exists(self, thread: str) -> bool:
         from imagerag.agent.run import RunError, history
@@ -146,8 +189,13 @@ class ImageRAGAssistant:
         max_rounds: int = 3,
         thread: str | None = None,
         on_event: Callable[[RunEvent], None] | None = None,
+        require: Literal["new", "existing"] | None = None,
     ) -> RunResult:
-        """Draw `message`, or continue `thread` with it when the thread exists."""
+        """Draw `message`, or continue `thread` with it when the thread exists.
+
+        `require` says which of the two the caller means: "new" refuses a thread that exists, "existing" one that
+        does not (ThreadStateError). It is checked while the thread is held, so no other run can slip in between.
+        """
         from imagerag.agent.events import Finished, ReviewRequested
         from imagerag.agent.run import RunError, stream
         from imagerag.tools.backends.store import StoreError
@@ -163,8 +211,12 @@ class ImageRAGAssistant:
             "max_generations": max(self.settings.budget.max_generations, request.max_rounds),
         }
         settings = self.settings.model_copy(update={"budget": Budget.model_validate(budget)})
-        with self._lock:
+        with self._claim(request.thread):
             try:
+                if request.thread is not None and require is not None:
+                    exists = self.thread_exists(request.thread)
+                    if exists != (require == "existing"):
+                        raise ThreadStateError(request.thread, exists)
                 for event in stream(request.message, settings, self.out, request.thread, self.backends()):
                     if on_event is not None:
                         on_event(event)
@@ -190,12 +242,11 @@ class ImageRAGAssistant:
             raise AssistantError("the caption is empty: describe the reference image to find, e.g. 'a red square'")
         from imagerag.tools.backends.store import StoreError
 
-        with self._lock:
-            try:
-                backends = self.backends()
-                hits = backends.store.search(request.caption.strip(), request.k, backends.min_similarity)
-            except (StoreError, ConfigError) as error:
-                raise AssistantError(str(error)) from None
+        try:
+            backends = self.backends()
+            hits = backends.store.search(request.caption.strip(), request.k, backends.min_similarity)
+        except (StoreError, ConfigError) as error:
+            raise AssistantError(str(error)) from None
         return SearchOutput(caption=request.caption.strip(), hits=hits)
 
 
@@ -266,11 +317,11 @@ class ImageRAGTool(BaseTool):
         run_manager: CallbackManagerForToolRun | None = None,
     ) -> tuple[str, dict[str, Any]]:
         try:
-            if thread is not None and not self.assistant.thread_exists(thread):
-                raise AssistantError(
-                    f"unknown thread {thread!r}: pass a thread id an earlier call returned, or none to start a new image"
-                )
-            summary = self.assistant.run(prompt, max_rounds, thread).brief()
+            summary = self.assistant.run(prompt, max_rounds, thread, require="existing" if thread else None).brief()
+        except ThreadStateError as error:
+            raise ToolException(
+                f"unknown thread {error.thread!r}: pass a thread id an earlier call returned, or none to start a new image"
+            ) from None
         except AssistantError as error:
             raise ToolException(str(error)) from None
         return summary.summary(), summary.model_dump()

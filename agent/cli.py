@@ -506,9 +506,22 @@ def serve_mcp(
         str, typer.Option(help="With --http: the address to bind (loopback unless told otherwise).")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="With --http: the port.")] = 8000,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="IMAGERAG_MCP_TOKEN",
+            help="With --http: the bearer token every request must carry (required off loopback; prefer the "
+            "environment variable, a flag shows in `ps`).",
+        ),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(help="With --http: another name the server is reached by (Host/Origin checks); repeatable."),
+    ] = None,
 ) -> None:
     """An MCP server with the tools generate_image, refine_image and search_references (stdio by default)."""
     from imagerag.agent.mcp_server import serve_mcp as serve
+    from imagerag.tools.config import ConfigError
 
     settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
     if out is not None:
@@ -520,7 +533,10 @@ def serve_mcp(
             fail(str(error))
     if http:
         err.print(plain(f"MCP over streamable HTTP at http://{host}:{port}/mcp (profile {settings.profile})"))
-    serve(settings, out, http=http, host=host, port=port)
+    try:
+        serve(settings, out, http=http, host=host, port=port, token=token, allowed_hosts=allowed_host)
+    except ConfigError as error:  # no token on a network address, a bad token or allowed host: before any bind
+        fail(str(error))
 
 
 def main() -> None:

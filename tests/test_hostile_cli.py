@@ -92,3 +92,13 @@ def test_any_review_answer_or_run_name_is_a_clean_error(data_dir, tmp_path, answ
     result = imagerag("resume", answer or "x", "--decision", answer, "--data-dir", str(data_dir))
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and result.stderr.strip().startswith("error:")
+
+
+def test_serving_mcp_on_a_network_address_without_a_token_is_refused(data_dir):
+    result = runner.invoke(
+        app,
+        ["serve", "mcp", "--http", "--host", "0.0.0.0", "--profile", "tiny", "--data-dir", str(data_dir)],
+        env={"COLUMNS": "250", "IMAGERAG_MCP_TOKEN": ""},
+    )
+    assert result.exit_code == 2
+    assert "pass --token or set IMAGERAG_MCP_TOKEN" in " ".join(result.stderr.split())

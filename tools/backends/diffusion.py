@@ -2,10 +2,15 @@
 
 IP-Adapter pipelines (SD 1.5, SDXL) take at most one reference: without one the adapter scale is set to 0, so
 the same weights in memory produce plain text-to-image. OmniGen takes up to three references in context.
+
+A loaded pipeline is shared by every run in the process (a server serves several threads at once), but diffusers
+pipelines are not thread-safe: the scheduler's timesteps and the IP-Adapter scale live on the pipeline. So each
+`DiffusersGenerator` runs one call at a time, from setting the scale to the last denoising step.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -52,6 +57,7 @@ class DiffusersGenerator:
     def __init__(self, pipe: DiffusionPipeline, spec: GeneratorSpec, device: str):
         self.pipe, self.spec, self.device = pipe, spec, device
         self.max_references = spec.max_references
+        self._lock = threading.Lock()  # one call at a time on this pipeline (see the module's note)
 
     @classmethod
     def from_pretrained(
@@ -112,7 +118,11 @@ class DiffusersGenerator:
         else:
             kwargs["negative_prompt"] = spec.negative_prompt or None
             if spec.ip_adapter is not None:
-                # Scale 0 turns the adapter off exactly, so text-only calls share the loaded weights.
-                self.pipe.set_ip_adapter_scale(spec.ip_adapter.scale if references else 0.0)
                 kwargs["ip_adapter_image"] = references[0] if references else Image.new("RGB", (224, 224))
-        return self.pipe(**kwargs).images
+        with self._lock:
+            if spec.family != "omnigen" and spec.ip_adapter is not None:
+                # Scale 0 turns the adapter off exactly, so text-only calls share the loaded weights. Set under the
+                # lock: another thread's call must not change it between here and this call's last step.
+                self.pipe.set_ip_adapter_scale(spec.ip_adapter.scale if references else 0.0)
+            images: list[Image.Image] = self.pipe(**kwargs).images
+        return images
