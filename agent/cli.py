@@ -202,12 +202,11 @@ def history(
     data_dir: DataDir = None,
 ) -> None:
     """List a thread's turns."""
-    from imagerag.agent.run import RunError
     from imagerag.agent.run import history as thread_history
 
     try:
         turns = thread_history(thread, make_settings(data_dir=data_dir))
-    except RunError as error:
+    except user_errors() as error:
         fail(str(error))
     table = Table(title=plain(f"thread {thread}"))
     for column in ("turn", "message", "status", "best image", "satisfied", "missing"):
@@ -299,6 +298,8 @@ def ask_reviewer(request: dict[str, Any]) -> ReviewDecision:
     for hit in req.hits:
         table.add_row(*map(plain, (hit.id[:12], hit.caption, f"{hit.similarity:.3f}", hit.source)))
     err.print(table)
+    if req.error:  # the previous answer could not be used
+        err.print(styled(("previous answer refused: ", "red"), req.error))
     while True:
         answer = typer.prompt("accept | drop | keep ID[,ID] | replace PATH[,PATH]", default="accept", err=True).strip()
         verb, _, rest = answer.partition(" ")
@@ -326,6 +327,28 @@ def show_result(result: RunResult) -> None:
         err.print(styled((result.error, "red")))
     err.print(plain(f"best image: {result.best_image or 'none'}"))
     err.print(plain(f"report:     {result.report}"))
+
+
+thread_app = typer.Typer(no_args_is_help=True, help="Manage threads.")
+app.add_typer(thread_app, name="thread")
+
+
+@thread_app.command("delete")
+def thread_delete(
+    thread: Annotated[str, typer.Argument(help="Thread name.")],
+    folder: Annotated[
+        bool, typer.Option("--folder", help="Also delete its run folder (images, run.json, report).")
+    ] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Delete a thread's checkpoints (and with --folder its run folder), e.g. when its folder was removed by hand."""
+    from imagerag.agent.run import delete_thread
+
+    try:
+        removed = delete_thread(thread, make_settings(data_dir=data_dir), remove_folder=folder)
+    except user_errors() as error:
+        fail(str(error))
+    err.print(plain(f"thread {thread!r} deleted" + (f", with its folder {removed}" if removed else "")))
 
 
 @app.command()

@@ -2,8 +2,9 @@
 
 Input of a run: `{"message": "...", "budget": {"max_rounds": 3}}` (RunInput); on a thread that already has an
 image, the message refines it. Output: RunOutput (status, concepts with their verdicts, candidates, steps).
-Settings come per run as the context (RunContext: profile, data_dir, ...); fields a client leaves out come from
-the server's IMAGERAG_* environment. Backends load once per process on the first run that needs them. A thread's
+How to draw comes per run as the context (ClientContext: profile, collection, retrieve_k, max_tool_errors); where
+data lives and what to connect to (data_dir, chroma_url, the LLM endpoint, device) only from the server's
+IMAGERAG_* environment, and a client that names them gets an error. Backends load once per process on the first run that needs them. A thread's
 images go to `<data_dir>/runs/<thread_id>/images/`. The server supplies the checkpointer, so a thread continues
 like `imagerag generate --thread`. The pipelines are not re-entrant: serve with `--n-jobs-per-worker 1`.
 """
@@ -11,6 +12,7 @@ like `imagerag generate --thread`. The pipelines are not re-entrant: serve with 
 from __future__ import annotations
 
 from imagerag.graphs import build_graph
+from imagerag.graphs.context import ClientContext
 
-imagerag = build_graph("imagerag").compile()
-agent = build_graph("agent").compile()
+imagerag = build_graph("imagerag", ClientContext).compile()
+agent = build_graph("agent", ClientContext).compile()

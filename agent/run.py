@@ -8,10 +8,13 @@ with a person's decision.
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import re
+import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from langgraph.types import Command
 from pydantic import ValidationError
 
 from imagerag.agent import runfolder
-from imagerag.agent.checkpoints import open_checkpointer
+from imagerag.agent.checkpoints import data_folder, open_checkpointer, thread_lock
 from imagerag.agent.config import Settings
 from imagerag.agent.events import (
     BudgetLeft,
@@ -39,13 +42,14 @@ from imagerag.agent.result import RunResult
 from imagerag.agent.runfolder import RunError
 from imagerag.graphs import build_graph
 from imagerag.graphs.context import RunContext, register_backends
-from imagerag.graphs.nodes import ReviewDecision, ReviewRequest
+from imagerag.graphs.nodes import ReviewDecision, ReviewRequest, check_image, review_uploads
 from imagerag.graphs.state import THREAD_PATTERN, AgentState, Budget, RunInput, RunOutput, RunState, Turn, Usage
+from imagerag.tools.files import content_id
 from imagerag.tools.toolkit import Backends
 
 Reviewer = Callable[[ReviewRequest], ReviewDecision]
 log = logging.getLogger(__name__)
-__all__ = ["RunError", "history", "prepare", "resume", "run", "stream"]
+__all__ = ["RunError", "checked_decision", "delete_thread", "history", "prepare", "resume", "run", "stream"]
 
 
 def stream(
@@ -57,32 +61,37 @@ def stream(
 ) -> Iterator[RunEvent]:
     """Start a run of `message`, or, when `thread` exists, continue it with `message` as a refinement.
 
-    Yields typed events; the last one is Finished (with the RunResult) or ReviewRequested (paused).
+    Yields typed events; the last one is Finished (with the RunResult) or ReviewRequested (paused). The thread is
+    locked for one writer until that last event, which comes once the lock is released: a caller may resume the
+    paused run from it without closing this stream first.
     """
     # An unknown profile, or the agent policy without an LLM, fails before anything else.
     settings.check(has_llm=None if backends is None else backends.llm is not None)
     graph_input = _input(message, settings)
     if thread is not None and not re.fullmatch(THREAD_PATTERN, thread):
         raise RunError(f"invalid thread name {thread!r}: use letters, digits, '.', '_' or '-' (at most 100)")
-    with open_checkpointer(settings) as saver:
+    run_dir = Path(out) / thread if thread else runfolder.new_run_dir(Path(out), message)
+    # Locked before the thread is read: two messages at once would both continue the same turn, and two new runs
+    # of one new thread would both try to create its folder.
+    with open_checkpointer(settings) as saver, thread_lock(settings, run_dir.name):
         existing = _thread_values(saver, thread) if thread else None
-        if existing:
+        if thread and existing:
+            run_dir = _recorded_folder(thread, existing)
             if existing.get("status") == "running":  # crashed, failed or paused for review
                 raise RunError(
                     f"thread {thread!r} has an unfinished run: continue it with `imagerag resume {thread}` first"
                 )
-            run_dir = Path(existing["run_dir"])
             settings = settings.with_recipe(runfolder.read_recipe(run_dir))
             graph_input = _input(message, settings)
         else:
             runfolder.check_out_dir(Path(out))  # before loading models, which can take minutes
-            run_dir = Path(out) / thread if thread else runfolder.new_run_dir(Path(out), message)
             if run_dir.exists():
                 raise RunError(f"{run_dir} exists and is not a thread here: choose another --thread or --out")
         backends = backends or prepare(settings)  # a missing collection or model fails before the folder exists
         if not existing:
             runfolder.create(run_dir, settings)
-        yield from _drive(saver, settings, backends, run_dir, graph_input)
+        final = yield from _drive(saver, settings, backends, run_dir, graph_input)
+    yield final
 
 
 def resume(
@@ -93,45 +102,81 @@ def resume(
 ) -> Iterator[RunEvent]:
     """Continue a run folder (or a thread id) from its last checkpoint: after a crash, or a review pause with
     `decision`. Finished images are not regenerated; the time budget counts only time spent running. Where data
-    lives comes from `settings` (default: the environment's), never from the run folder."""
+    lives comes from `settings` (default: the environment's), never from the run folder. Like stream, it holds
+    the thread until its last event."""
     base = settings or Settings()
+    # Checked before the checkpoint is opened: LangGraph stores an answer before the graph reads it, so a bad one
+    # would stay and fail every later resume.
+    answer = None if decision is None else checked_decision(decision)
     with open_checkpointer(base) as saver:
         run_dir = Path(run) if Path(run).is_dir() else None
         if run_dir is None:
             values = _thread_values(saver, str(run))
             if not values:
                 raise RunError(f"no run folder or thread {str(run)!r}: pass a run folder path or a --thread name")
-            run_dir = Path(values["run_dir"])
-        settings = base.with_recipe(runfolder.read_recipe(run_dir))
-        answer = None
-        if decision is not None:
-            try:
-                answer = ReviewDecision.model_validate(decision)
-            except ValidationError as error:
-                raise RunError(f"invalid review decision: {error.errors()[0]['msg']}") from None
-        graph, config = _compile(saver, settings, run_dir)
-        snapshot = graph.get_state(config)
-        backends = backends or prepare(settings)
-        if not snapshot.values:
-            raise RunError(f"no checkpoint for {run_dir.name!r} in {settings.data_dir}: it cannot be resumed")
-        if not snapshot.tasks:  # (a node that finished just before a crash has a task with its result pending)
-            raise RunError(
-                f"run {run_dir.name!r} already ended ({snapshot.values.get('status')}); send a new message to its thread instead"
-            )
-        paused = any(task.interrupts for task in snapshot.tasks)
-        if paused and answer is None:
-            raise RunError(
-                f"run {run_dir.name!r} waits for a review: resume it with a decision (accept, drop or replace)"
-            )
-        usage = Usage.model_validate(snapshot.values.get("usage") or {})
-        # The clock restarts where it stopped: downtime and a person's thinking do not spend the time budget.
-        clock = {"started_at": time.time() - usage.seconds}
-        command: Command[Any] | None = None
-        if answer is not None and paused:
-            command = Command(resume=answer.model_dump(), update=clock)
-        else:
-            graph.update_state(config, clock)
-        yield from _drive(saver, settings, backends, run_dir, command)
+            run_dir = _recorded_folder(str(run), values)
+        with thread_lock(base, run_dir.name):
+            settings = base.with_recipe(runfolder.read_recipe(run_dir))
+            graph, config = _compile(saver, settings, run_dir)
+            snapshot = graph.get_state(config)
+            backends = backends or prepare(settings)
+            if not snapshot.values:
+                raise RunError(f"no checkpoint for {run_dir.name!r} in {settings.data_dir}: it cannot be resumed")
+            if not snapshot.tasks:  # (a node that finished just before a crash has a task with its result pending)
+                raise RunError(
+                    f"run {run_dir.name!r} already ended ({snapshot.values.get('status')}); send a new message to its thread instead"
+                )
+            paused = any(task.interrupts for task in snapshot.tasks)
+            if paused and answer is None:
+                raise RunError(
+                    f"run {run_dir.name!r} waits for a review: resume it with a decision (accept, drop or replace)"
+                )
+            usage = Usage.model_validate(snapshot.values.get("usage") or {})
+            # The clock restarts where it stopped: downtime and a person's thinking do not spend the time budget.
+            clock = {"started_at": time.time() - usage.seconds}
+            command: Command[Any] | None = None
+            if answer is not None and paused:
+                command = Command(resume=answer.model_dump(), update=clock)
+            else:
+                graph.update_state(config, clock)
+            final = yield from _drive(saver, settings, backends, run_dir, command)
+    yield final
+
+
+def checked_decision(decision: ReviewDecision | dict[str, Any]) -> ReviewDecision:
+    """A review decision as the graph takes it, checked: replacement files of a local caller must be images PIL
+    opens within the pixel limit, and are sent as their bytes (the graph reads no path); RunError naming the bad
+    path or upload otherwise."""
+    try:
+        answer = ReviewDecision.model_validate(decision)
+    except ValidationError as error:
+        raise RunError(f"invalid review decision: {error.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    if answer.images:
+        answer = answer.model_copy(
+            update={
+                "images": [],
+                "uploads": [*answer.uploads, *map(_upload, answer.images)],
+                "caption": answer.caption or ", ".join(Path(image).stem for image in answer.images),
+            }
+        )
+    try:
+        review_uploads(answer)
+    except ValueError as error:
+        raise RunError(f"invalid review decision: {error}") from None
+    return answer
+
+
+def _upload(image: str) -> str:
+    """The base64 bytes of a local reference image, once it is known to be one (read only then: a path can name
+    anything, a device or a huge file)."""
+    path = Path(image)
+    try:
+        if not path.is_file():
+            raise ValueError(f"{image} is {'not a file' if path.exists() else 'missing'}: replace with image files")
+        check_image(path, image)
+    except ValueError as error:
+        raise RunError(f"review: {error}") from None
+    return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def run(
@@ -169,6 +214,64 @@ def history(thread: str, settings: Settings) -> list[Turn]:
     return [Turn.model_validate(t) for t in values.get("turns", [])]
 
 
+def delete_thread(thread: str, settings: Settings, remove_folder: bool = False) -> Path | None:
+    """Remove a thread's checkpoints and, with `remove_folder`, its run folder; return the folder removed, if any.
+
+    Only a run folder is removed: the directory the checkpoint recorded (never a link), named after the thread and
+    holding settings.json. Anything else is refused before the checkpoints go, so nothing is half deleted."""
+    with open_checkpointer(settings) as saver, thread_lock(settings, thread):
+        try:
+            found = saver.get_tuple({"configurable": {"thread_id": thread}})
+        except Exception:  # noqa: BLE001 - a checkpoint this version cannot read is deleted all the same
+            exists, recorded = True, None
+        else:
+            exists = found is not None
+            recorded = found.checkpoint["channel_values"].get("run_dir") if found else None
+        if not exists:
+            raise RunError(f"no thread {thread!r} in {settings.data_dir}: `imagerag history NAME` shows a thread")
+        folder = _removable_folder(thread, Path(recorded)) if remove_folder and recorded else None
+        saver.delete_thread(thread)
+    if folder is not None:
+        try:
+            shutil.rmtree(folder)
+        except OSError as error:
+            raise RunError(
+                f"thread {thread!r} is deleted but its folder {folder} could not be removed ({error}): remove it by hand"
+            ) from None
+    return folder
+
+
+def _removable_folder(thread: str, folder: Path) -> Path | None:
+    """`folder` if it is thread's run folder, None if it is gone already; RunError for anything else."""
+    if not os.path.lexists(folder):
+        return None
+    settings_file = folder / runfolder.SETTINGS_FILE
+    if (
+        folder.is_symlink()
+        or not folder.is_dir()
+        # A thread's folder is named by its id (hashed when the id is not a plain name: graphs.context.run_dir_of).
+        or folder.name not in (thread, content_id(thread.encode()))
+        or settings_file.is_symlink()
+        or not settings_file.is_file()
+    ):
+        raise RunError(
+            f"refusing to remove {folder}: it is not the run folder of thread {thread!r} (a folder of that name with "
+            f"{runfolder.SETTINGS_FILE}); nothing was deleted: delete the thread without its folder"
+        )
+    return folder
+
+
+def _recorded_folder(thread: str, values: dict[str, Any]) -> Path:
+    """The run folder a thread's checkpoint recorded, when it is still a run folder."""
+    recorded = values.get("run_dir")
+    if not recorded or not (Path(recorded) / runfolder.SETTINGS_FILE).is_file():
+        raise RunError(
+            f"thread {thread!r} has lost its run folder ({recorded or 'none recorded'}): delete the thread with "
+            f"`imagerag thread delete {thread}` and start it again"
+        )
+    return Path(recorded)
+
+
 def _input(message: str, settings: Settings) -> dict[str, Any]:
     try:
         return RunInput(
@@ -203,8 +306,9 @@ def _compile(
 
 def _drive(
     saver: BaseCheckpointSaver, settings: Settings, backends: Backends, run_dir: Path, graph_input: Any
-) -> Iterator[RunEvent]:
-    """Stream the graph, translate its chunks to events, and write run.json and report.html at the end."""
+) -> Generator[RunEvent, None, RunEvent]:
+    """Stream the graph, translate its chunks to events, and write run.json and report.html at the end; return the
+    last event (Finished, or ReviewRequested) for the caller to yield once it has let go of the thread."""
     graph, config = _compile(saver, settings, run_dir)
     context = settings.context().model_copy(
         update={"runs_dir": run_dir.parent, "backends_id": register_backends(backends)}
@@ -234,7 +338,7 @@ def _drive(
         state = state.model_copy(update={"status": "paused", "stop_reason": "review"})
     result = RunResult.of(state, run_dir, settings.policy, settings.profile, time.time() - started)
     runfolder.write_outputs(result)
-    yield (
+    return (
         ReviewRequested(run_dir=str(run_dir), request=pending[0]) if pending and not error else Finished(result=result)
     )
 
@@ -248,6 +352,7 @@ def prepare(settings: Settings, on_progress: Callable[[str, int, int | None], No
     from imagerag.tools.backends.loading import load_backends, open_store
 
     profile = settings.resolved_profile()
+    data_folder(settings)  # models are built and collections kept there: a path that cannot be one fails first
     if profile.local:
         open_store(settings, on_progress)
     else:

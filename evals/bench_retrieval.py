@@ -1,8 +1,8 @@
 """Retrieval benchmark: chromadb's HNSW index against exact search, and indexing throughput against the raw
 open_clip forward pass.
 
-    python -m evals.bench_retrieval                       # everything: 10K, 100K, 1M vectors + throughput
-    python -m evals.bench_retrieval --sizes 10000 --no-throughput --out /tmp/r   # a quick look
+    python -m imagerag.evals.bench_retrieval              # everything: 10K, 100K, 1M vectors + throughput
+    python -m imagerag.evals.bench_retrieval --sizes 10000 --no-throughput --out /tmp/r   # a quick look
 
 Search: synthetic L2-normalised 512-d vectors with cluster structure (a mixture of Gaussian clusters around
 random centres, each point also varying along a low-rank subspace, like real image embeddings; uniform random
@@ -36,8 +36,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-HNSW = {"space": "cosine", "max_neighbors": 16, "ef_construction": 100, "ef_search": 128, "num_threads": 2,
-        "batch_size": 5000, "sync_threshold": 100_000}
+HNSW = {
+    "space": "cosine",
+    "max_neighbors": 16,
+    "ef_construction": 100,
+    "ef_search": 128,
+    "num_threads": 2,
+    "batch_size": 5000,
+    "sync_threshold": 100_000,
+}
 ADD_BATCH = 5000
 RECALL_TARGET = 0.95
 
@@ -60,7 +67,9 @@ def percentiles(seconds: list[float]) -> dict:
     return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
 
 
-def bench_search(n: int, dim: int, queries: int, seed: int, insert_limit_s: float, workdir: Path, ef_searches: list[int]) -> dict:
+def bench_search(
+    n: int, dim: int, queries: int, seed: int, insert_limit_s: float, workdir: Path, ef_searches: list[int]
+) -> dict:
     import chromadb
     from chromadb.config import Settings
 
@@ -110,8 +119,12 @@ def bench_search(n: int, dim: int, queries: int, seed: int, insert_limit_s: floa
         client = chromadb.PersistentClient(path=str(path), settings=Settings(anonymized_telemetry=False))
         client.get_collection("bench").modify(configuration={"hnsw": {"ef_search": ef}})
         del client
-        measured = subprocess.run([sys.executable, "-m", "evals.bench_retrieval", "--measure-queries", str(path)],
-                                  capture_output=True, text=True, check=True)
+        measured = subprocess.run(
+            [sys.executable, "-m", "imagerag.evals.bench_retrieval", "--measure-queries", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         sweep[ef] = json.loads(measured.stdout.strip().splitlines()[-1])
         print(f"  n={n} ef_search={ef}: {sweep[ef]}", flush=True)
     shutil.rmtree(path, ignore_errors=True)
@@ -119,10 +132,18 @@ def bench_search(n: int, dim: int, queries: int, seed: int, insert_limit_s: floa
     meeting = [ef for ef in ef_searches if sweep[ef]["recall_at_10"] >= RECALL_TARGET]
     best = min(meeting) if meeting else max(ef_searches, key=lambda ef: sweep[ef]["recall_at_10"])
     return {
-        "vectors": n, "inserted": inserted, "partial": partial, "dim": dim, "queries": queries,
-        "insert_s": round(insert_s, 1), "insert_per_s": round(inserted / insert_s, 1),
-        "ef_search": best, "chroma": {k: sweep[best][k] for k in ("p50_ms", "p99_ms")}, "exact": percentiles(exact_times),
-        "recall_at_10": sweep[best]["recall_at_10"], "ef_search_sweep": {str(k): v for k, v in sweep.items()},
+        "vectors": n,
+        "inserted": inserted,
+        "partial": partial,
+        "dim": dim,
+        "queries": queries,
+        "insert_s": round(insert_s, 1),
+        "insert_per_s": round(inserted / insert_s, 1),
+        "ef_search": best,
+        "chroma": {k: sweep[best][k] for k in ("p50_ms", "p99_ms")},
+        "exact": percentiles(exact_times),
+        "recall_at_10": sweep[best]["recall_at_10"],
+        "ef_search_sweep": {str(k): v for k, v in sweep.items()},
     }
 
 
@@ -133,10 +154,12 @@ def measure_queries(path: Path) -> dict:
 
     held_out = np.load(path / "queries.npy")
     truth = [set(t) for t in json.loads((path / "truth.json").read_text())]
-    collection = chromadb.PersistentClient(path=str(path), settings=Settings(anonymized_telemetry=False)).get_collection("bench")
+    collection = chromadb.PersistentClient(
+        path=str(path), settings=Settings(anonymized_telemetry=False)
+    ).get_collection("bench")
     collection.query(query_embeddings=held_out[:1], n_results=10, include=["distances"])  # loads the index
     times, recalls = [], []
-    for q, t in zip(held_out, truth):
+    for q, t in zip(held_out, truth, strict=True):
         started = time.perf_counter()
         found = collection.query(query_embeddings=q[None], n_results=10, include=["distances"])
         times.append(time.perf_counter() - started)
@@ -163,7 +186,9 @@ def render_images(folder: Path, n: int, size: int, seed: int) -> None:
         (folder / f"{i:06d}.txt").write_text(f"picture {i}")
 
 
-def bench_throughput(label: str, embedder, folder: Path, batch_size: int, workdir: Path, workers: list[int], rounds: int) -> dict:
+def bench_throughput(
+    label: str, embedder, folder: Path, batch_size: int, workdir: Path, workers: list[int], rounds: int
+) -> dict:
     import torch
     from PIL import Image
 
@@ -195,7 +220,8 @@ def bench_throughput(label: str, embedder, folder: Path, batch_size: int, workdi
 
     # Alternate the passes and keep each one's best round: on a shared CPU the least-disturbed round is the
     # closest to the machine's own speed, and alternating exposes both to the same disturbances.
-    raw, e2e = [], {n: [] for n in workers}
+    raw: list[float] = []
+    e2e: dict[int, list[float]] = {n: [] for n in workers}
     for _ in range(rounds):
         raw.append(raw_pass())
         for n_workers in workers:
@@ -203,8 +229,16 @@ def bench_throughput(label: str, embedder, folder: Path, batch_size: int, workdi
     raw_rate = len(paths) / min(raw)
     with Image.open(paths[0]) as first:
         image_size = first.width
-    result = {"model": label, "images": len(paths), "image_size": image_size, "batch_size": batch_size, "torch_threads": torch.get_num_threads(),
-              "rounds": rounds, "raw_forward_images_per_s": round(raw_rate, 1), "raw_seconds": [round(x, 2) for x in raw]}
+    result = {
+        "model": label,
+        "images": len(paths),
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "raw_forward_images_per_s": round(raw_rate, 1),
+        "raw_seconds": [round(x, 2) for x in raw],
+    }
     for n_workers, seconds in e2e.items():
         rate = len(paths) / min(seconds)
         result[f"end_to_end_workers{n_workers}_images_per_s"] = round(rate, 1)
@@ -217,14 +251,21 @@ def markdown(report: dict) -> str:
     lines = [
         "## Retrieval: chromadb HNSW vs exact search",
         "",
-        f"Synthetic clustered unit vectors, dim {report['search_setup']['dim']}, {report['search_setup']['queries']} held-out "
-        f"queries per level; hnsw {json.dumps(report['search_setup']['hnsw'])}. {report['machine']}.",
+        (
+            f"Synthetic clustered unit vectors, dim {report['search_setup']['dim']}, "
+            f"{report['search_setup']['queries']} held-out queries per level; "
+            f"hnsw {json.dumps(report['search_setup']['hnsw'])}. {report['machine']}."
+        ),
         "",
         "| vectors | inserted | insert (vectors/s) | ef_search | chroma p50 / p99 (ms) | exact p50 / p99 (ms) | recall@10 (chroma vs exact) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level in sorted(report["search"].values(), key=lambda r: r["vectors"]):
-        note = " (partial: insert time limit; exact latency over all vectors, recall over those inserted)" if level["partial"] else ""
+        note = (
+            " (partial: insert time limit; exact latency over all vectors, recall over those inserted)"
+            if level["partial"]
+            else ""
+        )
         lines.append(
             f"| {level['vectors']:,} | {level['inserted']:,}{note} | {level['insert_per_s']:,.0f} | {level.get('ef_search', '')} | "
             f"{level['chroma']['p50_ms']:.2f} / {level['chroma']['p99_ms']:.2f} | "
@@ -232,12 +273,19 @@ def markdown(report: dict) -> str:
         )
     lines += ["", "ef_search sweep (same index; p50 / p99 ms, recall@10):", ""]
     for level in sorted(report["search"].values(), key=lambda r: r["vectors"]):
-        cells = [f"ef {ef}: {v['p50_ms']:.2f} / {v['p99_ms']:.2f}, {v['recall_at_10']:.3f}" for ef, v in level.get("ef_search_sweep", {}).items()]
+        cells = [
+            f"ef {ef}: {v['p50_ms']:.2f} / {v['p99_ms']:.2f}, {v['recall_at_10']:.3f}"
+            for ef, v in level.get("ef_search_sweep", {}).items()
+        ]
         lines.append(f"- {level['inserted']:,} vectors: " + "; ".join(cells))
     if report.get("throughput"):
-        lines += ["", "## Indexing throughput: end to end vs the raw open_clip forward", "",
-                  "| model | images | size (px) | batch | raw forward (img/s) | end to end, 0 workers (img/s) | ratio | end to end, 1 worker (img/s) | ratio |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Indexing throughput: end to end vs the raw open_clip forward",
+            "",
+            "| model | images | size (px) | batch | raw forward (img/s) | end to end, 0 workers (img/s) | ratio | end to end, 1 worker (img/s) | ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for t in report["throughput"].values():
             lines.append(
                 f"| {t['model']} | {t['images']} | {t['image_size']} | {t['batch_size']} | {t['raw_forward_images_per_s']} | "
@@ -252,15 +300,24 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--insert-limit", type=float, default=1200.0, help="Seconds of inserting per level before measuring what got in.")
+    parser.add_argument(
+        "--insert-limit",
+        type=float,
+        default=1200.0,
+        help="Seconds of inserting per level before measuring what got in.",
+    )
     parser.add_argument("--ef-search", type=int, nargs="*", default=[128, 256, 512])
     parser.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--models", nargs="*", default=["ViT-B-32", "mini:clip"], help="'ViT-B-32' (random weights) and/or 'mini:clip'.")
+    parser.add_argument(
+        "--models", nargs="*", default=["ViT-B-32", "mini:clip"], help="'ViT-B-32' (random weights) and/or 'mini:clip'."
+    )
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 1])
-    parser.add_argument("--rounds", type=int, default=3, help="Alternating raw / end-to-end rounds; the best of each is kept.")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="Alternating raw / end-to-end rounds; the best of each is kept."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("evals/results"))
     parser.add_argument("--measure-queries", type=Path, help=argparse.SUPPRESS)
@@ -274,9 +331,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "retrieval.json"
     report = json.loads(json_path.read_text()) if json_path.exists() else {}
-    report["machine"] = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch threads {torch.get_num_threads()}"
-    report["search_setup"] = {"dim": args.dim, "queries": args.queries, "hnsw": HNSW, "add_batch": ADD_BATCH,
-                              "data": "Gaussian clusters (n/1000 centres) + rank-32 offsets (0.45) + isotropic noise (0.15), normalised"}
+    report["machine"] = (
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch threads {torch.get_num_threads()}"
+    )
+    report["search_setup"] = {
+        "dim": args.dim,
+        "queries": args.queries,
+        "hnsw": HNSW,
+        "add_batch": ADD_BATCH,
+        "data": "Gaussian clusters (n/1000 centres) + rank-32 offsets (0.45) + isotropic noise (0.15), normalised",
+    }
     report.setdefault("search", {})
     workdir = Path(tempfile.mkdtemp(prefix="bench-retrieval-"))
     try:

@@ -161,8 +161,10 @@ def trailing_tool_messages(messages: list[AnyMessage]) -> list[ToolMessage]:
     return recent[::-1]
 
 
-def build_agent_graph() -> StateGraph[AgentState, RunContext, RunInput, RunOutput]:
-    builder = StateGraph(AgentState, context_schema=RunContext, input_schema=RunInput, output_schema=RunOutput)
+def build_agent_graph(
+    context: type[RunContext] = RunContext,
+) -> StateGraph[AgentState, RunContext, RunInput, RunOutput]:
+    builder = StateGraph(AgentState, context_schema=context, input_schema=RunInput, output_schema=RunOutput)
     builder.add_node(plan, retry_policy=NODE_RETRY)
     builder.add_node(agent)
     builder.add_node(review)

@@ -38,6 +38,24 @@ class RunContext(BackendConfig, BaseSettings):
     )
 
 
+# Where data lives and what to connect to: set by whoever runs the process, never by a remote client.
+SERVER_ONLY = frozenset({"data_dir", "runs_dir", "device", "chroma_url", "llm", "backends_id"})
+
+
+class ClientContext(RunContext):
+    """The context a LangGraph Server client may send: how to draw (profile, collection, retrieve_k, ...), never
+    where data lives or what to connect to; those come from the server's IMAGERAG_* environment."""
+
+    def __init__(self, **values: Any) -> None:
+        refused = sorted(SERVER_ONLY & set(values))
+        if refused:
+            raise ConfigError(
+                f"a client cannot set {', '.join(refused)}: the server decides where data lives and what it connects "
+                "to (its IMAGERAG_* environment); send only how to draw, e.g. profile, collection, retrieve_k"
+            )
+        super().__init__(**values)
+
+
 _registered: dict[str, Backends] = {}
 
 

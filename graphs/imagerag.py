@@ -96,8 +96,10 @@ def regenerate(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     }
 
 
-def build_imagerag_graph() -> StateGraph[RunState, RunContext, RunInput, RunOutput]:
-    builder = StateGraph(RunState, context_schema=RunContext, input_schema=RunInput, output_schema=RunOutput)
+def build_imagerag_graph(
+    context: type[RunContext] = RunContext,
+) -> StateGraph[RunState, RunContext, RunInput, RunOutput]:
+    builder = StateGraph(RunState, context_schema=context, input_schema=RunInput, output_schema=RunOutput)
     builder.add_node(plan, retry_policy=NODE_RETRY)
     builder.add_node(generate, retry_policy=NODE_RETRY)
     builder.add_node(critique, retry_policy=NODE_RETRY)

@@ -6,13 +6,17 @@ Nodes are module-level functions of (state, runtime); the heavy backends come fr
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import time
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import IO, Any, Literal, cast
 
-from langgraph.runtime import Runtime
+from langgraph.runtime import Runtime, get_runtime
 from langgraph.types import RetryPolicy, interrupt
-from pydantic import BaseModel, Field
+from PIL import Image
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from imagerag.graphs.context import RunContext, context_of, run_dir_of, toolkit
 from imagerag.graphs.rules import (
@@ -24,7 +28,8 @@ from imagerag.graphs.rules import (
     stop_reason,
 )
 from imagerag.graphs.state import RunState, RunStatus, Step, Turn, Usage
-from imagerag.tools.files import content_id
+from imagerag.tools.backends.store import ImageTooLarge, check_pixels, reference_cache
+from imagerag.tools.files import atomic_write, content_id
 from imagerag.tools.toolkit import Toolkit
 from imagerag.tools.types import Candidate, RetrievalHit
 
@@ -153,37 +158,105 @@ class ReviewRequest(BaseModel):
     round: int
     concepts: list[str] = Field(description="The missing concepts this regeneration targets.")
     hits: list[RetrievalHit]
+    error: str | None = Field(default=None, description="Why the previous answer was refused, when it was.")
 
 
 class ReviewDecision(BaseModel):
-    """A person's answer: keep the references (optionally only some), drop them all, or use their own images."""
+    """A person's answer: keep the references (optionally only some), drop them all, or use their own images.
+
+    The graph takes replacement images only as bytes (`uploads`, stored in the data folder's reference cache), so a
+    client of a server can never make it read a path on the server; `images` (paths) is for a local caller, whose
+    files agent.run.resume checks and sends as uploads."""
 
     action: Literal["accept", "drop", "replace"] = "accept"
     keep: list[str] | None = Field(default=None, description="With accept: the hit ids to keep (default: all).")
-    images: list[str] = Field(default_factory=list, description="With replace: paths of reference images to use.")
+    images: list[str] = Field(
+        default_factory=list, description="With replace, from a local caller: paths of reference images to use."
+    )
+    uploads: list[str] = Field(
+        default_factory=list,
+        description="With replace: reference images to use, as base64-encoded bytes or data: URLs.",
+    )
     caption: str | None = Field(default=None, description="With replace: what the images show.")
+
+    @model_validator(mode="after")
+    def _replace_has_images(self) -> ReviewDecision:
+        if self.action == "replace" and not (self.images or self.uploads):
+            raise ValueError("a replace decision needs at least one image: pass image files, or uploads")
+        return self
+
+
+def check_image(source: Path | IO[bytes], what: str) -> str:
+    """The format (lower case, e.g. 'png') of an image PIL decodes within MAX_IMAGE_PIXELS (checked from its header,
+    before decoding); ValueError naming `what` otherwise."""
+    try:
+        with Image.open(source) as image:
+            check_pixels(image.size, what)
+            image.load()
+            return (image.format or "image").lower()
+    except ImageTooLarge:
+        raise
+    except Image.DecompressionBombError as error:  # PIL's own limit, raised by open before ours is checked
+        raise ImageTooLarge(f"{what}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - hostile bytes make PIL raise many kinds of error: all mean "no image"
+        raise ValueError(
+            f"{what} is not an image PIL can read ({error.__class__.__name__}): send a PNG, JPEG or other image"
+        ) from None
 
 
 def ask_review(hits: list[RetrievalHit], concepts: list[str], round: int) -> list[RetrievalHit]:
-    """Pause the graph (a LangGraph interrupt) until a person decides; return the references to use."""
-    decision = ReviewDecision.model_validate(
-        interrupt(ReviewRequest(round=round, concepts=concepts, hits=hits).model_dump())
-    )
+    """Pause the graph (a LangGraph interrupt) until a person decides; return the references to use.
+
+    An answer is stored in the checkpoint before this node runs again, so a refused one must not fail the node
+    (every resume would fail on it again): the node asks again, saying why."""
+    request = ReviewRequest(round=round, concepts=concepts, hits=hits)
+    while True:
+        answer = interrupt(request.model_dump())
+        try:
+            decision = ReviewDecision.model_validate(answer)
+            uploads = review_uploads(decision)
+            break
+        except ValidationError as error:
+            problem = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
+        except ValueError as error:
+            problem = str(error)
+        request = request.model_copy(update={"error": f"review answer refused: {problem}"})
     if decision.action == "drop":
         return []
-    if decision.action == "replace":
-        missing = [p for p in decision.images if not Path(p).is_file()]
-        if missing:
-            raise FileNotFoundError(f"review: reference images not found: {missing}")
-        query = hits[0].query if hits else (concepts[0] if concepts else "")
-        return [
-            RetrievalHit(
-                id=content_id(Path(p).read_bytes()),
-                caption=decision.caption or Path(p).stem,
-                similarity=1.0,
-                source=str(Path(p).resolve()),
-                query=query,
-            )
-            for p in decision.images
-        ]
-    return [h for h in hits if decision.keep is None or h.id in decision.keep]
+    if decision.action == "accept":
+        return [h for h in hits if decision.keep is None or h.id in decision.keep]
+    # The data folder's reference cache: content-addressed, and one of the folders a reference may be read from.
+    folder = reference_cache(context_of(get_runtime(RunContext)).data_dir)
+    query = hits[0].query if hits else (concepts[0] if concepts else "")
+    references = []
+    for i, (data, kind) in enumerate(uploads, 1):
+        image_id = content_id(data)
+        path = atomic_write(folder / f"{image_id}.{kind}", data)
+        caption = decision.caption or f"reference image {i} from the reviewer"
+        references.append(RetrievalHit(id=image_id, caption=caption, similarity=1.0, source=str(path), query=query))
+    return references
+
+
+def review_uploads(decision: ReviewDecision) -> list[tuple[bytes, str]]:
+    """The decoded, checked uploads of a decision with their formats, as the graph will take them; ValueError
+    naming the problem on any path or bad upload."""
+    if decision.images:
+        raise ValueError(
+            "reference images must be sent as image bytes (uploads: base64 or data: URLs), not as paths: a run "
+            "reads no file a reviewer names"
+        )
+    return [_decode_upload(i, upload) for i, upload in enumerate(decision.uploads, 1)]
+
+
+def _decode_upload(index: int, upload: str) -> tuple[bytes, str]:
+    """The bytes of upload `index` (1-based) and their format, checked to be an image within the pixel limit."""
+    encoded = upload
+    if upload.startswith("data:"):
+        header, _, encoded = upload.partition(",")
+        if not header.endswith(";base64"):
+            raise ValueError(f"upload {index} is a data: URL without ';base64': encode the image bytes in base64")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except binascii.Error:
+        raise ValueError(f"upload {index} is not base64: send the image file's bytes base64-encoded") from None
+    return data, check_image(io.BytesIO(data), f"upload {index}")

@@ -102,3 +102,16 @@ def test_serving_mcp_on_a_network_address_without_a_token_is_refused(data_dir):
     )
     assert result.exit_code == 2
     assert "pass --token or set IMAGERAG_MCP_TOKEN" in " ".join(result.stderr.split())
+
+
+def test_thread_delete_removes_a_thread_whose_folder_was_deleted_by_hand(data_dir, tmp_path):
+    import shutil
+
+    assert imagerag("generate", "a red square", *tiny(data_dir, tmp_path), "--thread", "gone").exit_code == 0
+    shutil.rmtree(tmp_path / "gone")
+    stuck = imagerag("generate", "make it blue", *tiny(data_dir, tmp_path), "--thread", "gone")
+    assert stuck.exit_code == 2 and "imagerag thread delete gone" in " ".join(stuck.stderr.split())
+    deleted = imagerag("thread", "delete", "gone", "--data-dir", str(data_dir))
+    assert deleted.exit_code == 0, deleted.output
+    assert imagerag("history", "gone", "--data-dir", str(data_dir)).exit_code == 2
+    assert imagerag("generate", "a green square", *tiny(data_dir, tmp_path), "--thread", "gone").exit_code == 0

@@ -133,6 +133,14 @@ def test_a_thread_runs_through_langgraph_server(langgraph_server, data_dir):
         other = client.threads.create()
         errors = [p.data for p in client.runs.stream(other["thread_id"], "imagerag", input=bad) if p.event == "error"]
         assert errors and message in errors[0]["message"], errors
+    # A client says how to draw, never where the server keeps data or what it connects to.
+    other = client.threads.create()
+    refused = client.runs.stream(
+        other["thread_id"], "imagerag", input={"message": PROMPT}, context={"data_dir": "/tmp/x"}
+    )
+    errors = [p.data for p in refused if p.event == "error"]
+    assert errors and "a client cannot set data_dir" in errors[0]["message"], errors
+    assert not Path("/tmp/x/runs").exists()
     with pytest.raises(NotFoundError):
         list(client.runs.stream("00000000-0000-0000-0000-000000000000", "imagerag", input={"message": PROMPT}))
 

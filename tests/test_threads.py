@@ -9,6 +9,7 @@ from imagerag.agent.run import RunError, history, resume, run, stream
 from imagerag.graphs.nodes import ReviewDecision
 from imagerag.graphs.state import Budget
 from imagerag.tools.backends.planner import ConceptList, RuleDecomposer
+from imagerag.tools.files import content_id
 
 PROMPT = "a heart and a blue square"  # c1 a heart, c2 a square, c3 a blue square (needs c2)
 
@@ -111,7 +112,9 @@ def test_review_pauses_before_regeneration_and_applies_the_decision(tiny_setting
     )[-1]
     assert isinstance(final, Finished) and final.result.status == "satisfied"
     [reference] = final.result.best.references
-    assert reference.caption == "my heart" and reference.source == str(mine.resolve())
+    # The replacement's bytes are copied into the data folder's reference cache (a server never reads a path).
+    copy = settings.data_dir / "references" / f"{content_id(mine.read_bytes())}.png"
+    assert reference.caption == "my heart" and reference.source == str(copy)
     assert generator.calls[-1]["references"] == 1
 
 

@@ -2,7 +2,8 @@
 
     python -m imagerag.evals.miniworld.check [--steps 20 --guidance 8.0 --ip-scale 1.0]
 
-Writes evals/miniworld/models/metrics.json and a sample grid to evals/miniworld/logs/.
+Reads the runtime's weights from tools/miniworld/models and the oracle from evals/miniworld/models/oracle. Writes
+evals/miniworld/models/metrics.json and a sample grid to evals/miniworld/logs/check_grid.png.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,29 +22,46 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imagerag.evals.miniworld.common import ORACLE_DIR, SEED_EVAL
+from imagerag.evals.miniworld.common import EVAL_MODELS_DIR, LOGS_DIR, ORACLE_DIR, SEED_EVAL
 from imagerag.tools.miniworld import MODELS_DIR
 from imagerag.tools.miniworld.world import Scene, corpus_scenes, heldout_prompts, render, render_array, sample_scenes
 
-DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 8.0, "ip_adapter_scale": 1.0, "height": 32, "width": 32,
-            "seed": 0}
+DEFAULTS = {
+    "num_inference_steps": 20,
+    "guidance_scale": 8.0,
+    "ip_adapter_scale": 1.0,
+    "height": 32,
+    "width": 32,
+    "seed": 0,
+}
 
 
 def load_pipeline(models_dir: Path = MODELS_DIR, with_ip_adapter: bool = False, ip_scale: float = 1.0):
     from diffusers import StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline.from_pretrained(str(models_dir / "t2i"), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     if with_ip_adapter:
-        pipe.load_ip_adapter(str((models_dir / "ip_adapter").resolve()), subfolder="",
-                             weight_name="ip_adapter.safetensors", image_encoder_folder="image_encoder")
+        pipe.load_ip_adapter(
+            str((models_dir / "ip_adapter").resolve()),
+            subfolder="",
+            weight_name="ip_adapter.safetensors",
+            image_encoder_folder="image_encoder",
+        )
         pipe.set_ip_adapter_scale(ip_scale)
     return pipe
 
 
 def reference_for(obj, corpus: list[Scene], rng: random.Random) -> Scene:
     """A corpus scene showing the object's shape alone, in another colour and position."""
-    cands = [sc for sc in corpus if len(sc.objects) == 1 and sc.objects[0].shape == obj.shape
-             and sc.objects[0].colour != obj.colour and sc.objects[0].position != obj.position]
+    cands = [
+        sc
+        for sc in corpus
+        if len(sc.objects) == 1
+        and sc.objects[0].shape == obj.shape
+        and sc.objects[0].colour != obj.colour
+        and sc.objects[0].position != obj.position
+    ]
     return cands[rng.randrange(len(cands))]
 
 
@@ -51,19 +70,26 @@ def ref_target(scene: Scene):
     return rare[0] if rare else scene.objects[0]
 
 
-def generate(pipe, prompts: list[str], refs: list[Image.Image] | None, settings: dict,
-             bs: int = 64) -> list[Image.Image]:
+def generate(
+    pipe, prompts: list[str], refs: list[Image.Image] | None, settings: dict, bs: int = 64
+) -> list[Image.Image]:
     out = []
     for i in range(0, len(prompts), bs):
-        chunk = prompts[i:i + bs]
+        chunk = prompts[i : i + bs]
         gens = [torch.Generator().manual_seed(settings["seed"] * 100_000 + i + j) for j in range(len(chunk))]
         kw = {}
         if refs is not None:
-            emb, _ = pipe.encode_image(refs[i:i + bs], "cpu", 1)
+            emb, _ = pipe.encode_image(refs[i : i + bs], "cpu", 1)
             kw["ip_adapter_image_embeds"] = [torch.cat([torch.zeros_like(emb), emb])[:, None, :]]
-        out += pipe(chunk, num_inference_steps=settings["num_inference_steps"],
-                    guidance_scale=settings["guidance_scale"], height=settings["height"], width=settings["width"],
-                    generator=gens, **kw).images
+        out += pipe(
+            chunk,
+            num_inference_steps=settings["num_inference_steps"],
+            guidance_scale=settings["guidance_scale"],
+            height=settings["height"],
+            width=settings["width"],
+            generator=gens,
+            **kw,
+        ).images
     return out
 
 
@@ -71,20 +97,24 @@ def score(oracle, images, scenes, groups) -> dict:
     verdicts = oracle.judge_many(np.stack([np.asarray(im) for im in images]), scenes)
     res: dict = {}
     for g in sorted(set(groups)):
-        vs = [v for v, gg in zip(verdicts, groups) if gg == g]
+        vs = [v for v, gg in zip(verdicts, groups, strict=True) if gg == g]
         flat = [x for v in vs for x in v]
-        res[g] = {"n": len(vs), "shape": float(np.mean([x.shape for x in flat])),
-                  "colour": float(np.mean([x.colour for x in flat])),
-                  "position": float(np.mean([x.position for x in flat])),
-                  "all_objects_all_correct": float(np.mean([all(x.shape and x.colour and x.position for x in v)
-                                                             for v in vs]))}
+        res[g] = {
+            "n": len(vs),
+            "shape": float(np.mean([x.shape for x in flat])),
+            "colour": float(np.mean([x.colour for x in flat])),
+            "position": float(np.mean([x.position for x in flat])),
+            "all_objects_all_correct": float(
+                np.mean([all(x.shape and x.colour and x.position for x in v) for v in vs])
+            ),
+        }
     return res
 
 
 def split_groups(items, scenes):
     """Group two-object prompts by whether they contain a rare shape."""
     out = []
-    for it, sc in zip(items, scenes):
+    for it, sc in zip(items, scenes, strict=True):
         g = it.group
         if g == "two_object":
             g = "two_object_with_rare" if sc.has_rare else "two_object_common"
@@ -92,7 +122,15 @@ def split_groups(items, scenes):
     return out
 
 
-def run_check(log=print, models_dir: Path = MODELS_DIR, settings: dict | None = None, grid: bool = True) -> dict:
+def run_check(
+    log: Callable[[str], None] = print,
+    models_dir: Path = MODELS_DIR,
+    settings: dict | None = None,
+    grid: bool = True,
+    out_dir: Path = EVAL_MODELS_DIR,
+    logs_dir: Path = LOGS_DIR,
+) -> dict:
+    """Measure the models in `models_dir` (the runtime's); write metrics.json to `out_dir`, the grid to `logs_dir`."""
     import open_clip
 
     from imagerag.evals.miniworld.common import Pool
@@ -106,7 +144,7 @@ def run_check(log=print, models_dir: Path = MODELS_DIR, settings: dict | None = 
     metrics: dict = {"settings": settings}
 
     clip_dir = (models_dir / "clip").resolve()
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
     model.eval()
     ev = sample_scenes(SEED_EVAL + 1, 1000, p_two=0.0)
     metrics["clip_zero_shot_shape_accuracy"] = zero_shot_shape_accuracy(model, clip_tokens(), ev, render_array(ev))
@@ -115,8 +153,10 @@ def run_check(log=print, models_dir: Path = MODELS_DIR, settings: dict | None = 
 
     oracle = Oracle.from_pretrained(ORACLE_DIR)
     ev_pool = Pool.sample(SEED_EVAL + 2, 2000, p_two=0.5)
-    metrics["oracle_accuracy"] = {"clean": oracle_eval(oracle, ev_pool),
-                                  "blurred": oracle_eval(oracle, ev_pool, blur=True)}
+    metrics["oracle_accuracy"] = {
+        "clean": oracle_eval(oracle, ev_pool),
+        "blurred": oracle_eval(oracle, ev_pool, blur=True),
+    }
     log(f"[check] oracle {metrics['oracle_accuracy']}")
 
     items = heldout_prompts(0)
@@ -143,7 +183,8 @@ def run_check(log=print, models_dir: Path = MODELS_DIR, settings: dict | None = 
     tmpl = [f"according to this image of a {scenes[i].objects[0].shape}, generate {prompts[i]}" for i in rare_i]
     tmpl_imgs = generate(pipe, tmpl, [refs[i] for i in rare_i], settings)
     metrics["t2i_with_reference_imagerag_template_rare"] = score(
-        oracle, tmpl_imgs, [scenes[i] for i in rare_i], ["rare"] * len(rare_i))["rare"]
+        oracle, tmpl_imgs, [scenes[i] for i in rare_i], ["rare"] * len(rare_i)
+    )["rare"]
 
     ta, wr = metrics["t2i_text_alone"], metrics["t2i_with_reference"]
     metrics["summary"] = {
@@ -159,7 +200,8 @@ def run_check(log=print, models_dir: Path = MODELS_DIR, settings: dict | None = 
         "rare_gain_points": round(100 * (wr["rare"]["shape"] - ta["rare"]["shape"]), 1),
     }
     metrics["seconds"] = round(time.time() - t0, 1)
-    (models_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log(f"[check] summary {json.dumps(metrics['summary'])}")
 
     if grid:
@@ -169,9 +211,8 @@ def run_check(log=print, models_dir: Path = MODELS_DIR, settings: dict | None = 
         for r, row in enumerate(rows):
             for c, i in enumerate(pick):
                 g.paste(row[i], (32 * c, 32 * r))
-        logs = models_dir.parent / "logs"
-        logs.mkdir(exist_ok=True)
-        g.resize((g.width * 2, g.height * 2), Image.Resampling.NEAREST).save(logs / "check_grid.png")
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        g.resize((g.width * 2, g.height * 2), Image.Resampling.NEAREST).save(logs_dir / "check_grid.png")
     return {"seconds": metrics["seconds"], "summary": metrics["summary"]}
 
 

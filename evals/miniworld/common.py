@@ -26,7 +26,11 @@ from imagerag.tools.miniworld.world import (
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ORACLE_DIR = Path(__file__).resolve().parent / "models" / "oracle"  # evaluation only: never loaded by a run
+# Evaluation only, never loaded by a run: the oracle, train_log.json and metrics.json. The runtime's weights (clip, t2i,
+# ip_adapter) live in imagerag.tools.miniworld.MODELS_DIR; training logs and sample grids go to LOGS_DIR (git-ignored).
+ORACLE_DIR = Path(__file__).resolve().parent / "models" / "oracle"
+EVAL_MODELS_DIR = ORACLE_DIR.parent
+LOGS_DIR = EVAL_MODELS_DIR.parent / "logs"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -31,8 +31,9 @@ from imagerag.tools.types import Concept
 
 def measure(device: str, dtype: str, prompts: int) -> tuple[dict, list[np.ndarray]]:
     spec = PROFILES["mini"].generator.model_copy(update={"dtype": dtype})
-    generator = DiffusersGenerator.from_pretrained(spec, str(MINI_MODELS / "t2i"), str(MINI_MODELS / "ip_adapter"),
-                                                   device)
+    generator = DiffusersGenerator.from_pretrained(
+        spec, str(MINI_MODELS / "t2i"), str(MINI_MODELS / "ip_adapter"), device
+    )
     embedder = ClipEmbedder.from_pretrained(LOCAL_DIR + str(MINI_MODELS / "clip"), None, device)
     oracle = Oracle.from_pretrained(ORACLE_DIR)
     items = [p for p in heldout_prompts() if p.group == "rare"][:prompts]
@@ -49,9 +50,15 @@ def measure(device: str, dtype: str, prompts: int) -> tuple[dict, list[np.ndarra
     judge_threshold = json.loads((MINI_MODELS / "clip" / "calibration.json").read_text())["judge_threshold"]
     concept = Concept(id="c1", text=f"a {items[0].scene.objects[0].shape}")
     verdict = ClipJudge(embedder, judge_threshold).critique(images[0], [concept]).verdicts[0]
-    row = {"device": device, "dtype": dtype, "prompts": len(items), "seconds_per_image": round(seconds, 4),
-           "rare_shape_with_reference": sum(drawn[0::2]), "rare_shape_text_alone": sum(drawn[1::2]),
-           "judge_score_first_image": round(verdict.score, 4)}
+    row = {
+        "device": device,
+        "dtype": dtype,
+        "prompts": len(items),
+        "seconds_per_image": round(seconds, 4),
+        "rare_shape_with_reference": sum(drawn[0::2]),
+        "rare_shape_text_alone": sum(drawn[1::2]),
+        "judge_score_first_image": round(verdict.score, 4),
+    }
     return row, [np.asarray(image, np.float32) for image in images]
 
 
@@ -62,14 +69,15 @@ def main() -> None:
     args = parser.parse_args()
     runs = [("cpu", "float32")] + ([("cuda", "float32"), ("cuda", "float16")] if torch.cuda.is_available() else [])
     accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    report = {"torch": torch.__version__, "accelerator": accelerator, "runs": []}
+    rows: list[dict] = []
+    report = {"torch": torch.__version__, "accelerator": accelerator, "runs": rows}
     cpu_images = None
     for device, dtype in runs:
         row, images = measure(device, dtype, args.prompts)
         cpu_images = images if cpu_images is None else cpu_images
-        diff = np.mean([np.abs(a - b).mean() for a, b in zip(images, cpu_images)])
+        diff = np.mean([np.abs(a - b).mean() for a, b in zip(images, cpu_images, strict=True)])
         row["mean_abs_pixel_diff_vs_cpu"] = round(float(diff), 4)
-        report["runs"].append(row)
+        rows.append(row)
         print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "device_check.json").write_text(json.dumps(report, indent=2))

@@ -26,26 +26,43 @@ SLOT_CLASSES: tuple[str, ...] = (EMPTY,) + SHAPES
 
 
 class OracleNet(nn.Module):
-    def __init__(self, width: int = 24, n_slots: int = len(POSITION_NAMES),
-                 n_shapes: int = len(SLOT_CLASSES), n_colours: int = len(COLOUR_NAMES)):
+    def __init__(
+        self,
+        width: int = 24,
+        n_slots: int = len(POSITION_NAMES),
+        n_shapes: int = len(SLOT_CLASSES),
+        n_colours: int = len(COLOUR_NAMES),
+    ):
         super().__init__()
         self.config = {"width": width, "n_slots": n_slots, "n_shapes": n_shapes, "n_colours": n_colours}
         w = width
 
         def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+            )
 
-        self.features = nn.Sequential(block(3, w), nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2),
-                                      block(2 * w, 4 * w), nn.MaxPool2d(2))  # 4x4
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, 256), nn.ReLU(), nn.Dropout(0.1),
-                                  nn.Linear(256, n_slots * (n_shapes + n_colours)))
+        self.features = nn.Sequential(  # 32x32 -> 4x4
+            block(3, w), nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2), block(2 * w, 4 * w), nn.MaxPool2d(2)
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(4 * w * 16, 256),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Linear(256, n_slots * (n_shapes + n_colours)),
+        )
         self.n_slots, self.n_shapes, self.n_colours = n_slots, n_shapes, n_colours
 
     def forward(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x01: (B, 3, 32, 32) in [0, 1] -> shape logits (B, slots, shapes), colour logits (B, slots, colours)."""
         h = self.head(self.features(x01 * 2 - 1)).view(-1, self.n_slots, self.n_shapes + self.n_colours)
-        return h[..., : self.n_shapes], h[..., self.n_shapes:]
+        return h[..., : self.n_shapes], h[..., self.n_shapes :]
 
 
 def scene_targets(scene: Scene) -> tuple[list[int], list[int]]:
@@ -109,8 +126,12 @@ class Oracle:
         folder.mkdir(parents=True, exist_ok=True)
         sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in self.net.state_dict().items()}
         save_file(sd, str(folder / "model.safetensors"))
-        cfg = {"model": self.net.config, "slots": list(POSITION_NAMES), "shape_classes": list(SLOT_CLASSES),
-               "colours": list(COLOUR_NAMES)}
+        cfg = {
+            "model": self.net.config,
+            "slots": list(POSITION_NAMES),
+            "shape_classes": list(SLOT_CLASSES),
+            "colours": list(COLOUR_NAMES),
+        }
         if extra:
             cfg.update(extra)
         (folder / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -137,8 +158,14 @@ class Oracle:
             with_shape = [r for r in slots if r.shape == o.shape]
             occupied = at.shape != EMPTY
             holder = at if occupied else (with_shape[0] if with_shape else None)
-            verdicts.append(ObjectVerdict(shape=bool(with_shape), colour=bool(holder and holder.colour == o.colour),
-                                          position=at.shape == o.shape, occupied=occupied))
+            verdicts.append(
+                ObjectVerdict(
+                    shape=bool(with_shape),
+                    colour=bool(holder and holder.colour == o.colour),
+                    position=at.shape == o.shape,
+                    occupied=occupied,
+                )
+            )
         return verdicts
 
     def judge(self, image: Image.Image, scene: Scene) -> list[ObjectVerdict]:
@@ -147,6 +174,7 @@ class Oracle:
     def judge_many(self, images, scenes: Sequence[Scene], bs: int = 256) -> list[list[ObjectVerdict]]:
         out = []
         for i in range(0, len(scenes), bs):
-            readings = self.read(images[i:i + bs])
-            out += [self.judge_reading(r, sc) for r, sc in zip(readings, scenes[i:i + bs])]
+            readings = self.read(images[i : i + bs])
+            # Callers pass one image per scene, but nothing here checks it: keep zip's stop-at-the-shorter.
+            out += [self.judge_reading(r, sc) for r, sc in zip(readings, scenes[i : i + bs], strict=False)]
         return out

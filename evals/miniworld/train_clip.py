@@ -1,8 +1,8 @@
 """Train the mini OpenCLIP model on rendered scenes and save it as an open_clip local-dir folder.
 
 Load with:
-    open_clip.create_model_and_transforms("local-dir:/abs/evals/miniworld/models/clip")
-    open_clip.get_tokenizer("local-dir:/abs/evals/miniworld/models/clip")
+    open_clip.create_model_and_transforms("local-dir:/abs/tools/miniworld/models/clip")
+    open_clip.get_tokenizer("local-dir:/abs/tools/miniworld/models/clip")
 """
 
 from __future__ import annotations
@@ -48,30 +48,38 @@ MODEL_CFG = {
     "vision_cfg": {"image_size": 32, "layers": 3, "width": 128, "head_width": 32, "mlp_ratio": 2.0, "patch_size": 4},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3, "mlp_ratio": 2.0},
 }
-PREPROCESS_CFG = {"size": 32, "mode": "RGB", "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
-                  "interpolation": "bicubic", "resize_mode": "shortest"}
+PREPROCESS_CFG = {
+    "size": 32,
+    "mode": "RGB",
+    "mean": list(CLIP_MEAN),
+    "std": list(CLIP_STD),
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
 
 
 def clip_tokens() -> TokenCache:
     """open_clip's own tokenizer, the one a `local-dir:` model loads."""
     from open_clip.tokenizer import SimpleTokenizer
+
     return TokenCache(SimpleTokenizer(context_length=77))
 
 
 def build_model():
     import open_clip
+
     return open_clip.CLIP(**MODEL_CFG)
 
 
 @torch.no_grad()
 def encode_images(model, x01: torch.Tensor, bs: int = 512) -> torch.Tensor:
-    out = [F.normalize(model.encode_image(normalize_clip(x01[i:i + bs])), dim=-1) for i in range(0, len(x01), bs)]
+    out = [F.normalize(model.encode_image(normalize_clip(x01[i : i + bs])), dim=-1) for i in range(0, len(x01), bs)]
     return torch.cat(out)
 
 
 @torch.no_grad()
 def encode_texts(model, tokens: torch.Tensor, bs: int = 512) -> torch.Tensor:
-    out = [F.normalize(model.encode_text(tokens[i:i + bs]), dim=-1) for i in range(0, len(tokens), bs)]
+    out = [F.normalize(model.encode_text(tokens[i : i + bs]), dim=-1) for i in range(0, len(tokens), bs)]
     return torch.cat(out)
 
 
@@ -116,7 +124,7 @@ def calibrate(model, tok, seed: int = SEED_EVAL) -> dict:
         t_emb = encode_texts(model, tok(trues + falses))
         sims = (t_emb @ img[i]).numpy()
         pos_s += list(sims[: len(trues)])
-        neg_s += list(sims[len(trues):])
+        neg_s += list(sims[len(trues) :])
     judge_t, judge_bacc = _best_threshold(np.array(pos_s), np.array(neg_s))
 
     corpus = corpus_scenes(1500, seed=seed + 7)
@@ -131,27 +139,33 @@ def calibrate(model, tok, seed: int = SEED_EVAL) -> dict:
         for p in ("left", "top"):
             queries.append((s, f"a {s} {POSITION_PHRASES[p]}"))
     q_emb = encode_texts(model, tok([q for _, q in queries]))
-    sims = q_emb @ cemb.T
+    q_sims = q_emb @ cemb.T
     for qi, (shape, _) in enumerate(queries):
         has = torch.tensor([any(o.shape == shape for o in sc.objects) for sc in corpus])
-        best_with = sims[qi].max().item()
-        best_j = int(sims[qi].argmax())
+        best_with = q_sims[qi].max().item()
+        best_j = int(q_sims[qi].argmax())
         if has[best_j]:
             pos_r.append(best_with)
-        best_without = sims[qi][~has].max().item()
+        best_without = q_sims[qi][~has].max().item()
         neg_r.append(best_without)
     ret_t, ret_bacc = _best_threshold(np.array(pos_r), np.array(neg_r))
-    return {"judge_threshold": round(judge_t, 4), "judge_balanced_accuracy": round(judge_bacc, 4),
-            "retrieval_min_similarity": round(ret_t, 4), "retrieval_balanced_accuracy": round(ret_bacc, 4),
-            "n_judge_pairs": [len(pos_s), len(neg_s)], "n_retrieval_queries": [len(pos_r), len(neg_r)]}
+    return {
+        "judge_threshold": round(judge_t, 4),
+        "judge_balanced_accuracy": round(judge_bacc, 4),
+        "retrieval_min_similarity": round(ret_t, 4),
+        "retrieval_balanced_accuracy": round(ret_bacc, 4),
+        "n_judge_pairs": [len(pos_s), len(neg_s)],
+        "n_retrieval_queries": [len(pos_r), len(neg_r)],
+    }
 
 
 def save(model, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(out_dir / "open_clip_model.safetensors"))
-    (out_dir / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}, indent=2))
+    (out_dir / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}, indent=2)
+    )
 
 
 def train(out_dir: Path = MODELS_DIR / "clip", steps: int = 1000, batch: int = 128, log=print) -> dict:
@@ -178,18 +192,34 @@ def train(out_dir: Path = MODELS_DIR / "clip", steps: int = 1000, batch: int = 1
         return 0.5 * (loss_i + loss_t), ""
 
     model.train()
-    fit(model.parameters(), steps, step_fn, log, tag="clip", lr=1e-3, weight_decay=0.05,
-        schedule=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.08))
+    fit(
+        model.parameters(),
+        steps,
+        step_fn,
+        log,
+        tag="clip",
+        lr=1e-3,
+        weight_decay=0.05,
+        schedule=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.08),
+    )
     save(model, out_dir)
     # Reload through the real loader before measuring, so the numbers are about the shipped files.
     import open_clip
+
     loaded, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out_dir.resolve()}")
     ev_scenes = sample_scenes(SEED_EVAL + 1, 1000, p_two=0.0)
     zs = zero_shot_shape_accuracy(loaded, tok, ev_scenes, render_array(ev_scenes))
     cal = calibrate(loaded, tok)
-    (out_dir / "calibration.json").write_text(json.dumps(
-        {"judge_threshold": cal["judge_threshold"], "retrieval_min_similarity": cal["retrieval_min_similarity"],
-         "details": cal}, indent=2))
+    (out_dir / "calibration.json").write_text(
+        json.dumps(
+            {
+                "judge_threshold": cal["judge_threshold"],
+                "retrieval_min_similarity": cal["retrieval_min_similarity"],
+                "details": cal,
+            },
+            indent=2,
+        )
+    )
     log(f"[clip] zero-shot {zs}")
     log(f"[clip] calibration {cal}")
     return {"seconds": round(time.time() - t0, 1), "steps": steps, "zero_shot": zs, "calibration": cal}
@@ -197,4 +227,5 @@ def train(out_dir: Path = MODELS_DIR / "clip", steps: int = 1000, batch: int = 1
 
 if __name__ == "__main__":
     import sys
+
     train(steps=int(sys.argv[1]) if len(sys.argv) > 1 else 2400)

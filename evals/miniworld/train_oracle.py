@@ -23,13 +23,21 @@ def evaluate(oracle: Oracle, pool: Pool, blur: bool = False) -> dict:
     verdicts = oracle.judge_many(images, pool.scenes)
     flat = [v for vs in verdicts for v in vs]
     slots = oracle.read(images)
-    exact = [all(r.shape == t for r, t in zip(row, _slot_shapes(sc))) for row, sc in zip(slots, pool.scenes)]
-    return {"shape": float(np.mean([v.shape for v in flat])), "colour": float(np.mean([v.colour for v in flat])),
-            "position": float(np.mean([v.position for v in flat])), "all_slots_exact": float(np.mean(exact))}
+    exact = [
+        all(r.shape == t for r, t in zip(row, _slot_shapes(sc), strict=True))
+        for row, sc in zip(slots, pool.scenes, strict=True)
+    ]
+    return {
+        "shape": float(np.mean([v.shape for v in flat])),
+        "colour": float(np.mean([v.colour for v in flat])),
+        "position": float(np.mean([v.position for v in flat])),
+        "all_slots_exact": float(np.mean(exact)),
+    }
 
 
 def _slot_shapes(scene):
     from imagerag.evals.miniworld.oracle import SLOT_CLASSES
+
     return [SLOT_CLASSES[i] for i in scene_targets(scene)[0]]
 
 
@@ -47,8 +55,9 @@ def train(out_dir: Path = ORACLE_DIR, steps: int = 1200, batch: int = 96, log: C
         idx = torch.randint(0, len(pool), (batch,), generator=gen)
         x = augment(pool.batch01(idx.tolist()), gen, p_blur=0.5, noise=0.08)
         s_log, c_log = net(x)
-        loss = F.cross_entropy(s_log.reshape(-1, s_log.shape[-1]), t_shape[idx].reshape(-1)) + \
-            F.cross_entropy(c_log.reshape(-1, c_log.shape[-1]), t_col[idx].reshape(-1), ignore_index=-100)
+        shape_loss = F.cross_entropy(s_log.reshape(-1, s_log.shape[-1]), t_shape[idx].reshape(-1))
+        colour_loss = F.cross_entropy(c_log.reshape(-1, c_log.shape[-1]), t_col[idx].reshape(-1), ignore_index=-100)
+        loss = shape_loss + colour_loss
         return loss, ""
 
     net.train()

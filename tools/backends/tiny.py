@@ -34,7 +34,8 @@ def clip_bpe_tokenizer() -> CLIPTokenizer:
     import open_clip.tokenizer as oct
     from transformers import CLIPTokenizer
 
-    merges = gzip.open(oct.default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    with gzip.open(oct.default_bpe()) as bpe:
+        merges = bpe.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     byte_tokens = list(oct.bytes_to_unicode().values())
     vocab = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
