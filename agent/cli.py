@@ -114,6 +114,10 @@ def generate(
     max_seconds: Annotated[float | None, typer.Option(help="Wall-clock budget.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="LLM token budget.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    samples: Annotated[
+        int | None,
+        typer.Option(min=1, max=16, help="Images per round in one batched call; each is judged and counts as one."),
+    ] = None,
     collection: Collection = None,
     data_dir: DataDir = None,
     out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
@@ -138,6 +142,7 @@ def generate(
         profile=profile,
         policy=policy,
         seed=seed,
+        samples=samples,
         collection=collection,
         data_dir=data_dir,
         review=review or None,

@@ -30,6 +30,7 @@ class RunRecipe(BaseModel):
     retrieve_k: int
     max_tool_errors: int
     seed: int
+    samples: int = 1
 
 
 class Settings(RunContext):

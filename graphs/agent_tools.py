@@ -116,7 +116,7 @@ def regenerate(
     unknown = [i for i in reference_ids if i not in known]
     if unknown:
         raise ToolInputError(f"unknown reference ids {unknown}: pass ids returned by retrieve in this run")
-    candidate = _tools(runtime).regenerate(
+    [candidate] = _tools(runtime).regenerate(
         prompt, [known[i] for i in reference_ids], seed, round=run.usage.rounds, turn=run.turn
     )
     return f"regenerated image {candidate.image_id} with {len(candidate.references)} reference(s)", ToolOutcome(

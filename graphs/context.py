@@ -29,6 +29,9 @@ class RunContext(BackendConfig, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMAGERAG_", env_nested_delimiter="__", extra="ignore")
 
     retrieve_k: int = Field(default=1, ge=1, description="References retrieved per missing concept.")
+    samples: int = Field(
+        default=1, ge=1, le=16, description="Images per round, drawn in one batched call; each is judged and counted."
+    )
     max_tool_errors: int = Field(default=3, ge=1, description="Consecutive failed tool calls before a run fails.")
     runs_dir: Path | None = Field(
         default=None, description="Where run folders go (one per thread); default: DATA_DIR/runs."

@@ -26,13 +26,22 @@ def after_plan(state: RunState) -> Literal["generate", "retrieve", "finish"]:
     return "finish" if stop_reason(state) else "retrieve"
 
 
+def batch_size(state: RunState, runtime: Runtime[RunContext]) -> int:
+    """This round's images: the context's samples, never past the generation budget (a turn's first image is
+    always drawn)."""
+    return max(1, min(context_of(runtime).samples, state.budget.max_generations - state.usage.generations))
+
+
 def generate(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-    usage = state.usage.add(rounds=1, generations=1)
-    [candidate] = toolkit(state, runtime).generate(state.prompt, state.seed, 1, round=usage.rounds, turn=state.turn)
+    n = batch_size(state, runtime)
+    usage = state.usage.add(rounds=1, generations=n)
+    seed = state.seed + state.usage.generations
+    drawn = toolkit(state, runtime).generate(state.prompt, seed, n, round=usage.rounds, turn=state.turn)
+    summary = f"image {', '.join(c.image_id for c in drawn)} from text"
     return {
-        "candidates": [*state.candidates, candidate],
+        "candidates": [*state.candidates, *drawn],
         "usage": clock(state, usage),
-        "steps": [Step(node="generate", round=usage.rounds, summary=f"image {candidate.image_id} from text")],
+        "steps": [Step(node="generate", round=usage.rounds, summary=summary)],
     }
 
 
@@ -82,17 +91,19 @@ def review(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
 
 
 def regenerate(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-    usage = state.usage.add(rounds=1, generations=1)
-    # A new seed each round: with no usable reference the round is a fresh sample, not a repeat.
-    seed = state.seed + usage.rounds - 1
-    candidate = toolkit(state, runtime).regenerate(
-        state.prompt, state.hits, seed=seed, round=usage.rounds, turn=state.turn
+    n = batch_size(state, runtime)
+    usage = state.usage.add(rounds=1, generations=n)
+    # Seeds no earlier image of the turn used: with no usable reference the round is a fresh sample, not a repeat.
+    seed = state.seed + state.usage.generations
+    drawn = toolkit(state, runtime).regenerate(
+        state.prompt, state.hits, seed=seed, round=usage.rounds, turn=state.turn, n=n
     )
-    refs = ", ".join(h.caption for h in candidate.references) or "no reference"
+    refs = ", ".join(h.caption for h in drawn[0].references) or "no reference"
+    summary = f"image {', '.join(c.image_id for c in drawn)} with {refs}"
     return {
-        "candidates": [*state.candidates, candidate],
+        "candidates": [*state.candidates, *drawn],
         "usage": clock(state, usage),
-        "steps": [Step(node="regenerate", round=usage.rounds, summary=f"image {candidate.image_id} with {refs}")],
+        "steps": [Step(node="regenerate", round=usage.rounds, summary=summary)],
     }
 
 

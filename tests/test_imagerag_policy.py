@@ -175,3 +175,15 @@ def test_runs_never_share_a_folder(tiny_settings, tiny_store, tmp_path):
     second = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([{"c1", "c2"}]))
     assert first.run_dir != second.run_dir
     assert json.loads((Path(first.run_dir) / "run.json").read_text())["thread"] == first.thread
+
+
+def test_samples_draw_a_batch_per_round_each_judged_and_counted(tiny_settings, tiny_store, tmp_path):
+    generator, critic = FakeGenerator(), ScriptedCritic([set()])
+    budget = Budget(max_rounds=4, max_generations=7)
+    result = go(tiny_settings, tiny_store, tmp_path, critic, budget, generator=generator, samples=3)
+    assert [c["n"] for c in generator.calls] == [3, 3, 1]  # the last batch stops at the generation budget
+    assert [c["references"] for c in generator.calls] == [0, 1, 1]
+    assert result.generations == 7 and result.rounds == 3 and result.stop_reason == "budget_exhausted:generations"
+    assert critic.calls == 7 and all(c.judged for c in result.candidates)
+    assert [c.round for c in result.candidates] == [1, 1, 1, 2, 2, 2, 3]
+    assert len({c.seed for c in result.candidates}) == 7  # no two images share a seed

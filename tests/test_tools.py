@@ -31,7 +31,7 @@ def test_plain_calls_generate_critique_retrieve_and_regenerate(toolkit):
     assert [v.concept_id for v in critique.verdicts] == ["c1", "c2"]
     hits = toolkit.retrieve("a red square", k=2)
     assert len(hits) == 2 and hits[0].similarity >= hits[1].similarity
-    again = toolkit.regenerate("a red heart", hits, seed=1, round=2)
+    [again] = toolkit.regenerate("a red heart", hits, seed=1, round=2)
     assert len(again.references) == 1  # the IP-Adapter generator takes one reference
     assert "like the reference image" in again.prompt and again.round == 2
 

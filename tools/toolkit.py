@@ -86,13 +86,13 @@ class Toolkit:
         return hits
 
     def regenerate(
-        self, prompt: str, references: list[RetrievalHit], seed: int = 0, round: int = 1, turn: int = 1
-    ) -> Candidate:
-        """Draw again conditioned on reference images (at most the generator's limit)."""
+        self, prompt: str, references: list[RetrievalHit], seed: int = 0, round: int = 1, turn: int = 1, n: int = 1
+    ) -> list[Candidate]:
+        """Draw `n` images again, conditioned on reference images (at most the generator's limit)."""
         references = references[: self.max_references]
         template = self.backends.profile.generator.regenerate_template if references else "regenerate_plain"
         conditioned = render(template, prompt=prompt, references=references)
-        return self._draw(prompt, conditioned, seed, 1, references, round, turn)[0]
+        return self._draw(prompt, conditioned, seed, n, references, round, turn)
 
     def _draw(
         self, prompt: str, conditioned: str, seed: int, n: int, references: list[RetrievalHit], round: int, turn: int
