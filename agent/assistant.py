@@ -255,15 +255,14 @@ class _SearchRequest(BaseModel):
     k: HitCount = 5
 
 
-def png_bytes(path: str | Path, max_side: int | None = None) -> bytes:
-    """An image file as PNG bytes, optionally shrunk (references can be large photographs)."""
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
-        if max_side:
-            image.thumbnail((max_side, max_side))
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
+def png_bytes(image: Image.Image, max_side: int | None = None) -> bytes:
+    """An image as PNG bytes, optionally shrunk (references can be large photographs)."""
+    image = image.convert("RGB")
+    if max_side:
+        image.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 class ImageRAGInput(BaseModel):

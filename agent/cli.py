@@ -385,6 +385,12 @@ def index(
     caption_column: Annotated[
         str | None, typer.Option(help="Parquet column with the caption (default: caption or text).")
     ] = None,
+    follow_external_links: Annotated[
+        bool,
+        typer.Option(
+            "--follow-external-links", help="Also index files that links in the folders point to outside them."
+        ),
+    ] = False,
 ) -> None:
     """Embed images with the profile's CLIP and add them to a reference collection (incremental, resumable).
 
@@ -405,7 +411,7 @@ def index(
 
     settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
     try:
-        opened = open_sources(sources, image_column, caption_column)
+        opened = open_sources(sources, image_column, caption_column, follow_external_links)
         store = ReferenceStore.open(
             chroma_client(settings.data_dir, chroma_url), settings.collection_name, load_embedder(settings), create=True
         )

@@ -65,6 +65,7 @@ from imagerag.agent.assistant import (
 from imagerag.agent.config import Settings
 from imagerag.agent.events import RunEvent
 from imagerag.agent.result import RunSummary
+from imagerag.tools.backends.store import ReferenceStore
 from imagerag.tools.config import ConfigError
 from imagerag.tools.toolkit import Backends
 
@@ -137,9 +138,9 @@ def build_server(settings: Settings, out: Path | None = None, backends: Backends
             raise ToolError(str(error)) from None
         content: list = [TextContent(type="text", text=found.model_dump_json(indent=2))]
         for hit in found.hits:
-            try:
-                data = png_bytes(hit.source, REFERENCE_THUMBNAIL)
-            except OSError:  # a moved or unreadable file: the hit's metadata still helps
+            try:  # through the store: only files inside the indexed folders, within the pixel limit
+                data = png_bytes(ReferenceStore.load_image(hit), REFERENCE_THUMBNAIL)
+            except (OSError, ValueError):  # moved, unreadable or refused: the hit's metadata still helps
                 continue
             content.append(ImageContent(type="image", data=base64.b64encode(data).decode(), mime_type="image/png"))
         return CallToolResult(content=content, structured_content=found.model_dump(mode="json"))

@@ -9,6 +9,11 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from imagerag.agent.result import RunResult
 from imagerag.graphs.context import IMAGES
+from imagerag.tools.backends.llm import image_data_url
+from imagerag.tools.backends.store import ReferenceStore
+from imagerag.tools.types import RetrievalHit
+
+REFERENCE_THUMBNAIL = 256  # pixels on the long side: the page shows references small
 
 
 def _data_url(path: Path) -> str | None:
@@ -18,6 +23,17 @@ def _data_url(path: Path) -> str | None:
     return f"data:image/{kind};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
+def _reference_url(hit: RetrievalHit) -> str | None:
+    """A reference as a data URL, read through the store: only files inside the indexed folders (or the data
+    folder's reference cache), within the pixel limit; anything else is left out of the page."""
+    try:
+        image = ReferenceStore.load_image(hit)
+    except (OSError, ValueError):
+        return None
+    image.thumbnail((REFERENCE_THUMBNAIL, REFERENCE_THUMBNAIL))
+    return image_data_url(image)
+
+
 def render_report(result: RunResult) -> str:
     env = Environment(
         loader=PackageLoader("imagerag.agent", ""),
@@ -25,6 +41,6 @@ def render_report(result: RunResult) -> str:
         autoescape=select_autoescape(["html", "j2"]),
     )
     images = {c.image_id: _data_url(Path(result.run_dir) / IMAGES / f"{c.image_id}.png") for c in result.candidates}
-    references = {h.id: _data_url(Path(h.source)) for c in result.candidates for h in c.references}
+    references = {h.id: _reference_url(h) for c in result.candidates for h in c.references}
     texts = {c.id: c.text for c in result.concepts}
     return env.get_template("report.html.j2").render(r=result, images=images, references=references, texts=texts)

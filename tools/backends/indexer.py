@@ -3,13 +3,19 @@
 The pipeline, per batch of `batch_size` records:
 1. read (main process): a source reader yields raw bytes, caption and origin; the id is the bytes' hash.
    Records the collection already holds (or that an earlier batch of this run is writing) are skipped here,
-   before any decoding, so a re-run over a finished collection costs one hash and one lookup per image.
+   before any decoding, so a re-run over a finished collection costs one hash and one lookup per image. A file
+   the reader refused (a broken or looping link, a link out of its folder) is counted as failed and logged, and
+   a caption over MAX_CAPTION_CHARS is cut at a word boundary, counted and logged; the image is still indexed.
 2. decode + preprocess: a torch DataLoader's collate turns the fresh records into one pixel tensor; a
-   corrupt or non-image file is counted and logged there, never fatal. With num_workers=1 this runs in a
-   worker process while the main process embeds the previous batch.
+   corrupt or non-image file, or one over MAX_IMAGE_PIXELS (read from its header, before decoding), is counted
+   and logged there, never fatal. With num_workers=1 this runs in a worker process while the main process embeds
+   the previous batch.
 3. embed + write (main process): one open_clip forward, then one upsert for the whole batch. Shard and
    parquet members are first copied to a content-addressed cache (`cache_dir/ab/abcd....jpg`) so the stored
    source is a file the agent can open; the copy is written before the row, never the other way round.
+
+The collection records the folders it was indexed from (the cache folder for shards and parquet files) before
+any row is written, so the agent can later refuse a reference from anywhere else (store.ReferenceStore.load_image).
 
 Resume: a killed run left whole batches in the collection (an upsert commits all or nothing) and at most
 orphan cache files, which the next run reuses by name; re-running skips every finished batch by id.
@@ -21,7 +27,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,8 +35,16 @@ from PIL import Image
 from pydantic import BaseModel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from imagerag.tools.backends.sources import FolderSource, Source, SourceError, SourceRecord, open_source
-from imagerag.tools.backends.store import ReferenceStore
+from imagerag.tools.backends.sources import (
+    MAX_CAPTION_CHARS,
+    FolderSource,
+    Source,
+    SourceError,
+    SourceRecord,
+    bound_caption,
+    open_source,
+)
+from imagerag.tools.backends.store import ImageTooLarge, ReferenceStore, check_pixels
 from imagerag.tools.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -40,6 +54,7 @@ class IndexSummary(BaseModel):
     added: int = 0
     skipped: int = 0
     failed: int = 0
+    captions_cut: int = 0  # captions over MAX_CAPTION_CHARS, indexed cut at a word boundary
     seconds: float = 0.0
 
     @property
@@ -48,7 +63,11 @@ class IndexSummary(BaseModel):
 
     def line(self) -> str:
         rate = self.seen / self.seconds if self.seconds > 0 else 0.0
-        return f"added {self.added}, skipped {self.skipped}, failed {self.failed} in {self.seconds:.1f} s ({rate:.1f} images/s)"
+        cut = f", {self.captions_cut} caption(s) cut to {MAX_CAPTION_CHARS} characters" if self.captions_cut else ""
+        return (
+            f"added {self.added}, skipped {self.skipped}, failed {self.failed}{cut} in {self.seconds:.1f} s "
+            f"({rate:.1f} images/s)"
+        )
 
 
 @dataclass(frozen=True)
@@ -62,7 +81,7 @@ class _Batch:
     fresh: list[_Fresh]
     pixels: torch.Tensor | None
     formats: list[str]
-    failed: list[tuple[_Fresh, str]] = field(default_factory=list)
+    failed: list[tuple[_Fresh, str]] = field(default_factory=list)  # with why, in words
 
 
 class _Passthrough(Dataset):
@@ -85,10 +104,19 @@ class _FreshBatches(Sampler):
         batch_size: int,
         summary: IndexSummary,
         pending: set[str],
-        on_skip: Callable[[int], None],
+        on_done: Callable[[int], None],
     ):
         self.sources, self.store, self.batch_size = sources, store, batch_size
-        self.summary, self.pending, self.on_skip = summary, pending, on_skip
+        self.summary, self.pending, self.on_done = summary, pending, on_done
+
+    def _bounded(self, record: SourceRecord) -> SourceRecord:
+        # Cut here, in the main process, so a huge caption never travels to a worker nor into the database.
+        caption = bound_caption(record.caption)
+        if caption == record.caption:
+            return record
+        self.summary.captions_cut += 1
+        log.warning("caption of %s is over %d characters: cut at a word boundary", record.uri, MAX_CAPTION_CHARS)
+        return replace(record, caption=caption)
 
     def _chunks(self) -> Iterator[list[SourceRecord]]:
         chunk: list[SourceRecord] = []
@@ -106,17 +134,22 @@ class _FreshBatches(Sampler):
         for chunk in self._chunks():
             ids = [record.id for record in chunk]
             present = self.store.existing(ids) | self.pending
-            skipped = 0
+            skipped = failed = 0
             for image_id, record in zip(ids, chunk, strict=True):
+                if record.error is not None:
+                    failed += 1
+                    log.warning("skipping %s: %s", record.uri, record.error)
+                    continue
                 if image_id in present:
                     skipped += 1
                     continue
                 present.add(image_id)  # a second copy in the same chunk
                 self.pending.add(image_id)
-                ready.append(_Fresh(image_id, record))
-            if skipped:
-                self.summary.skipped += skipped
-                self.on_skip(skipped)
+                ready.append(_Fresh(image_id, self._bounded(record)))
+            self.summary.skipped += skipped
+            self.summary.failed += failed
+            if skipped or failed:
+                self.on_done(skipped + failed)
             while len(ready) >= self.batch_size:
                 yield ready[: self.batch_size]
                 ready = ready[self.batch_size :]
@@ -125,7 +158,8 @@ class _FreshBatches(Sampler):
 
 
 class DecodeAndPreprocess:
-    """Collate: decode each record's bytes and preprocess it for the CLIP; unreadable ones are set aside."""
+    """Collate: decode each record's bytes and preprocess it for the CLIP; unreadable or oversized ones are set aside
+    with the reason."""
 
     def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor], draft_size: int | None = None):
         self.preprocess, self.draft_size = preprocess, draft_size
@@ -135,14 +169,18 @@ class DecodeAndPreprocess:
         for item in items:
             try:
                 with Image.open(io.BytesIO(item.record.data)) as image:
+                    check_pixels(image.size, "the image")  # from the header: nothing is decoded yet
                     fmt = image.format or "PNG"
                     if self.draft_size and fmt == "JPEG":
                         # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below the model's input size: the
                         # resize that follows sees the same detail for a fraction of the decoding.
                         image.draft("RGB", (self.draft_size, self.draft_size))
                     tensors.append(self.preprocess(image.convert("RGB")))
+            except ImageTooLarge as error:
+                failed.append((item, str(error)))
+                continue
             except Exception as error:  # noqa: BLE001 - PIL raises many types for broken files; none may stop a long run
-                failed.append((item, f"{type(error).__name__}: {error}"))
+                failed.append((item, f"not a readable image ({type(error).__name__}: {error})"))
                 continue
             good.append(item)
             formats.append({"JPEG": "jpg"}.get(fmt, fmt.lower()))
@@ -171,9 +209,16 @@ def _stored_source(item: _Fresh, fmt: str, cache_dir: Path | None) -> str:
 
 
 def open_sources(
-    paths: Sequence[Path | str | Source], image_column: str | None = None, caption_column: str | None = None
+    paths: Sequence[Path | str | Source],
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    follow_external_links: bool = False,
 ) -> list[Source]:
-    return [p if not isinstance(p, (str, Path)) else open_source(p, image_column, caption_column) for p in paths]
+    """Readers for `paths`; `follow_external_links` lets folders follow links that leave them (see FolderSource)."""
+    return [
+        p if not isinstance(p, (str, Path)) else open_source(p, image_column, caption_column, follow_external_links)
+        for p in paths
+    ]
 
 
 def size_hint(sources: Sequence[Source]) -> int | None:
@@ -193,19 +238,23 @@ def index_sources(
     summary: IndexSummary | None = None,
     image_column: str | None = None,
     caption_column: str | None = None,
+    follow_external_links: bool = False,
 ) -> IndexSummary:
     """Embed and add every image of `sources` (folders, .tar shards, .parquet files) that the collection lacks.
 
     Safe to re-run after a crash or Ctrl-C. `cache_dir` receives copies of shard and parquet images (required
     when there are any). `on_batch(n)` is told how many records were dealt with. Pass `summary` to keep the
-    counts when the run is interrupted.
+    counts when the run is interrupted. A link in a folder that resolves outside it is counted as failed and
+    logged, unless `follow_external_links` (for sources given as paths; an opened FolderSource keeps its own).
     """
     started, summary = time.time(), summary if summary is not None else IndexSummary()
-    opened = open_sources(sources, image_column, caption_column)
+    opened = open_sources(sources, image_column, caption_column, follow_external_links)
     if cache_dir is None and any(not isinstance(s, FolderSource) for s in opened):
         raise SourceError(
             "indexing .tar shards or .parquet files needs a cache folder for the extracted images (cache_dir)"
         )
+    # Recorded before any row: a row is never written without the folder that lets the agent open its image.
+    store.record_roots([s.root for s in opened if isinstance(s, FolderSource)] + ([cache_dir] if cache_dir else []))
     progress = on_batch or (lambda n: None)
     pending: set[str] = set()
     sampler = _FreshBatches(opened, store, batch_size, summary, pending, progress)
@@ -221,12 +270,15 @@ def index_sources(
             for item, error in batch.failed:
                 summary.failed += 1
                 pending.discard(item.id)
-                log.warning("skipping %s: not a readable image (%s)", item.record.uri, error)
+                log.warning("skipping %s: %s", item.record.uri, error)
             if batch.fresh:
                 embeddings = store.embedder.embed_images(batch.pixels)
                 sources_ = [
                     _stored_source(item, fmt, cache_dir) for item, fmt in zip(batch.fresh, batch.formats, strict=True)
                 ]
+                # Only a link followed out of its folder on request lies outside the recorded folders: its own
+                # folder is recorded, so the agent may open what the user chose to index.
+                store.record_roots(Path(s).parent for s in sources_)
                 ids = [item.id for item in batch.fresh]
                 store.add(
                     ids,
@@ -248,6 +300,9 @@ def index_folders(
     folders: list[Path],
     batch_size: int = 64,
     on_batch: Callable[[int], None] | None = None,
+    follow_external_links: bool = False,
 ) -> IndexSummary:
     """Image folders only (recursive; sidecar captions): `index_sources` without a cache."""
-    return index_sources(store, [FolderSource(Path(f)) for f in folders], batch_size, on_batch=on_batch)
+    return index_sources(
+        store, [FolderSource(Path(f), follow_external_links) for f in folders], batch_size, on_batch=on_batch
+    )

@@ -86,11 +86,18 @@ def open_store(
     client = chroma_client(config.data_dir, config.chroma_url)
     embedder = load_embedder(config)
     profile = config.resolved_profile()
+    own = profile.local and config.collection_name == profile.collection
     try:
-        return ReferenceStore.open(client, config.collection_name, embedder)
+        store = ReferenceStore.open(client, config.collection_name, embedder)
     except StoreError:
-        if not (profile.local and config.collection_name == profile.collection):
+        if not own:
             raise
+    else:
+        if own and store.roots is None:  # built before collections recorded their folders: record them once
+            from imagerag.tools.backends.indexer import index_folders
+
+            index_folders(store, [build_local_corpus(profile.name, Path(config.data_dir))])
+        return store
     from imagerag.tools.backends.indexer import index_folders
 
     corpus = build_local_corpus(profile.name, Path(config.data_dir), on_progress)

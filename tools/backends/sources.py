@@ -2,12 +2,18 @@
 
 Every reader yields `SourceRecord`s: the image's raw bytes (its id is their content hash), a caption and a
 URI that says where it came from. Readers never decode images; a file that is not an image is found out (and
-counted) when the indexer decodes it.
+counted) when the indexer decodes it. A file a reader refuses (a broken or looping link, a link out of the indexed
+folder, a device or pipe) comes as a record with an `error`, which the indexer counts as failed.
+
+Captions are read bounded: a text sidecar or member is read up to a little more than MAX_CAPTION_CHARS characters
+(the indexer cuts it to the limit and counts it), a JSON one up to MAX_JSON_SIDECAR_BYTES (larger ones are ignored),
+so a huge caption file costs neither memory nor database space.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Iterator
@@ -25,6 +31,16 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
 CAPTION_KEYS = ("caption", "text", "txt", "prompt", "description")
 IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes", "bytes")
+# Long enough for a dense multi-sentence caption (CLIP reads only 77 tokens of one anyway); short enough that a
+# caption cannot swell the database, a run's state, its checkpoints or its report.
+MAX_CAPTION_CHARS = 1000
+# UTF-8 takes at most 4 bytes a character: this many bytes always hold more than MAX_CAPTION_CHARS characters of a
+# longer caption, so the cut (and its count) happens in one place, bound_caption.
+CAPTION_READ_BYTES = 4 * (MAX_CAPTION_CHARS + 1)
+# img2dataset's JSON holds the caption next to EXIF and URL fields (a few KB); JSON cannot be parsed from a prefix.
+MAX_JSON_SIDECAR_BYTES = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 class SourceError(ValueError):
@@ -38,6 +54,8 @@ class SourceRecord:
     uri: str
     # A folder image already lives on disk at `uri`; a shard or parquet member needs a copy the agent can open.
     on_disk: bool = False
+    # Why the reader could not or would not read this file: the indexer counts it as failed and logs this.
+    error: str | None = None
 
     @property
     def id(self) -> str:
@@ -51,29 +69,48 @@ def caption_from_json(data: dict) -> str | None:
     return None
 
 
-def sidecar_caption(path: Path) -> str:
-    """Caption from NAME.txt or NAME.json ('caption' or 'text'), else the file name in words."""
-    txt, meta = path.with_suffix(".txt"), path.with_suffix(".json")
-    if txt.exists():
-        return txt.read_text(encoding="utf-8", errors="replace").strip()
-    if meta.exists():
-        try:
-            caption = caption_from_json(json.loads(meta.read_text(encoding="utf-8")))
-        except (ValueError, AttributeError):  # a broken sidecar costs the caption, not the image
-            caption = None
-        if caption:
-            return caption
-    return path.stem.replace("_", " ").replace("-", " ")
+def bound_caption(text: str, limit: int = MAX_CAPTION_CHARS) -> str:
+    """`text` when it fits in `limit` characters, else its start cut at a word boundary and ended with '…'."""
+    if len(text) <= limit:
+        return text
+    head = text[: limit - 1]
+    if not text[limit - 1].isspace():  # the cut fell inside a word: drop that word's start
+        words = head.rsplit(maxsplit=1)
+        # Text without spaces (a URL, Chinese or Japanese) is cut mid-word rather than lost.
+        if len(words) == 2 and len(words[0]) > limit // 2:
+            head = words[0]
+    return head.rstrip() + "…"
+
+
+def _read_head(path: Path, limit: int) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(limit)
+
+
+def _json_caption(data: bytes, where: str) -> str | None:
+    if len(data) > MAX_JSON_SIDECAR_BYTES:
+        log.warning("ignoring the caption in %s: over %d bytes of JSON", where, MAX_JSON_SIDECAR_BYTES)
+        return None
+    try:
+        return caption_from_json(json.loads(data))
+    except (ValueError, AttributeError):  # a broken sidecar costs the caption, not the image
+        return None
 
 
 class FolderSource:
-    """Image files below a folder, recursively, in a stable order; captions from sidecar .txt/.json files."""
+    """Image files below a folder, recursively, in a stable order; captions from sidecar .txt/.json files.
 
-    def __init__(self, folder: Path):
+    Links to files are followed only when they resolve inside the folder, unless `follow_external_links`; links to
+    folders are never descended (os.walk's default), so no link can make the walk loop.
+    """
+
+    def __init__(self, folder: Path, follow_external_links: bool = False):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise SourceError(f"no image folder at {folder}: pass an existing folder of images")
         self.uri = str(self.folder)
+        self.root = self.folder.resolve()
+        self.follow_external_links = follow_external_links
 
     def paths(self) -> Iterator[Path]:
         # os.walk streams: a folder of millions of images is never held as one sorted list.
@@ -86,13 +123,51 @@ class FolderSource:
     def size_hint(self) -> int | None:
         return sum(1 for _ in self.paths())
 
+    def _target(self, path: Path) -> Path:
+        """The regular file `path` names, links resolved; SourceError when it must not or cannot be read."""
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError) as error:  # RuntimeError: a link loop, before Python 3.13
+            what = "a broken link or a link loop" if path.is_symlink() else "cannot be read"
+            raise SourceError(f"{what} ({error}): fix or remove it") from None
+        if not (self.follow_external_links or target.is_relative_to(self.root)):
+            raise SourceError(
+                f"a link to {target}, outside the indexed folder {self.root}: not followed; index that folder "
+                "too, or pass follow_external_links=True (imagerag index --follow-external-links)"
+            )
+        if not target.is_file():  # a pipe would block the read for ever, a device never end
+            raise SourceError(f"{target} is not a regular file: remove it from the folder")
+        return target
+
+    def _caption(self, path: Path) -> str:
+        """Caption from NAME.txt or NAME.json ('caption' or 'text'), else the file name in words.
+
+        A sidecar is read under the same link rules as the images, and only its head.
+        """
+        for sidecar in (path.with_suffix(".txt"), path.with_suffix(".json")):
+            if not sidecar.exists() and not sidecar.is_symlink():
+                continue
+            try:
+                if sidecar.suffix == ".txt":
+                    data = _read_head(self._target(sidecar), CAPTION_READ_BYTES)
+                    return data.decode("utf-8", errors="replace").strip()
+                caption = _json_caption(_read_head(self._target(sidecar), MAX_JSON_SIDECAR_BYTES + 1), str(sidecar))
+            except (SourceError, OSError) as error:
+                log.warning("ignoring the caption file %s: %s", sidecar, error)
+                continue
+            if caption:
+                return caption
+        return path.stem.replace("_", " ").replace("-", " ")
+
     def __iter__(self) -> Iterator[SourceRecord]:
         for path in self.paths():
             try:
-                data = path.read_bytes()
-            except OSError:  # unreadable file: let the decoder count it as failed
-                data = b""
-            yield SourceRecord(data, sidecar_caption(path), str(path.resolve()), on_disk=True)
+                target = self._target(path)
+                data = target.read_bytes()
+            except (SourceError, OSError) as error:
+                yield SourceRecord(b"", "", str(path), error=str(error))
+                continue
+            yield SourceRecord(data, self._caption(path), str(target), on_disk=True)
 
 
 class TarShardSource:
@@ -128,7 +203,9 @@ class TarShardSource:
                         yield from self._sample(key, sample)
                         key, sample = member_key, {}
                     handle = tar.extractfile(member)
-                    sample[ext.lower()] = handle.read() if handle else b""
+                    # Caption members are read only as far as bound_caption and _json_caption look.
+                    limit = {"txt": CAPTION_READ_BYTES, "json": MAX_JSON_SIDECAR_BYTES + 1}.get(ext.lower(), -1)
+                    sample[ext.lower()] = handle.read(limit) if handle else b""
         except (tarfile.TarError, OSError, EOFError) as error:
             # A truncated shard (an interrupted download) keeps what was read; the rest counts as one failure.
             yield SourceRecord(
@@ -143,10 +220,7 @@ class TarShardSource:
             return
         caption = sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else ""
         if not caption and "json" in sample:
-            try:
-                caption = caption_from_json(json.loads(sample["json"])) or ""
-            except (ValueError, AttributeError):
-                caption = ""
+            caption = _json_caption(sample["json"], f"{self.uri}#{key}.json") or ""
         yield SourceRecord(sample[image_ext], caption or key, f"{self.uri}#{key}")
 
 
@@ -217,12 +291,17 @@ class ParquetSource:
 Source = FolderSource | TarShardSource | ParquetSource
 
 
-def open_source(path: Path | str, image_column: str | None = None, caption_column: str | None = None) -> Source:
+def open_source(
+    path: Path | str,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    follow_external_links: bool = False,
+) -> Source:
     """The reader for `path`: a folder, a .tar/.tar.gz/.tgz shard or a .parquet file."""
     path = Path(path)
     name = path.name.lower()
     if path.is_dir():
-        return FolderSource(path)
+        return FolderSource(path, follow_external_links)
     if name.endswith(TAR_SUFFIXES):
         return TarShardSource(path)
     if name.endswith(PARQUET_SUFFIXES):
