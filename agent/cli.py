@@ -523,6 +523,65 @@ def eval_miniworld(
     err.print(plain(f"written to {out / 'miniworld.json'} and {out / 'miniworld.md'} in {report['seconds_total']} s"))
 
 
+@eval_app.command("paper")
+def eval_paper(
+    imagenet: Annotated[
+        Path | None, typer.Option(help="ImageNet root: train/<wnid>/, val/<wnid>/, LOC_synset_mapping.txt.")
+    ] = None,
+    cub: Annotated[
+        Path | None, typer.Option(help="CUB_200_2011 root: images/, classes.txt, train_test_split.txt, ...")
+    ] = None,
+    inaturalist: Annotated[
+        Path | None, typer.Option(help="iNaturalist 2021 root: train/ (or train_mini/) and val/.")
+    ] = None,
+    classes: Annotated[int | None, typer.Option(min=1, help="Classes per dataset (default: the paper's).")] = None,
+    images_per_class: Annotated[int | None, typer.Option(min=1, help="Real test images per class.")] = None,
+    train_images_per_class: Annotated[
+        int | None, typer.Option(min=1, help="Training images per class in the retrieval collection (default: all).")
+    ] = None,
+    dsg_prompts: Annotated[Path | None, typer.Option(help="JSONL of long prompts for the DSG score.")] = None,
+    dsg_model: Annotated[str | None, typer.Option(help="VLM for DSG questions and answers (default: the LLM).")] = None,
+    dsg_base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint of --dsg-model.")] = None,
+    tiny_metrics: Annotated[
+        bool, typer.Option("--tiny-metrics", help="Random tiny stand-ins of CLIP, SigLIP and DINO (plumbing only).")
+    ] = False,
+    profile: Profile = None,
+    policy: Annotated[str | None, typer.Option(help="imagerag or agent.")] = None,
+    max_rounds: Annotated[int | None, typer.Option(help="The loop's round budget.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Base seed of every generation.")] = None,
+    data_dir: DataDir = None,
+    workers: Annotated[int, typer.Option(min=0, max=8, help="Decode workers while indexing the training images.")] = 1,
+    out: Annotated[Path, typer.Option(help="Results folder (a rerun resumes it).")] = Path("evals/results/paper"),
+) -> None:
+    """The ImageRAG paper's protocol: class prompts of ImageNet, CUB and iNaturalist scored by CLIP, SigLIP and
+    DINO against real images of the class, text alone vs the loop; a DSG score for long prompts."""
+    from imagerag.evals.paper import MetricModels, PaperOptions, evaluate_paper, markdown
+    from imagerag.tools.config import LLMSettings
+
+    settings = make_settings(
+        budget={"max_rounds": max_rounds}, profile=profile, policy=policy, seed=seed, data_dir=data_dir
+    )
+    roots: dict[str, Path | None] = {"imagenet": imagenet, "cub": cub, "inaturalist": inaturalist}
+    try:
+        options = PaperOptions.model_validate(
+            {
+                "datasets": {kind: root for kind, root in roots.items() if root},
+                "classes": classes,
+                "images_per_class": images_per_class,
+                "train_images_per_class": train_images_per_class,
+                "metrics": MetricModels.tiny() if tiny_metrics else MetricModels(),
+                "dsg_prompts": dsg_prompts,
+                "dsg_llm": LLMSettings(model=dsg_model, base_url=dsg_base_url) if dsg_model else None,
+                "index_workers": workers,
+            }
+        )
+        report = evaluate_paper(settings, options, out, on_progress=lambda line: err.print(plain(line)))
+    except user_errors() as error:
+        fail(str(error))
+    typer.echo(markdown(report))
+    err.print(plain(f"written to {out / 'paper.json'} and {out / 'paper.md'}"))
+
+
 serve_app = typer.Typer(no_args_is_help=True, help="Serve the loop to larger assistants.")
 app.add_typer(serve_app, name="serve")
 

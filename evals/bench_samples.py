@@ -18,6 +18,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
@@ -47,7 +48,7 @@ def measure(profile: str, ks: list[int], repeats: int, data_dir: Path, device: s
     rows: list[dict[str, object]] = []
     one = seconds(lambda: generator.generate(PROMPT, 0, 1), repeats)
     for k in ks:
-        batched = seconds(lambda k=k: generator.generate(PROMPT, 0, k), repeats)
+        batched = seconds(partial(generator.generate, PROMPT, 0, k), repeats)
         rows.append(
             {
                 "profile": profile,

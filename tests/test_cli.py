@@ -221,3 +221,9 @@ def test_runs_and_threads_of_the_previous_version_fail_with_what_to_do(data_dir,
     assert result.exit_code == 2
     message = " ".join(result.stderr.split())
     assert "earlier version of imagerag-agent" in message and "start a new run" in message
+
+
+def test_eval_paper_without_a_dataset_or_dsg_file_is_a_clear_error(data_dir, tmp_path):
+    result = imagerag("eval", "paper", "--profile", "tiny", "--data-dir", str(data_dir), "--out", str(tmp_path / "p"))
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.stderr and not (tmp_path / "p" / "paper.json").exists()
