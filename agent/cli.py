@@ -70,11 +70,12 @@ def user_errors() -> tuple[type[Exception], ...]:
     from pydantic import ValidationError
 
     from imagerag.agent.runfolder import RunError
+    from imagerag.tools.backends.calibration import CalibrationError
     from imagerag.tools.backends.sources import SourceError
     from imagerag.tools.backends.store import StoreError
     from imagerag.tools.config import ConfigError
 
-    return (RunError, ConfigError, StoreError, SourceError, ValidationError, FileNotFoundError)
+    return (RunError, ConfigError, StoreError, SourceError, CalibrationError, ValidationError, FileNotFoundError)
 
 
 def make_settings(budget: dict[str, Any] | None = None, **overrides: Any) -> Settings:
@@ -495,6 +496,50 @@ def search(
     if hits and (sheet or sheet_to):
         path = contact_sheet(hits, sheet_to or default_sheet_path(caption))
         err.print(plain(f"contact sheet: {path}"))
+
+
+@app.command()
+def calibrate(
+    collection: Collection = None,
+    profile: Profile = None,
+    data_dir: DataDir = None,
+    chroma_url: Annotated[
+        str | None, typer.Option(help="A Chroma server (http://host:8000) instead of the data folder's.")
+    ] = None,
+    max_images: Annotated[int, typer.Option(min=4, help="Images of the collection used at most (two halves).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the split into halves.")] = 0,
+) -> None:
+    """Choose the judge and retrieval thresholds on a collection's own images and captions: chosen on one half
+    (balanced accuracy of each image's caption against other captions), checked on the other; the profile then
+    reads them for this collection. Corpus images stand in for generated ones."""
+    from imagerag.tools.backends.calibration import calibrate as measure
+    from imagerag.tools.backends.calibration import calibration_path, write_calibration
+    from imagerag.tools.backends.loading import load_embedder
+    from imagerag.tools.backends.store import ReferenceStore, chroma_client
+
+    settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
+    try:
+        client = chroma_client(settings.data_dir, chroma_url)
+        store = ReferenceStore.open(client, settings.collection_name, load_embedder(settings))
+        result = measure(store, seed=seed, max_images=max_images)
+    except user_errors() as error:
+        fail(str(error))
+    path = write_calibration(result, calibration_path(settings.data_dir, settings.collection_name))
+    table = Table(
+        title=plain(f"calibration of {settings.collection_name!r} ({result.images_held_out} images held out)")
+    )
+    for column in ("threshold", "value", "balanced accuracy, chosen on", "balanced accuracy, held out"):
+        table.add_column(column)
+    for name, measured in (("judge", result.judge), ("retrieval minimum", result.retrieval)):
+        row = (
+            name,
+            f"{measured.threshold:.4f}",
+            f"{measured.balanced_accuracy_choosing:.3f}",
+            f"{measured.balanced_accuracy_held_out:.3f}",
+        )
+        table.add_row(*map(plain, row))
+    stdout.print(table)
+    err.print(plain(f"written to {path}; the {settings.profile} profile reads it for this collection"))
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")

@@ -32,6 +32,7 @@ from imagerag.evals.miniworld.common import (
     query_true,
     seed_everything,
 )
+from imagerag.tools.backends.calibration import best_threshold
 from imagerag.tools.miniworld import MODELS_DIR
 from imagerag.tools.miniworld.world import (
     POSITION_PHRASES,
@@ -97,16 +98,6 @@ def zero_shot_shape_accuracy(model, tok, scenes: list[Scene], images_u8: np.ndar
     return {"overall": float((pred == truth).mean()), "per_shape": per}
 
 
-def _best_threshold(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
-    cands = np.unique(np.concatenate([pos, neg]))
-    best_t, best_b = 0.0, -1.0
-    for t in cands[:: max(1, len(cands) // 2000)]:
-        b = 0.5 * ((pos >= t).mean() + (neg < t).mean())
-        if b > best_b:
-            best_t, best_b = float(t), float(b)
-    return best_t, best_b
-
-
 def calibrate(model, tok, seed: int = SEED_EVAL) -> dict:
     """judge_threshold: cosine that best separates true from false single-concept captions.
     retrieval_min_similarity: cosine below which a caption's best corpus match is not of the concept
@@ -125,7 +116,7 @@ def calibrate(model, tok, seed: int = SEED_EVAL) -> dict:
         sims = (t_emb @ img[i]).numpy()
         pos_s += list(sims[: len(trues)])
         neg_s += list(sims[len(trues) :])
-    judge_t, judge_bacc = _best_threshold(np.array(pos_s), np.array(neg_s))
+    judge_t, judge_bacc = best_threshold(np.array(pos_s), np.array(neg_s))
 
     corpus = corpus_scenes(1500, seed=seed + 7)
     cx = torch.from_numpy(render_array(corpus)).permute(0, 3, 1, 2).float() / 255
@@ -148,7 +139,7 @@ def calibrate(model, tok, seed: int = SEED_EVAL) -> dict:
             pos_r.append(best_with)
         best_without = q_sims[qi][~has].max().item()
         neg_r.append(best_without)
-    ret_t, ret_bacc = _best_threshold(np.array(pos_r), np.array(neg_r))
+    ret_t, ret_bacc = best_threshold(np.array(pos_r), np.array(neg_r))
     return {
         "judge_threshold": round(judge_t, 4),
         "judge_balanced_accuracy": round(judge_bacc, 4),

@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import TypedDict
 
+from imagerag.tools.backends.calibration import calibration_path, read_calibration
 from imagerag.tools.backends.clip import LOCAL_DIR, ClipEmbedder
 from imagerag.tools.backends.diffusion import DiffusersGenerator, pick_device
 from imagerag.tools.backends.judges import ClipJudge, VLMJudge
@@ -70,11 +71,17 @@ def _embedder(model: str, pretrained: str | None, device: str) -> ClipEmbedder:
 
 
 def calibrated(config: BackendConfig) -> ClipSpec:
-    """The profile's CLIP spec with thresholds from its calibration file, when it has one."""
+    """The profile's CLIP spec with measured thresholds: `imagerag calibrate`'s for the active collection when it
+    measured them with this embedding model (calibration_path), else the profile's calibration file's, else its own."""
     clip = config.resolved_profile().clip
-    if clip.calibration is None:
+    path = calibration_path(Path(config.data_dir), config.collection_name)
+    own = read_calibration(path, load_embedder(config).info) if path.is_file() else None
+    if own is not None:
+        measured = own.model_dump()
+    elif clip.calibration is not None:
+        measured = json.loads(Path(resolve(clip.calibration, config.data_dir)).read_text())
+    else:
         return clip
-    measured = json.loads(Path(resolve(clip.calibration, config.data_dir)).read_text())
     return clip.model_copy(update={k: measured[k] for k in ("judge_threshold", "retrieval_min_similarity")})
 
 
