@@ -17,6 +17,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from scripted import ScriptedCritic, fake_backends
 
@@ -26,6 +27,9 @@ from imagerag.tools.backends.indexer import index_folders
 from imagerag.tools.backends.loading import load_embedder
 from imagerag.tools.backends.store import ReferenceStore, chroma_client
 from imagerag.tools.toolkit import Toolkit
+
+# The tiny models are faster on one thread than on two shared ones, and the suite steadier (2-core machines).
+torch.set_num_threads(1)
 
 _real_connect = socket.socket.connect
 

@@ -9,6 +9,7 @@ from PIL import Image
 from imagerag.tools.backends.clip import LOCAL_DIR, ClipEmbedder
 from imagerag.tools.backends.images import ImageStore
 from imagerag.tools.backends.loading import load_backends, resolve
+from imagerag.tools.backends.tiny import LAYOUT, build_tiny_models
 from imagerag.tools.toolkit import Toolkit
 
 
@@ -71,3 +72,22 @@ def test_open_clip_local_dir_identity_is_its_weights_not_its_path(tiny_settings,
     original = ClipEmbedder.from_pretrained(LOCAL_DIR + folder)
     moved = ClipEmbedder.from_pretrained(LOCAL_DIR + str(tmp_path / "moved"))
     assert original.info == moved.info and original.info.dim == 16
+
+
+def test_a_data_folder_built_to_the_older_layout_is_built_again(tmp_path):
+    # Layout 1 kept the adapter at ip_adapter/ip_adapter.safetensors, where the profiles no longer look.
+    root = tmp_path / "tiny-models"
+    (root / "ip_adapter").mkdir(parents=True)
+    (root / "ip_adapter" / "ip_adapter.safetensors").write_bytes(b"")
+    (root / "done").write_text("ok")
+    build_tiny_models(root)
+    assert (root / "done").read_text() == LAYOUT
+    assert not (root / "ip_adapter" / "ip_adapter.safetensors").exists()
+    for path in (
+        "ip_adapter/models/ip-adapter_sd15.safetensors",
+        "ip_adapter/models/image_encoder/config.json",
+        "ip_adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors",
+        "sdxl/text_encoder_2/config.json",
+        "omnigen/transformer/config.json",
+    ):
+        assert (root / path).is_file(), path

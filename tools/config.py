@@ -81,6 +81,9 @@ def _ip_adapter_profile(
     return Profile(name=name, description=description, generator=generator, clip=_OPENAI_B32, collection="default")
 
 
+# Random weights: every similarity passes, so the loop's plumbing runs whatever the images look like.
+_TINY_CLIP = ClipSpec(model="tiny:clip", judge_threshold=0.0, retrieval_min_similarity=-1.0)
+
 PROFILES: dict[str, Profile] = {
     "sdxl": _ip_adapter_profile(
         "sdxl",
@@ -126,7 +129,10 @@ PROFILES: dict[str, Profile] = {
         generator=GeneratorSpec(
             family="sd",
             model_id="tiny:sd",
-            ip_adapter=IPAdapterSpec(repo="tiny:ip_adapter", subfolder="", weight_name="ip_adapter.safetensors"),
+            # h94/IP-Adapter's layout, as the sd15 profile reads it.
+            ip_adapter=IPAdapterSpec(
+                repo="tiny:ip_adapter", subfolder="models", weight_name="ip-adapter_sd15.safetensors"
+            ),
             steps=4,
             guidance_scale=2.0,
             height=32,
@@ -134,7 +140,52 @@ PROFILES: dict[str, Profile] = {
             regenerate_template="regenerate_ip_adapter",
             dtype="float32",
         ),
-        clip=ClipSpec(model="tiny:clip", judge_threshold=0.0, retrieval_min_similarity=-1.0),
+        clip=_TINY_CLIP,
+        collection="tiny",
+        local=True,
+    ),
+    # The sdxl and omnigen profiles in miniature: the same pipeline classes, adapter kind, file layout, guidance,
+    # templates and dtype (a CPU runs float32 whatever the profile says), with 2 steps and 64 or 32 px.
+    "tiny-sdxl": Profile(
+        name="tiny-sdxl",
+        description="Tiny random SDXL + IP-Adapter Plus in the real repositories' layout: the sdxl profile's code "
+        "on a CPU in seconds.",
+        generator=GeneratorSpec(
+            family="sdxl",
+            model_id="tiny:sdxl",
+            ip_adapter=IPAdapterSpec(
+                repo="tiny:ip_adapter",
+                subfolder="sdxl_models",
+                weight_name="ip-adapter-plus_sdxl_vit-h.safetensors",
+                image_encoder_folder="models/image_encoder",
+            ),
+            steps=2,
+            height=64,
+            width=64,
+            negative_prompt=_NEGATIVE,
+            regenerate_template="regenerate_ip_adapter",
+        ),
+        clip=_TINY_CLIP,
+        collection="tiny",
+        local=True,
+    ),
+    "tiny-omnigen": Profile(
+        name="tiny-omnigen",
+        description="Tiny random OmniGen in the real repository's layout, references in context: the omnigen "
+        "profile's code on a CPU in seconds.",
+        generator=GeneratorSpec(
+            family="omnigen",
+            model_id="tiny:omnigen",
+            steps=2,
+            guidance_scale=2.5,
+            image_guidance_scale=1.6,
+            height=32,
+            width=32,
+            max_references=3,
+            regenerate_template="regenerate_omnigen",
+            dtype="bfloat16",
+        ),
+        clip=_TINY_CLIP,
         collection="tiny",
         local=True,
     ),

@@ -70,7 +70,9 @@ class DiffusersGenerator:
         pipeline_cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "omnigen": OmniGenPipeline}[
             spec.family
         ]
-        pipe = pipeline_cls.from_pretrained(model_path, torch_dtype=_dtype(spec.dtype, device))
+        # `dtype` (diffusers 0.42 deprecates `torch_dtype`) applies to every component; load_ip_adapter then loads
+        # the image encoder in the pipeline's dtype itself, so it takes none.
+        pipe = pipeline_cls.from_pretrained(model_path, dtype=_dtype(spec.dtype, device))
         if spec.ip_adapter is not None:
             adapter = spec.ip_adapter
             pipe.load_ip_adapter(

@@ -103,11 +103,11 @@ def open_store(
         if own and store.roots is None:  # built before collections recorded their folders: record them once
             from imagerag.tools.backends.indexer import index_folders
 
-            index_folders(store, [build_local_corpus(profile.name, Path(config.data_dir))])
+            index_folders(store, [build_local_corpus(profile.collection, Path(config.data_dir))])
         return store
     from imagerag.tools.backends.indexer import index_folders
 
-    corpus = build_local_corpus(profile.name, Path(config.data_dir), on_progress)
+    corpus = build_local_corpus(profile.collection, Path(config.data_dir), on_progress)
     store = ReferenceStore.open(client, config.collection_name, embedder, create=True)
     total = len(list(corpus.glob("*.png")))
     done = 0
@@ -123,16 +123,17 @@ def open_store(
 
 
 def build_local_corpus(
-    profile: str, data_dir: Path, on_progress: Callable[[str, int, int | None], None] | None = None
+    collection: str, data_dir: Path, on_progress: Callable[[str, int, int | None], None] | None = None
 ) -> Path:
-    """Render a local profile's reference images with captions into the data folder (once; a finished corpus
-    is marked complete, so an interrupted one is rendered again)."""
-    folder = data_dir / f"{profile}-corpus"
+    """Render a local profile's collection of reference images with captions into the data folder (once; a
+    finished corpus is marked complete, so an interrupted one is rendered again). Profiles that share a
+    collection (tiny, tiny-sdxl, tiny-omnigen) share its corpus."""
+    folder = data_dir / f"{collection}-corpus"
     done = folder / ".complete"
     if done.exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    if profile == "mini":
+    if collection == "miniworld":
         from imagerag.tools.miniworld.world import write_corpus
 
         write_corpus(
