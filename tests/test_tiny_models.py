@@ -91,3 +91,16 @@ def test_a_data_folder_built_to_the_older_layout_is_built_again(tmp_path):
         "omnigen/transformer/config.json",
     ):
         assert (root / path).is_file(), path
+
+
+def test_image_i_of_a_batch_is_the_image_of_seed_plus_i_drawn_alone(tiny_settings):
+    """--samples K draws one batched call; each candidate records seed + i, which must reproduce it alone."""
+    import numpy as np
+
+    from imagerag.tools.backends.loading import load_backends
+
+    generator = load_backends(tiny_settings).generator
+    batch = generator.generate("a red square", 5, 3)
+    alone = generator.generate("a red square", 7, 1)[0]
+    assert np.abs(np.asarray(batch[2], dtype=int) - np.asarray(alone, dtype=int)).max() <= 1
+    assert np.abs(np.asarray(batch[0], dtype=int) - np.asarray(batch[1], dtype=int)).max() > 0

@@ -101,7 +101,8 @@ class DiffusersGenerator:
             "height": spec.height,
             "width": spec.width,
             "num_images_per_prompt": n,
-            "generator": torch.Generator("cpu").manual_seed(seed),
+            # One generator per image: image i of a batch is exactly the image of seed + i drawn alone.
+            "generator": [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],
         }
         if on_step is not None:
 
