@@ -35,7 +35,7 @@ def imagerag_command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("imagerag")
-    return [found] if found else [sys.executable, "-c", "from agent.cli import main; main()"]
+    return [found] if found else [sys.executable, "-c", "from imagerag.agent.cli import main; main()"]
 
 
 def serve_args(data_dir: Path, out: Path) -> list[str]:

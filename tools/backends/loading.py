@@ -162,13 +162,14 @@ def _build(config: BackendConfig) -> Backends:
     profile = config.resolved_profile()
     clip = calibrated(config)
     embedder = load_embedder(config)
+    store = open_store(config)  # a missing collection fails in seconds, before the generator loads for minutes
     llm = make_chat_model(config.llm)
     retries = config.llm.max_retries
     return Backends(
         profile=profile,
         generator=_generator(profile.name, Path(config.data_dir), pick_device(config.device)),
         critic=VLMJudge(llm, retries) if llm else ClipJudge(embedder, clip.judge_threshold),
-        store=open_store(config),
+        store=store,
         decomposer=LLMDecomposer(llm, retries) if llm else RuleDecomposer(),
         llm=llm,
         min_similarity=clip.retrieval_min_similarity,
