@@ -3,6 +3,7 @@ file appears outside the folders a command was given."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -115,3 +116,35 @@ def test_thread_delete_removes_a_thread_whose_folder_was_deleted_by_hand(data_di
     assert deleted.exit_code == 0, deleted.output
     assert imagerag("history", "gone", "--data-dir", str(data_dir)).exit_code == 2
     assert imagerag("generate", "a green square", *tiny(data_dir, tmp_path), "--thread", "gone").exit_code == 0
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(caption=st.text(max_size=300))
+def test_any_search_caption_gives_hits_or_a_clean_error(data_dir, caption):
+    with tempfile.TemporaryDirectory() as scratch:
+        here = Path.cwd()
+        os.chdir(scratch)  # --sheet writes ./<caption>.png: the only file the command may write
+        try:
+            result = runner.invoke(
+                app,
+                [
+                    "search",
+                    caption,
+                    "--profile",
+                    "tiny",
+                    "--data-dir",
+                    str(data_dir),
+                    "--collection",
+                    "tiny",
+                    "--sheet",
+                ],
+                env={"COLUMNS": "250"},
+            )
+        finally:
+            os.chdir(here)
+        assert result.exit_code in (0, 2), result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        assert "Traceback" not in result.output and "\x1b" not in result.output
+        written = list(Path(scratch).rglob("*"))
+        assert all(p.parent == Path(scratch) and p.suffix == ".png" for p in written), written
+        assert len(written) == (1 if result.exit_code == 0 and "0 hit(s)" not in result.stdout else 0)
