@@ -103,6 +103,7 @@ def make_settings(budget: dict[str, Any] | None = None, **overrides: Any) -> Set
 Profile = Annotated[str | None, typer.Option(help="Backend profile: sdxl, omnigen, sd15, tiny, mini.")]
 Collection = Annotated[str | None, typer.Option(help="Reference collection (default: the profile's).")]
 DataDir = Annotated[Path | None, typer.Option(help="Data folder for chromadb and built models.")]
+ChromaUrl = Annotated[str | None, typer.Option(help="A Chroma server (http://host:8000) instead of the data folder's.")]
 
 
 @app.command()
@@ -369,9 +370,7 @@ def index(
     profile: Profile = None,
     data_dir: DataDir = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per embedding forward and per database write.")] = 64,
-    chroma_url: Annotated[
-        str | None, typer.Option(help="A Chroma server (http://host:8000) instead of the data folder's.")
-    ] = None,
+    chroma_url: ChromaUrl = None,
     workers: Annotated[
         int,
         typer.Option(
@@ -464,9 +463,7 @@ def search(
     collection: Collection = None,
     profile: Profile = None,
     data_dir: DataDir = None,
-    chroma_url: Annotated[
-        str | None, typer.Option(help="A Chroma server (http://host:8000) instead of the data folder's.")
-    ] = None,
+    chroma_url: ChromaUrl = None,
 ) -> None:
     """Search a reference collection by caption: print the hits, and with --sheet a contact sheet of them."""
     from imagerag.tools.backends.loading import calibrated, load_embedder
@@ -503,9 +500,7 @@ def calibrate(
     collection: Collection = None,
     profile: Profile = None,
     data_dir: DataDir = None,
-    chroma_url: Annotated[
-        str | None, typer.Option(help="A Chroma server (http://host:8000) instead of the data folder's.")
-    ] = None,
+    chroma_url: ChromaUrl = None,
     max_images: Annotated[int, typer.Option(min=4, help="Images of the collection used at most (two halves).")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the split into halves.")] = 0,
 ) -> None:

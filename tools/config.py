@@ -144,51 +144,6 @@ PROFILES: dict[str, Profile] = {
         collection="tiny",
         local=True,
     ),
-    # The sdxl and omnigen profiles in miniature: the same pipeline classes, adapter kind, file layout, guidance,
-    # templates and dtype (a CPU runs float32 whatever the profile says), with 2 steps and 64 or 32 px.
-    "tiny-sdxl": Profile(
-        name="tiny-sdxl",
-        description="Tiny random SDXL + IP-Adapter Plus in the real repositories' layout: the sdxl profile's code "
-        "on a CPU in seconds.",
-        generator=GeneratorSpec(
-            family="sdxl",
-            model_id="tiny:sdxl",
-            ip_adapter=IPAdapterSpec(
-                repo="tiny:ip_adapter",
-                subfolder="sdxl_models",
-                weight_name="ip-adapter-plus_sdxl_vit-h.safetensors",
-                image_encoder_folder="models/image_encoder",
-            ),
-            steps=2,
-            height=64,
-            width=64,
-            negative_prompt=_NEGATIVE,
-            regenerate_template="regenerate_ip_adapter",
-        ),
-        clip=_TINY_CLIP,
-        collection="tiny",
-        local=True,
-    ),
-    "tiny-omnigen": Profile(
-        name="tiny-omnigen",
-        description="Tiny random OmniGen in the real repository's layout, references in context: the omnigen "
-        "profile's code on a CPU in seconds.",
-        generator=GeneratorSpec(
-            family="omnigen",
-            model_id="tiny:omnigen",
-            steps=2,
-            guidance_scale=2.5,
-            image_guidance_scale=1.6,
-            height=32,
-            width=32,
-            max_references=3,
-            regenerate_template="regenerate_omnigen",
-            dtype="bfloat16",
-        ),
-        clip=_TINY_CLIP,
-        collection="tiny",
-        local=True,
-    ),
     # The miniature world (tools/miniworld): small models trained by evals/miniworld and shipped in the repository.
     "mini": Profile(
         name="mini",
@@ -217,6 +172,40 @@ PROFILES: dict[str, Profile] = {
         local=True,
     ),
 }
+
+
+def _in_miniature(real: Profile, description: str, size: int) -> Profile:
+    """`real` on tiny random weights built offline in the same repositories' layout (tools.backends.tiny): the same
+    pipeline class, adapter kind, guidance, templates and dtype (a CPU runs float32 whatever the profile says), with
+    2 steps at `size` px, sharing the tiny profile's CLIP and collection."""
+    generator = real.generator
+    adapter = generator.ip_adapter.model_copy(update={"repo": "tiny:ip_adapter"}) if generator.ip_adapter else None
+    miniature = generator.model_copy(
+        update={"model_id": f"tiny:{real.name}", "ip_adapter": adapter, "steps": 2, "height": size, "width": size}
+    )
+    return real.model_copy(
+        update={
+            "name": f"tiny-{real.name}",
+            "description": description,
+            "generator": miniature,
+            "clip": _TINY_CLIP,
+            "collection": "tiny",
+            "local": True,
+        }
+    )
+
+
+PROFILES["tiny-sdxl"] = _in_miniature(
+    PROFILES["sdxl"],
+    "Tiny random SDXL + IP-Adapter Plus in the real repositories' layout: the sdxl profile's code on a CPU in seconds.",
+    64,
+)
+PROFILES["tiny-omnigen"] = _in_miniature(
+    PROFILES["omnigen"],
+    "Tiny random OmniGen in the real repository's layout, references in context: the omnigen "
+    "profile's code on a CPU in seconds.",
+    32,
+)
 
 
 class LLMSettings(BaseModel):
