@@ -537,6 +537,34 @@ def calibrate(
     err.print(plain(f"written to {path}; the {settings.profile} profile reads it for this collection"))
 
 
+@app.command()
+def profiles(data_dir: DataDir = None) -> None:
+    """Each profile's generator: where its weights are, parameters per component, and their memory in the profile's
+    dtype (read from the safetensors headers of local or cached weights; nothing is downloaded)."""
+    from imagerag.tools.backends.loading import profile_footprint
+    from imagerag.tools.config import PROFILES
+
+    base = make_settings(data_dir=data_dir)
+    table = Table(title=plain("profiles (weights memory on a GPU; a CPU runs float32; activations come on top)"))
+    for column in ("profile", "generator", "weights", "parameters", "dtype", "weights memory", "components"):
+        table.add_column(column)
+    for name, profile in PROFILES.items():
+        size = profile_footprint(base.model_copy(update={"profile": name}))
+        found = size.weights is not None
+        parts = ", ".join(f"{c.name} {c.parameters / 1e6:.1f}M" for c in size.components)
+        row = (
+            name,
+            profile.generator.model_id,
+            "local or cached" if found else "not here (downloaded on first use)",
+            f"{size.parameters / 1e6:,.1f}M" if found else "",
+            size.dtype,
+            f"{size.weight_bytes / 2**30:.2f} GiB" if found else "",
+            parts,
+        )
+        table.add_row(*map(plain, row))
+    stdout.print(table)
+
+
 eval_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
 app.add_typer(eval_app, name="eval")
 

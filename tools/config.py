@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
 
+Offload = Literal["none", "model", "sequential"]
+
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message says which and how to fix it."""
@@ -230,6 +232,12 @@ class BackendConfig(BaseModel):
     collection: str | None = Field(default=None, description="Reference collection; default: the profile's.")
     data_dir: Path = Field(default_factory=default_data_dir, description="chromadb, built models, threads.")
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
+    offload: Offload = Field(
+        default="none",
+        description="For small GPUs: 'model' keeps each component on the CPU until it runs "
+        "(enable_model_cpu_offload), 'sequential' does so layer by layer (slowest, least memory).",
+    )
+    compile: bool = Field(default=False, description="torch.compile the denoiser (slow first image, faster after).")
     chroma_url: str | None = Field(
         default=None, description="A Chroma server (http://host:8000); default: chromadb in data_dir."
     )

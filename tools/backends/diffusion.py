@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from PIL import Image
 
-from imagerag.tools.config import GeneratorSpec
+from imagerag.tools.config import ConfigError, GeneratorSpec, Offload
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -61,12 +61,23 @@ class DiffusersGenerator:
 
     @classmethod
     def from_pretrained(
-        cls, spec: GeneratorSpec, model_path: str, ip_adapter_path: str | None, device: str = "auto"
+        cls,
+        spec: GeneratorSpec,
+        model_path: str,
+        ip_adapter_path: str | None,
+        device: str = "auto",
+        offload: Offload = "none",
+        compile: bool = False,
     ) -> DiffusersGenerator:
-        """Load the profile's pipeline (and IP-Adapter) once; `model_path` is a Hub id or a local folder."""
+        """Load the profile's pipeline (and IP-Adapter) once; `model_path` is a Hub id or a local folder. `offload`
+        keeps components on the CPU until they run (a GPU only); `compile` wraps the denoiser in torch.compile."""
         from diffusers import OmniGenPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         device = pick_device(device)
+        if offload != "none" and not device.startswith("cuda"):
+            raise ConfigError(
+                f"offload {offload!r} moves components to a CUDA GPU as they run; on {device} use offload none"
+            )
         pipeline_cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "omnigen": OmniGenPipeline}[
             spec.family
         ]
@@ -81,7 +92,15 @@ class DiffusersGenerator:
                 weight_name=adapter.weight_name,
                 image_encoder_folder=adapter.image_encoder_folder,
             )
-        pipe.to(device)
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        elif offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        if compile:  # the denoiser runs every step: the one component worth compiling
+            denoiser = "transformer" if spec.family == "omnigen" else "unet"
+            setattr(pipe, denoiser, torch.compile(getattr(pipe, denoiser)))
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, spec, device)
 

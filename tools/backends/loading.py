@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from imagerag.tools.backends.calibration import calibration_path, read_calibration
 from imagerag.tools.backends.clip import LOCAL_DIR, ClipEmbedder
@@ -22,9 +22,12 @@ from imagerag.tools.backends.judges import ClipJudge, VLMJudge
 from imagerag.tools.backends.llm import make_chat_model
 from imagerag.tools.backends.planner import LLMDecomposer, RuleDecomposer
 from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client
-from imagerag.tools.config import PROFILES, BackendConfig, ClipSpec, ConfigError
+from imagerag.tools.config import PROFILES, BackendConfig, ClipSpec, ConfigError, Offload
 from imagerag.tools.miniworld import MODELS_DIR
 from imagerag.tools.toolkit import Backends
+
+if TYPE_CHECKING:
+    from imagerag.tools.backends.footprint import Footprint
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +170,9 @@ def _build(config: BackendConfig) -> Backends:
     retries = config.llm.max_retries
     return Backends(
         profile=profile,
-        generator=_generator(profile.name, Path(config.data_dir), pick_device(config.device)),
+        generator=_generator(
+            profile.name, Path(config.data_dir), pick_device(config.device), config.offload, config.compile
+        ),
         critic=VLMJudge(llm, retries) if llm else ClipJudge(embedder, clip.judge_threshold),
         store=store,
         decomposer=LLMDecomposer(llm, retries) if llm else RuleDecomposer(),
@@ -177,8 +182,20 @@ def _build(config: BackendConfig) -> Backends:
 
 
 @cache
-def _generator(profile_name: str, data_dir: Path, device: str) -> DiffusersGenerator:
+def _generator(profile_name: str, data_dir: Path, device: str, offload: Offload, compile: bool) -> DiffusersGenerator:
     spec = PROFILES[profile_name].generator
     adapter = resolve(spec.ip_adapter.repo, data_dir) if spec.ip_adapter else None
     log.info("loading %s generator %s on %s", spec.family, spec.model_id, device)
-    return DiffusersGenerator.from_pretrained(spec, resolve(spec.model_id, data_dir), adapter, device)
+    model = resolve(spec.model_id, data_dir)
+    return DiffusersGenerator.from_pretrained(spec, model, adapter, device, offload, compile)
+
+
+def profile_footprint(config: BackendConfig) -> Footprint:
+    """Parameters and weight memory of the profile's generator, from local or cached weights (never downloaded;
+    a tiny profile's models are built first)."""
+    from imagerag.tools.backends.footprint import footprint
+
+    spec = config.resolved_profile().generator
+    data_dir = Path(config.data_dir)
+    adapter = resolve(spec.ip_adapter.repo, data_dir) if spec.ip_adapter else None
+    return footprint(config.resolved_profile(), resolve(spec.model_id, data_dir), adapter)
