@@ -86,8 +86,8 @@ def footprint(profile: Profile, model: str, adapter: str | None) -> Footprint:
             if weights.suffix == ".safetensors" and weights.is_file():
                 components.append(ComponentSize(name="ip_adapter", parameters=safetensors_parameters(weights)))
             # As load_ip_adapter resolves it: a bare folder name sits in the adapter's subfolder, a path in the repo.
-            folder = spec.ip_adapter.image_encoder_folder
-            encoder = adapter_root / (folder if "/" in folder else Path(spec.ip_adapter.subfolder) / folder)
+            named = spec.ip_adapter.image_encoder_folder
+            encoder = adapter_root / (named if "/" in named else Path(spec.ip_adapter.subfolder) / named)
             if encoder.is_dir():
                 components.append(ComponentSize(name="image_encoder", parameters=folder_parameters(encoder)))
     return Footprint(profile=profile.name, dtype=spec.dtype, weights=str(root) if root else None, components=components)
