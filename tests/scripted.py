@@ -26,6 +26,16 @@ from imagerag.tools.config import PROFILES
 from imagerag.tools.toolkit import Backends
 from imagerag.tools.types import Concept, ConceptVerdict, Critique
 
+# The rule decomposer's concepts of "a red heart on the left and a blue square on the right", the tests' usual prompt.
+TWO_OBJECT_CONCEPTS = [
+    "a heart",
+    "a red heart",
+    "a heart on the left",
+    "a square",
+    "a blue square",
+    "a square on the right",
+]
+
 
 class ScriptedChatModel(GenericFakeChatModel):
     """Replies from `messages` in order (callables get the conversation); structured calls from `structured`.

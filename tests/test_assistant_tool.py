@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
-from scripted import ScriptedChatModel, call, tool_turn
+from scripted import TWO_OBJECT_CONCEPTS, ScriptedChatModel, call, tool_turn
 
 from imagerag.agent.assistant import ImageRAGInput, ImageRAGTool
 
@@ -68,14 +68,7 @@ def test_a_react_agent_draws_recovers_from_bad_input_and_refines(imagerag_tool, 
     assert drawn.status == "success" and drawn.name == "imagerag"
     first = drawn.artifact
     assert first["status"] in {"satisfied", "budget_exhausted"} and 1 <= first["rounds"] <= 2
-    assert [c["text"] for c in first["concepts"]] == [
-        "a heart",
-        "a red heart",
-        "a heart on the left",
-        "a square",
-        "a blue square",
-        "a square on the right",
-    ]
+    assert [c["text"] for c in first["concepts"]] == TWO_OBJECT_CONCEPTS
     assert Path(first["best_image"]).exists() and Path(first["report"]).exists()
     assert f"thread {first['thread']}" in drawn.content and "best image:" in drawn.content
 

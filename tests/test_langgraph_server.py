@@ -13,7 +13,7 @@ import httpx
 import pytest
 from langgraph_sdk import get_sync_client
 from langgraph_sdk.errors import NotFoundError
-from scripted import free_port, server_process
+from scripted import TWO_OBJECT_CONCEPTS, free_port, server_process
 
 pytestmark = pytest.mark.slow  # starts `langgraph dev`
 
@@ -104,14 +104,7 @@ def test_a_thread_runs_through_langgraph_server(langgraph_server, data_dir):
 
     state = client.threads.get_state(thread["thread_id"])["values"]
     assert state["status"] in {"satisfied", "budget_exhausted"} and 1 <= state["usage"]["rounds"] <= 2
-    assert [c["text"] for c in state["concepts"]] == [
-        "a heart",
-        "a red heart",
-        "a heart on the left",
-        "a square",
-        "a blue square",
-        "a square on the right",
-    ]
+    assert [c["text"] for c in state["concepts"]] == TWO_OBJECT_CONCEPTS
     assert {c["verdict"] for c in state["concepts"]} <= {"satisfied", "missing"}
     # The state holds ids; the images themselves are files in the thread's folder.
     for candidate in state["candidates"]:

@@ -18,7 +18,7 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from PIL import Image
-from scripted import free_port, server_process
+from scripted import TWO_OBJECT_CONCEPTS, free_port, server_process
 
 PROMPT = "a red heart on the left and a blue square on the right"
 OFFLINE_ENV = {
@@ -65,14 +65,7 @@ async def exercise(client: Client) -> dict:
     assert image.type == "image" and image.mime_type == "image/png"
     with Image.open(io.BytesIO(base64.b64decode(image.data))) as png:
         assert png.format == "PNG" and png.size == (32, 32)
-    assert [c["text"] for c in verdicts["concepts"]] == [
-        "a heart",
-        "a red heart",
-        "a heart on the left",
-        "a square",
-        "a blue square",
-        "a square on the right",
-    ]
+    assert [c["text"] for c in verdicts["concepts"]] == TWO_OBJECT_CONCEPTS
     assert {c["verdict"] for c in verdicts["concepts"]} <= {"satisfied", "missing"}
     structured = result.structured_content
     assert structured["thread"] == verdicts["thread"] and structured["concepts"] == verdicts["concepts"]
