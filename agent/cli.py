@@ -571,24 +571,61 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command("miniworld")
 def eval_miniworld(
-    data_dir: Annotated[Path, typer.Option(help="Data folder for the world's corpus and collections.")] = Path(
+    split: Annotated[
+        str, typer.Option(help="The world's prompt split: dev (to choose settings) or test (to report).")
+    ] = "test",
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="A JSONL file of your own prompts instead of a split (schema: PromptSpec in evals/miniworld/grammar.py)."
+        ),
+    ] = None,
+    seeds: Annotated[
+        str, typer.Option(help="Comma-separated generator seeds; every condition runs on each.")
+    ] = "0,1,2",
+    images: Annotated[int, typer.Option(min=2, help="The loop's image budget, and N of best-of-N.")] = 4,
+    conditions: Annotated[
+        str | None, typer.Option(help="Comma-separated subset of text_alone,best_of_n,one_pass,loop (default: all).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts (a quick look).")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Data folder for the world's corpus and collection.")] = Path(
         ".imagerag"
     ),
-    out: Annotated[Path, typer.Option(help="Where miniworld.json and miniworld.md are written.")] = Path(
-        "evals/results"
-    ),
-    prompts: Annotated[
-        int | None, typer.Option(min=3, help="Use only this many held-out prompts (default: all).")
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of results.jsonl (resumed when it exists) and summary.md (default: evals/results/miniworld-SPLIT)."
+        ),
     ] = None,
-    rounds: Annotated[int, typer.Option(min=2, help="Round budget of the loop condition.")] = 4,
-    seed: Annotated[int, typer.Option(help="Base seed of every generation (run several to see the spread).")] = 0,
 ) -> None:
-    """Text alone vs the paper's one pass vs the loop on the miniature world, judged by its oracle."""
-    from imagerag.evals.miniworld.benchmark import evaluate, markdown
+    """The loop against text alone, compute-matched best-of-N and the paper's one pass on the miniature world, judged
+    by its oracle. Appends each result as it finishes; rerun the same command to resume."""
+    from imagerag.evals.miniworld.benchmark import PROMPTS_DIR, evaluate, load_prompts, markdown
 
-    report = evaluate(data_dir, out, prompts, rounds, seed)
+    if split not in ("dev", "test"):
+        raise typer.BadParameter(f"unknown split {split!r}: use dev or test", param_hint="--split")
+    source = prompts or PROMPTS_DIR / f"{split}.jsonl"
+    try:
+        specs = load_prompts(source)
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except (OSError, ValueError) as e:
+        err.print(plain(f"error: {e}"))
+        raise typer.Exit(2) from e
+    folder = out or Path("evals/results") / f"miniworld-{prompts.stem if prompts else split}"
+    names = [c.strip() for c in conditions.split(",")] if conditions else None
+    report = evaluate(
+        specs if limit is None else specs[:: max(1, len(specs) // limit)][:limit],  # keeps the mix of k and rare
+        folder,
+        data_dir,
+        seeds=seed_list,
+        images=images,
+        names=names,
+        on_outcome=lambda o: err.print(
+            plain(f"{o.condition} {o.prompt_id} seed {o.seed}: {'all right' if o.all_right else 'not all right'}")
+        ),
+    )
     typer.echo(markdown(report))
-    err.print(plain(f"written to {out / 'miniworld.json'} and {out / 'miniworld.md'} in {report['seconds_total']} s"))
+    err.print(plain(f"written to {folder / 'summary.md'}"))
 
 
 @eval_app.command("paper")

@@ -84,6 +84,8 @@ def _ip_adapter_profile(
 
 
 # Random weights: every similarity passes, so the loop's plumbing runs whatever the images look like.
+# The miniature world's collection; its name changes with the world's version, so that an old corpus is never reused.
+MINI_COLLECTION = "miniworld2"
 _TINY_CLIP = ClipSpec(model="tiny:clip", judge_threshold=0.0, retrieval_min_similarity=-1.0)
 
 PROFILES: dict[str, Profile] = {
@@ -158,8 +160,8 @@ PROFILES: dict[str, Profile] = {
             ),
             steps=20,
             guidance_scale=8.0,
-            height=32,
-            width=32,
+            height=48,
+            width=48,
             # Its text encoder knows only the world's caption grammar, so references get no extra words.
             regenerate_template="regenerate_plain",
             dtype="float32",
@@ -170,7 +172,7 @@ PROFILES: dict[str, Profile] = {
             retrieval_min_similarity=0.3,
             calibration="mini:clip/calibration.json",
         ),
-        collection="miniworld",
+        collection=MINI_COLLECTION,
         local=True,
     ),
 }

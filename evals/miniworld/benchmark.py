@@ -1,278 +1,419 @@
-"""`imagerag eval miniworld`: does the loop make images match their prompts? Measured by an independent oracle.
+"""`imagerag eval miniworld`: does the loop make images match prompts of 2 to 10 concepts? Judged by an oracle.
 
-On held-out prompts (common, rare and two-object scenes) it compares, with the same mini models:
-  (a) text-to-image alone          imagerag policy, 1 round;
-  (b) the paper's one pass         imagerag policy, 2 rounds, returning the regenerated image as the paper does;
-  (c) the loop                     imagerag policy, up to --rounds rounds, returning the best image.
-Each chosen image is judged by the oracle (a classifier trained on the world's ground truth, never seen by the
-agent), per object: shape, colour, position. It also measures mini CLIP's retrieval precision@1 for concept
-captions, and the "concept not in the database" case (every heart removed from the corpus).
+Conditions, each run on the same prompts and seeds with the mini profile (N = the loop's image budget):
+    text_alone   one image from text
+    best_of_n    N images from text in one round, the best by the same critic (compute-matched parallel sampling)
+    one_pass     the paper's procedure: an image, then one regeneration with references; the last image is kept
+    loop         the imagerag policy for up to N rounds and N images, returning the best image
+Every chosen image is read by the oracle (evals/miniworld/oracle.py, never seen by the agent) and judged per concept
+(grammar.judge). The report gives the share of prompts with every concept right by k and by rare/common, per-kind
+rates, images and seconds per prompt, how often the critic agrees with the oracle per concept kind, and the paired
+difference between the loop and each baseline with a 95% bootstrap interval (prompts resampled, seeds within them).
+
+Results are appended to results.jsonl one (condition, prompt, seed) at a time; a rerun skips what is there, so an
+interrupted benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import random
+import shutil
 import statistics
 import tempfile
-import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from PIL import Image
 from pydantic import BaseModel
 
 from imagerag.agent.config import Settings
-from imagerag.agent.run import run
+from imagerag.agent.result import RunResult
+from imagerag.agent.run import prepare, run
 from imagerag.evals.miniworld.common import ORACLE_DIR
+from imagerag.evals.miniworld.grammar import CONCEPT_KINDS, PromptSpec, concept_text, judge, sample_prompt
 from imagerag.evals.miniworld.oracle import Oracle
 from imagerag.graphs.state import Budget
-from imagerag.tools.backends.indexer import index_folders
-from imagerag.tools.backends.loading import load_backends, load_embedder
-from imagerag.tools.backends.store import ReferenceStore, chroma_client
-from imagerag.tools.miniworld.world import (
-    COLOUR_NAMES,
-    RARE_SHAPES,
-    SHAPES,
-    HeldoutPrompt,
-    heldout_prompts,
-    write_corpus,
-)
+from imagerag.tools.miniworld.world import CELL_PHRASES, COLOUR_NAMES, RARE_SHAPES, SHAPES, SIZE_NAMES
 from imagerag.tools.toolkit import Backends
 
-ABSENT_SHAPE = "heart"
-CORPUS_SIZE, CORPUS_SEED = 6000, 1
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+K_BUCKETS: dict[str, tuple[int, int]] = {"2-3": (2, 3), "4-5": (4, 5), "6-7": (6, 7), "8-10": (8, 10)}
+# The prompt mix, fixed before any result was seen: prompts per (k bucket, with or without a rare object).
+SPLITS: dict[str, tuple[int, int]] = {"dev": (6, 1_000), "test": (10, 2_000)}  # (per cell, seed)
 
 
 class Condition(BaseModel):
     name: str
     rounds: int
-    pick: str  # "best": the run's answer; "last": the last image, as the one-pass paper method returns
+    samples: int = 1
+    pick: str = "best"  # "last": the last image, as the paper's one pass returns it
 
 
-class ImageVerdicts(BaseModel):
-    """The oracle on one image of a run (every round's, not only the chosen one: shows what the critic picked from)."""
-
-    round: int
-    chosen: bool
-    shape: list[bool]
-    colour: list[bool]
-    position: list[bool]
-
-
-class PromptOutcome(BaseModel):
-    condition: str
-    group: str
-    prompt: str
-    shapes: list[str]
-    rare_objects: list[bool]
-    shape: list[bool]
-    colour: list[bool]
-    position: list[bool]
-    generations: int
-    seconds: float
-    status: str
-    images: list[ImageVerdicts]
-
-
-def conditions(loop_rounds: int) -> list[Condition]:
+def conditions(images: int) -> list[Condition]:
     return [
-        Condition(name="text_alone", rounds=1, pick="best"),
+        Condition(name="text_alone", rounds=1),
+        Condition(name="best_of_n", rounds=1, samples=images),
         Condition(name="one_pass", rounds=2, pick="last"),
-        Condition(name=f"loop_{loop_rounds}_rounds", rounds=loop_rounds, pick="best"),
+        Condition(name="loop", rounds=images),
     ]
 
 
-def ensure_collection(settings: Settings, name: str, corpus_dir: Path, exclude: tuple[str, ...] = ()) -> ReferenceStore:
-    """The world's retrieval corpus, rendered deterministically and indexed with the project's own indexer."""
-    if not any(corpus_dir.glob("*.png")):
-        write_corpus(corpus_dir, CORPUS_SIZE, CORPUS_SEED, exclude)
-    store = ReferenceStore.open(chroma_client(settings.data_dir), name, load_embedder(settings), create=True)
-    index_folders(store, [corpus_dir])
-    return store
+class Outcome(BaseModel):
+    """One (condition, prompt, seed): the oracle on the chosen image, and the critic against the oracle on every
+    image of the run."""
+
+    condition: str
+    prompt_id: str
+    seed: int
+    k: int
+    rare: bool
+    objects: int
+    all_right: bool
+    concepts: list[tuple[str, bool]]  # (kind, right) per concept of the prompt
+    any_image_all_right: bool  # what a perfect critic could have picked among the run's images
+    critic: list[tuple[str, bool, bool]]  # (kind, critic says satisfied, oracle says right) per concept and image
+    generations: int
+    seconds: float
 
 
-def run_condition(
-    prompts: list[HeldoutPrompt],
+# ----------------------------------------------------------------------------- prompts
+
+
+def make_split(name: str) -> list[PromptSpec]:
+    """A split's prompts, deterministic: per k bucket, prompts with and without one rare object, scenes drawn from
+    the evaluation half of the scene space (never in the retrieval corpus nor in training) and the test split
+    deduplicated against the dev split by scene specification."""
+    per_cell, seed = SPLITS[name]
+    taken = {p.scene_key for p in make_split("dev")} if name == "test" else set()
+    rng = random.Random(seed)
+    out: list[PromptSpec] = []
+    for bucket, (lo, hi) in K_BUCKETS.items():
+        for rare in (False, True):
+            made = 0
+            while made < per_cell:
+                spec = sample_prompt(
+                    rng, rng.randint(lo, hi), rare, f"{name}-{bucket}-{'rare' if rare else 'common'}-{made}", "eval"
+                )
+                if spec.scene_key in taken:
+                    continue
+                taken.add(spec.scene_key)
+                out.append(spec)
+                made += 1
+    return out
+
+
+def write_splits(folder: Path = PROMPTS_DIR) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        (folder / f"{name}.jsonl").write_text("".join(p.model_dump_json() + "\n" for p in make_split(name)))
+
+
+def load_prompts(path: Path) -> list[PromptSpec]:
+    """A JSONL file of PromptSpec objects (grammar.py documents the schema); errors name the line."""
+    specs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                specs.append(PromptSpec.model_validate_json(line))
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not a prompt of the miniature world: {e}") from e
+    if len({p.id for p in specs}) != len(specs):
+        raise ValueError(f"{path}: prompt ids must be unique")
+    return specs
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_one(
+    spec: PromptSpec,
     condition: Condition,
+    seed: int,
     settings: Settings,
     backends: Backends,
     oracle: Oracle,
     runs: Path,
-) -> list[PromptOutcome]:
-    settings = settings.model_copy(
-        update={
-            "budget": Budget(
-                max_rounds=condition.rounds, max_generations=condition.rounds, max_seconds=None, max_tokens=None
-            )
-        }
+) -> Outcome:
+    images = condition.rounds * condition.samples
+    budget = Budget(max_rounds=condition.rounds, max_generations=images, max_seconds=None, max_tokens=None)
+    settings = settings.model_copy(update={"budget": budget, "seed": seed, "samples": condition.samples})
+    result = run(spec.prompt, settings, runs, backends=backends)
+    chosen = result.candidates[-1] if condition.pick == "last" else result.best
+    if chosen is None:
+        raise RuntimeError(f"{spec.id}: the run drew no image ({result.stop_reason})")
+    readings = oracle.read([_load(Path(result.run_dir) / "images" / f"{c.image_id}.png") for c in result.candidates])
+    judged = {c.image_id: judge(spec, r) for c, r in zip(result.candidates, readings, strict=True)}
+    verdict = judged[chosen.image_id]
+    shutil.rmtree(result.run_dir, ignore_errors=True)
+    return Outcome(
+        condition=condition.name,
+        prompt_id=spec.id,
+        seed=seed,
+        k=spec.k,
+        rare=spec.has_rare,
+        objects=sum(g.count for g in spec.groups),
+        all_right=verdict.all_right,
+        concepts=[(c.kind, ok) for c, ok in verdict.concepts],
+        any_image_all_right=any(j.all_right for j in judged.values()),
+        critic=critic_agreement(spec, result, judged),
+        generations=result.generations,
+        seconds=round(result.elapsed, 3),
     )
-    outcomes = []
-    for item in prompts:
-        result = run(item.prompt, settings, runs / condition.name, backends=backends)
-        chosen = result.candidates[-1] if condition.pick == "last" else result.best
-        images = [
-            ImageVerdicts(
-                round=c.round,
-                chosen=chosen is not None and c.image_id == chosen.image_id,
-                shape=[v.shape for v in vs],
-                colour=[v.colour for v in vs],
-                position=[v.position for v in vs],
-            )
-            for c in result.candidates
-            for vs in [oracle.judge(_load(Path(result.run_dir) / "images" / f"{c.image_id}.png"), item.scene)]
-        ]
-        verdicts = next(i for i in images if i.chosen)
-        outcomes.append(
-            PromptOutcome(
-                condition=condition.name,
-                group=item.group,
-                prompt=item.prompt,
-                shapes=[o.shape for o in item.scene.objects],
-                rare_objects=[o.is_rare for o in item.scene.objects],
-                shape=verdicts.shape,
-                colour=verdicts.colour,
-                position=verdicts.position,
-                generations=result.generations,
-                seconds=result.elapsed,
-                status=result.status,
-                images=images,
-            )
-        )
-    return outcomes
 
 
-def _load(path: Path):
-    from PIL import Image
+def critic_agreement(spec: PromptSpec, result: RunResult, judged: dict) -> list[tuple[str, bool, bool]]:
+    """The critic's verdict next to the oracle's, for each concept of the run whose text is the grammar's text of a
+    prompt concept (the offline planner writes them so) on each image the critic judged."""
+    index = {concept_text(spec, c): i for i, c in enumerate(spec.concepts)}
+    ids = {c.id: index[c.text] for c in result.concepts if c.text in index}
+    out = []
+    for cand in result.candidates:
+        oracle = judged[cand.image_id].concepts
+        for v in cand.verdicts:
+            if (i := ids.get(v.concept_id)) is not None:
+                out.append((oracle[i][0].kind, v.satisfied, oracle[i][1]))
+    return out
 
+
+def _load(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")
 
 
-def summarise(outcomes: list[PromptOutcome]) -> dict:
-    """Oracle-judged per-concept satisfaction (share of objects whose shape/colour/position is right)."""
+def done_keys(path: Path) -> set[tuple[str, str, int]]:
+    if not path.exists():
+        return set()
+    out = set()
+    for line in path.read_text().splitlines():
+        if line.strip():  # a line cut by an interruption is simply redone
+            try:
+                o = Outcome.model_validate_json(line)
+            except ValueError:
+                continue
+            out.add((o.condition, o.prompt_id, o.seed))
+    return out
 
-    def rate(flags: list[bool]) -> float:
-        return round(100 * sum(flags) / len(flags), 1) if flags else float("nan")
 
-    shape_common = [s for o in outcomes for s, rare in zip(o.shape, o.rare_objects, strict=False) if not rare]
-    shape_rare = [s for o in outcomes for s, rare in zip(o.shape, o.rare_objects, strict=False) if rare]
-    rare_all = [
-        x
-        for o in outcomes
-        for i, rare in enumerate(o.rare_objects)
-        if rare
-        for x in (o.shape[i], o.colour[i], o.position[i])
-    ]
-    two = [o for o in outcomes if o.group == "two_object"]
+def read_outcomes(path: Path) -> list[Outcome]:
+    outcomes: dict[tuple[str, str, int], Outcome] = {}
+    for line in path.read_text().splitlines():
+        try:
+            o = Outcome.model_validate_json(line)
+        except ValueError:
+            continue
+        outcomes[(o.condition, o.prompt_id, o.seed)] = o
+    return list(outcomes.values())
+
+
+def evaluate(
+    prompts: Sequence[PromptSpec],
+    out: Path,
+    data_dir: Path,
+    seeds: Sequence[int] = (0, 1, 2),
+    images: int = 4,
+    names: Iterable[str] | None = None,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> dict:
+    """Run every (condition, prompt, seed) not yet in out/results.jsonl, then write out/summary.json and
+    out/summary.md from everything there."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = done_keys(results)
+    chosen = [c for c in conditions(images) if names is None or c.name in set(names)]
+    settings = Settings(profile="mini", data_dir=data_dir)
+    backends = prepare(settings)
+    oracle = Oracle.from_pretrained(ORACLE_DIR)
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in prompts:
+            for seed in seeds:
+                for condition in chosen:
+                    if (condition.name, spec.id, seed) in done:
+                        continue
+                    outcome = run_one(spec, condition, seed, settings, backends, oracle, Path(tmp))
+                    with results.open("a") as f:
+                        f.write(outcome.model_dump_json() + "\n")
+                    if on_outcome:
+                        on_outcome(outcome)
+    wanted = {p.id for p in prompts}
+    report = summarise([o for o in read_outcomes(results) if o.prompt_id in wanted and o.seed in set(seeds)])
+    (out / "summary.json").write_text(json.dumps(report, indent=2))
+    (out / "summary.md").write_text(markdown(report))
+    return report
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def bucket(k: int) -> str:
+    return next((name for name, (lo, hi) in K_BUCKETS.items() if lo <= k <= hi), "other")
+
+
+def pct(flags: Sequence[bool]) -> float | None:
+    return round(100 * sum(flags) / len(flags), 1) if flags else None
+
+
+def paired_bootstrap(
+    a: dict[str, dict[int, bool]], b: dict[str, dict[int, bool]], n: int = 2000, seed: int = 0
+) -> dict:
+    """Mean difference (points) of all-right rates a - b over the prompts both have, with a 95% interval from a
+    nested bootstrap: prompts resampled with replacement, then seeds within each drawn prompt."""
+    prompts = sorted(set(a) & set(b))
+    pairs = {p: [(a[p][s], b[p][s]) for s in sorted(set(a[p]) & set(b[p]))] for p in prompts}
+    pairs = {p: v for p, v in pairs.items() if v}
+    if not pairs:
+        return {"prompts": 0}
+    keys = list(pairs)
+
+    def diff(draw: Iterable[list[tuple[bool, bool]]]) -> float:
+        per_prompt = [statistics.mean(x - y for x, y in seeds) for seeds in draw]
+        return 100 * statistics.mean(per_prompt)
+
+    rng = random.Random(seed)
+    stats = sorted(
+        diff([rng.choices(pairs[p], k=len(pairs[p])) for p in rng.choices(keys, k=len(keys))]) for _ in range(n)
+    )
     return {
-        "prompts": len(outcomes),
-        "shape_common_pct": rate(shape_common),
-        "shape_rare_pct": rate(shape_rare),
-        "rare_objects_all_concepts_pct": rate(rare_all),
-        "two_object_all_concepts_pct": rate([all(o.shape + o.colour + o.position) for o in two]),
-        "colour_pct": rate([c for o in outcomes for c in o.colour]),
-        "position_pct": rate([p for o in outcomes for p in o.position]),
-        "all_concepts_pct": rate([x for o in outcomes for x in o.shape + o.colour + o.position]),
-        # What a perfect critic could have picked: the rare shape drawn in any image of the run.
-        "shape_rare_any_image_pct": rate(
-            [any(i.shape[k] for i in o.images) for o in outcomes for k, rare in enumerate(o.rare_objects) if rare]
-        ),
-        "generations_per_prompt": round(statistics.mean(o.generations for o in outcomes), 2),
-        "seconds_per_prompt": round(statistics.mean(o.seconds for o in outcomes), 3),
+        "prompts": len(keys),
+        "difference_points": round(diff(pairs.values()), 1),
+        "ci95": [round(stats[int(0.025 * n)], 1), round(stats[int(0.975 * n) - 1], 1)],
     }
 
 
-def retrieval_precision(store: ReferenceStore, min_similarity: float) -> dict:
-    """Precision@1 of concept captions: does the top hit show the asked shape (and colour)?"""
-    hits = defaultdict(list)
-    for shape in SHAPES:
-        for caption, colour in [(f"a {shape}", None)] + [(f"a {c} {shape}", c) for c in COLOUR_NAMES]:
-            found = store.search(caption, k=1)
-            top = found[0] if found else None
-            ok = (
-                top is not None
-                and shape in top.caption.split()
-                and (colour is None or f"{colour} {shape}" in top.caption)
-            )
-            hits["rare" if shape in RARE_SHAPES else "common"].append(ok)
-    everything = hits["rare"] + hits["common"]
-    return {
-        "captions": len(everything),
-        "precision_at_1_pct": round(100 * sum(everything) / len(everything), 1),
-        "precision_at_1_rare_pct": round(100 * sum(hits["rare"]) / len(hits["rare"]), 1),
-        "precision_at_1_common_pct": round(100 * sum(hits["common"]) / len(hits["common"]), 1),
-    }
+SUBSETS: dict[str, Callable[[Outcome], bool]] = {
+    "all": lambda o: True,
+    "k>=5, rare": lambda o: o.k >= 5 and o.rare,
+    "k>=5, common only": lambda o: o.k >= 5 and not o.rare,
+    "several objects, rare": lambda o: o.objects >= 2 and o.rare,
+}
 
 
-def absent_queries(store: ReferenceStore, min_similarity: float) -> dict:
-    """With every heart removed from the corpus, heart captions should retrieve nothing above the threshold."""
-    captions = [f"a {ABSENT_SHAPE}"] + [f"a {c} {ABSENT_SHAPE}" for c in COLOUR_NAMES]
-    empty = [not store.search(c, k=1, min_similarity=min_similarity) for c in captions]
-    return {"captions": len(captions), "empty_answers_pct": round(100 * sum(empty) / len(empty), 1)}
+def summarise(outcomes: list[Outcome]) -> dict:
+    by_condition: dict[str, list[Outcome]] = defaultdict(list)
+    for o in outcomes:
+        by_condition[o.condition].append(o)
+    report: dict = {"prompts": len({o.prompt_id for o in outcomes}), "seeds": sorted({o.seed for o in outcomes})}
+    report["conditions"] = {}
+    for name, items in by_condition.items():
+        cells = {}
+        for b in K_BUCKETS:
+            for rare in (False, True):
+                cells[f"k {b}, {'rare' if rare else 'common'}"] = pct(
+                    [o.all_right for o in items if bucket(o.k) == b and o.rare == rare]
+                )
+        kinds = {kind: pct([ok for o in items for k, ok in o.concepts if k == kind]) for kind in CONCEPT_KINDS}
+        critic = {kind: pct([c == r for o in items for k, c, r in o.critic if k == kind]) for kind in CONCEPT_KINDS}
+        report["conditions"][name] = {
+            "runs": len(items),
+            "all_right_pct": pct([o.all_right for o in items]),
+            "all_right_by_cell_pct": cells,
+            "concepts_by_kind_pct": kinds,
+            "any_image_all_right_pct": pct([o.any_image_all_right for o in items]),
+            "critic_agrees_with_oracle_pct": critic,
+            "images_per_prompt": round(statistics.mean(o.generations for o in items), 2),
+            "seconds_per_prompt": round(statistics.mean(o.seconds for o in items), 2),
+        }
+
+    def table(name: str, subset: Callable[[Outcome], bool]) -> dict[str, dict[int, bool]]:
+        t: dict[str, dict[int, bool]] = defaultdict(dict)
+        for o in by_condition.get(name, []):
+            if subset(o):
+                t[o.prompt_id][o.seed] = o.all_right
+        return t
+
+    report["paired"] = {}
+    for method in ("loop",):
+        for base in (c for c in by_condition if c != method):
+            report["paired"][f"{method} - {base}"] = {
+                label: paired_bootstrap(table(method, f), table(base, f)) for label, f in SUBSETS.items()
+            }
+    return report
 
 
 def markdown(report: dict) -> str:
+    conds = report["conditions"]
+    cells = next(iter(conds.values()))["all_right_by_cell_pct"] if conds else {}
+    fmt = lambda x: "-" if x is None else f"{x}"
     rows = [
-        "| condition | shape, common | shape, rare | rare objects, shape+colour+position | two-object, all concepts | colour | position | all concepts | generations / prompt | seconds / prompt |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"{report['prompts']} prompts x seeds {report['seeds']}. Share of prompts with every concept right (%):",
+        "",
+        "| condition | all | " + " | ".join(cells) + " | images / prompt | s / prompt |",
+        "|---|---|" + "---|" * len(cells) + "---|---|",
     ]
-    for name, s in report["conditions"].items():
+    for name, s in conds.items():
         rows.append(
-            f"| {name} | {s['shape_common_pct']}% | {s['shape_rare_pct']}% | {s['rare_objects_all_concepts_pct']}% | {s['two_object_all_concepts_pct']}% | {s['colour_pct']}% | {s['position_pct']}% | {s['all_concepts_pct']}% | {s['generations_per_prompt']} | {s['seconds_per_prompt']} |"
+            f"| {name} | {fmt(s['all_right_pct'])} | "
+            + " | ".join(fmt(v) for v in s["all_right_by_cell_pct"].values())
+            + f" | {s['images_per_prompt']} | {s['seconds_per_prompt']} |"
         )
-    r, a = report["retrieval"], report["absent_concept"]
+    rows += ["", "Concepts right, by kind (%); in brackets, how often the critic agrees with the oracle:", ""]
     rows += [
-        "",
-        "Rare shape drawn in any image of the run (what a perfect critic could pick): "
-        + ", ".join(f"{name} {s['shape_rare_any_image_pct']}%" for name, s in report["conditions"].items())
-        + ".",
-        "",
-        f"Mini CLIP retrieval precision@1 over {r['captions']} concept captions: {r['precision_at_1_pct']}% (rare {r['precision_at_1_rare_pct']}%, common {r['precision_at_1_common_pct']}%).",
-        "",
-        (
-            f"Concept not in the database (every {ABSENT_SHAPE} removed): {a['retrieval']['empty_answers_pct']}% of {a['retrieval']['captions']} {ABSENT_SHAPE} captions retrieve nothing above the threshold; "
-            f"on the {a['prompts']} prompts with a {ABSENT_SHAPE}, oracle shape satisfaction is {a['text_alone_shape_pct']}% for text alone and {a['loop_shape_pct']}% for the loop."
-        ),
+        "| condition | " + " | ".join(CONCEPT_KINDS) + " | any image all right |",
+        "|---|" + "---|" * (len(CONCEPT_KINDS) + 1),
     ]
+    for name, s in conds.items():
+        rows.append(
+            f"| {name} | "
+            + " | ".join(
+                f"{fmt(s['concepts_by_kind_pct'][k])} ({fmt(s['critic_agrees_with_oracle_pct'][k])})"
+                for k in CONCEPT_KINDS
+            )
+            + f" | {fmt(s['any_image_all_right_pct'])} |"
+        )
+    rows += ["", "Paired differences in all-right prompts (points, 95% bootstrap interval):", ""]
+    rows += ["| comparison | " + " | ".join(SUBSETS) + " |", "|---|" + "---|" * len(SUBSETS)]
+    for name, subsets in report["paired"].items():
+        rows.append(
+            f"| {name} | "
+            + " | ".join(
+                f"{d['difference_points']} [{d['ci95'][0]}, {d['ci95'][1]}] (n={d['prompts']})" if d["prompts"] else "-"
+                for d in subsets.values()
+            )
+            + " |"
+        )
     return "\n".join(rows) + "\n"
 
 
-def evaluate(data_dir: Path, out: Path, n_prompts: int | None = None, loop_rounds: int = 4, seed: int = 0) -> dict:
-    """Run the whole benchmark; write out/miniworld.json and out/miniworld.md. Returns the report.
-    `seed` is the generator's base seed for every run (the prompts and the corpus stay the same)."""
-    started = time.time()
-    settings = Settings(profile="mini", data_dir=data_dir, seed=seed)
-    prompts = heldout_prompts()
-    if n_prompts is not None:  # a quick look: keep the group mix
-        prompts = prompts[:: max(1, len(prompts) // n_prompts)][:n_prompts]
-    store = ensure_collection(settings, "miniworld", data_dir / "miniworld-corpus")
-    backends = dataclasses.replace(load_backends(settings), store=store)
-    oracle = Oracle.from_pretrained(ORACLE_DIR)
-    report: dict = {"prompts": len(prompts), "seed": seed, "conditions": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = Path(tmp)
-        outcomes: list[PromptOutcome] = []
-        for condition in conditions(loop_rounds):
-            done = run_condition(prompts, condition, settings, backends, oracle, runs)
-            report["conditions"][condition.name] = summarise(done)
-            outcomes += done
-        report["retrieval"] = retrieval_precision(store, backends.min_similarity)
+# ----------------------------------------------------------------------------- retrieval
 
-        absent_store = ensure_collection(
-            settings, f"miniworld-no-{ABSENT_SHAPE}", data_dir / f"miniworld-corpus-no-{ABSENT_SHAPE}", (ABSENT_SHAPE,)
+
+def parse_caption(caption: str) -> list[tuple[str, str, str, str]]:
+    """A corpus caption back to (shape, colour, size, cell) per object."""
+    phrases = {v: k for k, v in CELL_PHRASES.items()}
+    out = []
+    for part in caption.strip().split(" and "):
+        words = part.split()
+        cell = phrases.get(" ".join(words[4:]))
+        if len(words) >= 5 and words[1] in SIZE_NAMES and words[2] in COLOUR_NAMES and words[3] in SHAPES and cell:
+            out.append((words[3], words[2], words[1], cell))
+    return out
+
+
+def retrieval_precision(backends: Backends) -> dict:
+    """Precision@1 of object captions on the profile's collection: does the top hit hold an object with every
+    attribute the caption names? Over every shape, colour and size, and every shape in each cell."""
+    queries: list[tuple[str, dict[str, str]]] = []
+    for shape in SHAPES:
+        queries.append((f"a {shape}", {}))
+        queries += [(f"a {c} {shape}", {"colour": c}) for c in COLOUR_NAMES]
+        queries += [(f"a {z} {shape}", {"size": z}) for z in SIZE_NAMES]
+        queries += [(f"a {shape} {CELL_PHRASES[cell]}", {"cell": cell}) for cell in CELL_PHRASES]
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for text, want in queries:
+        shape = next(s for s in SHAPES if f" {s}" in f" {text}")
+        found = backends.store.search(text, k=1)
+        objects = parse_caption(found[0].caption) if found else []
+        ok = any(
+            o[0] == shape
+            and all(dict(zip(("colour", "size", "cell"), o[1:], strict=True))[a] == v for a, v in want.items())
+            for o in objects
         )
-        absent_backends = dataclasses.replace(backends, store=absent_store)
-        with_absent = [p for p in prompts if any(o.shape == ABSENT_SHAPE for o in p.scene.objects)]
-        text, loop = conditions(loop_rounds)[0], conditions(loop_rounds)[2]
-        absent = {"prompts": len(with_absent), "retrieval": absent_queries(absent_store, backends.min_similarity)}
-        for key, condition in (("text_alone_shape_pct", text), ("loop_shape_pct", loop)):
-            done = run_condition(with_absent, condition, settings, absent_backends, oracle, runs / "absent")
-            flags = [ok for o in done for ok, shape in zip(o.shape, o.shapes, strict=False) if shape == ABSENT_SHAPE]
-            absent[key] = round(100 * sum(flags) / len(flags), 1) if flags else float("nan")
-        report["absent_concept"] = absent
-    report["seconds_total"] = round(time.time() - started, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "miniworld.json").write_text(json.dumps(report, indent=2))
-    (out / "miniworld.md").write_text(markdown(report))
-    (out / "miniworld-prompts.jsonl").write_text("".join(o.model_dump_json() + "\n" for o in outcomes))
-    return report
+        hits["rare" if shape in RARE_SHAPES else "common"].append(ok)
+    every = hits["rare"] + hits["common"]
+    return {
+        "queries": len(every),
+        "precision_at_1_pct": pct(every),
+        "rare_pct": pct(hits["rare"]),
+        "common_pct": pct(hits["common"]),
+    }

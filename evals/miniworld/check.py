@@ -2,8 +2,11 @@
 
     python -m imagerag.evals.miniworld.check [--steps 20 --guidance 8.0 --ip-scale 1.0]
 
-Reads the runtime's weights from tools/miniworld/models and the oracle from evals/miniworld/models/oracle. Writes
-evals/miniworld/models/metrics.json and a sample grid to evals/miniworld/logs/check_grid.png.
+Measures, on scenes and prompts of the evaluation half of the scene space (never trained on), what issue 12 asks:
+the oracle on rendered scenes and on the autoencoder's round trip of them (per attribute), the generator from text
+alone (one common object: shape, colour, size, position; two common objects all right; a rare object's shape), and
+with a reference of a rare shape in another colour and cell. Writes evals/miniworld/models/metrics.json and a
+sample grid to evals/miniworld/logs/check_grid.png.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,23 +26,25 @@ import torch
 from PIL import Image
 
 from imagerag.evals.miniworld.common import EVAL_MODELS_DIR, LOGS_DIR, ORACLE_DIR, SEED_EVAL
+from imagerag.evals.miniworld.grammar import Detected, PromptSpec, describe, judge, sample_layout
 from imagerag.tools.miniworld import MODELS_DIR
-from imagerag.tools.miniworld.world import Scene, corpus_scenes, heldout_prompts, render, render_array, sample_scenes
+from imagerag.tools.miniworld.world import (
+    CELLS,
+    IMAGE_SIZE,
+    Scene,
+    corpus_scenes,
+    render,
+    render_array,
+    sample_scenes,
+)
 
-DEFAULTS = {
-    "num_inference_steps": 20,
-    "guidance_scale": 8.0,
-    "ip_adapter_scale": 1.0,
-    "height": 32,
-    "width": 32,
-    "seed": 0,
-}
+DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 8.0, "ip_adapter_scale": 1.0, "seed": 0}
 
 
 def load_pipeline(models_dir: Path = MODELS_DIR, with_ip_adapter: bool = False, ip_scale: float = 1.0):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(models_dir / "t2i"), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(models_dir / "t2i"), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     if with_ip_adapter:
         pipe.load_ip_adapter(
@@ -52,26 +57,8 @@ def load_pipeline(models_dir: Path = MODELS_DIR, with_ip_adapter: bool = False, 
     return pipe
 
 
-def reference_for(obj, corpus: list[Scene], rng: random.Random) -> Scene:
-    """A corpus scene showing the object's shape alone, in another colour and position."""
-    cands = [
-        sc
-        for sc in corpus
-        if len(sc.objects) == 1
-        and sc.objects[0].shape == obj.shape
-        and sc.objects[0].colour != obj.colour
-        and sc.objects[0].position != obj.position
-    ]
-    return cands[rng.randrange(len(cands))]
-
-
-def ref_target(scene: Scene):
-    rare = [o for o in scene.objects if o.is_rare]
-    return rare[0] if rare else scene.objects[0]
-
-
 def generate(
-    pipe, prompts: list[str], refs: list[Image.Image] | None, settings: dict, bs: int = 64
+    pipe, prompts: list[str], refs: list[Image.Image] | None, settings: dict, bs: int = 50
 ) -> list[Image.Image]:
     out = []
     for i in range(0, len(prompts), bs):
@@ -85,134 +72,147 @@ def generate(
             chunk,
             num_inference_steps=settings["num_inference_steps"],
             guidance_scale=settings["guidance_scale"],
-            height=settings["height"],
-            width=settings["width"],
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
             generator=gens,
             **kw,
         ).images
     return out
 
 
-def score(oracle, images, scenes, groups) -> dict:
-    verdicts = oracle.judge_many(np.stack([np.asarray(im) for im in images]), scenes)
-    res: dict = {}
-    for g in sorted(set(groups)):
-        vs = [v for v, gg in zip(verdicts, groups, strict=True) if gg == g]
-        flat = [x for v in vs for x in v]
-        res[g] = {
-            "n": len(vs),
-            "shape": float(np.mean([x.shape for x in flat])),
-            "colour": float(np.mean([x.colour for x in flat])),
-            "position": float(np.mean([x.position for x in flat])),
-            "all_objects_all_correct": float(
-                np.mean([all(x.shape and x.colour and x.position for x in v) for v in vs])
-            ),
-        }
-    return res
+def attribute_accuracy(readings: Sequence[Sequence[Detected]], scenes: Sequence[Scene]) -> dict:
+    """Per true object, whether the object read in its cell has its shape, colour and size; `cell`: an object of
+    its shape is read in its cell; `empty_cells`: cells without an object read as empty."""
+    flags: dict[str, list[bool]] = {"shape": [], "colour": [], "size": [], "cell": [], "empty_cells": []}
+    for reading, scene in zip(readings, scenes, strict=True):
+        at = {d.cell: d for d in reading}
+        for o in scene.objects:
+            d = at.get(o.cell)
+            flags["shape"].append(d is not None and d.shape == o.shape)
+            flags["colour"].append(d is not None and d.colour == o.colour)
+            flags["size"].append(d is not None and d.size == o.size)
+            flags["cell"].append(d is not None and d.shape == o.shape)
+        taken = {o.cell for o in scene.objects}
+        flags["empty_cells"] += [c not in at for c in CELLS if c not in taken]
+    return {k: round(float(np.mean(v)), 4) for k, v in flags.items()} | {"objects": len(flags["shape"])}
 
 
-def split_groups(items, scenes):
-    """Group two-object prompts by whether they contain a rare shape."""
+def concept_rates(specs: Sequence[PromptSpec], readings: Sequence[Sequence[Detected]]) -> dict:
+    judged = [judge(s, r) for s, r in zip(specs, readings, strict=True)]
+    kinds: dict[str, list[bool]] = {}
+    for j in judged:
+        for kind, flags in j.by_kind().items():
+            kinds.setdefault(kind, []).extend(flags)
+    rates = {k: round(float(np.mean(v)), 4) for k, v in kinds.items()}
+    return rates | {"all_right": round(float(np.mean([j.all_right for j in judged])), 4), "prompts": len(specs)}
+
+
+def eval_prompts(seed: int, n: int, n_objects: int, rare: bool, k_per_object: int = 4) -> list[PromptSpec]:
+    """Fully described prompts (every attribute named) about scenes of the evaluation half."""
+    rng = random.Random(seed)
     out = []
-    for it, sc in zip(items, scenes, strict=True):
-        g = it.group
-        if g == "two_object":
-            g = "two_object_with_rare" if sc.has_rare else "two_object_common"
-        out.append(g)
+    while len(out) < n:
+        layout = sample_layout(rng, n_objects, rare, p_count=0.0)
+        if layout.scene.half == "eval":
+            out.append(describe(layout, k_per_object * n_objects, rng, f"check-{len(out)}", p_relation=0.0))
     return out
+
+
+def reference_for(spec: PromptSpec, corpus: list[Scene], rng: random.Random) -> Image.Image:
+    """A corpus image of the prompt's rare shape alone, in another colour and cell."""
+    assert spec.scene_objects is not None
+    target = next(o for o in spec.scene_objects.objects if o.is_rare)
+    cands = [
+        sc
+        for sc in corpus
+        if len(sc.objects) == 1
+        and sc.objects[0].shape == target.shape
+        and sc.objects[0].colour != target.colour
+        and sc.objects[0].cell != target.cell
+    ]
+    return render(cands[rng.randrange(len(cands))])
 
 
 def run_check(
     log: Callable[[str], None] = print,
     models_dir: Path = MODELS_DIR,
     settings: dict | None = None,
-    grid: bool = True,
+    n: int = 200,
     out_dir: Path = EVAL_MODELS_DIR,
     logs_dir: Path = LOGS_DIR,
 ) -> dict:
     """Measure the models in `models_dir` (the runtime's); write metrics.json to `out_dir`, the grid to `logs_dir`."""
-    import open_clip
-
-    from imagerag.evals.miniworld.common import Pool
     from imagerag.evals.miniworld.oracle import Oracle
-    from imagerag.evals.miniworld.train_clip import clip_tokens, zero_shot_shape_accuracy
-    from imagerag.evals.miniworld.train_oracle import evaluate as oracle_eval
 
     torch.set_num_threads(2)
     settings = {**DEFAULTS, **(settings or {})}
     t0 = time.time()
     metrics: dict = {"settings": settings}
-
-    clip_dir = (models_dir / "clip").resolve()
-    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
-    model.eval()
-    ev = sample_scenes(SEED_EVAL + 1, 1000, p_two=0.0)
-    metrics["clip_zero_shot_shape_accuracy"] = zero_shot_shape_accuracy(model, clip_tokens(), ev, render_array(ev))
-    metrics["clip_calibration"] = json.loads((clip_dir / "calibration.json").read_text())
-    log(f"[check] clip zero-shot {metrics['clip_zero_shot_shape_accuracy']}")
-
     oracle = Oracle.from_pretrained(ORACLE_DIR)
-    ev_pool = Pool.sample(SEED_EVAL + 2, 2000, p_two=0.5)
-    metrics["oracle_accuracy"] = {
-        "clean": oracle_eval(oracle, ev_pool),
-        "blurred": oracle_eval(oracle, ev_pool, blur=True),
-    }
-    log(f"[check] oracle {metrics['oracle_accuracy']}")
 
-    items = heldout_prompts(0)
-    scenes = [it.scene for it in items]
-    prompts = [it.prompt for it in items]
-    groups = split_groups(items, scenes)
-    corpus = corpus_scenes(6000, seed=1)
-    rng = random.Random(SEED_EVAL + 3)
-    ref_scenes = [reference_for(ref_target(sc), corpus, rng) for sc in scenes]
-    refs = [render(r) for r in ref_scenes]
-
+    # The autoencoder's round trip, read by the oracle next to the renders themselves.
+    scenes = [sc for sc in sample_scenes(SEED_EVAL + 3, 3 * n) if sc.half == "eval"][: 2 * n]
+    renders = render_array(scenes)
     pipe = load_pipeline(models_dir)
-    text_imgs = generate(pipe, prompts, None, settings)
-    metrics["t2i_text_alone"] = score(oracle, text_imgs, scenes, groups)
-    log(f"[check] text alone {json.dumps(metrics['t2i_text_alone'])}")
+    with torch.no_grad():
+        x = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = torch.cat(
+            [pipe.vae.decode(pipe.vae.encode(x[i : i + 100]).latent_dist.mean).sample for i in range(0, len(x), 100)]
+        )
+    rec_u8 = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    metrics["oracle_on_renders"] = attribute_accuracy(oracle.read(renders), scenes)
+    metrics["oracle_on_autoencoder_round_trip"] = attribute_accuracy(oracle.read(rec_u8), scenes)
+    log(f"[check] renders {metrics['oracle_on_renders']}; round trip {metrics['oracle_on_autoencoder_round_trip']}")
 
+    # The generator from text alone.
+    sets = {
+        "one_common_object": eval_prompts(SEED_EVAL + 4, n, 1, rare=False),
+        "two_common_objects": eval_prompts(SEED_EVAL + 5, n, 2, rare=False),
+        "one_rare_object": eval_prompts(SEED_EVAL + 6, n // 2, 1, rare=True),
+    }
+    images: dict[str, list[Image.Image]] = {}
+    for name, specs in sets.items():
+        images[name] = generate(pipe, [s.prompt for s in specs], None, settings)
+        metrics[f"text_alone_{name}"] = concept_rates(specs, oracle.read(images[name]))
+        log(f"[check] text alone, {name}: {metrics[f'text_alone_{name}']}")
+
+    # With a reference of the rare shape in another colour and cell, as the agent's regeneration passes it.
     pipe = load_pipeline(models_dir, with_ip_adapter=True, ip_scale=settings["ip_adapter_scale"])
-    ref_imgs = generate(pipe, prompts, refs, settings)
-    metrics["t2i_with_reference"] = score(oracle, ref_imgs, scenes, groups)
-    log(f"[check] with reference {json.dumps(metrics['t2i_with_reference'])}")
+    rng = random.Random(SEED_EVAL + 7)
+    corpus = corpus_scenes(20_000, seed=1)
+    rare_specs = sets["one_rare_object"]
+    refs = [reference_for(s, corpus, rng) for s in rare_specs]
+    images["with_reference"] = generate(pipe, [s.prompt for s in rare_specs], refs, settings)
+    metrics["with_reference_one_rare_object"] = concept_rates(rare_specs, oracle.read(images["with_reference"]))
+    log(f"[check] with a reference: {metrics['with_reference_one_rare_object']}")
 
-    # The ImageRAG prompt template, rare prompts only.
-    rare_i = [i for i, g in enumerate(groups) if g == "rare"]
-    tmpl = [f"according to this image of a {scenes[i].objects[0].shape}, generate {prompts[i]}" for i in rare_i]
-    tmpl_imgs = generate(pipe, tmpl, [refs[i] for i in rare_i], settings)
-    metrics["t2i_with_reference_imagerag_template_rare"] = score(
-        oracle, tmpl_imgs, [scenes[i] for i in rare_i], ["rare"] * len(rare_i)
-    )["rare"]
-
-    ta, wr = metrics["t2i_text_alone"], metrics["t2i_with_reference"]
+    one, two = metrics["text_alone_one_common_object"], metrics["text_alone_two_common_objects"]
+    ref = metrics["with_reference_one_rare_object"]
     metrics["summary"] = {
-        "clip_zero_shot_overall": metrics["clip_zero_shot_shape_accuracy"]["overall"],
-        "clip_zero_shot_min_shape": min(metrics["clip_zero_shot_shape_accuracy"]["per_shape"].values()),
-        "oracle_shape_clean": metrics["oracle_accuracy"]["clean"]["shape"],
-        "text_alone_shape_common": ta["common"]["shape"],
-        "text_alone_shape_rare": ta["rare"]["shape"],
-        "with_reference_shape_rare": wr["rare"]["shape"],
-        "with_reference_shape_common": wr["common"]["shape"],
-        "with_reference_colour_rare": wr["rare"]["colour"],
-        "with_reference_position_rare": wr["rare"]["position"],
-        "rare_gain_points": round(100 * (wr["rare"]["shape"] - ta["rare"]["shape"]), 1),
+        "autoencoder_min_attribute": min(
+            v for k, v in metrics["oracle_on_autoencoder_round_trip"].items() if k not in ("objects",)
+        ),
+        "text_one_object": {k: one[k] for k in ("shape", "colour", "size", "position")},
+        "text_two_objects_all_right": two["all_right"],
+        "text_rare_shape": metrics["text_alone_one_rare_object"]["shape"],
+        "reference_rare_shape": ref["shape"],
+        "reference_rare_colour": ref["colour"],
     }
     metrics["seconds"] = round(time.time() - t0, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log(f"[check] summary {json.dumps(metrics['summary'])}")
 
-    if grid:
-        rows = [[render(sc) for sc in scenes], text_imgs, refs, ref_imgs]
-        pick = list(range(16)) + list(range(80, 96)) + list(range(160, 176))
-        g = Image.new("RGB", (32 * len(pick), 32 * len(rows)), (128, 128, 128))
-        for r, row in enumerate(rows):
-            for c, i in enumerate(pick):
-                g.paste(row[i], (32 * c, 32 * r))
-        logs_dir.mkdir(parents=True, exist_ok=True)
-        g.resize((g.width * 2, g.height * 2), Image.Resampling.NEAREST).save(logs_dir / "check_grid.png")
+    # A grid: renders of the two-object prompts' scenes over their images, then rare references over their images.
+    two_specs = sets["two_common_objects"][:16]
+    two_scenes = [render(s.scene_objects) for s in two_specs if s.scene_objects]
+    rows = [two_scenes, images["two_common_objects"][:16], refs[:16], images["with_reference"][:16]]
+    grid = Image.new("RGB", (50 * 16, 50 * len(rows)), (128, 128, 128))
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            grid.paste(im, (50 * c, 50 * r))
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    grid.resize((grid.width * 3, grid.height * 3), Image.Resampling.NEAREST).save(logs_dir / "check_grid.png")
     return {"seconds": metrics["seconds"], "summary": metrics["summary"]}
 
 

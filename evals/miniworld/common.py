@@ -14,15 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imagerag.tools.miniworld.world import (
-    COLOUR_NAMES,
-    POSITION_NAMES,
-    POSITION_PHRASES,
-    SHAPES,
-    Scene,
-    render_array,
-    sample_scenes,
-)
+from imagerag.tools.miniworld.world import SHAPES, Scene, render_array, sample_scenes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ORACLE_DIR = Path(__file__).resolve().parent / "models" / "oracle"
 EVAL_MODELS_DIR = ORACLE_DIR.parent
 LOGS_DIR = EVAL_MODELS_DIR.parent / "logs"
+CHECKPOINTS_DIR = LOGS_DIR / "checkpoints"  # resumable training state and finished stages' models
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -49,21 +42,23 @@ def seed_everything(seed: int, threads: int = 2) -> None:
 
 
 class Pool:
-    """Rendered scenes held in memory as uint8 (N, 32, 32, 3)."""
+    """Rendered scenes held in memory as uint8 (N, 48, 48, 3)."""
 
     def __init__(self, scenes: Sequence[Scene]):
         self.scenes = list(scenes)
         self.images = render_array(self.scenes)
 
     @classmethod
-    def sample(cls, seed: int, n: int, p_two: float = 0.4, shapes: Sequence[str] = SHAPES) -> Pool:
-        return cls(sample_scenes(seed, n, p_two=p_two, shapes=shapes))
+    def sample(
+        cls, seed: int, n: int, weights: Sequence[float] = (0.3, 0.3, 0.2, 0.2), shapes: Sequence[str] = SHAPES
+    ) -> Pool:
+        return cls(sample_scenes(seed, n, weights, shapes))
 
     def __len__(self) -> int:
         return len(self.scenes)
 
     def batch01(self, idx: Sequence[int]) -> torch.Tensor:
-        """float tensor (B, 3, 32, 32) in [0, 1]."""
+        """float tensor (B, 3, 48, 48) in [0, 1]."""
         return torch.from_numpy(self.images[np.asarray(idx)]).permute(0, 3, 1, 2).float() / 255.0
 
 
@@ -85,69 +80,6 @@ def augment(x01: torch.Tensor, gen: torch.Generator, p_blur: float = 0.4, noise:
     x = x + sigma * torch.randn(x.shape, generator=gen)
     gain = 1.0 + 0.06 * (torch.rand(b, 3, 1, 1, generator=gen) - 0.5)
     return (x * gain).clamp(0, 1)
-
-
-# ----------------------------------------------------------------------------- partial captions
-
-
-def partial_caption(scene: Scene, rng: random.Random) -> tuple[str, tuple]:
-    """A random caption of the scene at varied detail, and its query (list of object constraints:
-    (shape, colour|None, position|None, size|None)). The full caption is one of the options."""
-    r = rng.random()
-    if r < 0.2 or len(scene.objects) == 1 and r < 0.3:
-        objs = list(scene.objects)
-        if len(objs) == 2 and rng.random() < 0.5:
-            objs = objs[::-1]
-        parts, query = [], []
-        for o in objs:
-            size = o.size if (o.size == "large" or rng.random() < 0.3) else None
-            parts.append(" ".join(w for w in ["a", size, o.colour, o.shape, POSITION_PHRASES[o.position]] if w))
-            query.append((o.shape, o.colour, o.position, size))
-        return " and ".join(parts), tuple(query)
-    o = rng.choice(scene.objects)
-    use_c = rng.random() < 0.5
-    use_p = rng.random() < 0.5
-    use_s = rng.random() < 0.15
-    words = [
-        "a",
-        o.size if use_s else None,
-        o.colour if use_c else None,
-        o.shape,
-        POSITION_PHRASES[o.position] if use_p else None,
-    ]
-    q = ((o.shape, o.colour if use_c else None, o.position if use_p else None, o.size if use_s else None),)
-    return " ".join(w for w in words if w), q
-
-
-def query_true(query: tuple, scene: Scene) -> bool:
-    for shape, colour, pos, size in query:
-        if not any(
-            o.shape == shape
-            and (colour is None or o.colour == colour)
-            and (pos is None or o.position == pos)
-            and (size is None or o.size == size)
-            for o in scene.objects
-        ):
-            return False
-    return True
-
-
-def false_concepts(scene: Scene, rng: random.Random) -> list[tuple[str, None]]:
-    """Single-concept captions that are false of the scene (wrong shape, colour or position)."""
-    out = []
-    present = {o.shape for o in scene.objects}
-    absent = [s for s in SHAPES if s not in present]
-    out.append((f"a {rng.choice(absent)}", None))
-    for o in scene.objects:
-        wrong_c = rng.choice(
-            [c for c in COLOUR_NAMES if not any(x.shape == o.shape and x.colour == c for x in scene.objects)]
-        )
-        out.append((f"a {wrong_c} {o.shape}", None))
-        wrong_p = rng.choice(
-            [p for p in POSITION_NAMES if not any(x.shape == o.shape and x.position == p for x in scene.objects)]
-        )
-        out.append((f"a {o.shape} {POSITION_PHRASES[wrong_p]}", None))
-    return out
 
 
 class TokenCache:
@@ -195,15 +127,49 @@ def fit(
     every: int = 200,
     max_grad_norm: float | None = None,
     schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
+    checkpoint: Path | None = None,
+    modules: Sequence[torch.nn.Module] = (),
+    rngs: Sequence[random.Random | torch.Generator] = (),
+    checkpoint_every: int = 250,
 ) -> float:
     """Minimise with AdamW for `steps` steps; `step_fn(step)` returns the loss and extra text for the log ("" for
     none). The learning rate follows warmup_cosine unless `schedule` builds another scheduler; gradients are clipped
-    to `max_grad_norm` when one is given. Logs every `every` steps and at the last; returns the loop's seconds."""
+    to `max_grad_norm` when one is given. Logs every `every` steps and at the last; returns the loop's seconds.
+
+    With `checkpoint`, the modules' weights, the optimiser, the schedule and the random generators that `step_fn`
+    draws from are saved there every `checkpoint_every` steps, and a later call resumes from them: an interrupted
+    stage loses at most that many steps and ends where an uninterrupted one would."""
     params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = schedule(opt) if schedule else warmup_cosine(opt, steps, warmup)
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        for module, sd in zip(modules, state["modules"], strict=True):
+            module.load_state_dict(sd)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        for rng, rs in zip(rngs, state["rngs"], strict=True):
+            rng.setstate(rs) if isinstance(rng, random.Random) else rng.set_state(rs)
+        start = state["step"]
+        log(f"[{tag}] resumed at step {start} from {checkpoint}")
+
+    def save(step: int) -> None:
+        assert checkpoint is not None
+        state = {
+            "step": step,
+            "modules": [m.state_dict() for m in modules],
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "rngs": [r.getstate() if isinstance(r, random.Random) else r.get_state() for r in rngs],
+        }
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(checkpoint)
+
     t0 = time.time()
-    for step in range(steps):
+    for step in range(start, steps):
         loss, note = step_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -214,4 +180,6 @@ def fit(
         if step % every == 0 or step == steps - 1:
             extra = f" {note}" if note else ""
             log(f"[{tag}] step {step}/{steps} loss {loss.item():.4f}{extra} {time.time() - t0:.0f}s")
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step == steps - 1):
+            save(step + 1)
     return time.time() - t0

@@ -2,8 +2,11 @@
 
     python -m imagerag.evals.miniworld.train                 # all stages: clip, oracle, t2i, check
     python -m imagerag.evals.miniworld.train --stages t2i    # one stage (timings merge into train_log.json)
+    python -m imagerag.evals.miniworld.train --force         # retrain stages that finished before
 
-Fixed seeds and deterministic data; CPU, 2 threads. The runtime's weights (clip, t2i, ip_adapter) go to
+Resumable: a stage recorded in train_log.json is skipped, and an interrupted stage resumes from its last checkpoint
+(evals/miniworld/logs/checkpoints/, git-ignored; delete it to start over). Fixed seeds and deterministic data; CPU,
+2 threads. The runtime's weights (clip, t2i, ip_adapter) go to
 tools/miniworld/models; the oracle, which only evaluations load, to evals/miniworld/models/oracle. Timings and
 final metrics go to evals/miniworld/models/train_log.json, the final check writes evals/miniworld/models/metrics.json,
 and the text log goes to evals/miniworld/logs/train.txt.
@@ -71,6 +74,7 @@ def _log_factory(path: Path) -> Log:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m imagerag.evals.miniworld.train")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {STAGES}")
+    ap.add_argument("--force", action="store_true", help="run stages even when train_log.json has them")
     args = ap.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
     EVAL_MODELS_DIR.mkdir(parents=True, exist_ok=True)
@@ -83,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         run = RUNNERS.get(stage)
         if run is None:
             raise SystemExit(f"unknown stage {stage}")
+        if stage in train_log["stages"] and not args.force:
+            log(f"[train] stage {stage} finished earlier ({train_log['stages'][stage]['seconds']} s): skipped")
+            continue
         result = run(log)
         result["seconds"] = round(time.time() - t0, 1)
         # Re-read before writing: stages may also have been run separately.

@@ -29,10 +29,29 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from imagerag.evals.miniworld.common import SEED_T2I, Pool, TokenCache, augment, fit, normalize_clip, seed_everything
+from imagerag.evals.miniworld.common import (
+    CHECKPOINTS_DIR,
+    SEED_T2I,
+    Pool,
+    TokenCache,
+    augment,
+    fit,
+    normalize_clip,
+    seed_everything,
+)
+from imagerag.evals.miniworld.grammar import NUMBERS, Layout, describe, prompt_text, sample_layout
 from imagerag.tools.backends.tiny import clip_bpe_tokenizer
 from imagerag.tools.miniworld import MODELS_DIR
-from imagerag.tools.miniworld.world import POSITION_PHRASES, RARE_SHAPES, SHAPES, ObjectSpec, Scene
+from imagerag.tools.miniworld.world import (
+    CELL_PHRASES,
+    COLOUR_NAMES,
+    IMAGE_SIZE,
+    PLURALS,
+    RARE_SHAPES,
+    RELATION_PHRASES,
+    SHAPES,
+    SIZE_NAMES,
+)
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -41,22 +60,23 @@ if TYPE_CHECKING:
 VAE_CFG = {
     "in_channels": 3,
     "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 2,
-    "up_block_types": ("UpDecoderBlock2D",) * 2,
-    "block_out_channels": (32, 64),
+    "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3,
+    "block_out_channels": (32, 64, 64),
     "layers_per_block": 1,
     "latent_channels": 4,
     "norm_num_groups": 16,
-    "sample_size": 32,
+    "sample_size": IMAGE_SIZE,
 }
 UNET_CFG = {
-    "sample_size": 16,
+    "sample_size": IMAGE_SIZE // 4,
     "in_channels": 4,
     "out_channels": 4,
     "layers_per_block": 1,
-    "block_out_channels": (32, 64, 64),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (48, 96, 96),
+    # Cross-attention at every level, the 12x12 one included: where an object goes is read from the text there.
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3,
+    "up_block_types": ("CrossAttnUpBlock2D",) * 3,
     "cross_attention_dim": 64,
     "attention_head_dim": 8,
     "norm_num_groups": 16,
@@ -65,7 +85,7 @@ TEXT_CFG = {
     "vocab_size": 49408,
     "hidden_size": 64,
     "intermediate_size": 128,
-    "num_hidden_layers": 2,
+    "num_hidden_layers": 3,
     "num_attention_heads": 4,
     "max_position_embeddings": 77,
     "bos_token_id": 49406,
@@ -73,8 +93,8 @@ TEXT_CFG = {
     "pad_token_id": 49407,
 }
 IMAGE_ENCODER_CFG = {
-    "image_size": 32,
-    "patch_size": 4,
+    "image_size": IMAGE_SIZE,
+    "patch_size": 6,
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
@@ -165,15 +185,15 @@ def unknown_words(tokenizer) -> list[str]:
     """Whole-word BPE tokens that the text pathway otherwise never sees. Drawn at random, each is
     used a handful of times at most, so its embedding stays near its initial value, like the
     embedding of a rare shape word at inference time."""
-    from imagerag.tools.miniworld.world import COLOUR_NAMES, POSITION_PHRASES, SIZE_NAMES
-
+    phrases = [*CELL_PHRASES.values(), *RELATION_PHRASES.values(), *NUMBERS.values()]
     grammar = (
         set(SHAPES)
+        | set(PLURALS.values())
         | set(COLOUR_NAMES)
         | set(SIZE_NAMES)
         | set(FILLER_WORDS)
-        | {w for ph in POSITION_PHRASES.values() for w in ph.split()}
-        | {"a", "and", "according", "to", "this", "image", "of", "generate"}
+        | {w for ph in phrases for w in ph.split()}
+        | {"a", "an", "and", "according", "to", "this", "image", "of", "generate"}
     )
     out = []
     for tok in tokenizer.get_vocab():
@@ -198,8 +218,8 @@ def feature_extractor():
     from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor(
-        size={"shortest_edge": 32},
-        crop_size={"height": 32, "width": 32},
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         do_resize=True,
         do_center_crop=True,
         do_normalize=True,
@@ -211,26 +231,25 @@ def feature_extractor():
 # ----------------------------------------------------------------------------- captions
 
 
-def object_text(o: ObjectSpec, word: str | None, rng: random.Random) -> str:
-    """The object's phrase with `word` for its shape (None: no shape word)."""
-    size = o.size if (o.size == "large" or rng.random() < 0.3) else None
-    return " ".join(w for w in ["a", size, o.colour, word, POSITION_PHRASES[o.position]] if w)
-
-
-def training_caption(scene: Scene, rng: random.Random, hidden: int | None = None, filler: str | None = None) -> str:
-    """Scene caption; object `hidden` gets `filler` instead of its shape word."""
-    parts = [object_text(o, filler if i == hidden else o.shape, rng) for i, o in enumerate(scene.objects)]
-    if len(parts) == 2 and rng.random() < 0.5:
-        parts = parts[::-1]
-    return " and ".join(parts)
+def training_caption(layout: Layout, rng: random.Random, hidden: int | None = None, word: str | None = None) -> str:
+    """A prompt about the layout with a random number of concepts; group `hidden` is named `word` instead."""
+    spec = describe(layout, rng.randint(layout.base_k, layout.max_k), rng)
+    if hidden is None:
+        return spec.prompt
+    return prompt_text(spec.groups, spec.relations, rng, names={hidden: word or ""})
 
 
 # ----------------------------------------------------------------------------- stages
 
 
-def train_vae(pool: Pool, steps: int, log: Callable[[str], None], batch: int = 64) -> tuple[AutoencoderKL, dict]:
+def train_vae(pool: Pool, steps: int, log: Callable[[str], None], batch: int = 32) -> tuple[AutoencoderKL, dict]:
     from diffusers import AutoencoderKL
 
+    folder = CHECKPOINTS_DIR / "vae"
+    if (folder / "config.json").exists():
+        log(f"[t2i/vae] finished earlier: {folder}")
+        vae = AutoencoderKL.from_pretrained(folder).eval()
+        return vae, palette_fidelity(vae, pool)
     vae = AutoencoderKL(**VAE_CFG)
     gen = torch.Generator().manual_seed(SEED_T2I + 1)
 
@@ -241,19 +260,47 @@ def train_vae(pool: Pool, steps: int, log: Callable[[str], None], batch: int = 6
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
         kl = 0.5 * (post.mean.pow(2) + post.var - 1 - post.logvar).mean()
-        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl, f"kl {kl.item():.3f}"
+        # Object pixels weigh more than the white background, so that colours survive the round trip exactly.
+        weight = 1.0 + 4.0 * (x < 0.95).any(1, keepdim=True).float()
+        err = (rec - x).abs() + (rec - x).pow(2)
+        return (weight * err).mean() + 1e-5 * kl, f"kl {kl.item():.3f}"
 
     vae.train()
-    fit(vae.parameters(), steps, step_fn, log, tag="t2i/vae", lr=2e-3)
+    fit(
+        vae.parameters(), steps, step_fn, log, tag="t2i/vae", lr=2e-3, checkpoint=CHECKPOINTS_DIR / "vae.pt",
+        modules=[vae], rngs=[gen],
+    )  # fmt: skip
     vae.eval()
     with torch.no_grad():
-        x = pool.batch01(range(512)) * 2 - 1
-        z = vae.encode(x).latent_dist.mean
-        scale = float(1.0 / z.std())
-        mse = F.mse_loss(vae.decode(z).sample, x).item()
-    vae.register_to_config(scaling_factor=scale)
-    log(f"[t2i/vae] scaling_factor {scale:.4f} recon mse {mse:.5f}")
-    return vae, {"scaling_factor": scale, "recon_mse": mse}
+        z = vae.encode(pool.batch01(range(512)) * 2 - 1).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    vae.save_pretrained(folder)
+    metrics = palette_fidelity(vae, pool)
+    log(f"[t2i/vae] scaling_factor {vae.config.scaling_factor:.4f} {metrics}")
+    return vae, metrics
+
+
+@torch.no_grad()
+def palette_fidelity(vae, pool: Pool, n: int = 512) -> dict:
+    """How often an object's mean colour after the autoencoder's round trip is still nearest its own palette colour
+    (the oracle's figure comes later; this one is the stage's own check)."""
+    from imagerag.tools.miniworld.world import CELL, COLOURS, cell_row_col
+
+    x = pool.batch01(range(n))
+    rec = ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
+    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255
+    hits = total = 0
+    for i, sc in enumerate(pool.scenes[:n]):
+        for o in sc.objects:
+            r, c = cell_row_col(o.cell)
+            box = (slice(None), slice(r * CELL, (r + 1) * CELL), slice(c * CELL, (c + 1) * CELL))
+            mask = (x[i][box] < 0.9).any(0)
+            if mask.sum() == 0:
+                continue
+            mean = rec[i][box][:, mask].mean(1)
+            hits += int(COLOUR_NAMES[int(((palette - mean) ** 2).sum(1).argmin())] == o.colour)
+            total += 1
+    return {"palette_colour_kept": hits / max(1, total), "objects": total}
 
 
 def train_image_encoder(
@@ -273,14 +320,17 @@ def train_image_encoder(
         return F.cross_entropy(head(enc(pixel_values=x).image_embeds), labels[idx]), ""
 
     enc.train()
-    fit([*enc.parameters(), *head.parameters()], steps, step_fn, log, tag="t2i/image_encoder", lr=2e-3)
+    fit(
+        [*enc.parameters(), *head.parameters()], steps, step_fn, log, tag="t2i/image_encoder", lr=2e-3,
+        checkpoint=CHECKPOINTS_DIR / "image_encoder.pt", modules=[enc, head], rngs=[gen],
+    )  # fmt: skip
     enc.eval()
     return enc, head
 
 
 @torch.no_grad()
 def image_embeds(enc, images_u8: np.ndarray, bs: int = 512) -> torch.Tensor:
-    """Same preprocessing as CLIPImageProcessor at 32 px (resize/crop are no-ops on 32x32 inputs)."""
+    """Same preprocessing as CLIPImageProcessor at the world's size (resize and crop are no-ops there)."""
     x = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float() / 255
     return torch.cat([enc(pixel_values=normalize_clip(x[i : i + bs])).image_embeds for i in range(0, len(x), bs)])
 
@@ -359,10 +409,10 @@ def set_ip_scale(unet, scale: float) -> None:
 
 def train(
     out_dir: Path = MODELS_DIR,
-    vae_steps: int = 400,
+    vae_steps: int = 1200,
     enc_steps: int = 500,
-    unet_steps: int = 3000,
-    batch: int = 64,
+    unet_steps: int = 3600,
+    batch: int = 48,
     log: Callable[[str], None] = print,
 ) -> dict:
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -371,12 +421,20 @@ def train(
     seed_everything(SEED_T2I)
     t_start = time.time()
     timings = {}
-    pool = Pool.sample(SEED_T2I, 24000, p_two=0.45)
-    singles = Pool.sample(SEED_T2I + 1, 8000, p_two=0.0)  # references and encoder pretraining
+    # Training scenes come from the corpus half of the scene space only: no evaluation scene is ever trained on.
+    lrng = random.Random(SEED_T2I)
+    layouts: list[Layout] = []
+    while len(layouts) < 24000:
+        n_objects = lrng.choices((1, 2, 3, 4), (0.2, 0.3, 0.25, 0.25))[0]
+        layout = sample_layout(lrng, n_objects, rare=lrng.random() < 0.35)
+        if layout.scene.half == "corpus":
+            layouts.append(layout)
+    pool = Pool([lay.scene for lay in layouts])
+    singles = Pool.sample(SEED_T2I + 1, 8000, weights=(1.0,))  # references and encoder pretraining
     log(f"[t2i] pools rendered {time.time() - t_start:.0f}s")
 
     t0 = time.time()
-    vae, vae_metrics = train_vae(pool, vae_steps, log, batch=32)
+    vae, vae_metrics = train_vae(pool, vae_steps, log)
     timings["vae"] = round(time.time() - t0, 1)
     t0 = time.time()
     enc, enc_head = train_image_encoder(singles, enc_steps, log)
@@ -385,7 +443,7 @@ def train(
     t0 = time.time()
     with torch.no_grad():
         x = pool.batch01(range(len(pool))) * 2 - 1
-        latents = torch.cat([vae.encode(x[i : i + 1000]).latent_dist.mean for i in range(0, len(x), 1000)])
+        latents = torch.cat([vae.encode(x[i : i + 500]).latent_dist.mean for i in range(0, len(x), 500)])
         latents = latents * vae.config.scaling_factor
         ref_emb = image_embeds(enc, singles.images)
         enc_acc = (
@@ -399,10 +457,9 @@ def train(
         f"{time.time() - t0:.0f}s"
     )
 
-    # Index the data.
-    n_rare = np.array([sum(o.is_rare for o in sc.objects) for sc in pool.scenes])
-    common_idx = np.flatnonzero(n_rare == 0)
-    one_rare_idx = np.flatnonzero(n_rare == 1)
+    # Index the data: layouts with no rare object (text-only steps) and with one (reference steps).
+    has_rare = np.array([lay.scene.has_rare for lay in layouts])
+    common_idx, rare_idx = np.flatnonzero(~has_rare), np.flatnonzero(has_rare)
     refs_by_shape = {s: [i for i, sc in enumerate(singles.scenes) if sc.objects[0].shape == s] for s in SHAPES}
 
     tokenizer = clip_bpe_tokenizer()
@@ -423,44 +480,47 @@ def train(
     zero_emb = torch.zeros(IMAGE_ENCODER_CFG["projection_dim"])
     ema = None
 
+    def reference_example() -> tuple[int, str, torch.Tensor]:
+        """A layout, its caption and one object's reference: another rendering of that object's shape (other colour
+        and cell). A rare object's word is always hidden; a common one's half of the time."""
+        rare = rng.random() < 0.6
+        i = int((rare_idx if rare else common_idx)[rng.randrange(len(rare_idx if rare else common_idx))])
+        layout = layouts[i]
+        singles_of = [g for g, m in enumerate(layout.members) if len(m) == 1]
+        g = next((g for g in singles_of if layout.objects[layout.members[g][0]].is_rare), None)
+        if g is None:
+            g = rng.choice(singles_of) if singles_of else 0
+        obj = layout.objects[layout.members[g][0]]
+        cands = [
+            r
+            for r in refs_by_shape[obj.shape]
+            if singles.scenes[r].objects[0].colour != obj.colour and singles.scenes[r].objects[0].cell != obj.cell
+        ]
+        emb = ref_emb[cands[rng.randrange(len(cands))]]
+        hide = obj.is_rare or rng.random() < 0.5
+        word = obj.shape
+        if hide:  # a filler word or an unknown word in place of the shape word
+            word = rng.choice(FILLER_WORDS) if rng.random() < 0.5 else rng.choice(unknown)
+        text = training_caption(layout, rng, hidden=g if hide else None, word=word)
+        if rng.random() < 0.1:
+            text = ""
+        if not obj.is_rare and rng.random() < 0.15:
+            emb = zero_emb  # image dropout for classifier-free guidance (never on rare targets)
+        if not obj.is_rare and rng.random() < 0.08:
+            text, emb = "", zero_emb  # the exact unconditional branch used with a reference
+        return i, text, emb
+
     def step_fn(step: int) -> tuple[torch.Tensor, str]:
         nonlocal ema
-        with_ref = step % 2 == 1
+        with_ref = step % 3 == 2  # two text-only steps for one with a reference: composing from text is the harder
         idx, texts, embs = [], [], []
         for _ in range(batch):
-            if not with_ref:
-                i = int(common_idx[rng.randrange(len(common_idx))])
-                sc = pool.scenes[i]
-                text = "" if rng.random() < 0.1 else training_caption(sc, rng)
-                emb = zero_emb
+            if with_ref:
+                i, text, emb = reference_example()
             else:
-                rare = rng.random() < 0.6
-                pool_idx = one_rare_idx if rare else common_idx
-                i = int(pool_idx[rng.randrange(len(pool_idx))])
-                sc = pool.scenes[i]
-                k = next(j for j, o in enumerate(sc.objects) if o.is_rare) if rare else rng.randrange(len(sc.objects))
-                obj = sc.objects[k]
-                cands = [
-                    r
-                    for r in refs_by_shape[obj.shape]
-                    if singles.scenes[r].objects[0].colour != obj.colour
-                    and singles.scenes[r].objects[0].position != obj.position
-                ]
-                r = cands[rng.randrange(len(cands))]
-                emb = ref_emb[r]
-                hide = rare or rng.random() < 0.5
-                word = obj.shape
-                if hide:  # a filler word or an unknown word in place of the shape word
-                    word = rng.choice(FILLER_WORDS) if rng.random() < 0.5 else rng.choice(unknown)
-                text = training_caption(sc, rng, hidden=k if hide else None, filler=word)
-                if rng.random() < 0.2:
-                    text = f"according to this image of a {word}, generate {text}"
-                if rng.random() < 0.1:
-                    text = ""
-                if not rare and rng.random() < 0.15:
-                    emb = zero_emb  # image dropout for classifier-free guidance (never on rare targets)
-                if not rare and rng.random() < 0.08:
-                    text, emb = "", zero_emb  # the exact unconditional branch used with a reference
+                i = int(common_idx[rng.randrange(len(common_idx))])
+                text = "" if rng.random() < 0.1 else training_caption(layouts[i], rng)
+                emb = zero_emb
             idx.append(i)
             texts.append(text)
             embs.append(emb)
@@ -491,6 +551,10 @@ def train(
             warmup=0.05,
             every=100,
             max_grad_norm=1.0,
+            checkpoint=CHECKPOINTS_DIR / "unet.pt",
+            modules=[unet, text_encoder],
+            rngs=[rng, gen],
+            checkpoint_every=100,
         ),
         1,
     )

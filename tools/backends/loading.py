@@ -22,7 +22,7 @@ from imagerag.tools.backends.judges import ClipJudge, VLMJudge
 from imagerag.tools.backends.llm import make_chat_model
 from imagerag.tools.backends.planner import LLMDecomposer, RuleDecomposer
 from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client
-from imagerag.tools.config import PROFILES, BackendConfig, ClipSpec, ConfigError, Offload
+from imagerag.tools.config import MINI_COLLECTION, PROFILES, BackendConfig, ClipSpec, ConfigError, Offload
 from imagerag.tools.miniworld import MODELS_DIR
 from imagerag.tools.toolkit import Backends
 
@@ -39,7 +39,7 @@ class CorpusSize(TypedDict):
     seed: int
 
 
-MINI_CORPUS: CorpusSize = {"n": 6000, "seed": 1}  # the mini profile's retrieval corpus, rendered on first use
+MINI_CORPUS: CorpusSize = {"n": 20_000, "seed": 1}  # the mini profile's retrieval corpus, rendered on first use
 _loading = threading.Lock()
 _loaded: dict[str, Backends] = {}
 
@@ -136,7 +136,7 @@ def build_local_corpus(
     if done.exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    if collection == "miniworld":
+    if collection == MINI_COLLECTION:
         from imagerag.tools.miniworld.world import write_corpus
 
         write_corpus(

@@ -138,9 +138,11 @@ class RuleDecomposer:
 
     _DETERMINER = re.compile(r"^(a|an|the|one|two|three|four|five|six|some|\d+)\s+", re.IGNORECASE)
     _RELATION = re.compile(
-        r"\s+(?=(?:on|in|at|by|near|under|over|above|below|behind|beside|inside|next|with|wearing|holding|of)\b)",
+        r"\s+(?=(?:on|in|at|by|near|under|over|above|below|behind|beside|inside|next|with|wearing|holding|of|to)\b)",
         re.IGNORECASE,
     )
+
+    _RELATED = re.compile(r"\b(?:of|on|in|at|by|above|below|under|over|beside|behind|near)\s+((?:a|an|one)\s+.+)$", re.IGNORECASE)
 
     def specs(self, text: str, offset: int = 0) -> list[ConceptSpec]:
         """Concepts of `text`; parents are 1-based positions counted after `offset` earlier concepts."""
@@ -162,7 +164,7 @@ class RuleDecomposer:
         noun, adjectives = phrase[-1], _adjective_groups(phrase[:-1])
         word = determiner.group(1).lower() if determiner else "a"
         counted = word not in ("a", "an", "the", "one", "some")
-        article = word if counted else ("an" if noun[0].lower() in "aeiou" else "a")
+        article = word if counted else _article(noun)
         obj = ConceptSpec(text=f"{article} {noun}", kind="count" if counted else "object")
         if not adjectives and not relation:
             return [obj]
@@ -176,6 +178,9 @@ class RuleDecomposer:
         ]
         if relation:
             parts.append(ConceptSpec(text=f"{article} {noun} {relation.strip()}", kind="relation", parent=parent))
+            # 'a cat to the left of a red sofa': the sofa is a concept of its own too.
+            if related := self._RELATED.search(relation):
+                parts += self._clause_specs(related.group(1), parent=parent + len(parts))
         return parts
 
     def decompose(self, prompt: str) -> tuple[list[Concept], int]:
@@ -241,7 +246,7 @@ _ADJECTIVES = {
 
 
 def _article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" else "a"
+    return "an" if word[:1].lower() in "aeiou" or word.lower().startswith("hour") else "a"
 
 
 def _adjective_groups(words: list[str]) -> list[str]:

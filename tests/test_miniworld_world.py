@@ -1,0 +1,159 @@
+"""The miniature world, its prompt grammar, the judge and the benchmark's splits and statistics (no models)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from imagerag.evals.miniworld.benchmark import (
+    K_BUCKETS,
+    PROMPTS_DIR,
+    SPLITS,
+    load_prompts,
+    make_split,
+    paired_bootstrap,
+    parse_caption,
+)
+from imagerag.evals.miniworld.grammar import (
+    Detected,
+    Group,
+    PromptSpec,
+    RelationSpec,
+    concept_text,
+    judge,
+    reading_of,
+    sample_prompt,
+)
+from imagerag.tools.backends.planner import RuleDecomposer
+from imagerag.tools.miniworld.world import (
+    ObjectSpec,
+    Scene,
+    caption,
+    corpus_scenes,
+    holds,
+    render,
+    write_corpus,
+)
+
+
+def test_world_is_deterministic_and_its_corpus_never_holds_an_evaluation_scene(tmp_path):
+    a, b = corpus_scenes(300, seed=3), corpus_scenes(300, seed=3)
+    assert a == b and all(sc.half == "corpus" for sc in a)
+    assert np.array_equal(np.asarray(render(a[0])), np.asarray(render(b[0])))
+    assert render(a[0]).size == (48, 48)
+    write_corpus(tmp_path / "c", n=30, seed=1, exclude_shapes=["heart"])
+    caps = [p.read_text() for p in sorted((tmp_path / "c").glob("*.txt"))]
+    assert len(caps) == 30 and not any("heart" in c for c in caps)
+    scene = Scene((ObjectSpec("square", "blue", "small", "right"), ObjectSpec("heart", "red", "large", "top left")))
+    assert caption(scene) == "a large red heart in the top left and a small blue square on the right"
+    assert [o[:2] for o in parse_caption(caption(scene))] == [("heart", "red"), ("square", "blue")]
+
+
+def test_scenes_reject_what_the_world_cannot_draw():
+    with pytest.raises(ValueError, match="unknown colour 'pink'"):
+        ObjectSpec("star", "pink", "small", "centre")
+    with pytest.raises(ValueError, match="share a cell"):
+        Scene((ObjectSpec("star", "red", "small", "top"), ObjectSpec("ring", "red", "small", "top")))
+    with pytest.raises(ValueError, match="1 to 4 objects"):
+        Scene(tuple(ObjectSpec("ring", "red", "small", c) for c in ("top", "left", "right", "bottom", "centre")))
+
+
+def test_relations_are_judged_on_grid_columns_and_rows():
+    assert holds("left of", "top left", "bottom right") and holds("above", "top right", "centre")
+    assert not holds("left of", "top", "bottom") and not holds("below", "left", "right")
+
+
+@pytest.mark.parametrize("k", range(1, 17))
+def test_sampled_prompts_carry_exactly_k_concepts_and_their_own_scene_satisfies_them(k):
+    rng = random.Random(k)
+    for rare in (False, True):
+        for _ in range(20):
+            spec = sample_prompt(rng, k, rare, half="eval")
+            assert spec.k == k and spec.has_rare == rare
+            assert spec.scene_objects is not None and spec.scene_objects.half == "eval"
+            assert judge(spec, reading_of(spec.scene_objects)).all_right
+
+
+def test_the_judge_fails_exactly_the_concept_that_is_wrong():
+    spec = PromptSpec(
+        id="x",
+        prompt="a red star to the left of a blue ring and two green squares",
+        groups=[
+            Group(shape="star", colour="red"),
+            Group(shape="ring", colour="blue"),
+            Group(shape="square", count=2, colour="green"),
+        ],
+        relations=[RelationSpec(subject=0, relation="left of", object=1)],
+    )
+    good = [
+        Detected("star", "red", "small", "left"),
+        Detected("ring", "blue", "large", "centre"),
+        Detected("square", "green", "small", "top"),
+        Detected("square", "green", "small", "bottom"),
+    ]
+    assert judge(spec, good).all_right and spec.k == 8
+
+    def failed(reading):
+        return sorted((c.kind, c.value) for c, ok in judge(spec, reading).concepts if not ok)
+
+    assert failed([good[0].__class__("star", "cyan", "small", "left"), *good[1:]]) == [("colour", "red")]
+    assert failed([good[0].__class__("star", "red", "small", "right"), *good[1:]]) == [("relation", "left of")]
+    assert failed([*good, Detected("square", "green", "small", "bottom right")]) == [("count", "2")]
+    assert failed(good[1:]) == [("colour", "red"), ("relation", "left of"), ("shape", "star")]
+
+
+def test_prompt_specs_refuse_contradictions():
+    with pytest.raises(ValueError, match="single objects without a cell"):
+        PromptSpec(
+            id="x",
+            prompt="...",
+            groups=[Group(shape="star", cell="left"), Group(shape="ring")],
+            relations=[RelationSpec(subject=0, relation="right of", object=1)],
+        )
+    with pytest.raises(ValueError, match="share a shape"):
+        PromptSpec(id="x", prompt="...", groups=[Group(shape="star"), Group(shape="star", colour="red")])
+
+
+def test_the_shipped_splits_are_what_the_code_draws_and_share_no_scene():
+    dev, test = load_prompts(PROMPTS_DIR / "dev.jsonl"), load_prompts(PROMPTS_DIR / "test.jsonl")
+    assert dev == make_split("dev") and test == make_split("test")
+    assert not {p.scene_key for p in dev} & {p.scene_key for p in test}
+    for split, name in ((dev, "dev"), (test, "test")):
+        assert len({p.scene_key for p in split}) == len(split)
+        assert all(p.scene_objects is not None and p.scene_objects.half == "eval" for p in split)
+        for lo, hi in K_BUCKETS.values():
+            for rare in (False, True):
+                assert sum(lo <= p.k <= hi and p.has_rare == rare for p in split) == SPLITS[name][0]
+
+
+def test_the_offline_planner_words_every_concept_as_the_judge_does():
+    planner = RuleDecomposer()
+    for spec in make_split("dev"):
+        words = {c.text for c in planner.decompose(spec.prompt)[0]}
+        assert {concept_text(spec, c) for c in spec.concepts} <= words, spec.prompt
+
+
+def test_prompt_files_name_the_bad_line(tmp_path):
+    spec = make_split("dev")[0]
+    bad = spec.model_copy(update={"id": "other"}).model_dump_json().replace(f'"{spec.groups[0].shape}"', '"dragon"')
+    path = tmp_path / "p.jsonl"
+    path.write_text(spec.model_dump_json() + "\n" + bad + "\n")
+    with pytest.raises(ValueError, match=r"(?s)p.jsonl:2: .*unknown shape 'dragon'"):
+        load_prompts(path)
+    path.write_text(spec.model_dump_json() + "\n" + spec.model_dump_json() + "\n")
+    with pytest.raises(ValueError, match="ids must be unique"):
+        load_prompts(path)
+
+
+def test_the_paired_bootstrap_finds_a_real_difference_and_none_where_there_is_none():
+    seeds = (0, 1, 2)
+    always = {f"p{i}": dict.fromkeys(seeds, True) for i in range(30)}
+    never = {f"p{i}": dict.fromkeys(seeds, False) for i in range(30)}
+    assert paired_bootstrap(always, never) == {"prompts": 30, "difference_points": 100.0, "ci95": [100.0, 100.0]}
+    rng = random.Random(0)
+    a = {f"p{i}": {s: rng.random() < 0.5 for s in seeds} for i in range(60)}
+    b = {f"p{i}": {s: rng.random() < 0.5 for s in seeds} for i in range(60)}
+    lo, hi = paired_bootstrap(a, b)["ci95"]
+    assert lo < 0 < hi
