@@ -120,6 +120,13 @@ def generate(
         int | None,
         typer.Option(min=1, max=16, help="Images per round in one batched call; each is judged and counts as one."),
     ] = None,
+    edits: Annotated[
+        bool | None,
+        typer.Option(
+            "--edits/--no-edits",
+            help="Redraw only what is missing when the best image holds the rest (default), or always redraw all.",
+        ),
+    ] = None,
     collection: Collection = None,
     data_dir: DataDir = None,
     out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
@@ -145,6 +152,7 @@ def generate(
         policy=policy,
         seed=seed,
         samples=samples,
+        edits=edits,
         collection=collection,
         data_dir=data_dir,
         review=review or None,
@@ -585,7 +593,8 @@ def eval_miniworld(
     ] = "0,1,2",
     images: Annotated[int, typer.Option(min=2, help="The loop's image budget, and N of best-of-N.")] = 4,
     conditions: Annotated[
-        str | None, typer.Option(help="Comma-separated subset of text_alone,best_of_n,one_pass,loop (default: all).")
+        str | None,
+        typer.Option(help="Comma-separated subset of text_alone,best_of_n,one_pass,loop,loop_edits (default: all)."),
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts (a quick look).")] = None,
     data_dir: Annotated[Path, typer.Option(help="Data folder for the world's corpus and collection.")] = Path(

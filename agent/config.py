@@ -31,6 +31,7 @@ class RunRecipe(BaseModel):
     max_tool_errors: int
     seed: int
     samples: int = 1
+    edits: bool = True
 
 
 class Settings(RunContext):

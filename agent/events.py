@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from imagerag.agent.result import RunResult
 from imagerag.graphs.state import Step
-from imagerag.tools.types import ConceptVerdict, RetrievalHit
+from imagerag.tools.types import ConceptVerdict, Edit, RetrievalHit
 
 
 class NodeStarted(BaseModel):
@@ -32,6 +32,14 @@ class RetrievalHits(BaseModel):
     kind: Literal["retrieved"] = "retrieved"
     captions: list[str]
     hits: list[RetrievalHit]
+
+
+class Edited(BaseModel):
+    """An image made by redrawing regions of another (the regions' boxes are the edit's mask)."""
+
+    kind: Literal["edited"] = "edited"
+    image_id: str
+    edit: Edit
 
 
 class Verdicts(BaseModel):
@@ -62,6 +70,14 @@ class Finished(BaseModel):
 
 
 RunEvent = Annotated[
-    NodeStarted | NodeFinished | DiffusionStep | RetrievalHits | Verdicts | BudgetLeft | ReviewRequested | Finished,
+    NodeStarted
+    | NodeFinished
+    | DiffusionStep
+    | RetrievalHits
+    | Edited
+    | Verdicts
+    | BudgetLeft
+    | ReviewRequested
+    | Finished,
     Field(discriminator="kind"),
 ]

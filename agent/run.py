@@ -30,6 +30,7 @@ from imagerag.agent.config import Settings
 from imagerag.agent.events import (
     BudgetLeft,
     DiffusionStep,
+    Edited,
     Finished,
     NodeFinished,
     NodeStarted,
@@ -381,6 +382,9 @@ def _update_events(updates: dict[str, Any], budget: Budget, announced: set[tuple
             continue
         yield NodeFinished(node=node, steps=update.get("steps", []))
         for candidate in update.get("candidates", []):
+            if candidate.edit is not None and (candidate.image_id, candidate.turn, -1) not in announced:
+                announced.add((candidate.image_id, candidate.turn, -1))
+                yield Edited(image_id=candidate.image_id, edit=candidate.edit)
             key = (candidate.image_id, candidate.turn, len(candidate.verdicts))
             if candidate.judged and key not in announced:
                 announced.add(key)

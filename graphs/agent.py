@@ -69,6 +69,9 @@ def agent(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     }
 
 
+DRAWS_WITH_REFERENCES = ("regenerate", "edit")
+
+
 def after_plan(state: AgentState) -> Literal["agent", "finish"]:
     return "finish" if state.current() and stop_reason(state) else "agent"
 
@@ -77,24 +80,27 @@ def after_agent(state: AgentState) -> Literal["review", "tools", "finish"]:
     last = state.messages[-1] if state.messages else None
     if not (isinstance(last, AIMessage) and last.tool_calls) or stop_reason(state):
         return "finish"
-    return "review" if state.review and any(c["name"] == "regenerate" for c in last.tool_calls) else "tools"
+    drawing = any(c["name"] in DRAWS_WITH_REFERENCES for c in last.tool_calls)
+    return "review" if state.review and drawing else "tools"
 
 
 def review(state: AgentState) -> dict[str, Any]:
-    """Show a person the references of each regenerate call; rewrite the call with their decision."""
+    """Show a person the references of each regenerate or edit call; rewrite the call with their decision."""
     last = state.messages[-1]
     assert isinstance(last, AIMessage)  # after_agent routes here only after an AI message with tool calls
     known = {h.id: h for h in state.hits}
     calls, added = [], []
     for tool_call in last.tool_calls:
-        if tool_call["name"] == "regenerate":
+        if tool_call["name"] in DRAWS_WITH_REFERENCES:
             hits = [known[i] for i in tool_call["args"].get("reference_ids", []) if i in known]
             chosen = ask_review(hits, [c.text for c in state.missing()], state.usage.rounds)
             added += [h for h in chosen if h.id not in known]
             tool_call = {**tool_call, "args": {**tool_call["args"], "reference_ids": [h.id for h in chosen]}}
         calls.append(tool_call)
     summary = "; ".join(
-        ", ".join(c["args"]["reference_ids"]) or "no reference" for c in calls if c["name"] == "regenerate"
+        ", ".join(c["args"].get("reference_ids", [])) or "no reference"
+        for c in calls
+        if c["name"] in DRAWS_WITH_REFERENCES
     )
     return {
         "messages": [last.model_copy(update={"tool_calls": calls})],

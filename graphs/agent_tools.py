@@ -1,4 +1,4 @@
-"""The four tools as an LLM sees them: LangChain tools with typed arguments, which read the run (budget, concepts,
+"""The five tools as an LLM sees them: LangChain tools with typed arguments, which read the run (budget, concepts,
 references retrieved so far) from the ToolNode's runtime and call the plain Toolkit. Each ToolMessage artifact is
 a ToolOutcome for the graph's `observe` node to record."""
 
@@ -11,9 +11,10 @@ from langgraph.prebuilt import ToolRuntime
 from pydantic import BaseModel, Field
 
 from imagerag.graphs.context import RunContext, toolkit
+from imagerag.graphs.rules import kept_verdicts
 from imagerag.graphs.state import AgentState
 from imagerag.tools.toolkit import Toolkit
-from imagerag.tools.types import Candidate, Concept, ConceptVerdict, Critique, RetrievalHit
+from imagerag.tools.types import Candidate, Concept, ConceptVerdict, Critique, EditRegion, RetrievalHit
 
 Runtime = ToolRuntime[RunContext, AgentState]
 
@@ -44,6 +45,7 @@ def describe_verdicts(image_id: str, verdicts: list[ConceptVerdict], concepts: l
     lines = [
         f"- {v.concept_id} {text.get(v.concept_id, '?')!r}: {'satisfied' if v.satisfied else 'MISSING'} (score {v.score:.2f})"
         + (f"; retrieve with {v.caption!r}" if v.caption and not v.satisfied else "")
+        + (f"; seen at {v.box.model_dump()}" if v.box else "")
         for v in verdicts
     ]
     return f"critique of image {image_id}:\n" + "\n".join(lines)
@@ -124,4 +126,38 @@ def regenerate(
     )
 
 
-TOOLS: list[BaseTool] = [generate, critique, retrieve, regenerate]
+@tool(response_format="content_and_artifact")
+def edit(
+    image_id: Annotated[str, Field(description="Id of the image to edit: one returned by a tool in this run.")],
+    regions: Annotated[
+        list[EditRegion],
+        Field(min_length=1, description="Regions to redraw, each with what to draw there ('' clears it)."),
+    ],
+    runtime: Runtime,
+    reference_ids: Annotated[
+        list[str], Field(description="Ids of references returned by retrieve, for what the regions draw.")
+    ] = [],  # noqa: B006 - a tool's JSON schema default, never mutated
+    seed: Annotated[int, Field(ge=0, description="Random seed.")] = 0,
+) -> tuple[str, ToolOutcome]:
+    """Redraw only some regions of an image and keep the rest: use it when an image holds some objects right and
+    misses or gets wrong others. Boxes are fractions of the image (x0, y0 top left; x1, y1 bottom right); critiques
+    say where objects were seen. To move an object, clear its old region and draw it in the new one."""
+    run = _run(runtime)
+    if run.usage.generations >= run.budget.max_generations:
+        raise ToolInputError("the generation budget is spent: no image can be edited")
+    source = next((c for c in run.candidates if c.image_id == image_id), None)
+    if source is None:
+        raise ToolInputError(f"unknown image id {image_id!r}: pass an id returned by a tool in this run")
+    known = {h.id: h for h in run.hits}
+    if unknown := [i for i in reference_ids if i not in known]:
+        raise ToolInputError(f"unknown reference ids {unknown}: pass ids returned by retrieve in this run")
+    candidate = _tools(runtime).edit(
+        image_id, regions, [known[i] for i in reference_ids], seed, round=run.usage.rounds, turn=run.turn
+    )
+    assert candidate.edit is not None
+    candidate = candidate.model_copy(update={"verdicts": kept_verdicts(source, candidate.edit, run.concepts)})
+    kept = "every pixel outside the regions kept" if candidate.edit.exact_outside else "the whole image redrawn"
+    return f"edited image {candidate.image_id} from {image_id} ({kept})", ToolOutcome(candidates=[candidate])
+
+
+TOOLS: list[BaseTool] = [generate, critique, retrieve, regenerate, edit]

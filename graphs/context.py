@@ -32,6 +32,10 @@ class RunContext(BackendConfig, BaseSettings):
     samples: int = Field(
         default=1, ge=1, le=16, description="Images per round, drawn in one batched call; each is judged and counted."
     )
+    edits: bool = Field(
+        default=True,
+        description="Redraw only the regions of what is missing when the best image holds the rest (else redraw all).",
+    )
     max_tool_errors: int = Field(default=3, ge=1, description="Consecutive failed tool calls before a run fails.")
     runs_dir: Path | None = Field(
         default=None, description="Where run folders go (one per thread); default: DATA_DIR/runs."

@@ -1,7 +1,10 @@
 """The deterministic policy: the paper's procedure, made iterative.
 
 plan -> generate -> critique -> (all satisfied or budget spent? finish) -> retrieve for the missing concepts ->
-[review] -> regenerate with the references -> critique -> ... Each round spends the generator's reference slots on
+[review] -> regenerate with the references, or edit -> critique -> ... When the best image holds some objects with
+all their concepts and misses something of others, the round edits it: only those objects' regions are redrawn
+(rules.edit_regions) and the verdicts on the rest stand (rules.kept_verdicts). Each round spends the generator's
+reference slots on
 what it could not draw from text (rules.targets_for_round), objects before their attributes, the least tried
 first; it never reuses a reference, and with no reference above the relevance threshold draws a fresh sample from
 text instead of conditioning on an unrelated image. A later turn of a thread starts from its best image.
@@ -16,8 +19,17 @@ from langgraph.runtime import Runtime
 
 from imagerag.graphs.context import RunContext, context_of, toolkit
 from imagerag.graphs.nodes import NODE_RETRY, ask_review, finish, judge_new, plan
-from imagerag.graphs.rules import best_of_turn, clock, concepts_from_best, stop_reason, targets_for_round
+from imagerag.graphs.rules import (
+    best_of_turn,
+    clock,
+    concepts_from_best,
+    edit_regions,
+    kept_verdicts,
+    stop_reason,
+    targets_for_round,
+)
 from imagerag.graphs.state import RunInput, RunOutput, RunState, Step
+from imagerag.tools.backends.layout import occupied_cells
 
 
 def after_plan(state: RunState) -> Literal["generate", "retrieve", "finish"]:
@@ -71,16 +83,24 @@ def retrieve(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     concepts = [c.model_copy(update={"attempts": c.attempts + 1}) if c.id in targeted else c for c in state.concepts]
     found = ", ".join(f"{h.caption!r} ({h.similarity:.2f})" for h in hits) or "nothing above the threshold"
     summary = f"for {', '.join(map(repr, captions))}: {found}"
+    regions = []
+    if best is not None and context_of(runtime).edits:
+        regions = edit_regions(state, occupied_cells(tools.images.get(best.image_id)))
     return {
         "hits": hits,
+        "regions": regions,
         "concepts": concepts,
         "usage": clock(state),
         "steps": [Step(node="retrieve", round=state.usage.rounds, summary=summary)],
     }
 
 
-def after_retrieve(state: RunState) -> Literal["review", "regenerate"]:
-    return "review" if state.review else "regenerate"
+def after_retrieve(state: RunState) -> Literal["review", "regenerate", "edit"]:
+    return "review" if state.review else after_review(state)
+
+
+def after_review(state: RunState) -> Literal["regenerate", "edit"]:
+    return "edit" if state.regions else "regenerate"
 
 
 def review(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
@@ -107,6 +127,26 @@ def regenerate(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     }
 
 
+def edit(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    best = best_of_turn(state)
+    assert best is not None  # rules.edit_regions plans an edit only of a judged image
+    usage = state.usage.add(rounds=1, generations=1)
+    seed = state.seed + state.usage.generations
+    drawn = toolkit(state, runtime).edit(
+        best.image_id, state.regions, state.hits, seed=seed, round=usage.rounds, turn=state.turn
+    )
+    assert drawn.edit is not None
+    drawn = drawn.model_copy(update={"verdicts": kept_verdicts(best, drawn.edit, state.concepts)})
+    redrawn = "; ".join(r.text or "cleared" for r in state.regions)
+    refs = ", ".join(h.caption for h in drawn.references) or "no reference"
+    summary = f"image {drawn.image_id}: {best.image_id} with its regions redrawn ({redrawn}) with {refs}"
+    return {
+        "candidates": [*state.candidates, drawn],
+        "usage": clock(state, usage),
+        "steps": [Step(node="edit", round=usage.rounds, summary=summary)],
+    }
+
+
 def build_imagerag_graph(
     context: type[RunContext] = RunContext,
 ) -> StateGraph[RunState, RunContext, RunInput, RunOutput]:
@@ -117,13 +157,15 @@ def build_imagerag_graph(
     builder.add_node(retrieve, retry_policy=NODE_RETRY)
     builder.add_node(review)
     builder.add_node(regenerate, retry_policy=NODE_RETRY)
+    builder.add_node(edit, retry_policy=NODE_RETRY)
     builder.add_node(finish)
     builder.add_edge(START, "plan")
     builder.add_conditional_edges("plan", after_plan)
     builder.add_edge("generate", "critique")
     builder.add_conditional_edges("critique", after_critique)
     builder.add_conditional_edges("retrieve", after_retrieve)
-    builder.add_edge("review", "regenerate")
+    builder.add_conditional_edges("review", after_review)
     builder.add_edge("regenerate", "critique")
+    builder.add_edge("edit", "critique")
     builder.add_edge("finish", END)
     return builder

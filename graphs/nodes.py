@@ -49,13 +49,15 @@ def plan(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     started = time.time()
     tools = toolkit(state, runtime)
     concepts, tokens = tools.decompose(state.message)
+    layout, layout_tokens = tools.layout(state.message, concepts)
     summary = "; ".join(f"{c.id} {c.kind}: {c.text}" for c in concepts)
-    usage = state.usage.add(llm_tokens=tokens).model_copy(update={"seconds": time.time() - started})
+    usage = state.usage.add(llm_tokens=tokens + layout_tokens).model_copy(update={"seconds": time.time() - started})
     return {
         "prompt": state.message,
         "run_dir": str(run_dir_of(state, context_of(runtime))),
         "started_at": started,
         "concepts": concepts,
+        "layout": layout,
         "usage": usage,
         "steps": [Step(node="plan", round=0, summary=summary)],
     }
@@ -65,6 +67,8 @@ def next_turn(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     previous = best_of_turn(state)
     tools = toolkit(state, runtime)
     prompt, concepts, tokens = tools.revise(state.prompt, state.concepts, state.message)
+    layout, layout_tokens = tools.layout(prompt, concepts)
+    tokens += layout_tokens
     turn = state.turn + 1
     revised = state.model_copy(
         update={
@@ -76,6 +80,8 @@ def next_turn(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
             "stop_reason": "",
             "error": None,
             "hits": [],
+            "layout": layout,
+            "regions": [],
             "started_at": time.time(),
             "usage": Usage(llm_tokens=tokens),
         }
@@ -94,7 +100,18 @@ def next_turn(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     summary = f"{state.message!r} -> {prompt!r}: " + "; ".join(f"{c.id}: {c.text}" for c in concepts)
     update: dict[str, Any] = {
         name: getattr(revised, name)
-        for name in ("prompt", "turn", "instruction", "status", "stop_reason", "error", "hits", "started_at")
+        for name in (
+            "prompt",
+            "turn",
+            "instruction",
+            "status",
+            "stop_reason",
+            "error",
+            "hits",
+            "layout",
+            "regions",
+            "started_at",
+        )
     }
     if "tool_errors" in type(state).model_fields:
         update["tool_errors"] = 0

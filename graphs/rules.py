@@ -4,7 +4,16 @@ round's references are for, and when the run stops. Both policies use them; test
 from __future__ import annotations
 
 from imagerag.graphs.state import RunState, Usage
-from imagerag.tools.types import Candidate, Concept, ConceptVerdict
+from imagerag.tools.backends.layout import (
+    CELL_BOXES,
+    CELL_PHRASES,
+    article,
+    cell_of,
+    named_cell,
+    pair_for,
+    relation_sign,
+)
+from imagerag.tools.types import Box, Candidate, Concept, ConceptVerdict, Edit, EditRegion
 
 RankKey = tuple[int, int, int, float, int]
 
@@ -106,3 +115,106 @@ def stop_reason(state: RunState) -> str | None:
         return "satisfied"
     spent = clock(state).spent(state.budget)
     return f"budget_exhausted:{spent}" if spent else None
+
+
+def dependents(concepts: list[Concept]) -> dict[str, list[Concept]]:
+    """The concepts that depend on each concept (an object's attributes, its place, its relations)."""
+    out: dict[str, list[Concept]] = {c.id: [] for c in concepts}
+    for c in concepts:
+        for parent in c.depends_on:
+            out.setdefault(parent, []).append(c)
+    return out
+
+
+def edit_regions(state: RunState, occupied: set[str]) -> list[EditRegion]:
+    """What an edit of the best image redraws; [] when the whole image should be drawn again instead.
+
+    An edit pays when the best image holds at least one object with all its concepts and misses something of
+    another object. Each such object is redrawn: in its place when only its look is wrong; else in the cell its
+    position words or its relation to a kept object ask for, or the layout's, or a free one, with its old place
+    cleared. `occupied`: grid cells where the best image has something drawn. Counts and styles cannot be fixed in
+    one region, so when one is missing the whole image is drawn again."""
+    best = best_of_turn(state)
+    if best is None:
+        return []
+    ok = best.satisfied_ids
+    by_id = {c.id: c for c in state.concepts}
+    for c in state.concepts:
+        if c.id not in ok and (c.kind in ("count", "style") or any(by_id[p].kind == "count" for p in c.depends_on)):
+            return []
+    deps = dependents(state.concepts)
+    objects = [c for c in state.concepts if c.kind == "object" and not c.depends_on]
+    broken = [o for o in objects if any(c.id not in ok for c in [o, *deps[o.id]])]
+    if not broken or len(broken) == len(objects):
+        return []
+    places = {v.concept_id: cell_of(v.box) for v in best.verdicts if v.box and v.concept_id in ok}
+    kept_cells = {places[o.id] for o in objects if o not in broken and o.id in places}
+    taken = set(occupied) | kept_cells
+    regions: list[EditRegion] = []
+    for obj in broken:
+        position = [d for d in deps[obj.id] if d.kind == "relation"]
+        old = places.get(obj.id)
+        if old is not None and all(d.id in ok for d in position):
+            cell = old  # drawn where it belongs: only its look is wrong
+        else:
+            cell = _target_cell(obj, position, objects, state.layout, places, taken - {old} if old else taken)
+            if old is not None and old != cell:
+                regions.append(EditRegion(box=CELL_BOXES[old], text="", concept_ids=[obj.id]))
+        taken.add(cell)
+        regions.append(
+            EditRegion(box=CELL_BOXES[cell], text=region_text(obj, deps[obj.id], cell), concept_ids=[obj.id])
+        )
+    return regions
+
+
+FREE_ORDER = ("centre", "top left", "bottom right", "top right", "bottom left", "top", "bottom", "left", "right")
+
+
+def _target_cell(
+    obj: Concept,
+    position: list[Concept],
+    objects: list[Concept],
+    layout: dict[str, Box],
+    places: dict[str, str],
+    taken: set[str],
+) -> str:
+    """Where a misplaced or missing object goes: the cell its position words name; for a relation, a free cell on
+    the right side of where the other object is (the object whose noun ends the relation); else the layout's cell,
+    else the first free one."""
+    free = [c for c in FREE_ORDER if c not in taken]
+    for d in position:
+        if cell := named_cell(d.text):
+            return cell
+        sign = relation_sign(d.text)
+        other = next((o for o in objects if o.id != obj.id and o.text.split()[-1] == d.text.split()[-1]), None)
+        pair = pair_for(sign, places[other.id], free) if sign and other and other.id in places else None
+        if pair:
+            return pair[0]
+    planned = cell_of(layout[obj.id]) if obj.id in layout else None
+    if planned and planned not in taken:
+        return planned
+    return free[0] if free else planned or "centre"
+
+
+def region_text(obj: Concept, deps: list[Concept], cell: str) -> str:
+    """What to draw in an object's region: its noun with every attribute's words, and the cell's place words
+    ('a large red heart in the top left')."""
+    noun = obj.text.split()[-1]
+    words = " ".join([*(w for d in deps if d.kind == "attribute" for w in d.text.split()[1:-1]), noun])
+    return f"{article(words)} {words} {CELL_PHRASES[cell]}"
+
+
+def kept_verdicts(source: Candidate, edit: Edit, concepts: list[Concept]) -> list[ConceptVerdict]:
+    """The source's verdicts an edit leaves standing: when every pixel outside the regions was kept, those of the
+    objects it did not redraw, their attributes and their places. Relations between objects and counts, which a
+    redrawn object may change, and everything of the redrawn objects are judged again."""
+    if not edit.exact_outside:
+        return []
+    redrawn = {cid for r in edit.regions for cid in r.concept_ids}
+    by_id = {c.id: c for c in concepts}
+
+    def stands(c: Concept) -> bool:
+        untouched = c.id not in redrawn and not redrawn & set(c.depends_on)
+        return untouched and (c.kind in ("object", "attribute") or (c.kind == "relation" and bool(named_cell(c.text))))
+
+    return [v for v in source.verdicts if v.concept_id in by_id and stands(by_id[v.concept_id])]

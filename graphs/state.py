@@ -11,7 +11,7 @@ from langchain_core.messages import AnyMessage
 from langgraph.graph.message import add_messages
 from pydantic import BaseModel, Field, field_validator
 
-from imagerag.tools.types import Candidate, Concept, RetrievalHit
+from imagerag.tools.types import Box, Candidate, Concept, EditRegion, RetrievalHit
 
 # stopped: the agent policy ended with a final answer while concepts were missing and budget was left.
 # paused: waiting for a person's review of the references (resume with a decision).
@@ -120,6 +120,8 @@ class RunState(RunOutput, RunInput):
     # Set by the first node that runs (not a default factory: a field no node writes would be "now" in every node).
     started_at: float | None = None
     hits: list[RetrievalHit] = Field(default_factory=list, description="References retrieved this round.")
+    layout: dict[str, Box] = Field(default_factory=dict, description="Where each object concept should go.")
+    regions: list[EditRegion] = Field(default_factory=list, description="What this round's edit redraws, if any.")
 
     def current(self) -> list[Candidate]:
         """This turn's candidates (earlier turns are history)."""

@@ -40,6 +40,9 @@ class GeneratorSpec(BaseModel):
     negative_prompt: str = ""
     max_references: int = Field(default=1, ge=1, description="Reference images one regeneration accepts.")
     regenerate_template: str = Field(description="Prompt template in prompts/ for a regeneration.")
+    edit_template: str | None = Field(
+        default=None, description="Prompt template for an edit's regions; None: the regeneration's."
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
 
 
@@ -113,6 +116,7 @@ PROFILES: dict[str, Profile] = {
             width=1024,
             max_references=3,
             regenerate_template="regenerate_omnigen",
+            edit_template="edit_omnigen",
             dtype="bfloat16",
         ),
         clip=_OPENAI_B32,

@@ -1,4 +1,4 @@
-"""The four tools (generate, critique, retrieve, regenerate) plus decomposition, over injected backends.
+"""The tools (generate, critique, retrieve, regenerate, edit) plus decomposition and layout, over injected backends.
 
 Each tool is a plain method returning typed results. The agent policy exposes them to an LLM as LangChain tools
 (graphs.agent_tools), where the run's state decides what a call may do.
@@ -15,10 +15,11 @@ from imagerag.prompts import render
 from imagerag.tools.backends.diffusion import Generator
 from imagerag.tools.backends.images import ImageStore
 from imagerag.tools.backends.judges import Critic
+from imagerag.tools.backends.layout import clear, edit_margin, region_mask, rule_layout
 from imagerag.tools.backends.planner import Decomposer, apply_revision
 from imagerag.tools.backends.store import ReferenceStore
 from imagerag.tools.config import Profile
-from imagerag.tools.types import Candidate, Concept, Critique, RetrievalHit
+from imagerag.tools.types import Box, Candidate, Concept, Critique, Edit, EditRegion, RetrievalHit
 
 
 @dataclass
@@ -44,6 +45,10 @@ def _stream_progress(event: dict) -> None:
         pass
 
 
+def _on_step(step: int, total: int) -> None:
+    _stream_progress({"event": "diffusion_step", "step": step, "total": total})
+
+
 class Toolkit:
     def __init__(self, backends: Backends, images: ImageStore):
         self.backends, self.images = backends, images
@@ -54,6 +59,12 @@ class Toolkit:
 
     def decompose(self, prompt: str) -> tuple[list[Concept], int]:
         return self.backends.decomposer.decompose(prompt)
+
+    def layout(self, prompt: str, concepts: list[Concept]) -> tuple[dict[str, Box], int]:
+        """A box per object concept, where it should go: the LLM planner's layout when it gives one, else rules on
+        position and relation words."""
+        boxes, tokens = self.backends.decomposer.layout(prompt, concepts)
+        return {**rule_layout(concepts), **boxes}, tokens
 
     def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[str, list[Concept], int]:
         """Apply a thread's next message: the rewritten prompt, the concepts (kept ones keep their verdicts), tokens."""
@@ -94,14 +105,47 @@ class Toolkit:
         conditioned = render(template, prompt=prompt, references=references)
         return self._draw(prompt, conditioned, seed, n, references, round, turn)
 
+    def edit(
+        self,
+        image_id: str,
+        regions: list[EditRegion],
+        references: list[RetrievalHit],
+        seed: int = 0,
+        round: int = 1,
+        turn: int = 1,
+    ) -> Candidate:
+        """Redraw only inside `regions` of a stored image, from their texts and the references, keeping the rest.
+        Regions with no text are cleared to the background (what was there is removed or moved away)."""
+        references = references[: self.max_references]
+        source = self.images.get(image_id)
+        margin = edit_margin(source.size)
+        image = clear(source, [r.box for r in regions if not r.text], margin)
+        drawn = [r for r in regions if r.text]
+        text = " and ".join(r.text for r in drawn)
+        exact = True
+        if drawn:
+            spec = self.backends.profile.generator
+            template = spec.edit_template or (spec.regenerate_template if references else "regenerate_plain")
+            text = render(template, prompt=text, references=references)
+            mask = region_mask(image.size, [r.box for r in drawn], margin)
+            image, exact = self.backends.generator.edit(
+                image, mask, text, seed, [ReferenceStore.load_image(h) for h in references], on_step=_on_step
+            )
+        return Candidate(
+            image_id=self.images.put(image),
+            round=round,
+            turn=turn,
+            prompt=text,
+            seed=seed,
+            references=references,
+            edit=Edit(source=image_id, regions=regions, exact_outside=exact),
+        )
+
     def _draw(
         self, prompt: str, conditioned: str, seed: int, n: int, references: list[RetrievalHit], round: int, turn: int
     ) -> list[Candidate]:
-        def on_step(step: int, total: int) -> None:
-            _stream_progress({"event": "diffusion_step", "step": step, "total": total})
-
         images = self.backends.generator.generate(
-            conditioned, seed, n, [ReferenceStore.load_image(h) for h in references], on_step=on_step
+            conditioned, seed, n, [ReferenceStore.load_image(h) for h in references], on_step=_on_step
         )
         return [
             Candidate(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 ConceptKind = Literal["object", "attribute", "style", "relation", "count"]
 Verdict = Literal["pending", "satisfied", "missing"]
@@ -29,6 +29,33 @@ class Concept(BaseModel):
     )
 
 
+class Box(BaseModel):
+    """A rectangle of an image in fractions of its width and height: (x0, y0) is the top left corner."""
+
+    x0: float = Field(ge=0.0, le=1.0)
+    y0: float = Field(ge=0.0, le=1.0)
+    x1: float = Field(ge=0.0, le=1.0)
+    y1: float = Field(ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Box:
+        if not (self.x0 < self.x1 and self.y0 < self.y1):
+            raise ValueError(f"a box needs x0 < x1 and y0 < y1, got ({self.x0}, {self.y0}, {self.x1}, {self.y1})")
+        return self
+
+    def pixels(self, width: int, height: int, margin: int = 0) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) in pixels, grown by `margin` pixels on every side, within the image."""
+        return (
+            max(0, round(self.x0 * width) - margin),
+            max(0, round(self.y0 * height) - margin),
+            min(width, round(self.x1 * width) + margin),
+            min(height, round(self.y1 * height) + margin),
+        )
+
+    def overlaps(self, other: Box) -> bool:
+        return self.x0 < other.x1 and other.x0 < self.x1 and self.y0 < other.y1 and other.y0 < self.y1
+
+
 class ConceptVerdict(BaseModel):
     """The critic's judgement of one concept on one image."""
 
@@ -40,6 +67,7 @@ class ConceptVerdict(BaseModel):
         default=None,
         description="For a missing concept: a stand-alone caption that would retrieve an image of it.",
     )
+    box: Box | None = Field(default=None, description="For an object: where the critic sees it, when it can say.")
 
 
 class Critique(BaseModel):
@@ -59,6 +87,22 @@ class RetrievalHit(BaseModel):
     query: str = Field(default="", description="The caption this hit was retrieved for.")
 
 
+class EditRegion(BaseModel):
+    """One region an edit redraws: what to draw there ('' for background: what was there is removed)."""
+
+    box: Box
+    text: str = Field(description="What to draw in the region, e.g. 'a large red heart in the top left'; '' clears it.")
+    concept_ids: list[str] = Field(default_factory=list, description="The object concepts the region is for.")
+
+
+class Edit(BaseModel):
+    """How a candidate was made from another image by redrawing regions of it."""
+
+    source: str = Field(description="Id of the edited image.")
+    regions: list[EditRegion]
+    exact_outside: bool = Field(description="Whether every pixel outside the regions is the source's, exactly.")
+
+
 class Candidate(BaseModel):
     """One generated image and what the critic said of it."""
 
@@ -69,6 +113,7 @@ class Candidate(BaseModel):
     seed: int
     references: list[RetrievalHit] = Field(default_factory=list)
     verdicts: list[ConceptVerdict] = Field(default_factory=list)
+    edit: Edit | None = Field(default=None, description="Set when the image is an edit of another.")
 
     @property
     def judged(self) -> bool:

@@ -4,7 +4,10 @@ Conditions, each run on the same prompts and seeds with the mini profile (N = th
     text_alone   one image from text
     best_of_n    N images from text in one round, the best by the same critic (compute-matched parallel sampling)
     one_pass     the paper's procedure: an image, then one regeneration with references; the last image is kept
-    loop         the imagerag policy for up to N rounds and N images, returning the best image
+    loop         the imagerag policy for up to N rounds and N images, returning the best image, every round
+                 redrawing the whole image
+    loop_edits   the same, but a round edits the best image (redraws only the regions of what it misses) when it
+                 holds some objects with all their concepts
 Every chosen image is read by the oracle (evals/miniworld/oracle.py, never seen by the agent) and judged per concept
 (grammar.judge). The report gives the share of prompts with every concept right by k and by rare/common, per-kind
 rates, images and seconds per prompt, how often the critic agrees with the oracle per concept kind, and the paired
@@ -48,6 +51,7 @@ class Condition(BaseModel):
     name: str
     rounds: int
     samples: int = 1
+    edits: bool = False
     pick: str = "best"  # "last": the last image, as the paper's one pass returns it
 
 
@@ -57,6 +61,7 @@ def conditions(images: int) -> list[Condition]:
         Condition(name="best_of_n", rounds=1, samples=images),
         Condition(name="one_pass", rounds=2, pick="last"),
         Condition(name="loop", rounds=images),
+        Condition(name="loop_edits", rounds=images, edits=True),
     ]
 
 
@@ -138,7 +143,8 @@ def run_one(
 ) -> Outcome:
     images = condition.rounds * condition.samples
     budget = Budget(max_rounds=condition.rounds, max_generations=images, max_seconds=None, max_tokens=None)
-    settings = settings.model_copy(update={"budget": budget, "seed": seed, "samples": condition.samples})
+    update = {"budget": budget, "seed": seed, "samples": condition.samples, "edits": condition.edits}
+    settings = settings.model_copy(update=update)
     result = run(spec.prompt, settings, runs, backends=backends)
     chosen = result.candidates[-1] if condition.pick == "last" else result.best
     if chosen is None:
@@ -323,8 +329,9 @@ def summarise(outcomes: list[Outcome]) -> dict:
         return t
 
     report["paired"] = {}
-    for method in ("loop",):
-        for base in (c for c in by_condition if c != method):
+    methods = [m for m in ("loop_edits", "loop") if m in by_condition]
+    for method in methods:
+        for base in (c for c in by_condition if c not in methods[: methods.index(method) + 1]):
             report["paired"][f"{method} - {base}"] = {
                 label: paired_bootstrap(table(method, f), table(base, f)) for label, f in SUBSETS.items()
             }

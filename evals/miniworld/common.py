@@ -34,11 +34,15 @@ SEED_T2I = 303
 SEED_EVAL = 900_001
 
 
-def seed_everything(seed: int, threads: int = 2) -> None:
+# Training threads; `train --threads 1` helps when other jobs share the two cores (oversubscribed threads spin).
+THREADS = int(os.environ.get("IMAGERAG_TRAIN_THREADS", "2"))
+
+
+def seed_everything(seed: int, threads: int | None = None) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or THREADS)
 
 
 class Pool:

@@ -409,7 +409,7 @@ def set_ip_scale(unet, scale: float) -> None:
 
 def train(
     out_dir: Path = MODELS_DIR,
-    vae_steps: int = 1200,
+    vae_steps: int = 600,
     enc_steps: int = 500,
     unet_steps: int = 3600,
     batch: int = 48,

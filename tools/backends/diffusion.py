@@ -1,7 +1,12 @@
-"""Text-to-image generators. One pipeline per process serves both generate and regenerate.
+"""Text-to-image generators. One pipeline per process serves generate, regenerate and edit.
 
 IP-Adapter pipelines (SD 1.5, SDXL) take at most one reference: without one the adapter scale is set to 0, so
 the same weights in memory produce plain text-to-image. OmniGen takes up to three references in context.
+
+Edits redraw the white part of a mask. SD and SDXL inpaint through a pipeline built once with `from_pipe`, which
+shares every loaded component (no second copy of the weights) and, with a plain 4-channel UNet, blends the known
+latents back at every step; the source is then pasted back outside the mask, so those pixels are exactly kept.
+OmniGen has no inpainting pipeline: it redraws the whole image with the source in context, and says so.
 
 A loaded pipeline is shared by every run in the process (a server serves several threads at once), but diffusers
 pipelines are not thread-safe: the scheduler's timesteps and the IP-Adapter scale live on the pipeline. So each
@@ -37,6 +42,18 @@ class Generator(Protocol):
         on_step: StepCallback | None = None,
     ) -> list[Image.Image]: ...
 
+    def edit(
+        self,
+        image: Image.Image,
+        mask: Image.Image,
+        prompt: str,
+        seed: int,
+        references: Sequence[Image.Image] = (),
+        on_step: StepCallback | None = None,
+    ) -> tuple[Image.Image, bool]:
+        """`image` redrawn where `mask` (mode L) is white; and whether every pixel where it is black was kept."""
+        ...
+
 
 def pick_device(device: str) -> str:
     if device != "auto":
@@ -58,6 +75,7 @@ class DiffusersGenerator:
         self.pipe, self.spec, self.device = pipe, spec, device
         self.max_references = spec.max_references
         self._lock = threading.Lock()  # one call at a time on this pipeline (see the module's note)
+        self._inpaint: DiffusionPipeline | None = None
 
     @classmethod
     def from_pretrained(
@@ -112,6 +130,59 @@ class DiffusersGenerator:
         references: Sequence[Image.Image] = (),
         on_step: StepCallback | None = None,
     ) -> list[Image.Image]:
+        kwargs = self._arguments(prompt, seed, n, references[: self.max_references], on_step)
+        with self._lock:
+            self._set_adapter_scale(self.pipe, references)
+            images: list[Image.Image] = self.pipe(**kwargs).images
+        return images
+
+    def edit(
+        self,
+        image: Image.Image,
+        mask: Image.Image,
+        prompt: str,
+        seed: int,
+        references: Sequence[Image.Image] = (),
+        on_step: StepCallback | None = None,
+    ) -> tuple[Image.Image, bool]:
+        image = image.convert("RGB")
+        if self.spec.family == "omnigen":  # the source goes in context as image 1, the references after it
+            kwargs = self._arguments(prompt, seed, 1, [image, *references[: self.max_references]], on_step)
+            with self._lock:
+                return self.pipe(**kwargs).images[0], False
+        kwargs = self._arguments(prompt, seed, 1, references, on_step)
+        kwargs.update(image=image, mask_image=mask, strength=1.0)
+        with self._lock:
+            inpaint = self._inpainting()
+            self._set_adapter_scale(inpaint, references)
+            drawn: Image.Image = inpaint(**kwargs).images[0]
+        return Image.composite(drawn.resize(image.size), image, mask.convert("L")), True
+
+    def _inpainting(self) -> DiffusionPipeline:
+        """The inpainting pipeline over the loaded components, built on first use (call under the lock). The dtype
+        is passed on: from_pipe would otherwise convert the shared modules to float32."""
+        if self._inpaint is None:
+            from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+
+            cls = StableDiffusionXLInpaintPipeline if self.spec.family == "sdxl" else StableDiffusionInpaintPipeline
+            self._inpaint = cls.from_pipe(self.pipe, dtype=self.pipe.dtype)
+            self._inpaint.set_progress_bar_config(disable=True)
+        return self._inpaint
+
+    def _set_adapter_scale(self, pipe: DiffusionPipeline, references: Sequence[Image.Image]) -> None:
+        if self.spec.family != "omnigen" and self.spec.ip_adapter is not None:
+            # Scale 0 turns the adapter off exactly, so text-only calls share the loaded weights. Set under the
+            # lock: another thread's call must not change it between here and this call's last step.
+            pipe.set_ip_adapter_scale(self.spec.ip_adapter.scale if references else 0.0)
+
+    def _arguments(
+        self,
+        prompt: str,
+        seed: int,
+        n: int,
+        references: Sequence[Image.Image],
+        on_step: StepCallback | None,
+    ) -> dict[str, Any]:
         spec = self.spec
         kwargs: dict[str, Any] = {
             "prompt": prompt,
@@ -134,17 +205,11 @@ class DiffusersGenerator:
             kwargs["callback_on_step_end"] = callback
         if spec.family == "omnigen":
             kwargs.update(
-                input_images=list(references[: self.max_references]) or None,
+                input_images=list(references) or None,
                 img_guidance_scale=spec.image_guidance_scale,
             )
         else:
             kwargs["negative_prompt"] = spec.negative_prompt or None
             if spec.ip_adapter is not None:
                 kwargs["ip_adapter_image"] = references[0] if references else Image.new("RGB", (224, 224))
-        with self._lock:
-            if spec.family != "omnigen" and spec.ip_adapter is not None:
-                # Scale 0 turns the adapter off exactly, so text-only calls share the loaded weights. Set under the
-                # lock: another thread's call must not change it between here and this call's last step.
-                self.pipe.set_ip_adapter_scale(spec.ip_adapter.scale if references else 0.0)
-            images: list[Image.Image] = self.pipe(**kwargs).images
-        return images
+        return kwargs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Protocol
 
 from langchain_core.language_models import BaseChatModel
@@ -12,8 +13,9 @@ from pydantic import BaseModel
 
 from imagerag.prompts import render
 from imagerag.tools.backends.clip import ClipEmbedder
+from imagerag.tools.backends.layout import CELL_BOXES, background_colour
 from imagerag.tools.backends.llm import image_data_url, structured_call
-from imagerag.tools.types import Concept, ConceptVerdict, Critique
+from imagerag.tools.types import Box, Concept, ConceptVerdict, Critique
 
 
 class Critic(Protocol):
@@ -35,6 +37,12 @@ class ClipJudge:
     def critique(self, image: Image.Image, concepts: list[Concept], prompt: str = "") -> Critique:
         image_embedding = self.embedder.embed_images([image])[0]
         similarities = self.embedder.embed_texts([c.text for c in concepts]) @ image_embedding
+        objects = [
+            c
+            for c, s in zip(concepts, similarities.tolist(), strict=True)
+            if c.kind == "object" and s >= self.threshold
+        ]
+        places = dict(zip((c.id for c in objects), self.locate(image, [c.text for c in objects]), strict=True))
         verdicts = []
         for concept, similarity in zip(concepts, similarities.tolist(), strict=True):
             satisfied = similarity >= self.threshold
@@ -45,9 +53,27 @@ class ClipJudge:
                     score=1.0 / (1.0 + math.exp(-(similarity - self.threshold) / self.SHARPNESS)),
                     evidence=f"CLIP similarity {similarity:.3f} (threshold {self.threshold:.3f})",
                     caption=None if satisfied else concept.text,
+                    box=places.get(concept.id),
                 )
             )
         return Critique(verdicts=verdicts)
+
+    def locate(self, image: Image.Image, texts: list[str], boxes: Sequence[Box] | None = None) -> list[Box | None]:
+        """Where each text's object is: the box (default: the 3x3 grid's cells) whose content alone, on the image's
+        background, CLIP matches best with the text; None when no box reaches the judge's threshold."""
+        if not texts:
+            return []
+        boxes = list(boxes or CELL_BOXES.values())
+        background = background_colour(image)
+        crops = []
+        for box in boxes:
+            alone = Image.new("RGB", image.size, background)
+            region = box.pixels(*image.size)
+            alone.paste(image.crop(region), region[:2])
+            crops.append(alone)
+        sims = self.embedder.embed_texts(texts) @ self.embedder.embed_images(crops).T
+        best = sims.argmax(axis=1).tolist()
+        return [boxes[j] if float(sims[i, j]) >= self.threshold else None for i, j in enumerate(best)]
 
 
 class VLMJudgement(BaseModel):

@@ -13,8 +13,9 @@ from langchain_core.messages import HumanMessage
 from pydantic import BaseModel, Field
 
 from imagerag.prompts import render
+from imagerag.tools.backends.layout import CELL_PHRASES, article, named_cell
 from imagerag.tools.backends.llm import structured_call
-from imagerag.tools.types import Concept, ConceptKind
+from imagerag.tools.types import Box, Concept, ConceptKind
 
 
 class ConceptSpec(BaseModel):
@@ -42,8 +43,19 @@ class Revision(BaseModel):
     concepts: list[RevisedConcept] = Field(min_length=1)
 
 
+class PlacedObject(BaseModel):
+    concept_id: str = Field(description="The object's id, as listed.")
+    box: Box
+
+
+class Layout(BaseModel):
+    boxes: list[PlacedObject]
+
+
 class Decomposer(Protocol):
     def decompose(self, prompt: str) -> tuple[list[Concept], int]: ...
+
+    def layout(self, prompt: str, concepts: list[Concept]) -> tuple[dict[str, Box], int]: ...
 
     def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]: ...
 
@@ -104,6 +116,16 @@ class LLMDecomposer:
         message = HumanMessage(render("revise", prompt=prompt, concepts=concepts, instruction=instruction))
         return structured_call(self.llm, Revision, [message], self.retries)
 
+    def layout(self, prompt: str, concepts: list[Concept]) -> tuple[dict[str, Box], int]:
+        """Boxes for the object concepts through structured output, as LMD plans a layout."""
+        objects = [c for c in concepts if c.kind == "object" and not c.depends_on]
+        if not objects:
+            return {}, 0
+        message = HumanMessage(render("layout", prompt=prompt, objects=objects))
+        answer, tokens = structured_call(self.llm, Layout, [message], self.retries)
+        ids = {c.id for c in objects}
+        return {p.concept_id: p.box for p in answer.boxes if p.concept_id in ids}, tokens
+
 
 class RuleDecomposer:
     """Offline parser, in the spirit of DSG. Splits a prompt into noun-phrase clauses (at commas, semicolons, and
@@ -128,6 +150,7 @@ class RuleDecomposer:
     _REMOVE = re.compile(
         _LEAD + r"(?:remove|drop|delete|take out|get rid of|without|no)\s+(?:the\s+)?(.+)$", re.IGNORECASE
     )
+    _MOVE = re.compile(_LEAD + r"(?:move|shift)\s+(?:the\s+)?(\w+)\s+(.+)$", re.IGNORECASE)
     _CHANGE = re.compile(
         _LEAD + r"(?:make|turn|change|paint|colou?r)\s+(?:the\s+)?(.+?)\s+(?:to\s+|into\s+)?(\w+)$", re.IGNORECASE
     )
@@ -142,7 +165,9 @@ class RuleDecomposer:
         re.IGNORECASE,
     )
 
-    _RELATED = re.compile(r"\b(?:of|on|in|at|by|above|below|under|over|beside|behind|near)\s+((?:a|an|one)\s+.+)$", re.IGNORECASE)
+    _RELATED = re.compile(
+        r"\b(?:of|on|in|at|by|above|below|under|over|beside|behind|near)\s+((?:a|an|one)\s+.+)$", re.IGNORECASE
+    )
 
     def specs(self, text: str, offset: int = 0) -> list[ConceptSpec]:
         """Concepts of `text`; parents are 1-based positions counted after `offset` earlier concepts."""
@@ -164,31 +189,55 @@ class RuleDecomposer:
         noun, adjectives = phrase[-1], _adjective_groups(phrase[:-1])
         word = determiner.group(1).lower() if determiner else "a"
         counted = word not in ("a", "an", "the", "one", "some")
-        article = word if counted else _article(noun)
-        obj = ConceptSpec(text=f"{article} {noun}", kind="count" if counted else "object")
+        det = word if counted else article(noun)
+        obj = ConceptSpec(text=f"{det} {noun}", kind="count" if counted else "object")
         if not adjectives and not relation:
             return [obj]
         parts = [obj] + [
             ConceptSpec(
-                text=f"{_article(a)} {a} {noun}" if not counted else f"{article} {a} {noun}",
+                text=f"{article(a)} {a} {noun}" if not counted else f"{det} {a} {noun}",
                 kind="attribute",
                 parent=parent,
             )
             for a in adjectives
         ]
         if relation:
-            parts.append(ConceptSpec(text=f"{article} {noun} {relation.strip()}", kind="relation", parent=parent))
+            parts.append(ConceptSpec(text=f"{det} {noun} {relation.strip()}", kind="relation", parent=parent))
             # 'a cat to the left of a red sofa': the sofa is a concept of its own too.
             if related := self._RELATED.search(relation):
                 parts += self._clause_specs(related.group(1), parent=parent + len(parts))
         return parts
 
+    def _moved(self, prompt: str, kept: list[RevisedConcept], noun: str, place: str) -> Revision:
+        """'move the ring to the left': the ring's place ('a ring on the left') replaces its old place or relation,
+        in the concepts and in the prompt's clause about the ring."""
+        cell = named_cell(place)
+        where = CELL_PHRASES[cell] if cell else re.sub(r"\bthe\b", "a", place.strip())
+        own = [k for k in kept if k.kind == "relation" and k.text.lower().split()[1:2] == [noun]]
+        obj = next(k for k in kept if noun in k.text.lower().split())
+        text = f"{article(noun)} {noun} {where}"
+        concepts = [k for k in kept if k not in own] + [
+            RevisedConcept(text=text, kind="relation", parent=kept.index(obj) + 1)
+        ]
+        clauses = self.clauses(prompt)
+        for i, clause in enumerate(clauses):
+            words = clause.split()
+            if noun in [w.lower() for w in words]:
+                head = words[: [w.lower() for w in words].index(noun) + 1]
+                clauses[i] = " ".join([*head, where])
+        return Revision(prompt=", ".join(clauses), concepts=concepts)
+
     def decompose(self, prompt: str) -> tuple[list[Concept], int]:
         return number(self.specs(prompt) or [ConceptSpec(text=prompt.strip())]), 0
+
+    def layout(self, prompt: str, concepts: list[Concept]) -> tuple[dict[str, Box], int]:
+        return {}, 0  # the toolkit's rules (layout.rule_layout) place every object
 
     def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]:
         kept = [RevisedConcept(text=c.text, kind=c.kind, keep=c.id) for c in concepts]
         text = instruction.strip().rstrip(".!")
+        if (match := self._MOVE.match(text)) and any(match.group(1).lower() in k.text.lower().split() for k in kept):
+            return self._moved(prompt, kept, match.group(1).lower(), match.group(2)), 0
         if match := self._REMOVE.match(text):
             noun = match.group(1).split()[-1].lower()
             remaining = [k for k in kept if noun not in k.text.lower().split()]
@@ -200,10 +249,16 @@ class RuleDecomposer:
                 # The attribute in front of the noun changes ('a blue square' -> 'a green square'); with none,
                 # the new attribute is added beside its object.
                 changed = [k for k in kept if _adjective_before(k.text, noun)]
+                # The changed attribute still belongs to its object (1-based position, as a parent).
+                owner = next(
+                    (i for i, k in enumerate(kept, 1) if k.kind == "object" and k.text.split()[-1] == noun), None
+                )
                 for k in changed:
-                    k.text, k.keep = _set_adjective(k.text, noun, adjective), None
+                    k.text, k.keep, k.parent = _set_adjective(k.text, noun, adjective), None, owner
                 if not changed:
-                    kept.append(RevisedConcept(text=f"{_article(adjective)} {adjective} {noun}", kind="attribute"))
+                    kept.append(
+                        RevisedConcept(text=f"{article(adjective)} {adjective} {noun}", kind="attribute", parent=owner)
+                    )
                 return Revision(prompt=_set_adjective(prompt, noun, adjective), concepts=kept), 0
             text = f"a {adjective} {noun}"
         if match := self._ADD.match(text):
@@ -243,10 +298,6 @@ _ADJECTIVES = {
     "striped",
     "dotted",
 }
-
-
-def _article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" or word.lower().startswith("hour") else "a"
 
 
 def _adjective_groups(words: list[str]) -> list[str]:

@@ -27,6 +27,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
+from imagerag.tools.backends.layout import CELL_NAMES, CELL_PHRASES
+
 IMAGE_SIZE = 48
 GRID = 3
 CELL = IMAGE_SIZE // GRID
@@ -64,29 +66,8 @@ SIZES: dict[str, float] = {"small": 4.5, "large": 6.5}  # radius in output pixel
 SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
 JITTER = 0.75  # largest offset of an object from its cell's centre, in output pixels
 
-# Cells row by row; a cell's name is also how a prompt names it.
-CELLS: tuple[str, ...] = (
-    "top left",
-    "top",
-    "top right",
-    "left",
-    "centre",
-    "right",
-    "bottom left",
-    "bottom",
-    "bottom right",
-)
-CELL_PHRASES: dict[str, str] = {
-    "top left": "in the top left",
-    "top": "at the top",
-    "top right": "in the top right",
-    "left": "on the left",
-    "centre": "in the centre",
-    "right": "on the right",
-    "bottom left": "in the bottom left",
-    "bottom": "at the bottom",
-    "bottom right": "in the bottom right",
-}
+# The grid's cells and how prompts name them: the runtime's layout vocabulary (tools.backends.layout).
+CELLS: tuple[str, ...] = CELL_NAMES
 
 Relation = Literal["left of", "right of", "above", "below"]
 RELATIONS: tuple[Relation, ...] = ("left of", "right of", "above", "below")

@@ -1,0 +1,186 @@
+"""Region edits: the edit tool keeps every pixel outside its mask on the pipelines that inpaint, shares the loaded
+weights and dtype, the rules plan what to redraw, and the loop edits the best image when it holds some objects."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scripted import ScriptedCritic
+
+from imagerag.agent.config import Settings
+from imagerag.agent.run import run
+from imagerag.graphs.rules import edit_regions, kept_verdicts
+from imagerag.graphs.state import RunState
+from imagerag.tools.backends.images import ImageStore
+from imagerag.tools.backends.layout import CELL_BOXES, edit_margin, region_mask, rule_layout
+from imagerag.tools.backends.loading import load_backends
+from imagerag.tools.backends.planner import RuleDecomposer
+from imagerag.tools.backends.store import chroma_client, reference_cache
+from imagerag.tools.toolkit import Toolkit
+from imagerag.tools.types import Candidate, ConceptVerdict, EditRegion, RetrievalHit
+
+
+def _noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _outside_equal(before: Image.Image, after: Image.Image, regions: list[EditRegion]) -> bool:
+    mask = np.asarray(region_mask(before.size, [r.box for r in regions], edit_margin(before.size))) > 0
+    return bool((np.asarray(before)[~mask] == np.asarray(after)[~mask]).all()) and bool(mask.any())
+
+
+@pytest.mark.parametrize("profile", ["tiny", "tiny-sdxl", "mini"])
+def test_an_edit_keeps_every_pixel_outside_its_mask_and_shares_the_loaded_weights(profile, data_dir, tmp_path):
+    backends = load_backends(Settings(profile=profile, data_dir=data_dir, device="cpu"))
+    spec = backends.profile.generator
+    tools = Toolkit(backends, ImageStore(tmp_path))
+    source = tools.images.put(_noise((spec.width or 32, spec.height or 32)))
+    regions = [
+        EditRegion(box=CELL_BOXES["top left"], text="a red square"),
+        EditRegion(box=CELL_BOXES["right"], text=""),
+    ]
+    chroma_client(data_dir)  # its reference cache becomes a folder references may be read from
+    reference = reference_cache(data_dir) / "edit-test-red.png"
+    reference.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), "red").save(reference)
+    hit = RetrievalHit(id="r", caption="a red square", similarity=1.0, source=str(reference), query="a red square")
+    edited = tools.edit(source, regions, [hit], seed=3)
+    before, after = tools.images.get(source), tools.images.get(edited.image_id)
+    assert edited.edit is not None and edited.edit.exact_outside and edited.edit.source == source
+    assert _outside_equal(before, after, regions) and before.tobytes() != after.tobytes()
+    # The cleared region is the background colour; the inpainting pipeline reuses every loaded module, in its dtype.
+    pipe, inpaint = backends.generator.pipe, backends.generator._inpainting()
+    assert {name: id(module) for name, module in inpaint.components.items() if module is not None} == {
+        name: id(module) for name, module in pipe.components.items() if module is not None
+    }
+    assert inpaint.unet.dtype == pipe.unet.dtype == pipe.vae.dtype
+
+
+def test_omnigen_edits_with_the_image_in_context_and_says_it_cannot_keep_pixels(data_dir, tmp_path, monkeypatch):
+    backends = load_backends(Settings(profile="tiny-omnigen", data_dir=data_dir, device="cpu"))
+    seen = {}
+    original = type(backends.generator.pipe).__call__
+
+    def spy(pipe, *args, **kwargs):
+        seen.update(kwargs)
+        return original(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(backends.generator.pipe), "__call__", spy)
+    tools = Toolkit(backends, ImageStore(tmp_path))
+    source = tools.images.put(_noise((32, 32)))
+    edited = tools.edit(source, [EditRegion(box=CELL_BOXES["centre"], text="a heart")], [], seed=1)
+    assert edited.edit is not None and not edited.edit.exact_outside
+    assert len(seen["input_images"]) == 1 and "<|image_1|>" in seen["prompt"] and "a heart" in seen["prompt"]
+
+
+PROMPT = "a red heart in the top left, a blue square on the right and a ring"
+
+
+def _state(satisfied: set[str], boxes: dict[str, str]) -> RunState:
+    concepts, _ = RuleDecomposer().decompose(PROMPT)
+    verdicts = [
+        ConceptVerdict(
+            concept_id=c.id,
+            satisfied=c.id in satisfied,
+            score=0.8 if c.id in satisfied else 0.2,
+            box=CELL_BOXES[boxes[c.id]] if c.id in boxes else None,
+        )
+        for c in concepts
+    ]
+    best = Candidate(image_id="0" * 32, round=1, prompt=PROMPT, seed=0, verdicts=verdicts)
+    return RunState(message=PROMPT, prompt=PROMPT, concepts=concepts, layout=rule_layout(concepts), candidates=[best])
+
+
+def test_the_concepts_and_layout_of_the_rules_prompt():
+    state = _state(set(), {})
+    assert [(c.id, c.kind, c.text) for c in state.concepts] == [
+        ("c1", "object", "a heart"),
+        ("c2", "attribute", "a red heart"),
+        ("c3", "relation", "a heart in the top left"),
+        ("c4", "object", "a square"),
+        ("c5", "attribute", "a blue square"),
+        ("c6", "relation", "a square on the right"),
+        ("c7", "object", "a ring"),
+    ]
+    assert state.layout == {"c1": CELL_BOXES["top left"], "c4": CELL_BOXES["right"], "c7": CELL_BOXES["centre"]}
+
+
+def test_an_edit_redraws_only_the_objects_that_miss_something():
+    # The square is complete (on the right), the ring is drawn in the centre, the heart is missing.
+    state = _state({"c4", "c5", "c6", "c7"}, {"c4": "right", "c7": "centre"})
+    [region] = edit_regions(state, occupied={"right", "centre"})
+    assert region.text == "a red heart in the top left" and region.box == CELL_BOXES["top left"]
+    assert region.concept_ids == ["c1"]
+
+
+def test_an_object_in_its_place_with_a_wrong_look_is_redrawn_in_place_and_a_misplaced_one_moves():
+    wrong_colour = _state({"c1", "c3", "c4", "c5", "c6", "c7"}, {"c1": "top left", "c4": "right", "c7": "centre"})
+    [region] = edit_regions(wrong_colour, occupied={"top left", "right", "centre"})
+    assert region.box == CELL_BOXES["top left"] and region.text == "a red heart in the top left"
+    misplaced = _state({"c1", "c2", "c4", "c5", "c6", "c7"}, {"c1": "bottom", "c4": "right", "c7": "centre"})
+    cleared, drawn = edit_regions(misplaced, occupied={"bottom", "right", "centre"})
+    assert (cleared.box, cleared.text) == (CELL_BOXES["bottom"], "")
+    assert drawn.box == CELL_BOXES["top left"]
+
+
+def test_no_edit_when_nothing_is_worth_keeping_or_nothing_is_missing():
+    assert edit_regions(_state({"c2"}, {}), occupied=set()) == []
+    everything = {f"c{i}" for i in range(1, 8)}
+    assert edit_regions(_state(everything, {}), occupied=set()) == []
+
+
+def test_verdicts_outside_an_exact_edit_stand():
+    state = _state({"c4", "c5", "c6", "c7"}, {"c4": "right", "c7": "centre"})
+    regions = edit_regions(state, occupied={"right", "centre"})
+    from imagerag.tools.types import Edit
+
+    kept = kept_verdicts(
+        state.candidates[0], Edit(source="0" * 32, regions=regions, exact_outside=True), state.concepts
+    )
+    assert [v.concept_id for v in kept] == ["c4", "c5", "c6", "c7"]
+    assert (
+        kept_verdicts(state.candidates[0], Edit(source="x", regions=regions, exact_outside=False), state.concepts) == []
+    )
+
+
+def test_the_loop_edits_the_best_image_when_it_holds_some_objects(data_dir, tmp_path):
+    """tiny (SD 1.5 layout): the first image has the square and not the heart; the round edits it."""
+    settings = Settings(profile="tiny", data_dir=data_dir, device="cpu")
+    critic = ScriptedCritic([{"c2"}, {"c1", "c2"}])
+    backends = dataclasses.replace(load_backends(settings), critic=critic)
+    result = run("a heart and a square", settings, tmp_path / "runs", backends=backends)
+    assert [s.node for s in result.steps] == ["plan", "generate", "critique", "retrieve", "edit", "critique", "finish"]
+    first, edited = result.candidates
+    assert edited.edit is not None and edited.edit.source == first.image_id and edited.edit.exact_outside
+    [region] = edited.edit.regions
+    assert region.concept_ids == ["c1"] and region.text.startswith("a heart ")
+    # The square's verdict was kept from the first image; only the heart was judged again.
+    assert {v.concept_id for v in edited.verdicts} == {"c1", "c2"} and critic.calls == 2
+    images = Path(result.run_dir) / "images"
+    before, after = (Image.open(images / f"{c.image_id}.png").convert("RGB") for c in (first, edited))
+    assert _outside_equal(before, after, edited.edit.regions)
+    assert "edit" in (Path(result.run_dir) / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    ("message", "script", "region"),
+    [
+        ("make the square blue", [{"c1", "c2"}, set(), {"c2", "c3"}], ("a blue square in the top left", "top left")),
+        ("move the heart to the left", [{"c1", "c2"}, set(), {"c1", "c3"}], ("a heart on the left", "left")),
+    ],
+)
+def test_a_thread_message_about_one_object_becomes_an_edit_of_it(data_dir, tmp_path, message, script, region):
+    settings = Settings(profile="tiny", data_dir=data_dir, device="cpu")
+    backends = dataclasses.replace(load_backends(settings), critic=ScriptedCritic(script))
+    first = run("a heart and a square", settings, tmp_path / "runs", thread=tmp_path.name, backends=backends)
+    assert first.status == "satisfied" and len(first.candidates) == 1
+    second = run(message, settings, tmp_path / "runs", thread=tmp_path.name, backends=backends)
+    assert second.status == "satisfied", second.stop_reason
+    edited = second.candidates[-1]
+    assert edited.edit is not None and edited.edit.source == first.candidates[0].image_id
+    drawn = [r for r in edited.edit.regions if r.text]
+    assert [(r.text, r.box) for r in drawn] == [(region[0], CELL_BOXES[region[1]])]
