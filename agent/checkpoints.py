@@ -31,7 +31,7 @@ from imagerag.tools.files import content_id
 CHECKPOINT_TYPES = [
     *[
         ("imagerag.tools.types", name)
-        for name in ("Concept", "ConceptVerdict", "Critique", "RetrievalHit", "Candidate")
+        for name in ("Concept", "ConceptVerdict", "Critique", "RetrievalHit", "Candidate", "Box", "EditRegion", "Edit")
     ],
     *[("imagerag.graphs.state", name) for name in ("Budget", "Usage", "Step", "Turn")],
     ("imagerag.graphs.agent_tools", "ToolOutcome"),

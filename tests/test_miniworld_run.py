@@ -1,68 +1,123 @@
-"""One short run of the loop on the mini profile: the shipped models, the project's own indexer, the oracle."""
+"""One short run of the loop on the mini profile (the shipped models, the project's own indexer, the oracle), and
+the benchmark's resumable evaluation on a small collection."""
+
+from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from imagerag.agent.config import Settings
 from imagerag.agent.run import run
 from imagerag.evals.miniworld.common import ORACLE_DIR
+from imagerag.evals.miniworld.grammar import Group, PromptSpec, judge
 from imagerag.evals.miniworld.oracle import Oracle
 from imagerag.graphs.state import Budget
 from imagerag.tools.backends.indexer import index_folders
-from imagerag.tools.backends.loading import load_backends, load_embedder
+from imagerag.tools.backends.loading import load_backends, load_embedder, open_store
 from imagerag.tools.backends.store import ReferenceStore, chroma_client
-from imagerag.tools.miniworld.world import ObjectSpec, Scene, caption, write_corpus
+from imagerag.tools.config import MINI_COLLECTION
+from imagerag.tools.miniworld.world import SHAPES, corpus_scenes, write_corpus
+
+CORPUS = 700  # every single-object scene of the corpus half (about 650), then a few random scenes
+
+# A rare shape (heart) that only a reference can bring, next to a common one.
+HEART_AND_RING = PromptSpec(
+    id="heart-and-ring",
+    prompt="a large red heart in the top left and a blue ring at the bottom",
+    groups=[
+        Group(shape="heart", colour="red", size="large", cell="top left"),
+        Group(shape="ring", colour="blue", cell="bottom"),
+    ],
+)
 
 
 @pytest.fixture(scope="module")
 def mini_settings(tmp_path_factory) -> Settings:
+    """A data folder whose mini collection is already indexed from a small corpus. open_store reuses an existing
+    collection of the profile's name when it records the folders it was indexed from (index_folders records them),
+    so neither a run nor the benchmark renders the profile's 20,000-image corpus."""
     root = tmp_path_factory.mktemp("mini")
-    write_corpus(root / "corpus", n=600, seed=1)  # every single-object shape x colour x position x size once
+    write_corpus(root / "corpus", n=CORPUS, seed=1)
     settings = Settings(profile="mini", data_dir=root)
-    store = ReferenceStore.open(chroma_client(root), "miniworld", load_embedder(settings), create=True)
+    store = ReferenceStore.open(chroma_client(root), MINI_COLLECTION, load_embedder(settings), create=True)
     summary = index_folders(store, [root / "corpus"])
-    assert summary.added == 600 and summary.failed == 0
+    assert summary.failed == 0 and summary.added + summary.skipped == CORPUS  # identical renders are stored once
+    reopened = open_store(settings)
+    assert reopened.roots == [(root / "corpus").resolve()] and reopened.count() == summary.added
+    assert not (root / f"{MINI_COLLECTION}-corpus").exists()  # the profile's own corpus was never rendered
     return settings
 
 
+def test_the_small_corpus_holds_every_rare_shape_alone():
+    singles = {sc.objects[0].shape for sc in corpus_scenes(CORPUS, seed=1) if len(sc.objects) == 1}
+    assert singles == set(SHAPES)
+
+
+# Model quality (holds for trained v2 weights): text alone never draws the heart; retrieval brings hearts, and the
+# loop's best image has one.
 def test_the_loop_adds_a_rare_shape_that_text_alone_misses(mini_settings, tmp_path):
-    scene = Scene((ObjectSpec("heart", "red", "left", "large"),))
     result = run(
-        caption(scene),
-        mini_settings.model_copy(update={"budget": Budget(max_rounds=4)}),
+        HEART_AND_RING.prompt,
+        mini_settings.model_copy(update={"budget": Budget(max_rounds=4, max_generations=4)}),
         tmp_path,
         backends=load_backends(mini_settings),
     )
     oracle = Oracle.from_pretrained(ORACLE_DIR)
-    images = {c.image_id: _open(Path(result.run_dir) / "images" / f"{c.image_id}.png") for c in result.candidates}
+    ids = [c.image_id for c in result.candidates]
+    readings = dict(
+        zip(ids, oracle.read([_open(Path(result.run_dir) / "images" / f"{i}.png") for i in ids]), strict=True)
+    )
+
+    def heart_drawn(image_id: str) -> bool:
+        return judge(HEART_AND_RING, readings[image_id]).concepts[0][1]  # the concept "shape: heart"
+
+    assert HEART_AND_RING.concepts[0].kind == "shape" and HEART_AND_RING.concepts[0].value == "heart"
     first = result.candidates[0]
-    assert not first.references and not oracle.judge(images[first.image_id], scene)[0].shape  # text alone: no heart
-    assert all("heart" in h.caption for c in result.candidates for h in c.references)  # retrieval found hearts
-    assert oracle.judge(images[result.best.image_id], scene)[0].shape  # the loop's answer has the heart
-    assert result.best.references
+    assert not first.references and not heart_drawn(first.image_id)  # text alone: no heart
+    hits = [h for c in result.candidates for h in c.references]
+    assert any("heart" in h.caption for h in hits)  # retrieval found hearts ...
+    for hit in hits:  # ... and each reference shows the shape its query names first
+        assert set(_shapes(hit.query)[:1]) <= set(_shapes(hit.caption)), (hit.query, hit.caption)
+    assert result.best is not None and result.best.references
+    assert heart_drawn(result.best.image_id)  # the loop's answer has the heart
 
 
-def _open(path):
-    from PIL import Image
+def _shapes(text: str) -> list[str]:
+    words = text.replace(",", " ").split()
+    return sorted((s for s in SHAPES if s in words), key=words.index)
 
+
+def _open(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")
 
 
 @pytest.mark.slow
-def test_the_benchmark_records_the_oracle_on_every_image_and_which_one_each_condition_returns(mini_settings, tmp_path):
-    from imagerag.evals.miniworld.benchmark import conditions, run_condition, summarise
-    from imagerag.tools.miniworld.world import heldout_prompts
+def test_the_benchmark_appends_each_outcome_and_resumes_without_generating_again(mini_settings, tmp_path):
+    from imagerag.evals.miniworld.benchmark import PROMPTS_DIR, evaluate, load_prompts
 
-    prompts = [p for p in heldout_prompts() if p.group == "rare"][:2]
-    oracle = Oracle.from_pretrained(ORACLE_DIR)
-    for condition in conditions(loop_rounds=3)[1:]:  # the one pass returns its last image, the loop its best
-        done = run_condition(prompts, condition, mini_settings, load_backends(mini_settings), oracle, tmp_path)
-        for outcome in done:
-            assert [i.round for i in outcome.images] == list(range(1, outcome.generations + 1))
-            [chosen] = [i for i in outcome.images if i.chosen]
-            assert (outcome.shape, outcome.colour, outcome.position) == (chosen.shape, chosen.colour, chosen.position)
-            assert chosen is outcome.images[-1] or condition.pick == "best"
-        summary = summarise(done)
-        assert summary["prompts"] == 2 and summary["shape_rare_any_image_pct"] >= summary["shape_rare_pct"]
+    dev = load_prompts(PROMPTS_DIR / "dev.jsonl")
+    prompts = [next(p for p in dev if p.k <= 3 and p.has_rare == rare) for rare in (False, True)]
+    out = tmp_path / "bench"
+    seen = []
+    kwargs = {"seeds": [0], "names": ["text_alone", "loop_edits"], "on_outcome": seen.append}
+    report = evaluate(prompts, out, mini_settings.data_dir, **kwargs)
+    results = (out / "results.jsonl").read_text()
+    assert len(results.splitlines()) == 4 and len(seen) == 4
+    assert {(o.condition, o.prompt_id) for o in seen} == {
+        (c, p.id) for c in ("text_alone", "loop_edits") for p in prompts
+    }
+    for o in seen:
+        assert len(o.concepts) == o.k and 1 <= o.generations <= (1 if o.condition == "text_alone" else 4)
+        assert o.any_image_all_right or not o.all_right
+    assert report["prompts"] == 2 and set(report["conditions"]) == {"text_alone", "loop_edits"}
+    assert "loop_edits - text_alone" in report["paired"]
+    assert (out / "summary.md").read_text().startswith("2 prompts x seeds [0].")
+    assert (out / "summary.json").is_file()
+
+    seen.clear()
+    again = evaluate(prompts, out, mini_settings.data_dir, **kwargs)
+    assert seen == [] and (out / "results.jsonl").read_text() == results  # nothing generated again
+    assert again == report

@@ -110,12 +110,37 @@ def concept_rates(specs: Sequence[PromptSpec], readings: Sequence[Sequence[Detec
 def eval_prompts(seed: int, n: int, n_objects: int, rare: bool, k_per_object: int = 4) -> list[PromptSpec]:
     """Fully described prompts (every attribute named) about scenes of the evaluation half."""
     rng = random.Random(seed)
-    out = []
+    out: list[PromptSpec] = []
     while len(out) < n:
         layout = sample_layout(rng, n_objects, rare, p_count=0.0)
         if layout.scene.half == "eval":
             out.append(describe(layout, k_per_object * n_objects, rng, f"check-{len(out)}", p_relation=0.0))
     return out
+
+
+def localisation(images: Sequence[Image.Image], oracle) -> dict:
+    """How often the critic's offline localisation (CLIP on each cell alone, judges.ClipJudge.locate) puts an object
+    the oracle reads in the oracle's cell; and how often it finds no cell above its threshold."""
+    import tempfile
+
+    from imagerag.agent.config import Settings
+    from imagerag.tools.backends.judges import ClipJudge
+    from imagerag.tools.backends.layout import cell_of
+    from imagerag.tools.backends.loading import calibrated, load_embedder
+
+    with tempfile.TemporaryDirectory() as tmp:  # the critic the mini profile builds, without its collection
+        settings = Settings(profile="mini", data_dir=Path(tmp), device="cpu")
+        critic = ClipJudge(load_embedder(settings), calibrated(settings).judge_threshold)
+    same, none = [], []
+    for image, reading in zip(images, oracle.read(images), strict=True):
+        for d, box in zip(reading, critic.locate(image, [f"a {d.shape}" for d in reading]), strict=True):
+            none.append(box is None)
+            same.append(box is not None and cell_of(box) == d.cell)
+    return {
+        "objects": len(same),
+        "same_cell": round(float(np.mean(same)), 4),
+        "not_found": round(float(np.mean(none)), 4),
+    }
 
 
 def reference_for(spec: PromptSpec, corpus: list[Scene], rng: random.Random) -> Image.Image:
@@ -186,6 +211,9 @@ def run_check(
     metrics["with_reference_one_rare_object"] = concept_rates(rare_specs, oracle.read(images["with_reference"]))
     log(f"[check] with a reference: {metrics['with_reference_one_rare_object']}")
 
+    metrics["critic_localisation"] = localisation(images["two_common_objects"], oracle)
+    log(f"[check] the critic's object places against the oracle's: {metrics['critic_localisation']}")
+
     one, two = metrics["text_alone_one_common_object"], metrics["text_alone_two_common_objects"]
     ref = metrics["with_reference_one_rare_object"]
     metrics["summary"] = {
@@ -197,6 +225,7 @@ def run_check(
         "text_rare_shape": metrics["text_alone_one_rare_object"]["shape"],
         "reference_rare_shape": ref["shape"],
         "reference_rare_colour": ref["colour"],
+        "critic_localisation_same_cell": metrics["critic_localisation"]["same_cell"],
     }
     metrics["seconds"] = round(time.time() - t0, 1)
     out_dir.mkdir(parents=True, exist_ok=True)

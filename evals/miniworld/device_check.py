@@ -3,30 +3,46 @@
     python -m imagerag.evals.miniworld.device_check              # CPU float32, then CUDA float32 and float16 if present
     python -m imagerag.evals.miniworld.device_check --prompts 4 --out /tmp/d
 
-For each device and dtype: rare-shape prompts drawn with a reference of the shape and from text alone (oracle-judged),
-seconds per image, and the CLIP judge's score; then the mean absolute pixel difference of every image against the
-CPU's (same seeds: the pipeline's noise comes from a CPU generator). Writes OUT/device_check.json.
+For each device and dtype: prompts of one rare object (every attribute named, scenes of the evaluation half) drawn
+with a reference of the shape in another colour and cell (a scene of the retrieval corpus) and from text alone, the
+oracle and grammar.judge deciding whether the rare shape is drawn; seconds per image; and the CLIP judge's score of
+the first prompt's shape concept on its first image. Then the mean absolute pixel difference of every image against
+the CPU's (same seeds and references: the pipeline's noise comes from a CPU generator). Writes OUT/device_check.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from imagerag.evals.miniworld.common import ORACLE_DIR
+from imagerag.evals.miniworld.check import eval_prompts, reference_for
+from imagerag.evals.miniworld.common import ORACLE_DIR, SEED_EVAL
+from imagerag.evals.miniworld.grammar import PromptSpec, concept_text, judge
 from imagerag.evals.miniworld.oracle import Oracle
 from imagerag.tools.backends.clip import LOCAL_DIR, ClipEmbedder
 from imagerag.tools.backends.diffusion import DiffusersGenerator
 from imagerag.tools.backends.judges import ClipJudge
 from imagerag.tools.config import PROFILES
 from imagerag.tools.miniworld import MODELS_DIR as MINI_MODELS
-from imagerag.tools.miniworld.world import ObjectSpec, Scene, heldout_prompts, render
+from imagerag.tools.miniworld.world import RARE_SHAPES, corpus_scenes
 from imagerag.tools.types import Concept
+
+PROMPT_SEED = SEED_EVAL + 20
+REFERENCE_SEED = SEED_EVAL + 21
+# Every single-object scene of the corpus half comes first in corpus_scenes, so a corpus of this size holds every
+# rare shape alone in every colour and cell the corpus has (the mini profile's 20,000 images open the same way).
+CORPUS_SINGLES = 2_000
+
+
+def rare_shape_concept(spec: PromptSpec) -> int:
+    """The index of the prompt's concept that its rare shape is drawn."""
+    return next(i for i, c in enumerate(spec.concepts) if c.kind == "shape" and c.value in RARE_SHAPES)
 
 
 def measure(device: str, dtype: str, prompts: int) -> tuple[dict, list[np.ndarray]]:
@@ -36,19 +52,25 @@ def measure(device: str, dtype: str, prompts: int) -> tuple[dict, list[np.ndarra
     )
     embedder = ClipEmbedder.from_pretrained(LOCAL_DIR + str(MINI_MODELS / "clip"), None, device)
     oracle = Oracle.from_pretrained(ORACLE_DIR)
-    items = [p for p in heldout_prompts() if p.group == "rare"][:prompts]
-    generator.generate("a red circle", 0)  # warm-up: kernels, allocator
+    items = eval_prompts(PROMPT_SEED, prompts, 1, rare=True)
+    rng = random.Random(REFERENCE_SEED)  # the same references on every device
+    corpus = corpus_scenes(CORPUS_SINGLES, seed=1)
+    references = [reference_for(item, corpus, rng) for item in items]
+    generator.generate("a large red circle in the centre", 0)  # warm-up: kernels, allocator
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     started, images = time.perf_counter(), []
-    for item in items:
-        reference = render(Scene((ObjectSpec(item.scene.objects[0].shape, "blue", "top", "large"),)))
+    for item, reference in zip(items, references, strict=True):
         images += [generator.generate(item.prompt, 1, 1, [reference])[0], generator.generate(item.prompt, 0)[0]]
     sync()
     seconds = (time.perf_counter() - started) / len(images)
-    drawn = [oracle.judge(image, items[i // 2].scene)[0].shape for i, image in enumerate(images)]
+    drawn = [
+        judge(items[i // 2], reading).concepts[rare_shape_concept(items[i // 2])][1]
+        for i, reading in enumerate(oracle.read(images))
+    ]
     judge_threshold = json.loads((MINI_MODELS / "clip" / "calibration.json").read_text())["judge_threshold"]
-    concept = Concept(id="c1", text=f"a {items[0].scene.objects[0].shape}")
+    first = items[0]
+    concept = Concept(id="c1", text=concept_text(first, first.concepts[rare_shape_concept(first)]))
     verdict = ClipJudge(embedder, judge_threshold).critique(images[0], [concept]).verdicts[0]
     row = {
         "device": device,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Protocol
 
+import numpy as np
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage
 from PIL import Image
@@ -13,7 +13,17 @@ from pydantic import BaseModel
 
 from imagerag.prompts import render
 from imagerag.tools.backends.clip import ClipEmbedder
-from imagerag.tools.backends.layout import CELL_BOXES, background_colour
+from imagerag.tools.backends.layout import (
+    CELL_BOXES,
+    CELL_NAMES,
+    NUMBERS,
+    article,
+    background_colour,
+    named_cell,
+    relation_object,
+    relation_sign,
+    singular,
+)
 from imagerag.tools.backends.llm import image_data_url, structured_call
 from imagerag.tools.types import Box, Concept, ConceptVerdict, Critique
 
@@ -25,6 +35,11 @@ class Critic(Protocol):
 class ClipJudge:
     """Cosine similarity of each concept's text with the image against a calibrated threshold. Works offline.
 
+    A whole-image cosine cannot say where things are, so concepts of place are judged from where CLIP finds their
+    objects, cell by cell of a 3x3 grid (each cell alone on the image's background): "a star in the top left" holds
+    when the star's best cell is the top left, "a star to the left of a ring" when the star's cell is left of the
+    ring's, "two stars" when exactly two cells show a star. Objects get the box where they were found.
+
     The score is a logistic of the margin over the threshold (0.5 at the threshold), so candidates can be
     ranked by how clearly they pass, not only by how many concepts pass.
     """
@@ -35,45 +50,108 @@ class ClipJudge:
         self.embedder, self.threshold = embedder, threshold
 
     def critique(self, image: Image.Image, concepts: list[Concept], prompt: str = "") -> Critique:
-        image_embedding = self.embedder.embed_images([image])[0]
-        similarities = self.embedder.embed_texts([c.text for c in concepts]) @ image_embedding
-        objects = [
-            c
-            for c, s in zip(concepts, similarities.tolist(), strict=True)
-            if c.kind == "object" and s >= self.threshold
-        ]
-        places = dict(zip((c.id for c in objects), self.locate(image, [c.text for c in objects]), strict=True))
+        whole = self.embedder.embed_texts([c.text for c in concepts]) @ self.embedder.embed_images([image])[0]
+        cells = _CellScores(self.embedder, image)
         verdicts = []
-        for concept, similarity in zip(concepts, similarities.tolist(), strict=True):
-            satisfied = similarity >= self.threshold
+        for concept, similarity in zip(concepts, whole.tolist(), strict=True):
+            satisfied, similarity, evidence = self._spatial(concept, cells) or (
+                similarity >= self.threshold,
+                similarity,
+                f"CLIP similarity {similarity:.3f} (threshold {self.threshold:.3f})",
+            )
+            box = None
+            if concept.kind == "object" and satisfied:
+                cell, best = cells.best(concept.text)
+                box = CELL_BOXES[cell] if best >= self.threshold else None
+            score = 1.0 / (1.0 + math.exp(-(similarity - self.threshold) / self.SHARPNESS))
             verdicts.append(
                 ConceptVerdict(
                     concept_id=concept.id,
                     satisfied=satisfied,
-                    score=1.0 / (1.0 + math.exp(-(similarity - self.threshold) / self.SHARPNESS)),
-                    evidence=f"CLIP similarity {similarity:.3f} (threshold {self.threshold:.3f})",
+                    score=score if satisfied else min(score, 0.49),
+                    evidence=evidence,
                     caption=None if satisfied else concept.text,
-                    box=places.get(concept.id),
+                    box=box,
                 )
             )
         return Critique(verdicts=verdicts)
 
-    def locate(self, image: Image.Image, texts: list[str], boxes: Sequence[Box] | None = None) -> list[Box | None]:
-        """Where each text's object is: the box (default: the 3x3 grid's cells) whose content alone, on the image's
-        background, CLIP matches best with the text; None when no box reaches the judge's threshold."""
-        if not texts:
-            return []
-        boxes = list(boxes or CELL_BOXES.values())
-        background = background_colour(image)
-        crops = []
-        for box in boxes:
-            alone = Image.new("RGB", image.size, background)
-            region = box.pixels(*image.size)
-            alone.paste(image.crop(region), region[:2])
-            crops.append(alone)
-        sims = self.embedder.embed_texts(texts) @ self.embedder.embed_images(crops).T
-        best = sims.argmax(axis=1).tolist()
-        return [boxes[j] if float(sims[i, j]) >= self.threshold else None for i, j in enumerate(best)]
+    def _spatial(self, concept: Concept, cells: _CellScores) -> tuple[bool, float, str] | None:
+        """(satisfied, similarity, evidence) of a concept of place, relation or count; None for any other."""
+        words = concept.text.split()
+        if concept.kind == "attribute":  # bound to one object: the cell that shows it best, alone
+            cell, best = cells.best(concept.text)
+            return (
+                best >= self.threshold,
+                best,
+                f"best in the {cell}: CLIP similarity {best:.3f} (threshold {self.threshold:.3f})",
+            )
+        if concept.kind == "count" and len(words) >= 2 and words[0].lower() in NUMBERS:
+            wanted, noun = NUMBERS[words[0].lower()], singular(words[-1])
+            thing = " ".join([article(" ".join(words[1:])), *words[1:-1], noun])
+            found = [cell for cell, sim in cells.all(thing).items() if sim >= self.threshold]
+            best = max(cells.all(thing).values())
+            return len(found) == wanted, best, f"{thing!r} found in {len(found)} cell(s): {', '.join(found) or 'none'}"
+        if concept.kind != "relation" or len(words) < 3:
+            return None
+        subject = " ".join(words[:2])
+        if cell := named_cell(concept.text):
+            at, best = cells.best(subject)
+            there = cells.all(subject)[cell]
+            ok = at == cell and best >= self.threshold
+            return (
+                ok,
+                there if ok else min(there, self.threshold - 0.001),
+                f"{subject!r} found best in the {at} ({best:.3f})",
+            )
+        sign, other = relation_sign(concept.text), relation_object(concept.text)
+        if sign is None or other is None:
+            return None
+        (a, sa), (b, sb) = cells.best(subject), cells.best(other)
+        (ar, ac), (br, bc) = divmod(CELL_NAMES.index(a), 3), divmod(CELL_NAMES.index(b), 3)
+        placed = (sign[0] == 0 or (ac - bc) * sign[0] > 0) and (sign[1] == 0 or (ar - br) * sign[1] > 0)
+        ok = placed and min(sa, sb) >= self.threshold and a != b
+        similarity = min(sa, sb) if ok else min(sa, sb, self.threshold - 0.001)
+        return ok, similarity, f"{subject!r} found in the {a} ({sa:.3f}), {other!r} in the {b} ({sb:.3f})"
+
+    def locate(self, image: Image.Image, texts: list[str]) -> list[Box | None]:
+        """Where each text's object is: the cell whose content alone, on the image's background, CLIP matches best
+        with the text; None when no cell reaches the judge's threshold."""
+        cells = _CellScores(self.embedder, image)
+        out: list[Box | None] = []
+        for text in texts:
+            cell, best = cells.best(text)
+            out.append(CELL_BOXES[cell] if best >= self.threshold else None)
+        return out
+
+
+class _CellScores:
+    """CLIP similarity of texts with each grid cell of one image shown alone on its background (embedded once)."""
+
+    def __init__(self, embedder: ClipEmbedder, image: Image.Image):
+        self.embedder, self.image = embedder, image
+        self._cells: np.ndarray | None = None
+        self._texts: dict[str, dict[str, float]] = {}
+
+    def all(self, text: str) -> dict[str, float]:
+        if text not in self._texts:
+            if self._cells is None:
+                background = background_colour(self.image)
+                crops = []
+                for box in CELL_BOXES.values():
+                    alone = Image.new("RGB", self.image.size, background)
+                    region = box.pixels(*self.image.size)
+                    alone.paste(self.image.crop(region), region[:2])
+                    crops.append(alone)
+                self._cells = self.embedder.embed_images(crops)
+            sims = self._cells @ self.embedder.embed_texts([text])[0]
+            self._texts[text] = dict(zip(CELL_NAMES, sims.tolist(), strict=True))
+        return self._texts[text]
+
+    def best(self, text: str) -> tuple[str, float]:
+        scores = self.all(text)
+        cell = max(scores, key=scores.__getitem__)
+        return cell, scores[cell]
 
 
 class VLMJudgement(BaseModel):

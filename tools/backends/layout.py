@@ -78,6 +78,25 @@ def named_cell(text: str) -> str | None:
     return next((cell for pattern, cell in _CELL_WORDS if pattern.search(lowered)), None)
 
 
+NUMBERS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "2": 2, "3": 3, "4": 4, "5": 5, "6": 6}
+
+
+def singular(noun: str) -> str:
+    """'stars' -> 'star', 'crosses' -> 'cross', 'hourglasses' -> 'hourglass', 'boxes' -> 'box'."""
+    if noun.endswith("es") and noun[:-2].endswith(("s", "x", "ch", "sh")):
+        return noun[:-2]
+    return noun[:-1] if noun.endswith("s") and not noun.endswith("ss") else noun
+
+
+def relation_object(text: str) -> str | None:
+    """The other object of a relation: 'a star to the left of a blue ring' -> 'a blue ring'."""
+    lowered = f" {text.lower()} "
+    for words in sorted(_RELATIONS, key=len, reverse=True):
+        if f" {words} " in lowered:
+            return lowered.split(f" {words} ", 1)[1].strip() or None
+    return None
+
+
 def relation_sign(text: str) -> tuple[int, int] | None:
     """(dcol, drow) of a relation's subject against its other object: 'a star to the left of a ring' -> (-1, 0)."""
     lowered = text.lower()
