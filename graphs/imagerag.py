@@ -85,7 +85,8 @@ def retrieve(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     summary = f"for {', '.join(map(repr, captions))}: {found}"
     regions = []
     if best is not None and context_of(runtime).edits:
-        regions = edit_regions(state, occupied_cells(tools.images.get(best.image_id)))
+        focus = {c.id for c in targets} if hits else set()
+        regions = edit_regions(state, occupied_cells(tools.images.get(best.image_id)), focus)
     return {
         "hits": hits,
         "regions": regions,

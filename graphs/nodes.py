@@ -49,15 +49,14 @@ def plan(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     started = time.time()
     tools = toolkit(state, runtime)
     concepts, tokens = tools.decompose(state.message)
-    layout, layout_tokens = tools.layout(state.message, concepts)
     summary = "; ".join(f"{c.id} {c.kind}: {c.text}" for c in concepts)
-    usage = state.usage.add(llm_tokens=tokens + layout_tokens).model_copy(update={"seconds": time.time() - started})
+    usage = state.usage.add(llm_tokens=tokens).model_copy(update={"seconds": time.time() - started})
     return {
         "prompt": state.message,
         "run_dir": str(run_dir_of(state, context_of(runtime))),
         "started_at": started,
         "concepts": concepts,
-        "layout": layout,
+        "layout": tools.layout(concepts),
         "usage": usage,
         "steps": [Step(node="plan", round=0, summary=summary)],
     }
@@ -67,8 +66,6 @@ def next_turn(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     previous = best_of_turn(state)
     tools = toolkit(state, runtime)
     prompt, concepts, tokens = tools.revise(state.prompt, state.concepts, state.message)
-    layout, layout_tokens = tools.layout(prompt, concepts)
-    tokens += layout_tokens
     turn = state.turn + 1
     revised = state.model_copy(
         update={
@@ -80,7 +77,7 @@ def next_turn(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
             "stop_reason": "",
             "error": None,
             "hits": [],
-            "layout": layout,
+            "layout": tools.layout(concepts),
             "regions": [],
             "started_at": time.time(),
             "usage": Usage(llm_tokens=tokens),

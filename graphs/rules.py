@@ -3,6 +3,8 @@ round's references are for, and when the run stops. Both policies use them; test
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
+
 from imagerag.graphs.state import RunState, Usage
 from imagerag.tools.backends.layout import (
     CELL_BOXES,
@@ -126,14 +128,18 @@ def dependents(concepts: list[Concept]) -> dict[str, list[Concept]]:
     return out
 
 
-def edit_regions(state: RunState, occupied: set[str]) -> list[EditRegion]:
+def edit_regions(
+    state: RunState, occupied: AbstractSet[str], focus: AbstractSet[str] = frozenset()
+) -> list[EditRegion]:
     """What an edit of the best image redraws; [] when the whole image should be drawn again instead.
 
     An edit pays when the best image holds at least one object with all its concepts and misses something of
     another object. Each such object is redrawn: in its place when only its look is wrong; else in the cell its
     position words or its relation to a kept object ask for, or the layout's, or a free one, with its old place
-    cleared. `occupied`: grid cells where the best image has something drawn. Counts and styles cannot be fixed in
-    one region, so when one is missing the whole image is drawn again."""
+    cleared. `occupied`: grid cells where the best image has something drawn. `focus`: the concepts this round's
+    references are for; a reference conditions the whole edit, so only their objects are redrawn with it (the others
+    wait for a later round: the loop composes the image object by object). Counts and styles cannot be fixed in one
+    region, so when one is missing the whole image is drawn again."""
     best = best_of_turn(state)
     if best is None:
         return []
@@ -147,6 +153,8 @@ def edit_regions(state: RunState, occupied: set[str]) -> list[EditRegion]:
     broken = [o for o in objects if any(c.id not in ok for c in [o, *deps[o.id]])]
     if not broken or len(broken) == len(objects):
         return []
+    owners = {p for c in state.concepts if c.id in focus for p in [c.id, *c.depends_on]}
+    broken = [o for o in broken if o.id in owners] or broken
     places = {v.concept_id: cell_of(v.box) for v in best.verdicts if v.box and v.concept_id in ok}
     kept_cells = {places[o.id] for o in objects if o not in broken and o.id in places}
     taken = set(occupied) | kept_cells
@@ -205,16 +213,24 @@ def region_text(obj: Concept, deps: list[Concept], cell: str) -> str:
 
 
 def kept_verdicts(source: Candidate, edit: Edit, concepts: list[Concept]) -> list[ConceptVerdict]:
-    """The source's verdicts an edit leaves standing: when every pixel outside the regions was kept, those of the
-    objects it did not redraw, their attributes and their places. Relations between objects and counts, which a
-    redrawn object may change, and everything of the redrawn objects are judged again."""
+    """The source's verdicts an edit leaves standing: when every pixel outside the regions was kept, those of each
+    object the critic saw outside every region (its box overlaps none, and no region is for it), with its attributes
+    and places. Relations between objects and counts, which a redrawn object may change, and every object seen
+    nowhere or inside a region are judged again."""
     if not edit.exact_outside:
         return []
-    redrawn = {cid for r in edit.regions for cid in r.concept_ids}
+    boxes = {v.concept_id: v.box for v in source.verdicts}
+    named = {cid for r in edit.regions for cid in r.concept_ids}
     by_id = {c.id: c for c in concepts}
 
+    def untouched(concept_id: str) -> bool:
+        box = boxes.get(concept_id)
+        return concept_id not in named and box is not None and not any(box.overlaps(r.box) for r in edit.regions)
+
     def stands(c: Concept) -> bool:
-        untouched = c.id not in redrawn and not redrawn & set(c.depends_on)
-        return untouched and (c.kind in ("object", "attribute") or (c.kind == "relation" and bool(named_cell(c.text))))
+        if c.kind == "object":
+            return untouched(c.id)
+        place = c.kind == "relation" and bool(named_cell(c.text))
+        return (c.kind == "attribute" or place) and bool(c.depends_on) and all(untouched(p) for p in c.depends_on)
 
     return [v for v in source.verdicts if v.concept_id in by_id and stands(by_id[v.concept_id])]

@@ -94,9 +94,12 @@ class ScriptedCritic:
     Entries may also be exceptions to raise. Scores rise with the number satisfied so ranking is predictable.
     """
 
-    def __init__(self, script: list[set[str] | Exception], score_bonus: list[float] | None = None):
+    def __init__(
+        self, script: list[set[str] | Exception], score_bonus: list[float] | None = None, boxes: dict | None = None
+    ):
         self.script, self.calls = list(script), 0
         self.score_bonus = score_bonus or [0.0] * len(script)
+        self.boxes = boxes or {}  # concept id -> Box: where the critic says it sees a satisfied object
 
     def critique(self, image: Image.Image, concepts: list[Concept], prompt: str) -> Critique:
         step = self.script[min(self.calls, len(self.script) - 1)]
@@ -111,6 +114,7 @@ class ScriptedCritic:
                     satisfied=c.id in step,
                     score=min(1.0, (0.8 if c.id in step else 0.2) + bonus),
                     caption=None if c.id in step else f"a photo of {c.text}",
+                    box=self.boxes.get(c.id) if c.id in step else None,
                 )
                 for c in concepts
             ],
@@ -134,6 +138,12 @@ class FakeGenerator:
             Image.new("RGB", (8, 8), ((37 * (seed + i) + 80 * len(references)) % 256, len(self.calls) * 13 % 256, 7))
             for i in range(n)
         ]
+
+    def edit(self, image, mask, prompt, seed, references=(), on_step: Callable | None = None):
+        """Paints the white part of the mask a flat colour; every other pixel is kept."""
+        self.calls.append({"prompt": prompt, "seed": seed, "n": 1, "references": len(references), "edit": True})
+        painted = Image.new("RGB", image.size, (200, (37 * seed) % 256, 90))
+        return Image.composite(painted, image, mask.convert("L")), True
 
 
 class FakeOpenAIServer:

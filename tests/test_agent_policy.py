@@ -5,6 +5,7 @@ from scripted import ScriptedChatModel, ScriptedCritic, call, fake_backends, las
 
 from imagerag.agent.run import run
 from imagerag.graphs.state import Budget
+from imagerag.tools.types import Box
 
 PROMPT = "a heart and a square"  # concepts c1 (a heart), c2 (a square)
 
@@ -122,3 +123,20 @@ def test_a_failing_critic_fails_the_agent_run_cleanly(tiny_settings, tiny_store,
     result = go(tiny_settings, tiny_store, tmp_path, llm, ScriptedCritic([RuntimeError("judge down")]))
     assert result.status == "failed" and "judge down" in result.error
     assert len(result.candidates) == 0 or not result.candidates[0].judged
+
+
+def test_the_agent_edits_one_region_and_keeps_the_verdicts_outside_it(tiny_settings, tiny_store, tmp_path):
+    def edit_the_first_image(messages):
+        image_id = last_tool_answer(messages).split("generated image(s) ")[1].split()[0]
+        region = {"box": {"x0": 0.0, "y0": 0.0, "x1": 0.5, "y1": 0.5}, "text": "a heart in the top left"}
+        return tool_turn(call("edit", "e1", image_id=image_id, regions=[region]))
+
+    llm = ScriptedChatModel(messages=iter([tool_turn(call("generate", "g1", prompt=PROMPT)), edit_the_first_image]))
+    critic = ScriptedCritic([{"c2"}, {"c1"}], boxes={"c2": Box(x0=0.5, y0=0.5, x1=1.0, y1=1.0)})
+    result = go(tiny_settings, tiny_store, tmp_path, llm, critic)
+    assert result.status == "satisfied" and result.generations == 2, result.error
+    first, edited = result.candidates
+    assert edited.edit is not None and edited.edit.source == first.image_id and edited.edit.exact_outside
+    # The square's verdict stands (its pixels were kept); only the heart was judged on the edited image.
+    assert {v.concept_id: v.satisfied for v in edited.verdicts} == {"c1": True, "c2": True}
+    assert critic.calls == 2

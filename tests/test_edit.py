@@ -150,7 +150,8 @@ def test_verdicts_outside_an_exact_edit_stand():
 def test_the_loop_edits_the_best_image_when_it_holds_some_objects(data_dir, tmp_path):
     """tiny (SD 1.5 layout): the first image has the square and not the heart; the round edits it."""
     settings = Settings(profile="tiny", data_dir=data_dir, device="cpu")
-    critic = ScriptedCritic([{"c2"}, {"c1", "c2"}])
+    # The critic sees the square in the bottom right cell; the heart's region (the layout's centre) is elsewhere.
+    critic = ScriptedCritic([{"c2"}, {"c1"}], boxes={"c2": CELL_BOXES["bottom right"]})
     backends = dataclasses.replace(load_backends(settings), critic=critic)
     result = run("a heart and a square", settings, tmp_path / "runs", backends=backends)
     assert [s.node for s in result.steps] == ["plan", "generate", "critique", "retrieve", "edit", "critique", "finish"]
@@ -169,8 +170,12 @@ def test_the_loop_edits_the_best_image_when_it_holds_some_objects(data_dir, tmp_
 @pytest.mark.parametrize(
     ("message", "script", "region"),
     [
-        ("make the square blue", [{"c1", "c2"}, set(), {"c2", "c3"}], ("a blue square in the top left", "top left")),
-        ("move the heart to the left", [{"c1", "c2"}, set(), {"c1", "c3"}], ("a heart on the left", "left")),
+        (
+            "make the square blue",
+            [{"c1", "c2"}, set(), {"c1", "c2", "c3"}],
+            ("a blue square in the top left", "top left"),
+        ),
+        ("move the heart to the left", [{"c1", "c2"}, set(), {"c1", "c2", "c3"}], ("a heart on the left", "left")),
     ],
 )
 def test_a_thread_message_about_one_object_becomes_an_edit_of_it(data_dir, tmp_path, message, script, region):

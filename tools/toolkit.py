@@ -60,11 +60,10 @@ class Toolkit:
     def decompose(self, prompt: str) -> tuple[list[Concept], int]:
         return self.backends.decomposer.decompose(prompt)
 
-    def layout(self, prompt: str, concepts: list[Concept]) -> tuple[dict[str, Box], int]:
-        """A box per object concept, where it should go: the LLM planner's layout when it gives one, else rules on
-        position and relation words."""
-        boxes, tokens = self.backends.decomposer.layout(prompt, concepts)
-        return {**rule_layout(concepts), **boxes}, tokens
+    def layout(self, concepts: list[Concept]) -> dict[str, Box]:
+        """A box per object concept, where it should go: the planner's box when it gave one (an LLM planner does,
+        in the same structured answer as the concepts), else rules on position and relation words."""
+        return {**rule_layout(concepts), **{c.id: c.box for c in concepts if c.box is not None}}
 
     def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[str, list[Concept], int]:
         """Apply a thread's next message: the rewritten prompt, the concepts (kept ones keep their verdicts), tokens."""

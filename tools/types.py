@@ -14,21 +14,6 @@ ConceptKind = Literal["object", "attribute", "style", "relation", "count"]
 Verdict = Literal["pending", "satisfied", "missing"]
 
 
-class Concept(BaseModel):
-    """One checkable part of the prompt, with its verdict on the best image so far."""
-
-    id: str = Field(description="Stable id within the run, e.g. 'c1'.")
-    text: str = Field(description="The concept in a few words, e.g. 'a red heart on the left'.")
-    kind: ConceptKind = "object"
-    verdict: Verdict = "pending"
-    score: float | None = Field(default=None, description="Critic's alignment score in [0, 1].")
-    evidence: str = Field(default="", description="Why the critic decided so.")
-    attempts: int = Field(default=0, description="Rounds that retrieved references for this concept.")
-    depends_on: list[str] = Field(
-        default_factory=list, description="Ids of concepts this one needs (an attribute needs its object)."
-    )
-
-
 class Box(BaseModel):
     """A rectangle of an image in fractions of its width and height: (x0, y0) is the top left corner."""
 
@@ -54,6 +39,22 @@ class Box(BaseModel):
 
     def overlaps(self, other: Box) -> bool:
         return self.x0 < other.x1 and other.x0 < self.x1 and self.y0 < other.y1 and other.y0 < self.y1
+
+
+class Concept(BaseModel):
+    """One checkable part of the prompt, with its verdict on the best image so far."""
+
+    id: str = Field(description="Stable id within the run, e.g. 'c1'.")
+    text: str = Field(description="The concept in a few words, e.g. 'a red heart on the left'.")
+    kind: ConceptKind = "object"
+    verdict: Verdict = "pending"
+    score: float | None = Field(default=None, description="Critic's alignment score in [0, 1].")
+    evidence: str = Field(default="", description="Why the critic decided so.")
+    attempts: int = Field(default=0, description="Rounds that retrieved references for this concept.")
+    depends_on: list[str] = Field(
+        default_factory=list, description="Ids of concepts this one needs (an attribute needs its object)."
+    )
+    box: Box | None = Field(default=None, description="For an object: where the planner puts it, if it said.")
 
 
 class ConceptVerdict(BaseModel):

@@ -24,6 +24,10 @@ class ConceptSpec(BaseModel):
     parent: int | None = Field(
         default=None, description="1-based index of the concept this one depends on (an attribute's object), or null."
     )
+    box: Box | None = Field(
+        default=None,
+        description="For an object: where it goes in the image, as fractions of its size (as LMD plans a layout).",
+    )
 
 
 class ConceptList(BaseModel):
@@ -43,19 +47,8 @@ class Revision(BaseModel):
     concepts: list[RevisedConcept] = Field(min_length=1)
 
 
-class PlacedObject(BaseModel):
-    concept_id: str = Field(description="The object's id, as listed.")
-    box: Box
-
-
-class Layout(BaseModel):
-    boxes: list[PlacedObject]
-
-
 class Decomposer(Protocol):
     def decompose(self, prompt: str) -> tuple[list[Concept], int]: ...
-
-    def layout(self, prompt: str, concepts: list[Concept]) -> tuple[dict[str, Box], int]: ...
 
     def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]: ...
 
@@ -73,7 +66,7 @@ def number(specs: list[ConceptSpec]) -> list[Concept]:
             index_to_id[i] = seen[key]
             continue
         concept_id = seen[key] = index_to_id[i] = f"c{len(concepts) + 1}"
-        concepts.append(Concept(id=concept_id, text=key[0], kind=spec.kind))
+        concepts.append(Concept(id=concept_id, text=key[0], kind=spec.kind, box=spec.box))
     parents = {
         index_to_id[i]: index_to_id.get(s.parent) for i, s in enumerate(specs, 1) if i in index_to_id and s.parent
     }
@@ -90,9 +83,10 @@ def apply_revision(old: list[Concept], revision: Revision) -> list[Concept]:
     for spec in revision.concepts:
         kept = by_id.get(spec.keep or "")
         if kept is not None and kept.text == spec.text:
-            concepts.append(kept.model_copy(update={"depends_on": []}))
+            moved = {"box": spec.box} if spec.box is not None else {}
+            concepts.append(kept.model_copy(update={"depends_on": [], **moved}))
         else:
-            concepts.append(Concept(id=f"c{next_id}", text=spec.text, kind=spec.kind))
+            concepts.append(Concept(id=f"c{next_id}", text=spec.text, kind=spec.kind, box=spec.box))
             next_id += 1
     for concept, spec in zip(concepts, revision.concepts, strict=True):
         if spec.parent and 1 <= spec.parent <= len(concepts) and concepts[spec.parent - 1] is not concept:
@@ -115,16 +109,6 @@ class LLMDecomposer:
     def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]:
         message = HumanMessage(render("revise", prompt=prompt, concepts=concepts, instruction=instruction))
         return structured_call(self.llm, Revision, [message], self.retries)
-
-    def layout(self, prompt: str, concepts: list[Concept]) -> tuple[dict[str, Box], int]:
-        """Boxes for the object concepts through structured output, as LMD plans a layout."""
-        objects = [c for c in concepts if c.kind == "object" and not c.depends_on]
-        if not objects:
-            return {}, 0
-        message = HumanMessage(render("layout", prompt=prompt, objects=objects))
-        answer, tokens = structured_call(self.llm, Layout, [message], self.retries)
-        ids = {c.id for c in objects}
-        return {p.concept_id: p.box for p in answer.boxes if p.concept_id in ids}, tokens
 
 
 class RuleDecomposer:
@@ -229,9 +213,6 @@ class RuleDecomposer:
 
     def decompose(self, prompt: str) -> tuple[list[Concept], int]:
         return number(self.specs(prompt) or [ConceptSpec(text=prompt.strip())]), 0
-
-    def layout(self, prompt: str, concepts: list[Concept]) -> tuple[dict[str, Box], int]:
-        return {}, 0  # the toolkit's rules (layout.rule_layout) place every object
 
     def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]:
         kept = [RevisedConcept(text=c.text, kind=c.kind, keep=c.id) for c in concepts]
