@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from functools import partial
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
 # Heavy libraries (torch, diffusers, langgraph, chromadb, ...) load inside the commands that need them, so
 # `imagerag --help` answers at once; tests/test_cli_startup.py keeps it so.
@@ -25,8 +27,37 @@ if TYPE_CHECKING:
     from imagerag.agent.result import RunResult
     from imagerag.graphs.nodes import ReviewDecision
 
+
+# Typer vendors click from 0.29 on: click's error classes, taken from typer's own BadParameter, whichever click it is.
+_UsageError: type[Exception] = typer.BadParameter.__mro__[1]
+_ClickException: type[Exception] = typer.BadParameter.__mro__[2]
+
+
+class _Group(TyperGroup):
+    """Usage errors (an unknown option, a run name that looks like one, a missing argument) print like every other
+    error, as data: `error: ...` on stderr, exit code 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except _UsageError as error:
+            err.print(plain(f"error: {error} (see `imagerag --help`)"))
+            sys.exit(2)
+        except _ClickException as error:
+            err.print(plain(f"error: {error}"))
+            sys.exit(getattr(error, "exit_code", 1))
+        except typer.Abort:
+            err.print("aborted")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help="Make text-to-image models draw what the prompt asks."
+    cls=_Group,
+    no_args_is_help=True,
+    add_completion=False,
+    help="Make text-to-image models draw what the prompt asks.",
 )
 # Prompts, captions, paths and error messages are data from users and third-party datasets: nothing printed is
 # parsed as rich markup, and control characters (terminal escape sequences, bidi overrides) are shown, not obeyed.

@@ -54,7 +54,9 @@ def loaded(profile: str, data_dir: Path) -> tuple[Settings, Backends]:
 
 
 def run_loop(settings: Settings, backends: Backends, tmp_path: Path) -> None:
-    """The whole loop on the profile's real backends with a scripted critic that misses the heart at first."""
+    """The whole loop on the profile's real backends with a scripted critic that misses the heart at first; the round
+    redraws the whole image (tests/test_edit.py runs edits through each family)."""
+    settings = settings.model_copy(update={"edits": False})
     critic = ScriptedCritic([{"c2"}, {"c1", "c2"}])
     result = run(PROMPT, settings, tmp_path / "runs", backends=dataclasses.replace(backends, critic=critic))
     assert result.status == "satisfied" and result.profile == settings.profile, result.error

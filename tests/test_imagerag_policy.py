@@ -26,18 +26,11 @@ def test_stops_as_soon_as_every_concept_is_satisfied(tiny_settings, tiny_store, 
     assert result.status == "satisfied"
     assert result.rounds == 2 and result.generations == 2
     assert [c.verdict for c in result.concepts] == ["satisfied", "satisfied"]
-    # The second image was conditioned on a reference retrieved for the missing concept only.
+    # The second image edits the first (it holds the square), conditioned on a reference for the missing heart only.
     assert generator.calls[0]["references"] == 0 and generator.calls[1]["references"] == 1
+    assert generator.calls[1].get("edit") and result.candidates[1].edit is not None
     assert result.candidates[1].references[0].query == "a photo of a heart"
-    assert [s.node for s in result.steps] == [
-        "plan",
-        "generate",
-        "critique",
-        "retrieve",
-        "regenerate",
-        "critique",
-        "finish",
-    ]
+    assert [s.node for s in result.steps] == ["plan", "generate", "critique", "retrieve", "edit", "critique", "finish"]
 
 
 @pytest.mark.parametrize(

@@ -95,6 +95,7 @@ def test_the_agent_policy_over_http(tiny_settings, openai_server, tmp_path):
         "critique",
         "retrieve",
         "regenerate",
+        "edit",
     }
     assert "state" not in json.dumps(agent_calls[0]["tools"][0]["function"]["parameters"]["properties"])
     judge_calls = [

@@ -81,8 +81,8 @@ def test_stream_yields_typed_events_in_order(tiny_settings, tiny_store, tmp_path
     assert kinds[0] == "node_started" and isinstance(events[-1], Finished)
     started = [e.node for e in events if isinstance(e, NodeStarted)]
     finished = [e.node for e in events if isinstance(e, NodeFinished)]
-    assert started == finished == ["plan", "generate", "critique", "retrieve", "regenerate", "critique", "finish"]
-    assert "diffusion_step" in kinds and "retrieved" in kinds
+    assert started == finished == ["plan", "generate", "critique", "retrieve", "edit", "critique", "finish"]
+    assert "diffusion_step" in kinds and "retrieved" in kinds and "edited" in kinds
     assert [len(e.verdicts) for e in events if isinstance(e, Verdicts)] == [2, 2]
     budgets = [e for e in events if isinstance(e, BudgetLeft)]
     assert budgets[-1].rounds == 1 and budgets[-1].generations == 4

@@ -17,7 +17,7 @@ CONCEPTS = [Concept(id="c1", text="a red heart"), Concept(id="c2", text="a blue 
 
 def test_tools_are_langchain_tools_whose_schemas_hide_the_injected_runtime():
     tools = {t.name: t for t in TOOLS}
-    assert set(tools) == {"generate", "critique", "retrieve", "regenerate"}
+    assert set(tools) == {"generate", "critique", "retrieve", "regenerate", "edit"}
     for tool in tools.values():
         schema = tool.tool_call_schema.model_json_schema()
         assert "runtime" not in schema["properties"] and "state" not in schema["properties"] and tool.description

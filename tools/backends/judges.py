@@ -95,10 +95,10 @@ class ClipJudge:
         if concept.kind != "relation" or len(words) < 3:
             return None
         subject = " ".join(words[:2])
-        if cell := named_cell(concept.text):
+        if place := named_cell(concept.text):
             at, best = cells.best(subject)
-            there = cells.all(subject)[cell]
-            ok = at == cell and best >= self.threshold
+            there = cells.all(subject)[place]
+            ok = at == place and best >= self.threshold
             return (
                 ok,
                 there if ok else min(there, self.threshold - 0.001),
