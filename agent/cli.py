@@ -628,9 +628,7 @@ def eval_miniworld(
         typer.Option(help="Comma-separated subset of text_alone,best_of_n,one_pass,loop,loop_edits (default: all)."),
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts (a quick look).")] = None,
-    data_dir: Annotated[Path, typer.Option(help="Data folder for the world's corpus and collection.")] = Path(
-        ".imagerag"
-    ),
+    data_dir: DataDir = None,
     out: Annotated[
         Path | None,
         typer.Option(

@@ -216,7 +216,7 @@ def read_outcomes(path: Path) -> list[Outcome]:
 def evaluate(
     prompts: Sequence[PromptSpec],
     out: Path,
-    data_dir: Path,
+    data_dir: Path | None = None,
     seeds: Sequence[int] = (0, 1, 2),
     images: int = 4,
     names: Iterable[str] | None = None,
@@ -228,7 +228,7 @@ def evaluate(
     results = out / "results.jsonl"
     done = done_keys(results)
     chosen = [c for c in conditions(images) if names is None or c.name in set(names)]
-    settings = Settings(profile="mini", data_dir=data_dir)
+    settings = Settings(profile="mini") if data_dir is None else Settings(profile="mini", data_dir=data_dir)
     backends = prepare(settings)
     oracle = Oracle.from_pretrained(ORACLE_DIR)
     with tempfile.TemporaryDirectory() as tmp:
