@@ -43,6 +43,9 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.set_num_threads(threads or THREADS)
+    # Adam's moments of rarely used rows (most of a text encoder's vocabulary) decay into subnormal floats, which a
+    # CPU handles a hundred times slower: flush them to zero (training slowed from 0.5 to 3 s a step without it).
+    torch.set_flush_denormal(True)
 
 
 class Pool:

@@ -411,7 +411,7 @@ def train(
     out_dir: Path = MODELS_DIR,
     vae_steps: int = 600,
     enc_steps: int = 500,
-    unet_steps: int = 3600,
+    unet_steps: int = 4600,
     batch: int = 48,
     log: Callable[[str], None] = print,
 ) -> dict:
