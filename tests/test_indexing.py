@@ -19,7 +19,7 @@ from imagerag.tools.backends.clip import ClipEmbedder, EmbeddingModelInfo
 from imagerag.tools.backends.indexer import IndexSummary, index_folders, index_sources
 from imagerag.tools.backends.loading import load_embedder
 from imagerag.tools.backends.sources import SourceError
-from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client
+from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client, model_metadata
 from imagerag.tools.files import content_id
 
 runner = CliRunner()
@@ -293,3 +293,20 @@ def test_a_truncated_shard_keeps_what_was_read_and_counts_the_rest_as_failed(tmp
     )  # a download that stopped inside the last image
     summary = index_sources(store, [shard], cache_dir=tmp_path / "cache")
     assert (summary.added, summary.failed) == (3, 1)
+
+
+def test_a_local_profile_rebuilds_its_own_collection_embedded_by_another_version_of_its_clip(tmp_path, caplog):
+    from imagerag.agent.config import Settings
+    from imagerag.tools.backends.loading import open_store
+
+    settings = Settings(profile="tiny", data_dir=tmp_path)
+    count = open_store(settings).count()
+    collection = chroma_client(tmp_path).get_collection("tiny")
+    stale = {k: v for k, v in (collection.metadata or {}).items() if not k.startswith("hnsw:")}
+    collection.modify(
+        metadata={**stale, **model_metadata(EmbeddingModelInfo(name="local-dir", pretrained="sha256:0", dim=64))}
+    )
+    with pytest.raises(StoreError, match="was embedded with"):
+        ReferenceStore.open(chroma_client(tmp_path), "tiny", load_embedder(settings))
+    rebuilt = open_store(settings)  # derived data of the profile's own corpus: indexed again, not refused
+    assert rebuilt.count() == count and "re-indexing tiny" in caplog.text

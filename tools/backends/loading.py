@@ -102,6 +102,10 @@ def open_store(
     except StoreError:
         if not own:
             raise
+        if config.collection_name in {getattr(c, "name", c) for c in client.list_collections()}:
+            # Embedded with an earlier version of the profile's own CLIP: derived data, so it is built again.
+            log.warning("re-indexing %s: it was embedded with another version of its CLIP", config.collection_name)
+            client.delete_collection(config.collection_name)
     else:
         if own and store.roots is None:  # built before collections recorded their folders: record them once
             from imagerag.tools.backends.indexer import index_folders
