@@ -24,10 +24,18 @@ from imagerag.evals.miniworld.grammar import (
     concept_text,
     judge,
     reading_of,
+    sample_layout,
     sample_prompt,
 )
+from imagerag.evals.miniworld.train_t2i import WordTokens, parse_targets, training_caption, unknown_words
 from imagerag.tools.backends.planner import RuleDecomposer
+from imagerag.tools.backends.tiny import clip_bpe_tokenizer
 from imagerag.tools.miniworld.world import (
+    CELLS,
+    COLOUR_NAMES,
+    RELATIONS,
+    SHAPES,
+    SIZE_NAMES,
     ObjectSpec,
     Scene,
     caption,
@@ -157,3 +165,36 @@ def test_the_paired_bootstrap_finds_a_real_difference_and_none_where_there_is_no
     b = {f"p{i}": {s: rng.random() < 0.5 for s in seeds} for i in range(60)}
     lo, hi = paired_bootstrap(a, b)["ci95"]
     assert lo < 0 < hi
+
+
+def test_text_encoder_targets_sit_at_each_objects_phrase_end_and_tokens_match_the_tokenizer():
+    tokenizer = clip_bpe_tokenizer()
+    words, rng, unknown = WordTokens(tokenizer), random.Random(7), unknown_words(tokenizer)
+    for _ in range(2000):
+        layout = sample_layout(rng, rng.randint(1, 4), rare=rng.random() < 0.5)
+        names = {0: rng.choice(unknown)} if rng.random() < 0.5 else {}
+        text, spec = training_caption(layout, rng, names)
+        ids, ends = words(text)
+        assert ids == tokenizer(text).input_ids
+        phrase, cells = parse_targets(text, spec, names, ends)
+        by_shape = {target["shape"]: position for position, target in phrase.items()}
+        assert len(by_shape) == len(spec.groups)
+        for i, group in enumerate(spec.groups):
+            shape = len(SHAPES) if i in names else SHAPES.index(group.shape)
+            last_word = group.phrase(names.get(i)).split()[-1]
+            assert tokenizer.decode(ids[by_shape[shape]]).strip() == tokenizer.decode(words.word(last_word)[-1]).strip()
+            assert phrase[by_shape[shape]]["cell"] == (CELLS.index(group.cell) if group.cell else len(CELLS))
+            if group.cell:
+                assert cells["shape"][CELLS.index(group.cell)] == shape
+    # A hidden object's stand-in word that starts with another object's shape word: "a crossing" is not "a cross".
+    spec = PromptSpec(id="x", prompt="", groups=[Group(shape="star"), Group(shape="cross")])
+    text = "a crossing and a cross"
+    phrase, _ = parse_targets(text, spec, {0: "crossing"}, words(text)[1])
+    assert sorted(phrase) == [2, 5] and phrase[2]["shape"] == len(SHAPES)
+    spec = PromptSpec(id="x", prompt="", groups=[Group(shape="ring", colour="red", size="large", cell="top left")])
+    text = spec.groups[0].phrase()  # "a large red ring in the top left": its last token says every attribute
+    ids, ends = words(text)
+    phrase, _ = parse_targets(text, spec, {}, ends)
+    expected = {"shape": SHAPES.index("ring"), "colour": COLOUR_NAMES.index("red"), "size": SIZE_NAMES.index("large"),
+                "cell": CELLS.index("top left"), "count": 0, "relation": len(RELATIONS)}  # fmt: skip
+    assert phrase == {len(ids) - 2: expected}
