@@ -116,6 +116,11 @@ def test_the_benchmark_appends_each_outcome_and_resumes_without_generating_again
     assert "loop_edits - text_alone" in report["paired"]
     assert (out / "summary.md").read_text().startswith("2 prompts x seeds [0].")
     assert (out / "summary.json").is_file()
+    # Retrieval on the collection, in CLIP's order and re-ranked by the critic (the mini profile's way).
+    retrieval = report["retrieval_precision_at_1"]
+    assert retrieval["queries"] == 12 * 24 and retrieval["corpus"] == open_store(mini_settings).count()
+    assert retrieval["critic_reranked"]["all"] > retrieval["clip"]["all"]
+    assert "| critic_reranked |" in (out / "summary.md").read_text()
 
     seen.clear()
     again = evaluate(prompts, out, mini_settings.data_dir, **kwargs)

@@ -12,7 +12,7 @@ from imagerag.agent.cli import app
 from imagerag.tools.backends.clip import EmbeddingModelInfo
 from imagerag.tools.backends.indexer import index_folders
 from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client, mmr_order
-from imagerag.tools.types import RetrievalHit
+from imagerag.tools.types import ConceptVerdict, Critique, RetrievalHit
 
 runner = CliRunner()
 
@@ -113,6 +113,37 @@ def test_the_reranker_sees_the_candidate_pool_and_has_the_last_word(colour_store
     assert [h.caption for h in hits] == ["a blue square", "a pinkish-red square"]
     many = colour_store.search_many(["red", "red"], k=1, reranker=cheapest_last)
     assert [h.caption for h in many] == ["a blue square", "a pinkish-red square"]  # no image twice
+
+
+def test_the_critic_reranker_puts_first_the_image_showing_most_of_the_captions_concepts(colour_store):
+    """'red' is nearest by cosine, but the critic sees every concept of 'a large red square' only in the blue image
+    (a stand-in verdict: the point is the order), and one of them in the pinkish-red one."""
+    from imagerag.tools.backends.planner import RuleDecomposer
+    from imagerag.tools.toolkit import critic_reranker
+
+    sees = {"blue": {"c1", "c2", "c3"}, "pinkish-red": {"c1"}}
+
+    class ByColourCritic:
+        def critique(self, image, concepts, prompt):
+            name = next(n for n, rgb in COLOURS.items() if rgb == image.getpixel((0, 0)))
+            return Critique(
+                verdicts=[
+                    ConceptVerdict(concept_id=c.id, satisfied=c.id in sees.get(name, ()), score=0.5) for c in concepts
+                ]
+            )
+
+    concepts, _ = RuleDecomposer().decompose("a large red square")
+    assert [c.id for c in concepts] == ["c1", "c2", "c3"]  # the square, large, red
+    plain = colour_store.search("a large red square", k=4)
+    reranked = colour_store.search(
+        "a large red square", k=4, reranker=critic_reranker(ByColourCritic(), RuleDecomposer())
+    )
+    assert plain[0].caption == "a red square"
+    assert [h.caption for h in reranked] == [
+        "a blue square",
+        "a pinkish-red square",
+        *(h.caption for h in plain if h.caption not in ("a blue square", "a pinkish-red square")),
+    ]
 
 
 def test_search_with_another_model_fails_clearly(colour_store, tmp_path, tiny_settings):

@@ -63,6 +63,12 @@ class Profile(BaseModel):
     generator: GeneratorSpec
     clip: ClipSpec
     collection: str = Field(description="Default chromadb collection of reference images.")
+    rerank_k: int | None = Field(
+        default=None,
+        ge=2,
+        description="Retrieval re-ranks this many nearest images by the critic (how many of the caption's concepts "
+        "it sees in each); None: CLIP's order. Cheap with the CLIP judge, a call per image with a VLM judge.",
+    )
     local: bool = Field(default=False, description="Its models are built or shipped here: no Hub, no GPU needed.")
 
 
@@ -177,6 +183,8 @@ PROFILES: dict[str, Profile] = {
             calibration="mini:clip/calibration.json",
         ),
         collection=MINI_COLLECTION,
+        # Whole-image cosine ranks "a heart in the top left" by hearts anywhere; the judge reads cells.
+        rerank_k=20,
         local=True,
     ),
 }

@@ -17,9 +17,26 @@ from imagerag.tools.backends.images import ImageStore
 from imagerag.tools.backends.judges import Critic
 from imagerag.tools.backends.layout import clear, edit_margin, region_mask, rule_layout
 from imagerag.tools.backends.planner import Decomposer, apply_revision
-from imagerag.tools.backends.store import ReferenceStore
+from imagerag.tools.backends.store import ReferenceStore, Reranker
 from imagerag.tools.config import Profile
 from imagerag.tools.types import Box, Candidate, Concept, Critique, Edit, EditRegion, RetrievalHit
+
+
+def critic_reranker(critic: Critic, decomposer: Decomposer) -> Reranker:
+    """Hits ordered by how many of the caption's concepts the critic sees in each image, then by its mean score,
+    then by CLIP's similarity: one cosine over the whole image cannot tell where an object is or which object has a
+    colour, the critic's per-concept (and, offline, per-cell) reading can."""
+
+    def rerank(caption: str, hits: list[RetrievalHit]) -> list[RetrievalHit]:
+        concepts, _ = decomposer.decompose(caption)
+
+        def key(hit: RetrievalHit) -> tuple[int, float, float]:
+            verdicts = critic.critique(ReferenceStore.load_image(hit), concepts, caption).verdicts
+            return sum(v.satisfied for v in verdicts), sum(v.score for v in verdicts) / len(verdicts), hit.similarity
+
+        return sorted(hits, key=key, reverse=True)
+
+    return rerank
 
 
 @dataclass
@@ -83,7 +100,7 @@ class Toolkit:
     ) -> list[RetrievalHit]:
         """Reference images for one caption, none below the relevance threshold."""
         threshold = self.backends.min_similarity if min_similarity is None else min_similarity
-        hits = self.backends.store.search(caption, k, threshold, exclude)
+        hits = self.backends.store.search(caption, k, threshold, exclude, **self._reranking())
         _stream_progress({"event": "retrieved", "caption": caption, "hits": [h.model_dump() for h in hits]})
         return hits
 
@@ -91,9 +108,13 @@ class Toolkit:
         self, captions: list[str], k: int = 1, exclude: AbstractSet[str] = frozenset()
     ) -> list[RetrievalHit]:
         """Hits for several captions, no image twice."""
-        hits = self.backends.store.search_many(captions, k, self.backends.min_similarity, exclude)
+        hits = self.backends.store.search_many(captions, k, self.backends.min_similarity, exclude, **self._reranking())
         _stream_progress({"event": "retrieved", "captions": captions, "hits": [h.model_dump() for h in hits]})
         return hits
+
+    def _reranking(self) -> dict:
+        n = self.backends.profile.rerank_k
+        return {"reranker": critic_reranker(self.backends.critic, self.backends.decomposer), "fetch_k": n} if n else {}
 
     def regenerate(
         self, prompt: str, references: list[RetrievalHit], seed: int = 0, round: int = 1, turn: int = 1, n: int = 1

@@ -35,11 +35,11 @@ from imagerag.agent.config import Settings
 from imagerag.agent.result import RunResult
 from imagerag.agent.run import prepare, run
 from imagerag.evals.miniworld.common import ORACLE_DIR
-from imagerag.evals.miniworld.grammar import CONCEPT_KINDS, PromptSpec, concept_text, judge, sample_prompt
+from imagerag.evals.miniworld.grammar import CONCEPT_KINDS, Group, PromptSpec, concept_text, judge, sample_prompt
 from imagerag.evals.miniworld.oracle import Oracle
 from imagerag.graphs.state import Budget
-from imagerag.tools.miniworld.world import CELL_PHRASES, COLOUR_NAMES, RARE_SHAPES, SHAPES, SIZE_NAMES
-from imagerag.tools.toolkit import Backends
+from imagerag.tools.miniworld.world import CELL_PHRASES, CELLS, COLOUR_NAMES, RARE_SHAPES, SHAPES, SIZE_NAMES
+from imagerag.tools.toolkit import Backends, critic_reranker
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 K_BUCKETS: dict[str, tuple[int, int]] = {"2-3": (2, 3), "4-5": (4, 5), "6-7": (6, 7), "8-10": (8, 10)}
@@ -244,6 +244,10 @@ def evaluate(
                         on_outcome(outcome)
     wanted = {p.id for p in prompts}
     report = summarise([o for o in read_outcomes(results) if o.prompt_id in wanted and o.seed in set(seeds)])
+    retrieval = out / "retrieval.json"  # the collection's, measured once per results folder
+    if not retrieval.exists():
+        retrieval.write_text(json.dumps(retrieval_precision(backends), indent=2))
+    report["retrieval_precision_at_1"] = json.loads(retrieval.read_text())
     (out / "summary.json").write_text(json.dumps(report, indent=2))
     (out / "summary.md").write_text(markdown(report))
     return report
@@ -379,6 +383,11 @@ def markdown(report: dict) -> str:
             )
             + " |"
         )
+    if r := report.get("retrieval_precision_at_1"):
+        rows += ["", f"Retrieval precision@1 of object captions ({r['queries']} queries, {r['corpus']} images), %:", ""]
+        kinds = list(r["clip"])
+        rows += ["| order | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        rows += [f"| {name} | " + " | ".join(fmt(r[name][k]) for k in kinds) + " |" for name in r if name in RANKINGS]
     return "\n".join(rows) + "\n"
 
 
@@ -397,30 +406,58 @@ def parse_caption(caption: str) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def retrieval_precision(backends: Backends) -> dict:
-    """Precision@1 of object captions on the profile's collection: does the top hit hold an object with every
-    attribute the caption names? Over every shape, colour and size, and every shape in each cell."""
-    queries: list[tuple[str, dict[str, str]]] = []
+RANKINGS = ("clip", "critic_reranked")
+
+
+class RetrievalQuery(BaseModel):
+    kind: str  # shape, colour, size, position, object (all three at once)
+    group: Group  # what the top image must hold an object of
+
+    @property
+    def text(self) -> str:
+        return self.group.phrase()
+
+
+def retrieval_queries(seed: int = 0) -> list[RetrievalQuery]:
+    """Object captions. Per shape: the shape alone, with each colour, each size, each cell, and 6 with size, colour
+    and cell at once (drawn with `seed`)."""
+    rng = random.Random(seed)
+    out: list[RetrievalQuery] = []
     for shape in SHAPES:
-        queries.append((f"a {shape}", {}))
-        queries += [(f"a {c} {shape}", {"colour": c}) for c in COLOUR_NAMES]
-        queries += [(f"a {z} {shape}", {"size": z}) for z in SIZE_NAMES]
-        queries += [(f"a {shape} {CELL_PHRASES[cell]}", {"cell": cell}) for cell in CELL_PHRASES]
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for text, want in queries:
-        shape = next(s for s in SHAPES if f" {s}" in f" {text}")
-        found = backends.store.search(text, k=1)
-        objects = parse_caption(found[0].caption) if found else []
-        ok = any(
-            o[0] == shape
-            and all(dict(zip(("colour", "size", "cell"), o[1:], strict=True))[a] == v for a, v in want.items())
-            for o in objects
-        )
-        hits["rare" if shape in RARE_SHAPES else "common"].append(ok)
-    every = hits["rare"] + hits["common"]
-    return {
-        "queries": len(every),
-        "precision_at_1_pct": pct(every),
-        "rare_pct": pct(hits["rare"]),
-        "common_pct": pct(hits["common"]),
-    }
+        out.append(RetrievalQuery(kind="shape", group=Group(shape=shape)))
+        out += [RetrievalQuery(kind="colour", group=Group(shape=shape, colour=c)) for c in COLOUR_NAMES]
+        out += [RetrievalQuery(kind="size", group=Group(shape=shape, size=z)) for z in SIZE_NAMES]
+        out += [RetrievalQuery(kind="position", group=Group(shape=shape, cell=c)) for c in CELLS]
+        for _ in range(6):
+            group = Group(
+                shape=shape, colour=rng.choice(COLOUR_NAMES), size=rng.choice(SIZE_NAMES), cell=rng.choice(CELLS)
+            )
+            out.append(RetrievalQuery(kind="object", group=group))
+    return out
+
+
+def retrieval_precision(backends: Backends) -> dict:
+    """Precision@1 of object captions on the profile's collection (does the top image hold an object with every
+    attribute the caption names?), in CLIP's order and in the order the runtime retrieves (re-ranked by the critic
+    when the profile says so), overall, for rare shapes and per kind of caption."""
+    queries = retrieval_queries()
+    rankings: dict[str, dict] = {RANKINGS[0]: {}}
+    if backends.profile.rerank_k:
+        reranker = critic_reranker(backends.critic, backends.decomposer)
+        rankings[RANKINGS[1]] = {"reranker": reranker, "fetch_k": backends.profile.rerank_k}
+    out: dict = {"queries": len(queries), "corpus": backends.store.count()}
+    for name, options in rankings.items():
+        hits: dict[str, list[bool]] = defaultdict(list)
+        for q in queries:
+            found = backends.store.search(q.text, 1, **options)
+            g = q.group
+            ok = any(
+                (shape, colour, size, cell) == (g.shape, g.colour or colour, g.size or size, g.cell or cell)
+                for shape, colour, size, cell in (parse_caption(found[0].caption) if found else [])
+            )
+            hits["all"].append(ok)
+            hits[q.kind].append(ok)
+            if g.shape in RARE_SHAPES:
+                hits["rare"].append(ok)
+        out[name] = {k: pct(v) for k, v in hits.items()}
+    return out
