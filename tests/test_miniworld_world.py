@@ -198,3 +198,27 @@ def test_text_encoder_targets_sit_at_each_objects_phrase_end_and_tokens_match_th
     expected = {"shape": SHAPES.index("ring"), "colour": COLOUR_NAMES.index("red"), "size": SIZE_NAMES.index("large"),
                 "cell": CELLS.index("top left"), "count": 0, "relation": len(RELATIONS)}  # fmt: skip
     assert phrase == {len(ids) - 2: expected}
+
+
+def test_the_grounding_loss_is_zero_when_each_token_attends_inside_its_cells_and_high_when_spread():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from imagerag.evals.miniworld.train_t2i import UNET_CFG, CrossAttentionMaps, grounding_loss
+
+    cells = torch.zeros(1, 4, 3, 3)
+    cells[0, 0, 0, 0] = 1.0  # group 0 (token 5) in the top left; groups 1-3 absent
+    tokens = torch.tensor([[5, -1, -1, -1]])
+    inside = torch.zeros(1, 144, 77)
+    inside[0, [r * 12 + c for r in range(4) for c in range(4)], 5] = 1.0  # the top left 4x4 of a 12x12 map
+    spread = torch.full((1, 144, 77), 1 / 77)
+    assert grounding_loss([inside], tokens, cells).item() == 0.0
+    assert grounding_loss([spread], tokens, cells).item() == pytest.approx((1 - 1 / 9) ** 2)
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNET_CFG)
+    attention = CrossAttentionMaps(unet)
+    unet(torch.randn(2, 4, 12, 12), torch.tensor([10, 500]), encoder_hidden_states=torch.randn(2, 77, 64))
+    maps = attention.maps()
+    assert sorted({m.shape[1] for m in maps}) == [9, 36, 144] and len(maps) == 10
+    assert all(m.shape[::2] == (2, 77) and torch.allclose(m.sum(-1), torch.ones(())) for m in maps)

@@ -53,6 +53,7 @@ from imagerag.tools.miniworld.world import (
     CELL_PHRASES,
     CELLS,
     COLOUR_NAMES,
+    GRID,
     IMAGE_SIZE,
     MAX_OBJECTS,
     PLURALS,
@@ -112,6 +113,10 @@ IMAGE_ENCODER_CFG = {
     "projection_dim": 64,
 }
 TRAIN_TIMESTEPS = 1000
+# Weight of the grounding loss (each object's phrase-end token attends inside its cells) beside the denoising loss.
+# Without it the UNet drew objects in the wrong cell (position 12.5% for one object after 1,800 steps, 5.5% after
+# 4,600 with the earlier text encoder): nothing but the denoising loss told it where a token's object goes.
+GROUNDING_WEIGHT = 0.05
 SCHED_CFG = {
     "num_train_timesteps": TRAIN_TIMESTEPS,
     "beta_start": 0.00085,
@@ -297,6 +302,17 @@ class WordTokens:
         return [*ids, self.tokenizer.eos_token_id], ends
 
 
+def phrase_ends(text: str, spec: PromptSpec, names: dict[int, str], ends: dict[int, int]) -> list[int]:
+    """The token position where each group's phrase ends in `text` (see WordTokens)."""
+    out = []
+    for i, g in enumerate(spec.groups):
+        words = g.phrase(names.get(i))
+        found = re.search(rf"(?<![\w-]){re.escape(words)}(?![\w-])", text)  # whole words: "a ring" is not in "a rings"
+        assert found, (words, text)
+        out.append(ends[found.start() + len(words)])
+    return out
+
+
 def parse_targets(text: str, spec: PromptSpec, names: dict[int, str], ends: dict[int, int]) -> tuple[dict, dict]:
     """Per phrase-end token position, its object's classes; per cell, the classes of what the prompt puts there."""
     related_object = {r.object: RELATIONS.index(r.relation) for r in spec.relations}
@@ -305,14 +321,10 @@ def parse_targets(text: str, spec: PromptSpec, names: dict[int, str], ends: dict
         "shape": [len(SHAPES) + 1] * len(CELLS),
         "colour": [len(COLOUR_NAMES)] * len(CELLS),
     }
-    for i, g in enumerate(spec.groups):
-        words = g.phrase(names.get(i))
-        found = re.search(rf"(?<![\w-]){re.escape(words)}(?![\w-])", text)  # whole words: "a ring" is not in "a rings"
-        assert found, (words, text)
-        start = found.start()
+    for i, (g, end) in enumerate(zip(spec.groups, phrase_ends(text, spec, names, ends), strict=True)):
         shape = len(SHAPES) if i in names else SHAPES.index(g.shape)
         colour = COLOUR_NAMES.index(g.colour) if g.colour else len(COLOUR_NAMES)
-        phrase[ends[start + len(words)]] = {
+        phrase[end] = {
             "shape": shape,
             "colour": colour,
             "size": SIZE_NAMES.index(g.size) if g.size else len(SIZE_NAMES),
@@ -563,6 +575,46 @@ def set_ip_scale(unet, scale: float) -> None:
         p.scale = [scale] * len(p.scale)
 
 
+class CrossAttentionMaps:
+    """The text cross-attention of every attn2 layer of a UNet in its last forward pass, rebuilt from the queries
+    and keys that forward hooks on to_q and to_k keep (averaged over heads): (batch, pixels, tokens) per layer."""
+
+    def __init__(self, unet) -> None:
+        self.layers = [(name, m) for name, m in unet.named_modules() if name.endswith("attn2")]
+        self.kept: dict[tuple[str, str], torch.Tensor] = {}
+        for name, m in self.layers:
+            for part in ("to_q", "to_k"):
+                getattr(m, part).register_forward_hook(lambda _m, _i, out, key=(name, part): self._keep(key, out))
+
+    def _keep(self, key: tuple[str, str], out: torch.Tensor) -> None:
+        self.kept[key] = out
+
+    def maps(self) -> list[torch.Tensor]:
+        out = []
+        for name, m in self.layers:
+            q, k = self.kept[(name, "to_q")], self.kept[(name, "to_k")]
+            b, d = q.shape[0], q.shape[-1] // m.heads
+            q, k = (x.view(b, -1, m.heads, d).transpose(1, 2) for x in (q, k))
+            out.append((q @ k.transpose(-1, -2) * d**-0.5).softmax(-1).mean(1))
+        return out
+
+
+def grounding_loss(maps: list[torch.Tensor], tokens: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """How much of each object token's attention falls outside its objects' cells (TokenCompose's token loss, on
+    grid cells): `tokens` (batch, groups) phrase-end positions, -1 for none; `cells` (batch, groups, 3, 3) masks."""
+    valid = tokens >= 0
+    if not valid.any():
+        return torch.zeros(())
+    losses = []
+    for a in maps:
+        side = int(a.shape[1] ** 0.5)
+        mask = F.interpolate(cells, size=(side, side), mode="nearest").flatten(2)  # (batch, groups, pixels)
+        at = a.gather(2, tokens.clamp(min=0)[:, None, :].expand(-1, a.shape[1], -1))  # (batch, pixels, groups)
+        inside = (at * mask.transpose(1, 2)).sum(1) / at.sum(1).clamp(min=1e-8)
+        losses.append(((1 - inside) ** 2)[valid].mean())
+    return torch.stack(losses).mean()
+
+
 # ----------------------------------------------------------------------------- main training
 
 
@@ -628,6 +680,7 @@ def train(
         )
     )
     unknown = unknown_words(tokenizer)
+    words = WordTokens(tokenizer)
     t0 = time.time()
     heldout = []
     hrng = random.Random(SEED_T2I + 5)
@@ -639,6 +692,7 @@ def train(
     timings["text_encoder"] = round(time.time() - t0, 1)
     unet = UNet2DConditionModel(**UNET_CFG)
     attach_ip_adapter(unet, IMAGE_ENCODER_CFG["projection_dim"], SEED_T2I)
+    attention = CrossAttentionMaps(unet)
     noise_sched = DDPMScheduler(**SCHED_CFG)
     alphas = noise_sched.alphas_cumprod
 
@@ -678,13 +732,20 @@ def train(
         nonlocal ema
         with_ref = step % 3 == 2  # two text-only steps for one with a reference: composing from text is the harder
         idx, texts, embs = [], [], []
-        for _ in range(batch):
+        tokens = torch.full((batch, MAX_OBJECTS), -1)
+        cells = torch.zeros(batch, MAX_OBJECTS, GRID, GRID)
+        for b in range(batch):
             if with_ref:
                 i, text, emb = reference_example()
             else:
                 i = int(common_idx[rng.randrange(len(common_idx))])
-                text = "" if rng.random() < 0.1 else training_caption(layouts[i], rng)[0]
-                emb = zero_emb
+                text, emb = "", zero_emb
+                if rng.random() >= 0.1:
+                    text, spec = training_caption(layouts[i], rng)
+                    for g, end in enumerate(phrase_ends(text, spec, {}, words(text)[1])):
+                        tokens[b, g] = end
+                        for o in layouts[i].members[g]:
+                            cells[b, g].view(-1)[CELLS.index(layouts[i].objects[o].cell)] = 1.0
             idx.append(i)
             texts.append(text)
             embs.append(emb)
@@ -699,9 +760,10 @@ def train(
         pred = unet(
             zt, t, encoder_hidden_states=enc_h, added_cond_kwargs={"image_embeds": [torch.stack(embs)[:, None, :]]}
         ).sample
-        loss = F.mse_loss(pred, noise)
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        return loss, f"ema {ema:.4f}"
+        denoising = F.mse_loss(pred, noise)
+        grounding = grounding_loss(attention.maps(), tokens, cells) if not with_ref else torch.zeros(())
+        ema = denoising.item() if ema is None else 0.98 * ema + 0.02 * denoising.item()
+        return denoising + GROUNDING_WEIGHT * grounding, f"ema {ema:.4f} grounding {grounding.item():.3f}"
 
     unet.train()
     timings["unet_ip"] = round(
