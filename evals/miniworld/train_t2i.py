@@ -682,7 +682,7 @@ def train(
     unknown = unknown_words(tokenizer)
     words = WordTokens(tokenizer)
     t0 = time.time()
-    heldout = []
+    heldout: list[Layout] = []
     hrng = random.Random(SEED_T2I + 5)
     while len(heldout) < 2000:
         layout = sample_layout(hrng, hrng.choice((1, 2, 3, 4)), rare=hrng.random() < 0.35)
