@@ -5,7 +5,8 @@ Like a real pipeline's CLIP text encoder, the text encoder is pretrained on capt
 and frozen then: here on what each caption says (at the last token of each object's phrase, that object's shape,
 colour, size, cell, count and relation; at the end token, what each named cell holds), so that the token a UNet
 pixel attends to already carries the object bound to its attributes and place. Learning that binding through the
-diffusion loss alone, from scratch, did not happen in 4,600 steps (position 5.5% for one object).
+diffusion loss alone, from scratch, did not happen in 4,600 steps (position 5.5% for one object). And beside the
+denoising loss, a grounding loss (see GROUNDING_WEIGHT) tells the UNet where each object's tokens act.
 
 The text pathway never sees the words heart / crescent / star, nor a rare-shape image without a
 reference: rare objects appear only in reference-conditioned steps, with their shape word replaced
