@@ -61,6 +61,9 @@ def generate(
     pipe, prompts: list[str], refs: list[Image.Image] | None, settings: dict, bs: int = 50
 ) -> list[Image.Image]:
     out = []
+    # The pipeline repeats precomputed adapter embeddings over its whole batch (each prompt would see every
+    # reference), so prompts with references go one at a time.
+    bs = 1 if refs is not None else bs
     for i in range(0, len(prompts), bs):
         chunk = prompts[i : i + bs]
         gens = [torch.Generator().manual_seed(settings["seed"] * 100_000 + i + j) for j in range(len(chunk))]
