@@ -141,7 +141,8 @@ def edit(
 ) -> tuple[str, ToolOutcome]:
     """Redraw only some regions of an image and keep the rest: use it when an image holds some objects right and
     misses or gets wrong others. Boxes are fractions of the image (x0, y0 top left; x1, y1 bottom right); critiques
-    say where objects were seen. To move an object, clear its old region and draw it in the new one."""
+    say where objects were seen. To move an object, clear its old region and draw it in the new one. To fix several
+    objects at once, give each region the reference for its own object (reference_ids on the region)."""
     run = _run(runtime)
     if run.usage.generations >= run.budget.max_generations:
         raise ToolInputError("the generation budget is spent: no image can be edited")
@@ -149,10 +150,11 @@ def edit(
     if source is None:
         raise ToolInputError(f"unknown image id {image_id!r}: pass an id returned by a tool in this run")
     known = {h.id: h for h in run.hits}
-    if unknown := [i for i in reference_ids if i not in known]:
+    named = [*reference_ids, *(i for r in regions for i in r.reference_ids if i not in reference_ids)]
+    if unknown := [i for i in named if i not in known]:
         raise ToolInputError(f"unknown reference ids {unknown}: pass ids returned by retrieve in this run")
     candidate = _tools(runtime).edit(
-        image_id, regions, [known[i] for i in reference_ids], seed, round=run.usage.rounds, turn=run.turn
+        image_id, regions, [known[i] for i in named], seed, round=run.usage.rounds, turn=run.turn
     )
     made = candidate.edit
     assert made is not None

@@ -36,6 +36,11 @@ class RunContext(BackendConfig, BaseSettings):
         default=True,
         description="Redraw only the regions of what is missing when the best image holds the rest (else redraw all).",
     )
+    region_references: bool = Field(
+        default=True,
+        description="In an edit, give each redrawn object its own reference acting only in its region, so one edit "
+        "fixes several objects (needs a generator that masks references); else one reference conditions the edit.",
+    )
     max_tool_errors: int = Field(default=3, ge=1, description="Consecutive failed tool calls before a run fails.")
     runs_dir: Path | None = Field(
         default=None, description="Where run folders go (one per thread); default: DATA_DIR/runs."

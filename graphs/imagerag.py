@@ -26,6 +26,7 @@ from imagerag.graphs.rules import (
     edit_regions,
     kept_verdicts,
     stop_reason,
+    targets_for_regions,
     targets_for_round,
 )
 from imagerag.graphs.state import RunInput, RunOutput, RunState, Step
@@ -72,21 +73,28 @@ def after_critique(state: RunState) -> Literal["retrieve", "finish"]:
 
 
 def retrieve(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-    tools = toolkit(state, runtime)
-    targets = targets_for_round(state, tools.max_references)
+    tools, ctx = toolkit(state, runtime), context_of(runtime)
     best = best_of_turn(state)
+    occupied = occupied_cells(tools.images.get(best.image_id)) if best is not None and ctx.edits else set()
+    # With references masked to regions, one edit redraws every object it misses, each with its own reference.
+    per_region = best is not None and ctx.edits and ctx.region_references and tools.max_region_references > 1
+    regions = edit_regions(state, occupied) if per_region else []
+    pairs = targets_for_regions(state, regions, tools.max_region_references) if regions else []
+    targets = [c for _, c in pairs] if regions else targets_for_round(state, tools.max_references)
     captions_by_id = {v.concept_id: v.caption for v in best.verdicts} if best else {}
     captions = [captions_by_id.get(c.id) or c.text for c in targets]
     used = {h.id for cand in state.candidates for h in cand.references}
-    hits = tools.retrieve_many(captions, k=context_of(runtime).retrieve_k, exclude=used)
+    hits = tools.retrieve_many(captions, k=ctx.retrieve_k, exclude=used)
     targeted = {c.id for c in targets}
     concepts = [c.model_copy(update={"attempts": c.attempts + 1}) if c.id in targeted else c for c in state.concepts]
     found = ", ".join(f"{h.caption!r} ({h.similarity:.2f})" for h in hits) or "nothing above the threshold"
     summary = f"for {', '.join(map(repr, captions))}: {found}"
-    regions = []
-    if best is not None and context_of(runtime).edits:
+    if regions:
+        for (i, _), caption in zip(pairs, captions, strict=True):
+            regions[i] = regions[i].model_copy(update={"reference_ids": [h.id for h in hits if h.query == caption]})
+    elif best is not None and ctx.edits:
         focus = {c.id for c in targets} if hits else set()
-        regions = edit_regions(state, occupied_cells(tools.images.get(best.image_id)), focus)
+        regions = edit_regions(state, occupied, focus)
     return {
         "hits": hits,
         "regions": regions,

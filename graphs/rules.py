@@ -99,9 +99,29 @@ def targets_for_round(state: RunState, limit: int) -> list[Concept]:
     needs_reference = [c for c in missing if c.id not in from_text]
     kept_by_reference = [c for c in state.concepts if c.id not in from_text and c.id not in missing_ids]
     targets = needs_reference or kept_by_reference or missing
-    return sorted(targets, key=lambda c: (bool(c.depends_on), any(p in missing_ids for p in c.depends_on), c.attempts))[
-        :limit
-    ]
+    return _reference_order(targets, missing_ids)[:limit]
+
+
+def targets_for_regions(state: RunState, regions: list[EditRegion], limit: int) -> list[tuple[int, Concept]]:
+    """For an edit whose regions each take a reference of their own: (region index, concept) for each redrawn
+    region whose object misses something no image from text showed, that concept chosen as targets_for_round
+    orders them; regions whose misses text did show are redrawn from text. At most `limit`."""
+    from_text = drawn_from_text(state.current())
+    missing_ids = {c.id for c in state.missing()}
+    order = _reference_order([c for c in state.missing() if c.id not in from_text], missing_ids)
+    out: list[tuple[int, Concept]] = []
+    for i, region in enumerate(regions):
+        owners = set(region.concept_ids)
+        target = next((c for c in order if c.id in owners or owners & set(c.depends_on)), None)
+        if region.text and target is not None:
+            out.append((i, target))
+    return out[:limit]
+
+
+def _reference_order(concepts: list[Concept], missing_ids: AbstractSet[str]) -> list[Concept]:
+    """Objects before attributes, an attribute whose object is missing last, then the least tried, then prompt
+    order."""
+    return sorted(concepts, key=lambda c: (bool(c.depends_on), any(p in missing_ids for p in c.depends_on), c.attempts))
 
 
 def clock(state: RunState, usage: Usage | None = None) -> Usage:
@@ -137,8 +157,9 @@ def edit_regions(
     another object. Each such object is redrawn: in its place when only its look is wrong; else in the cell its
     position words or its relation to a kept object ask for, or the layout's, or a free one, with its old place
     cleared. `occupied`: grid cells where the best image has something drawn. `focus`: the concepts this round's
-    references are for; a reference conditions the whole edit, so only their objects are redrawn with it (the others
-    wait for a later round: the loop composes the image object by object). Counts and styles cannot be fixed in one
+    references are for when one reference conditions the whole edit: only their objects are redrawn with it (the others
+    wait for a later round: the loop composes the image object by object); left empty when each redrawn object gets
+    a reference of its own (targets_for_regions), so that every broken object is redrawn at once. Counts and styles cannot be fixed in one
     region, so when one is missing the whole image is drawn again."""
     best = best_of_turn(state)
     if best is None:

@@ -126,6 +126,7 @@ class FakeGenerator:
     """Draws a distinct flat image per call (colour from seed and reference count); records its calls."""
 
     max_references = 1
+    max_region_references = 1  # references are not masked to regions: one conditions a whole edit
 
     def __init__(self):
         self.calls: list[dict] = []
@@ -139,9 +140,18 @@ class FakeGenerator:
             for i in range(n)
         ]
 
-    def edit(self, image, mask, prompt, seed, references=(), on_step: Callable | None = None):
+    def edit(self, image, mask, prompt, seed, references=(), reference_masks=(), on_step: Callable | None = None):
         """Paints the white part of the mask a flat colour; every other pixel is kept."""
-        self.calls.append({"prompt": prompt, "seed": seed, "n": 1, "references": len(references), "edit": True})
+        self.calls.append(
+            {
+                "prompt": prompt,
+                "seed": seed,
+                "n": 1,
+                "references": len(references),
+                "edit": True,
+                "reference_masks": list(reference_masks),
+            }
+        )
         painted = Image.new("RGB", image.size, (200, (37 * seed) % 256, 90))
         return Image.composite(painted, image, mask.convert("L")), True
 

@@ -140,3 +140,16 @@ def test_the_agent_edits_one_region_and_keeps_the_verdicts_outside_it(tiny_setti
     # The square's verdict stands (its pixels were kept); only the heart was judged on the edited image.
     assert {v.concept_id: v.satisfied for v in edited.verdicts} == {"c1": True, "c2": True}
     assert critic.calls == 2
+
+
+def test_a_region_naming_an_unknown_reference_goes_back_to_the_llm(tiny_settings, tiny_store, tmp_path):
+    def edit_with_a_made_up_reference(messages):
+        answers = [m.content for m in messages if isinstance(m, ToolMessage) and "generated image(s) " in m.content]
+        image_id = answers[0].split("generated image(s) ")[1].split()[0]
+        region = {"box": {"x0": 0.0, "y0": 0.0, "x1": 0.5, "y1": 0.5}, "text": "a heart", "reference_ids": ["nope"]}
+        return tool_turn(call("edit", "e1", image_id=image_id, regions=[region]))
+
+    turns = iter([tool_turn(call("generate", "g1", prompt=PROMPT)), *[edit_with_a_made_up_reference] * 3])
+    result = go(tiny_settings, tiny_store, tmp_path, ScriptedChatModel(messages=turns), ScriptedCritic([{"c2"}]))
+    assert result.status == "failed" and "unknown reference ids ['nope']" in result.error
+    assert len(result.candidates) == 1  # nothing was edited

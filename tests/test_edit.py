@@ -13,7 +13,7 @@ from scripted import ScriptedCritic
 
 from imagerag.agent.config import Settings
 from imagerag.agent.run import run
-from imagerag.graphs.rules import edit_regions, kept_verdicts
+from imagerag.graphs.rules import edit_regions, kept_verdicts, targets_for_regions
 from imagerag.graphs.state import RunState
 from imagerag.tools.backends.images import ImageStore
 from imagerag.tools.backends.layout import CELL_BOXES, edit_margin, region_mask, rule_layout
@@ -58,6 +58,49 @@ def test_an_edit_keeps_every_pixel_outside_its_mask_and_shares_the_loaded_weight
         name: id(module) for name, module in pipe.components.items() if module is not None
     }
     assert inpaint.unet.dtype == pipe.unet.dtype == pipe.vae.dtype
+
+
+def _reference(data_dir: Path, name: str, colour: str) -> RetrievalHit:
+    chroma_client(data_dir)  # its reference cache becomes a folder references may be read from
+    path = reference_cache(data_dir) / f"edit-test-{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), colour).save(path)
+    return RetrievalHit(id=name, caption=name, similarity=1.0, source=str(path), query=name)
+
+
+@pytest.mark.parametrize("profile", ["tiny", "mini"])
+def test_each_region_reference_acts_only_in_its_own_region(profile, data_dir, tmp_path, monkeypatch):
+    """Two objects redrawn in one edit, each with its own reference: one adapter, two images, two masks, passed the
+    way diffusers' IPAdapterMaskProcessor expects; every pixel outside the regions is kept."""
+    backends = load_backends(Settings(profile=profile, data_dir=data_dir, device="cpu"))
+    seen: dict = {}
+    inpaint = backends.generator._inpainting()
+    original = type(inpaint).__call__
+
+    def spy(pipe, *args, **kwargs):
+        seen.update(kwargs)
+        return original(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(inpaint), "__call__", spy)
+    spec = backends.profile.generator
+    size = (spec.width or 32, spec.height or 32)
+    tools = Toolkit(backends, ImageStore(tmp_path))
+    source = tools.images.put(_noise(size))
+    heart, square = _reference(data_dir, "heart", "red"), _reference(data_dir, "square", "blue")
+    regions = [
+        EditRegion(box=CELL_BOXES["top left"], text="a red heart", reference_ids=["heart"]),
+        EditRegion(box=CELL_BOXES["bottom right"], text="a blue square", reference_ids=["square"]),
+    ]
+    edited = tools.edit(source, regions, [square, heart], seed=2)
+    assert [h.id for h in edited.references] == ["heart", "square"]
+    [images] = seen["ip_adapter_image"]
+    [masks] = seen["cross_attention_kwargs"]["ip_adapter_masks"]
+    assert len(images) == 2 and masks.shape == (1, 2, size[1], size[0])
+    for i, region in enumerate(regions):
+        expected = np.asarray(region_mask(size, [region.box], edit_margin(size))) > 0
+        assert (masks[0, i].numpy() > 0.5).tolist() == expected.tolist()
+    assert edited.edit is not None and edited.edit.exact_outside
+    assert _outside_equal(tools.images.get(source), tools.images.get(edited.image_id), regions)
 
 
 def test_omnigen_edits_with_the_image_in_context_and_says_it_cannot_keep_pixels(data_dir, tmp_path, monkeypatch):
@@ -127,6 +170,28 @@ def test_an_object_in_its_place_with_a_wrong_look_is_redrawn_in_place_and_a_misp
     assert drawn.box == CELL_BOXES["top left"]
 
 
+def test_with_region_references_every_broken_object_is_redrawn_each_with_its_own_target():
+    # Only the ring is right: the heart and the square are both redrawn in one edit, each retrieving for itself.
+    state = _state({"c7"}, {"c7": "centre"})
+    regions = edit_regions(state, occupied={"centre"})
+    assert [r.concept_ids for r in regions] == [["c1"], ["c4"]]
+    assert [(i, c.id) for i, c in targets_for_regions(state, regions, limit=4)] == [(0, "c1"), (1, "c4")]
+    assert [(i, c.id) for i, c in targets_for_regions(state, regions, limit=1)] == [(0, "c1")]
+    # A reference goes to what text never drew: once an image from text showed the whole square, it is redrawn from
+    # text.
+    shown = state.candidates[0].model_copy(
+        update={
+            "image_id": "1" * 32,
+            "verdicts": [
+                v.model_copy(update={"satisfied": v.concept_id in {"c4", "c5", "c6"}})
+                for v in state.candidates[0].verdicts
+            ],
+        }
+    )
+    with_square = state.model_copy(update={"candidates": [*state.candidates, shown]})
+    assert [(i, c.id) for i, c in targets_for_regions(with_square, regions, limit=4)] == [(0, "c1")]
+
+
 def test_no_edit_when_nothing_is_worth_keeping_or_nothing_is_missing():
     assert edit_regions(_state({"c2"}, {}), occupied=set()) == []
     everything = {f"c{i}" for i in range(1, 8)}
@@ -165,6 +230,32 @@ def test_the_loop_edits_the_best_image_when_it_holds_some_objects(data_dir, tmp_
     before, after = (Image.open(images / f"{c.image_id}.png").convert("RGB") for c in (first, edited))
     assert _outside_equal(before, after, edited.edit.regions)
     assert "edit" in (Path(result.run_dir) / "report.html").read_text()
+
+
+def test_one_edit_redraws_two_missing_objects_each_with_its_own_reference(data_dir, tmp_path, monkeypatch):
+    """tiny: the first image has only the ring; one edit redraws the heart and the square, each region with the
+    reference retrieved for its object, masked to it."""
+    settings = Settings(profile="tiny", data_dir=data_dir, device="cpu")
+    critic = ScriptedCritic([{"c3"}, {"c1", "c2", "c3"}], boxes={"c3": CELL_BOXES["bottom right"]})
+    backends = dataclasses.replace(load_backends(settings), critic=critic)
+    masks: list = []
+    original = type(backends.generator).edit
+
+    def spy(generator, image, mask, prompt, seed, references=(), reference_masks=(), on_step=None):
+        masks.append(list(reference_masks))
+        return original(generator, image, mask, prompt, seed, references, reference_masks, on_step)
+
+    monkeypatch.setattr(type(backends.generator), "edit", spy)
+    result = run("a heart, a square and a ring", settings, tmp_path / "runs", backends=backends)
+    assert [s.node for s in result.steps] == ["plan", "generate", "critique", "retrieve", "edit", "critique", "finish"]
+    edited = result.candidates[-1]
+    assert edited.edit is not None and edited.edit.exact_outside
+    drawn = [r for r in edited.edit.regions if r.text]
+    assert [r.concept_ids for r in drawn] == [["c1"], ["c2"]]
+    assert all(len(r.reference_ids) == 1 for r in drawn) and drawn[0].reference_ids != drawn[1].reference_ids
+    assert [h.id for h in edited.references] == [r.reference_ids[0] for r in drawn]
+    assert len(masks) == 1 and len(masks[0]) == 2
+    assert (Path(result.run_dir) / "report.html").read_text().count("its own reference: ") == 2
 
 
 @pytest.mark.parametrize(

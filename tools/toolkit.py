@@ -74,6 +74,10 @@ class Toolkit:
     def max_references(self) -> int:
         return self.backends.generator.max_references
 
+    @property
+    def max_region_references(self) -> int:
+        return self.backends.generator.max_region_references
+
     def decompose(self, prompt: str) -> tuple[list[Concept], int]:
         return self.backends.decomposer.decompose(prompt)
 
@@ -135,12 +139,24 @@ class Toolkit:
         turn: int = 1,
     ) -> Candidate:
         """Redraw only inside `regions` of a stored image, from their texts and the references, keeping the rest.
-        Regions with no text are cleared to the background (what was there is removed or moved away)."""
-        references = references[: self.max_references]
+        Regions with no text are cleared to the background (what was there is removed or moved away). A region that
+        names its own references (`reference_ids`, from `references`) gets the first of them acting inside it alone;
+        otherwise the references act over every redrawn region."""
         source = self.images.get(image_id)
         margin = edit_margin(source.size)
         image = clear(source, [r.box for r in regions if not r.text], margin)
         drawn = [r for r in regions if r.text]
+        by_id = {h.id: h for h in references}
+        own = [
+            (r, next(by_id[i] for i in r.reference_ids if i in by_id))
+            for r in drawn
+            if set(r.reference_ids) & set(by_id)
+        ]
+        if own:
+            own = own[: self.max_region_references]
+            references = [h for _, h in own]
+        else:
+            references = references[: self.max_references]
         text = " and ".join(r.text for r in drawn)
         exact = True
         if drawn:
@@ -148,8 +164,9 @@ class Toolkit:
             template = spec.edit_template or (spec.regenerate_template if references else "regenerate_plain")
             text = render(template, prompt=text, references=references)
             mask = region_mask(image.size, [r.box for r in drawn], margin)
+            masks = [region_mask(image.size, [r.box], margin) for r, _ in own]
             image, exact = self.backends.generator.edit(
-                image, mask, text, seed, [ReferenceStore.load_image(h) for h in references], on_step=_on_step
+                image, mask, text, seed, [ReferenceStore.load_image(h) for h in references], masks, on_step=_on_step
             )
         return Candidate(
             image_id=self.images.put(image),

@@ -94,6 +94,11 @@ class EditRegion(BaseModel):
     box: Box
     text: str = Field(description="What to draw in the region, e.g. 'a large red heart in the top left'; '' clears it.")
     concept_ids: list[str] = Field(default_factory=list, description="The object concepts the region is for.")
+    reference_ids: list[str] = Field(
+        default_factory=list,
+        description="Ids of retrieved references for this region alone: each acts only inside it (the first one is "
+        "used). Empty: the edit's references, if any, act over every region.",
+    )
 
 
 class Edit(BaseModel):

@@ -7,7 +7,10 @@ Conditions, each run on the same prompts and seeds with the mini profile (N = th
     loop         the imagerag policy for up to N rounds and N images, returning the best image, every round
                  redrawing the whole image
     loop_edits   the same, but a round edits the best image (redraws only the regions of what it misses) when it
-                 holds some objects with all their concepts
+                 holds some objects with all their concepts, each redrawn object with its own reference masked to
+                 its region
+    loop_edits_one_ref   the edits as they were before per-region references: one reference a round, conditioning
+                 the whole edit, so only its object is redrawn (an ablation of the above)
 Every chosen image is read by the oracle (evals/miniworld/oracle.py, never seen by the agent) and judged per concept
 (grammar.judge). The report gives the share of prompts with every concept right by k and by rare/common, per-kind
 rates, images and seconds per prompt, how often the critic agrees with the oracle per concept kind, and the paired
@@ -52,6 +55,7 @@ class Condition(BaseModel):
     rounds: int
     samples: int = 1
     edits: bool = False
+    region_references: bool = True
     pick: str = "best"  # "last": the last image, as the paper's one pass returns it
 
 
@@ -62,6 +66,7 @@ def conditions(images: int) -> list[Condition]:
         Condition(name="one_pass", rounds=2, pick="last"),
         Condition(name="loop", rounds=images),
         Condition(name="loop_edits", rounds=images, edits=True),
+        Condition(name="loop_edits_one_ref", rounds=images, edits=True, region_references=False),
     ]
 
 
@@ -143,7 +148,13 @@ def run_one(
 ) -> Outcome:
     images = condition.rounds * condition.samples
     budget = Budget(max_rounds=condition.rounds, max_generations=images, max_seconds=None, max_tokens=None)
-    update = {"budget": budget, "seed": seed, "samples": condition.samples, "edits": condition.edits}
+    update = {
+        "budget": budget,
+        "seed": seed,
+        "samples": condition.samples,
+        "edits": condition.edits,
+        "region_references": condition.region_references,
+    }
     settings = settings.model_copy(update=update)
     result = run(spec.prompt, settings, runs, backends=backends)
     chosen = result.candidates[-1] if condition.pick == "last" else result.best

@@ -1,7 +1,9 @@
 """Text-to-image generators. One pipeline per process serves generate, regenerate and edit.
 
-IP-Adapter pipelines (SD 1.5, SDXL) take at most one reference: without one the adapter scale is set to 0, so
-the same weights in memory produce plain text-to-image. OmniGen takes up to three references in context.
+IP-Adapter pipelines (SD 1.5, SDXL) take one reference for a whole image: without one the adapter scale is set to 0,
+so the same weights in memory produce plain text-to-image. An edit may give each region its own reference: the
+adapter then attends to every reference, each masked to its region (diffusers' IPAdapterMaskProcessor masks, passed
+as `ip_adapter_masks` in `cross_attention_kwargs`). OmniGen takes up to three references in context.
 
 Edits redraw the white part of a mask. SD and SDXL inpaint through a pipeline built once with `from_pipe`, which
 shares every loaded component (no second copy of the weights) and, with a plain 4-channel UNet, blends the known
@@ -32,6 +34,7 @@ StepCallback = Callable[[int, int], None]  # (step, total)
 
 class Generator(Protocol):
     max_references: int
+    max_region_references: int  # references one edit takes when each acts only in its own region
 
     def generate(
         self,
@@ -49,10 +52,15 @@ class Generator(Protocol):
         prompt: str,
         seed: int,
         references: Sequence[Image.Image] = (),
+        reference_masks: Sequence[Image.Image] = (),
         on_step: StepCallback | None = None,
     ) -> tuple[Image.Image, bool]:
-        """`image` redrawn where `mask` (mode L) is white; and whether every pixel where it is black was kept."""
+        """`image` redrawn where `mask` (mode L) is white; and whether every pixel where it is black was kept.
+        `reference_masks`, one per reference: where each acts (mode L); empty: the references act over the mask."""
         ...
+
+
+REGION_REFERENCES = 4  # the most objects one edit gives a reference of its own (a 3x3 layout rarely has more)
 
 
 def pick_device(device: str) -> str:
@@ -74,6 +82,10 @@ class DiffusersGenerator:
     def __init__(self, pipe: DiffusionPipeline, spec: GeneratorSpec, device: str):
         self.pipe, self.spec, self.device = pipe, spec, device
         self.max_references = spec.max_references
+        # With masks each adapter reference acts in its own region; OmniGen takes its references in context.
+        self.max_region_references = (
+            REGION_REFERENCES if spec.family != "omnigen" and spec.ip_adapter is not None else spec.max_references
+        )
         self._lock = threading.Lock()  # one call at a time on this pipeline (see the module's note)
         self._inpaint: DiffusionPipeline | None = None
 
@@ -143,6 +155,7 @@ class DiffusersGenerator:
         prompt: str,
         seed: int,
         references: Sequence[Image.Image] = (),
+        reference_masks: Sequence[Image.Image] = (),
         on_step: StepCallback | None = None,
     ) -> tuple[Image.Image, bool]:
         image = image.convert("RGB")
@@ -152,6 +165,8 @@ class DiffusersGenerator:
                 return self.pipe(**kwargs).images[0], False
         kwargs = self._arguments(prompt, seed, 1, references, on_step)
         kwargs.update(image=image, mask_image=mask, strength=1.0)
+        if reference_masks and self.spec.ip_adapter is not None:
+            kwargs.update(self._masked_references(references, reference_masks))
         with self._lock:
             inpaint = self._inpainting()
             self._set_adapter_scale(inpaint, references)
@@ -168,6 +183,20 @@ class DiffusersGenerator:
             self._inpaint = cls.from_pipe(self.pipe, dtype=self.pipe.dtype)
             self._inpaint.set_progress_bar_config(disable=True)
         return self._inpaint
+
+    def _masked_references(self, references: Sequence[Image.Image], masks: Sequence[Image.Image]) -> dict[str, Any]:
+        """Pipeline arguments for one adapter attending to several references, each only inside its mask."""
+        from diffusers.image_processor import IPAdapterMaskProcessor
+
+        if len(masks) != len(references):
+            raise ValueError(f"{len(references)} references but {len(masks)} reference masks: give one mask each")
+        n = min(len(references), self.max_region_references)
+        height, width = self.spec.height or masks[0].height, self.spec.width or masks[0].width
+        stacked = IPAdapterMaskProcessor().preprocess(list(masks[:n]), height=height, width=width)
+        return {
+            "ip_adapter_image": [list(references[:n])],  # one adapter, n images
+            "cross_attention_kwargs": {"ip_adapter_masks": [stacked.reshape(1, n, *stacked.shape[2:])]},
+        }
 
     def _set_adapter_scale(self, pipe: DiffusionPipeline, references: Sequence[Image.Image]) -> None:
         if self.spec.family != "omnigen" and self.spec.ip_adapter is not None:
