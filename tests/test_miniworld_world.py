@@ -51,6 +51,10 @@ def test_world_is_deterministic_and_its_corpus_never_holds_an_evaluation_scene(t
     assert a == b and all(sc.half == "corpus" for sc in a)
     assert np.array_equal(np.asarray(render(a[0])), np.asarray(render(b[0])))
     assert render(a[0]).size == (48, 48)
+    # No two corpus scenes render alike (near-equal jitters would otherwise give ~30 repeats in 3,000): every
+    # image the collection indexes is its own.
+    many = corpus_scenes(3000, seed=1)
+    assert len({render(sc).tobytes() for sc in many}) == len(many) == 3000
     write_corpus(tmp_path / "c", n=30, seed=1, exclude_shapes=["heart"])
     caps = [p.read_text() for p in sorted((tmp_path / "c").glob("*.txt"))]
     assert len(caps) == 30 and not any("heart" in c for c in caps)

@@ -273,26 +273,36 @@ def sample_scenes(
 
 
 def corpus_scenes(n: int, seed: int = 1, exclude_shapes: Iterable[str] = ()) -> list[Scene]:
-    """The retrieval corpus: scenes of the corpus half only. It opens with every object (shape x colour x size x
-    cell) alone once, where that scene is in the corpus half, so every concept, rare included, is present; the rest
-    is random (60% single objects)."""
+    """The retrieval corpus: n scenes of the corpus half only, no two rendering to the same image (a jitter below
+    a pixel apart). It opens with every object (shape x colour x size x cell) alone once, where that scene is in the
+    corpus half, so every concept, rare included, is present; the rest is random (60% single objects)."""
     excl = set(exclude_shapes)
     shapes = [s for s in SHAPES if s not in excl]
     rng = random.Random(seed)
-    scenes = [
+    singles = [
         Scene((ObjectSpec(shape, colour, size, cell, *(round(rng.uniform(-0.5, 0.5), 2) for _ in "xy")),))
         for shape in shapes
         for colour in COLOUR_NAMES
         for size in SIZE_NAMES
         for cell in CELLS
     ]
-    scenes = [sc for sc in scenes if sc.half == "corpus"]
-    rng.shuffle(scenes)
-    scenes = scenes[:n]
+    singles = [sc for sc in singles if sc.half == "corpus"]
+    rng.shuffle(singles)
+    scenes: list[Scene] = []
+    seen: set[bytes] = set()
+
+    def add(scene: Scene) -> None:
+        key = hashlib.blake2b(render(scene).tobytes(), digest_size=16).digest()
+        if key not in seen:
+            seen.add(key)
+            scenes.append(scene)
+
+    for sc in singles[:n]:
+        add(sc)
     while len(scenes) < n:
         sc = sample_scene(rng, rng.choices((1, 2, 3, 4), (0.6, 0.2, 0.1, 0.1))[0], shapes)
         if sc.half == "corpus":
-            scenes.append(sc)
+            add(sc)
     return scenes
 
 
