@@ -625,7 +625,9 @@ def eval_miniworld(
     images: Annotated[int, typer.Option(min=2, help="The loop's image budget, and N of best-of-N.")] = 4,
     conditions: Annotated[
         str | None,
-        typer.Option(help="Comma-separated subset of text_alone,best_of_n,one_pass,loop,loop_edits,loop_edits_one_ref (default: all)."),
+        typer.Option(
+            help="Comma-separated subset of text_alone,best_of_n,one_pass,loop,loop_edits,loop_edits_one_ref (default: all)."
+        ),
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts (a quick look).")] = None,
     data_dir: DataDir = None,
