@@ -1,5 +1,6 @@
 """The four tools as plain calls and as LangChain tools, decomposition, and the judges."""
 
+import numpy as np
 import pytest
 from PIL import Image
 from scripted import ScriptedChatModel
@@ -130,3 +131,26 @@ def test_the_clip_judge_scores_half_at_its_threshold(tiny_settings):
     assert critique.verdicts[0].satisfied and critique.verdicts[0].score == pytest.approx(0.5, abs=1e-3)
     critique = ClipJudge(embedder, threshold=similarity + 0.1).critique(image, CONCEPTS[:1])
     assert not critique.verdicts[0].satisfied and critique.verdicts[0].caption == "a red heart"
+
+
+class _BlankLovingEmbedder:
+    """Every text embeds as [1, 0]; a crop with anything drawn on it as [0.8, 0.6], a blank one as [1, 0]: blank
+    cells score above any threshold, as a small CLIP's can."""
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return np.tile([1.0, 0.0], (len(texts), 1))
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        drawn = [len(set(im.convert("RGB").getdata())) > 1 for im in images]
+        return np.array([[0.8, 0.6] if d else [1.0, 0.0] for d in drawn])
+
+
+def test_the_clip_judge_counts_only_cells_with_something_drawn():
+    image = Image.new("RGB", (48, 48), "white")
+    for left in (2, 34):  # two red squares: the top left and top right cells
+        image.paste((220, 40, 40), (left, 2, left + 12, 14))
+    judge = ClipJudge(_BlankLovingEmbedder(), threshold=0.5)  # type: ignore[arg-type]
+    two, three = (Concept(id=f"c{n}", kind="count", text=f"{n} red squares") for n in ("two", "three"))
+    verdicts = judge.critique(image, [two, three]).verdicts
+    assert [v.satisfied for v in verdicts] == [True, False]
+    assert "found in 2 cell(s): top left, top right" in verdicts[0].evidence

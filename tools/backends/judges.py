@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Protocol
 
@@ -20,6 +21,7 @@ from imagerag.tools.backends.layout import (
     article,
     background_colour,
     named_cell,
+    occupied_cells,
     relation_object,
     relation_sign,
     singular,
@@ -89,7 +91,10 @@ class ClipJudge:
         if concept.kind == "count" and len(words) >= 2 and words[0].lower() in NUMBERS:
             wanted, noun = NUMBERS[words[0].lower()], singular(words[-1])
             thing = " ".join([article(" ".join(words[1:])), *words[1:-1], noun])
-            found = [cell for cell, sim in cells.all(thing).items() if sim >= self.threshold]
+            # Only cells with something drawn count: a blank cell can still score above the threshold. Counting
+            # blank cells, the critic agreed with the oracle on 33 of 44 counts in images of dev-split prompts; 39
+            # without them (and 16 of 16 on the test split's, 14 before).
+            found = [cell for cell, sim in cells.all(thing).items() if sim >= self.threshold and cell in cells.occupied]
             best = max(cells.all(thing).values())
             return len(found) == wanted, best, f"{thing!r} found in {len(found)} cell(s): {', '.join(found) or 'none'}"
         if concept.kind != "relation" or len(words) < 3:
@@ -132,6 +137,10 @@ class _CellScores:
         self.embedder, self.image = embedder, image
         self._cells: np.ndarray | None = None
         self._texts: dict[str, dict[str, float]] = {}
+
+    @functools.cached_property
+    def occupied(self) -> set[str]:
+        return occupied_cells(self.image)
 
     def all(self, text: str) -> dict[str, float]:
         if text not in self._texts:
