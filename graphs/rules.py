@@ -157,10 +157,10 @@ def edit_regions(
     another object. Each such object is redrawn: in its place when only its look is wrong; else in the cell its
     position words or its relation to a kept object ask for, or the layout's, or a free one, with its old place
     cleared. `occupied`: grid cells where the best image has something drawn. `focus`: the concepts this round's
-    references are for when one reference conditions the whole edit: only their objects are redrawn with it (the others
-    wait for a later round: the loop composes the image object by object); left empty when each redrawn object gets
-    a reference of its own (targets_for_regions), so that every broken object is redrawn at once. Counts and styles cannot be fixed in one
-    region, so when one is missing the whole image is drawn again."""
+    references are for when one reference conditions the whole edit: only their objects are redrawn with it (the
+    others wait for a later round: the loop composes the image object by object); left empty when each redrawn object
+    gets a reference of its own (targets_for_regions), so that every broken object is redrawn at once. Counts and
+    styles cannot be fixed in one region, so when one is missing the whole image is drawn again."""
     best = best_of_turn(state)
     if best is None:
         return []
