@@ -50,6 +50,9 @@ K_BUCKETS: dict[str, tuple[int, int]] = {"2-3": (2, 3), "4-5": (4, 5), "6-7": (6
 SPLITS: dict[str, tuple[int, int]] = {"dev": (6, 1_000), "test": (10, 2_000)}  # (per cell, seed)
 
 
+BASELINES = ("text_alone", "best_of_n", "one_pass")
+
+
 class Condition(BaseModel):
     name: str
     rounds: int
@@ -344,9 +347,11 @@ def summarise(outcomes: list[Outcome]) -> dict:
         return t
 
     report["paired"] = {}
-    methods = [m for m in ("loop_edits", "loop") if m in by_condition]
-    for method in methods:
-        for base in (c for c in by_condition if c not in methods[: methods.index(method) + 1]):
+    # The loop with edits against every other condition (its ablation included); the whole-image loop against the
+    # baselines.
+    bases = {"loop_edits": [c for c in by_condition if c != "loop_edits"], "loop": list(BASELINES)}
+    for method in (m for m in bases if m in by_condition):
+        for base in (c for c in bases[method] if c in by_condition):
             report["paired"][f"{method} - {base}"] = {
                 label: paired_bootstrap(table(method, f), table(base, f)) for label, f in SUBSETS.items()
             }
