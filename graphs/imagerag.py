@@ -92,7 +92,7 @@ def retrieve(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     if regions:
         for (i, _), caption in zip(pairs, captions, strict=True):
             regions[i] = regions[i].model_copy(update={"reference_ids": [h.id for h in hits if h.query == caption]})
-    elif best is not None and ctx.edits:
+    elif best is not None and ctx.edits and not per_region:  # per region, [] already said: redraw the whole image
         focus = {c.id for c in targets} if hits else set()
         regions = edit_regions(state, occupied, focus)
     return {
