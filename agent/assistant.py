@@ -42,6 +42,7 @@ from imagerag.agent.events import (
 from imagerag.agent.result import RunResult
 from imagerag.graphs.state import MAX_PROMPT_CHARS, THREAD_PATTERN, Budget, RunInput
 from imagerag.tools.config import ConfigError
+from imagerag.tools.errors import ImageRAGError
 from imagerag.tools.toolkit import Backends
 from imagerag.tools.types import RetrievalHit
 
@@ -75,7 +76,7 @@ Caption = Annotated[
 HitCount = Annotated[int, Field(strict=True, ge=1, le=MAX_HITS, description="Reference images to return at most.")]
 
 
-class AssistantError(ValueError):
+class AssistantError(ImageRAGError):
     """A request the assistant cannot run; the message says what is wrong and how to fix it."""
 
 

@@ -14,12 +14,13 @@ from pydantic import ValidationError
 
 from imagerag.agent.config import RunRecipe, Settings
 from imagerag.agent.result import RunResult
+from imagerag.tools.errors import ImageRAGError
 from imagerag.tools.files import atomic_write
 
 SETTINGS_FILE = "settings.json"
 
 
-class RunError(ValueError):
+class RunError(ImageRAGError):
     """Input that cannot start or continue a run; the message names the problem and the fix."""
 
 

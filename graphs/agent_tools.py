@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from imagerag.graphs.context import RunContext, toolkit
 from imagerag.graphs.rules import kept_verdicts
 from imagerag.graphs.state import AgentState
+from imagerag.tools.errors import ImageRAGError
 from imagerag.tools.toolkit import Toolkit
 from imagerag.tools.types import Candidate, Concept, ConceptVerdict, Critique, EditRegion, RetrievalHit
 
@@ -28,7 +29,7 @@ class ToolOutcome(BaseModel):
     hits: list[RetrievalHit] = Field(default_factory=list)
 
 
-class ToolInputError(ValueError):
+class ToolInputError(ImageRAGError):
     """A tool call the run cannot honour; the message goes back to the LLM."""
 
 

@@ -11,10 +11,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
 
+from imagerag.tools.errors import ImageRAGError
+
 Offload = Literal["none", "model", "sequential"]
 
 
-class ConfigError(ValueError):
+class ConfigError(ImageRAGError):
     """A setting that cannot work; the message says which and how to fix it."""
 
 

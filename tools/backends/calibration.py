@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from imagerag.tools.backends.clip import EmbeddingModelInfo
 from imagerag.tools.backends.store import ReferenceStore
+from imagerag.tools.errors import ImageRAGError
 from imagerag.tools.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ _TEXT_BATCH = 256  # captions per text-encoder forward: bounds memory on a large
 _GET_BATCH = 1000  # rows per chromadb get: SQLite caps the variables of one query
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ImageRAGError):
     """A collection that cannot be calibrated; the message says why and what to do."""
 
 

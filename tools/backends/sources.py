@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from imagerag.tools.errors import ImageRAGError
 from imagerag.tools.files import content_id
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ MAX_JSON_SIDECAR_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 
 
-class SourceError(ValueError):
+class SourceError(ImageRAGError):
     """A source that cannot be read at all (missing, unknown format, no image column); the message says why."""
 
 

@@ -36,6 +36,7 @@ from PIL import Image
 
 from imagerag.tools.backends.clip import ClipEmbedder, EmbeddingModelInfo
 from imagerag.tools.backends.sources import bound_caption
+from imagerag.tools.errors import ImageRAGError
 from imagerag.tools.types import RetrievalHit
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ REFERENCE_CACHE_DIR = "references"  # below a data folder: copies of shard and p
 _REFERENCE_ROOTS: set[Path] = set()
 
 
-class StoreError(ValueError):
+class StoreError(ImageRAGError):
     """A collection that cannot be used; the message says why and what to run."""
 
 
@@ -62,7 +63,7 @@ class ReferenceRefused(StoreError):
     """A reference image that may not be opened: outside the indexed folders, or not a regular file."""
 
 
-class ImageTooLarge(ValueError):
+class ImageTooLarge(ImageRAGError):
     """An image over MAX_IMAGE_PIXELS; refused before it is decoded."""
 
 
