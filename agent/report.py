@@ -8,9 +8,9 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from imagerag.agent.result import RunResult
-from imagerag.graphs.context import IMAGES
 from imagerag.tools.backends.llm import image_data_url
 from imagerag.tools.backends.store import ReferenceStore
+from imagerag.tools.files import RunFolder
 from imagerag.tools.types import RetrievalHit
 
 REFERENCE_THUMBNAIL = 256  # pixels on the long side: the page shows references small
@@ -40,7 +40,7 @@ def render_report(result: RunResult) -> str:
         undefined=StrictUndefined,
         autoescape=select_autoescape(["html", "j2"]),
     )
-    images = {c.image_id: _data_url(Path(result.run_dir) / IMAGES / f"{c.image_id}.png") for c in result.candidates}
+    images = {c.image_id: _data_url(RunFolder(Path(result.run_dir)).image(c.image_id)) for c in result.candidates}
     references = {h.id: _reference_url(h) for c in result.candidates for h in c.references}
     texts = {c.id: c.text for c in result.concepts}
     return env.get_template("report.html.j2").render(r=result, images=images, references=references, texts=texts)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from imagerag.graphs.context import IMAGES
 from imagerag.graphs.rules import best_of_turn
 from imagerag.graphs.state import Budget, RunState, RunStatus, Step, Turn, Usage
+from imagerag.tools.files import RunFolder
 from imagerag.tools.types import Candidate, Concept
 
 
@@ -93,8 +93,8 @@ class RunResult(RunSummary):
             status=state.status if state.status != "running" else "failed",
             rounds=state.usage.rounds,
             generations=state.usage.generations,
-            best_image=str(folder / IMAGES / f"{best.image_id}.png") if best else None,
-            report=str(folder / "report.html"),
+            best_image=str(RunFolder(folder).image(best.image_id)) if best else None,
+            report=str(RunFolder(folder).report),
             run_dir=str(folder),
             policy=policy,
             profile=profile,

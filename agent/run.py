@@ -43,10 +43,10 @@ from imagerag.agent.result import RunResult
 from imagerag.agent.runfolder import RunError
 from imagerag.graphs import build_graph
 from imagerag.graphs.context import RunContext, register_backends
-from imagerag.graphs.nodes import ReviewDecision, ReviewRequest, check_image, review_uploads
+from imagerag.graphs.nodes import ReviewDecision, ReviewRequest, review_uploads
 from imagerag.graphs.state import THREAD_PATTERN, AgentState, Budget, RunInput, RunOutput, RunState, Turn, Usage
-from imagerag.tools.files import content_id
-from imagerag.tools.toolkit import Backends
+from imagerag.tools.files import RunFolder, content_id
+from imagerag.tools.toolkit import Backends, check_image
 
 Reviewer = Callable[[ReviewRequest], ReviewDecision]
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def _removable_folder(thread: str, folder: Path) -> Path | None:
     """`folder` if it is thread's run folder, None if it is gone already; RunError for anything else."""
     if not os.path.lexists(folder):
         return None
-    settings_file = folder / runfolder.SETTINGS_FILE
+    settings_file = RunFolder(folder).settings
     if (
         folder.is_symlink()
         or not folder.is_dir()
@@ -257,7 +257,7 @@ def _removable_folder(thread: str, folder: Path) -> Path | None:
     ):
         raise RunError(
             f"refusing to remove {folder}: it is not the run folder of thread {thread!r} (a folder of that name with "
-            f"{runfolder.SETTINGS_FILE}); nothing was deleted: delete the thread without its folder"
+            f"{RunFolder.SETTINGS}); nothing was deleted: delete the thread without its folder"
         )
     return folder
 
@@ -265,7 +265,7 @@ def _removable_folder(thread: str, folder: Path) -> Path | None:
 def _recorded_folder(thread: str, values: dict[str, Any]) -> Path:
     """The run folder a thread's checkpoint recorded, when it is still a run folder."""
     recorded = values.get("run_dir")
-    if not recorded or not (Path(recorded) / runfolder.SETTINGS_FILE).is_file():
+    if not recorded or not RunFolder(Path(recorded)).settings.is_file():
         raise RunError(
             f"thread {thread!r} has lost its run folder ({recorded or 'none recorded'}): delete the thread with "
             f"`imagerag thread delete {thread}` and start it again"

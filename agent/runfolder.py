@@ -15,9 +15,7 @@ from pydantic import ValidationError
 from imagerag.agent.config import RunRecipe, Settings
 from imagerag.agent.result import RunResult
 from imagerag.tools.errors import ImageRAGError
-from imagerag.tools.files import atomic_write
-
-SETTINGS_FILE = "settings.json"
+from imagerag.tools.files import RunFolder, atomic_write
 
 
 class RunError(ImageRAGError):
@@ -43,13 +41,13 @@ def new_run_dir(out: Path, prompt: str) -> Path:
 
 def create(run_dir: Path, settings: Settings) -> None:
     run_dir.mkdir(parents=True)  # exist_ok=False: never write into another run's folder
-    atomic_write(run_dir / SETTINGS_FILE, settings.recipe().model_dump_json(indent=2))
+    atomic_write(RunFolder(run_dir).settings, settings.recipe().model_dump_json(indent=2))
 
 
 def read_recipe(run_dir: Path) -> RunRecipe:
-    path = run_dir / SETTINGS_FILE
+    path = RunFolder(run_dir).settings
     if not path.is_file():
-        raise RunError(f"{run_dir} is not a run folder (no {SETTINGS_FILE})")
+        raise RunError(f"{run_dir} is not a run folder (no {path.name})")
     try:
         return RunRecipe.model_validate(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, ValidationError):
@@ -63,5 +61,5 @@ def write_outputs(result: RunResult) -> None:
     from imagerag.agent.report import render_report
 
     run_dir = Path(result.run_dir)
-    atomic_write(run_dir / "run.json", result.model_dump_json(indent=2))
-    atomic_write(run_dir / "report.html", render_report(result))
+    atomic_write(RunFolder(run_dir).result, result.model_dump_json(indent=2))
+    atomic_write(RunFolder(run_dir).report, render_report(result))

@@ -16,31 +16,22 @@ from langgraph.prebuilt import ToolNode
 from langgraph.runtime import Runtime
 
 from imagerag.graphs.agent_tools import TOOLS, ToolOutcome, describe_verdicts
-from imagerag.graphs.context import RunContext, backends_for, context_of, toolkit
+from imagerag.graphs.context import RunContext, context_of, toolkit
 from imagerag.graphs.nodes import NODE_RETRY, ask_review, finish, judge_new, plan
 from imagerag.graphs.rules import clock, concepts_from_best, stop_reason
 from imagerag.graphs.state import AgentState, RunInput, RunOutput, Step
 from imagerag.prompts import render
-from imagerag.tools.backends.llm import tokens_of
-from imagerag.tools.config import ConfigError
 
 
 def agent(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-    context = context_of(runtime)
-    llm = backends_for(context).llm
-    if llm is None:
-        raise ConfigError(
-            "the agent policy needs an LLM: set IMAGERAG_LLM__MODEL (and IMAGERAG_LLM__BASE_URL for vLLM or Ollama), "
-            "or use --policy imagerag"
-        )
-    model = llm.bind_tools(TOOLS)
+    context, tools = context_of(runtime), toolkit(state, runtime)
     budget = state.budget
     system = SystemMessage(
         render(
             "agent_system",
             prompt=state.prompt,
             concepts=state.concepts,
-            max_references=toolkit(state, runtime).max_references,
+            max_references=tools.max_references,
             budget=f"{budget.max_rounds} rounds, {budget.max_generations} images",
         )
     )
@@ -49,8 +40,8 @@ def agent(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     usage, error = state.usage.add(rounds=1), ""
     nudge: list[HumanMessage] = []
     for _ in range(context.max_tool_errors):
-        reply = model.invoke([system, *state.messages, *opening, *nudge])
-        usage = usage.add(llm_tokens=tokens_of(reply))
+        reply, tokens = tools.converse([system, *state.messages, *opening, *nudge], TOOLS)
+        usage = usage.add(llm_tokens=tokens)
         if not isinstance(reply, AIMessage) or not reply.invalid_tool_calls:
             calls = ", ".join(c["name"] for c in getattr(reply, "tool_calls", [])) or "final answer"
             return {

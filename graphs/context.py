@@ -14,12 +14,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from imagerag.graphs.state import THREAD_PATTERN, RunState
-from imagerag.tools.backends.images import ImageStore
 from imagerag.tools.config import BackendConfig, ConfigError
-from imagerag.tools.files import content_id
-from imagerag.tools.toolkit import Backends, Toolkit
-
-IMAGES = "images"
+from imagerag.tools.files import RunFolder, content_id
+from imagerag.tools.toolkit import Backends, Toolkit, load_backends
 
 
 class RunContext(BackendConfig, BaseSettings):
@@ -94,8 +91,6 @@ def backends_for(context: RunContext) -> Backends:
             raise ConfigError(
                 f"no backends {context.backends_id!r} in this process: drop backends_id to load them"
             ) from None
-    from imagerag.tools.backends.loading import load_backends
-
     return load_backends(context)
 
 
@@ -110,6 +105,7 @@ def run_dir_of(state: RunState, context: RunContext) -> Path:
 
 
 def toolkit(state: RunState, runtime: Runtime[RunContext] | ToolRuntime[RunContext, Any]) -> Toolkit:
-    """The tools for this run: backends from the call's context, images in the run's folder."""
+    """The tools for this run: backends from the call's context, images in the run's folder, progress to the
+    graph's stream."""
     context = context_of(runtime)
-    return Toolkit(backends_for(context), ImageStore(run_dir_of(state, context) / IMAGES))
+    return Toolkit(backends_for(context), RunFolder(run_dir_of(state, context)).images, runtime.stream_writer)

@@ -30,7 +30,6 @@ from imagerag.graphs.rules import (
     targets_for_round,
 )
 from imagerag.graphs.state import RunInput, RunOutput, RunState, Step
-from imagerag.tools.backends.layout import occupied_cells
 
 
 def after_plan(state: RunState) -> Literal["generate", "retrieve", "finish"]:
@@ -75,7 +74,7 @@ def after_critique(state: RunState) -> Literal["retrieve", "finish"]:
 def retrieve(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     tools, ctx = toolkit(state, runtime), context_of(runtime)
     best = best_of_turn(state)
-    occupied = occupied_cells(tools.images.get(best.image_id)) if best is not None and ctx.edits else set()
+    occupied = tools.occupied_cells(best.image_id) if best is not None and ctx.edits else set()
     # With references masked to regions, one edit redraws every object it misses, each with its own reference.
     per_region = best is not None and ctx.edits and ctx.region_references and tools.max_region_references > 1
     regions = edit_regions(state, occupied) if per_region else []

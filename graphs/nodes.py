@@ -10,12 +10,10 @@ import base64
 import binascii
 import io
 import time
-from pathlib import Path
-from typing import IO, Any, Literal, cast
+from typing import Any, Literal, cast
 
 from langgraph.runtime import Runtime, get_runtime
 from langgraph.types import RetryPolicy, interrupt
-from PIL import Image
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from imagerag.graphs.context import RunContext, context_of, run_dir_of, toolkit
@@ -28,9 +26,7 @@ from imagerag.graphs.rules import (
     stop_reason,
 )
 from imagerag.graphs.state import RunState, RunStatus, Step, Turn, Usage
-from imagerag.tools.backends.store import ImageTooLarge, check_pixels, reference_cache
-from imagerag.tools.files import atomic_write, content_id
-from imagerag.tools.toolkit import Toolkit
+from imagerag.tools.toolkit import Toolkit, check_image, keep_upload
 from imagerag.tools.types import Candidate, RetrievalHit
 
 # Critic and generator calls can fail transiently (a VLM refusal streak, a CUDA hiccup): retry the node a few
@@ -200,24 +196,6 @@ class ReviewDecision(BaseModel):
         return self
 
 
-def check_image(source: Path | IO[bytes], what: str) -> str:
-    """The format (lower case, e.g. 'png') of an image PIL decodes within MAX_IMAGE_PIXELS (checked from its header,
-    before decoding); ValueError naming `what` otherwise."""
-    try:
-        with Image.open(source) as image:
-            check_pixels(image.size, what)
-            image.load()
-            return (image.format or "image").lower()
-    except ImageTooLarge:
-        raise
-    except Image.DecompressionBombError as error:  # PIL's own limit, raised by open before ours is checked
-        raise ImageTooLarge(f"{what}: {error}") from None
-    except Exception as error:  # noqa: BLE001 - hostile bytes make PIL raise many kinds of error: all mean "no image"
-        raise ValueError(
-            f"{what} is not an image PIL can read ({error.__class__.__name__}): send a PNG, JPEG or other image"
-        ) from None
-
-
 def ask_review(hits: list[RetrievalHit], concepts: list[str], round: int) -> list[RetrievalHit]:
     """Pause the graph (a LangGraph interrupt) until a person decides; return the references to use.
 
@@ -239,13 +217,11 @@ def ask_review(hits: list[RetrievalHit], concepts: list[str], round: int) -> lis
         return []
     if decision.action == "accept":
         return [h for h in hits if decision.keep is None or h.id in decision.keep]
-    # The data folder's reference cache: content-addressed, and one of the folders a reference may be read from.
-    folder = reference_cache(context_of(get_runtime(RunContext)).data_dir)
+    data_dir = context_of(get_runtime(RunContext)).data_dir
     query = hits[0].query if hits else (concepts[0] if concepts else "")
     references = []
     for i, (data, kind) in enumerate(uploads, 1):
-        image_id = content_id(data)
-        path = atomic_write(folder / f"{image_id}.{kind}", data)
+        image_id, path = keep_upload(data_dir, data, kind)
         caption = decision.caption or f"reference image {i} from the reviewer"
         references.append(RetrievalHit(id=image_id, caption=caption, similarity=1.0, source=str(path), query=query))
     return references

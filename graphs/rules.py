@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Set as AbstractSet
 
 from imagerag.graphs.state import RunState, Usage
-from imagerag.tools.backends.layout import (
+from imagerag.tools.grid import (
     CELL_BOXES,
     CELL_PHRASES,
     article,

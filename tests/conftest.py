@@ -22,7 +22,6 @@ from PIL import Image
 from scripted import ScriptedCritic, fake_backends
 
 from imagerag.agent.config import Settings
-from imagerag.tools.backends.images import ImageStore
 from imagerag.tools.backends.indexer import index_folders
 from imagerag.tools.backends.loading import load_embedder
 from imagerag.tools.backends.store import ReferenceStore, chroma_client
@@ -75,4 +74,4 @@ def tiny_store(tiny_settings) -> ReferenceStore:
 
 @pytest.fixture
 def toolkit(tiny_store, tmp_path) -> Toolkit:
-    return Toolkit(fake_backends(tiny_store, ScriptedCritic([set()])), ImageStore(tmp_path / "images"))
+    return Toolkit(fake_backends(tiny_store, ScriptedCritic([set()])), tmp_path / "images")

@@ -195,9 +195,9 @@ def test_mini_world_judge_threshold_agrees_with_the_oracle_on_generated_images(m
     from imagerag.evals.miniworld.common import ORACLE_DIR
     from imagerag.evals.miniworld.grammar import concept_text, judge
     from imagerag.evals.miniworld.oracle import Oracle
-    from imagerag.tools.backends.diffusion import DiffusersGenerator
     from imagerag.tools.backends.judges import ClipJudge
     from imagerag.tools.backends.loading import resolve
+    from imagerag.tools.backends.registries import GENERATORS
     from imagerag.tools.config import PROFILES
     from imagerag.tools.miniworld import MODELS_DIR
     from imagerag.tools.types import Concept
@@ -205,7 +205,7 @@ def test_mini_world_judge_threshold_agrees_with_the_oracle_on_generated_images(m
     calibration, embedder = mini_calibration
     spec = PROFILES["mini"].generator
     assert spec.ip_adapter is not None
-    generator = DiffusersGenerator.from_pretrained(
+    generator = GENERATORS[spec.family].from_pretrained(
         spec, resolve(spec.model_id, tmp_path), resolve(spec.ip_adapter.repo, tmp_path), "cpu"
     )
     prompts = load_prompts(PROMPTS_DIR / "dev.jsonl")

@@ -23,7 +23,7 @@ from scripted import FakeGenerator, ScriptedCritic, fake_backends
 from imagerag.agent.assistant import AssistantError, ImageRAGAssistant
 from imagerag.agent.mcp_server import build_server, http_app
 from imagerag.agent.run import history
-from imagerag.tools.backends.diffusion import DiffusersGenerator
+from imagerag.tools.backends.sd import SDGenerator
 from imagerag.tools.config import PROFILES
 
 TOKEN = "concurrent-clients-token-0123456789"
@@ -58,7 +58,7 @@ class RacingPipe:
 
 def test_a_loaded_pipeline_runs_one_call_at_a_time():
     pipe = RacingPipe()
-    generator = DiffusersGenerator(pipe, PROFILES["tiny"].generator, "cpu")
+    generator = SDGenerator(pipe, PROFILES["tiny"].generator, "cpu")
     start = threading.Barrier(6)
 
     def user(index: int) -> None:

@@ -15,11 +15,11 @@ from imagerag.agent.config import Settings
 from imagerag.agent.run import run
 from imagerag.graphs.rules import edit_regions, kept_verdicts, targets_for_regions
 from imagerag.graphs.state import RunState
-from imagerag.tools.backends.images import ImageStore
-from imagerag.tools.backends.layout import CELL_BOXES, edit_margin, region_mask, rule_layout
+from imagerag.tools.backends.layout import edit_margin, region_mask
 from imagerag.tools.backends.loading import load_backends
 from imagerag.tools.backends.planner import RuleDecomposer
 from imagerag.tools.backends.store import chroma_client, reference_cache
+from imagerag.tools.grid import CELL_BOXES, rule_layout
 from imagerag.tools.toolkit import Toolkit
 from imagerag.tools.types import Candidate, ConceptVerdict, EditRegion, RetrievalHit
 
@@ -37,7 +37,7 @@ def _outside_equal(before: Image.Image, after: Image.Image, regions: list[EditRe
 def test_an_edit_keeps_every_pixel_outside_its_mask_and_shares_the_loaded_weights(profile, data_dir, tmp_path):
     backends = load_backends(Settings(profile=profile, data_dir=data_dir, device="cpu"))
     spec = backends.profile.generator
-    tools = Toolkit(backends, ImageStore(tmp_path))
+    tools = Toolkit(backends, tmp_path)
     source = tools.images.put(_noise((spec.width or 32, spec.height or 32)))
     regions = [
         EditRegion(box=CELL_BOXES["top left"], text="a red square"),
@@ -84,7 +84,7 @@ def test_each_region_reference_acts_only_in_its_own_region(profile, data_dir, tm
     monkeypatch.setattr(type(inpaint), "__call__", spy)
     spec = backends.profile.generator
     size = (spec.width or 32, spec.height or 32)
-    tools = Toolkit(backends, ImageStore(tmp_path))
+    tools = Toolkit(backends, tmp_path)
     source = tools.images.put(_noise(size))
     heart, square = _reference(data_dir, "heart", "red"), _reference(data_dir, "square", "blue")
     regions = [
@@ -113,7 +113,7 @@ def test_omnigen_edits_with_the_image_in_context_and_says_it_cannot_keep_pixels(
         return original(pipe, *args, **kwargs)
 
     monkeypatch.setattr(type(backends.generator.pipe), "__call__", spy)
-    tools = Toolkit(backends, ImageStore(tmp_path))
+    tools = Toolkit(backends, tmp_path)
     source = tools.images.put(_noise((32, 32)))
     edited = tools.edit(source, [EditRegion(box=CELL_BOXES["centre"], text="a heart")], [], seed=1)
     assert edited.edit is not None and not edited.edit.exact_outside

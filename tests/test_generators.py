@@ -3,7 +3,7 @@
 from PIL import Image
 
 from imagerag.prompts import render
-from imagerag.tools.backends.diffusion import DiffusersGenerator
+from imagerag.tools.backends.registries import GENERATORS
 from imagerag.tools.config import PROFILES
 from imagerag.tools.types import RetrievalHit
 
@@ -31,7 +31,7 @@ def hit(query: str) -> RetrievalHit:
 
 def test_sdxl_uses_the_papers_settings_and_switches_the_adapter_off_for_text_only():
     pipe = RecordingPipe()
-    generator = DiffusersGenerator(pipe, PROFILES["sdxl"].generator, "cpu")
+    generator = GENERATORS["sdxl"](pipe, PROFILES["sdxl"].generator, "cpu")
     steps = []
     generator.generate("a boston bull", seed=0, on_step=lambda s, t: steps.append((s, t)))
     generator.generate("a boston bull", seed=0, references=[Image.new("RGB", (8, 8))])
@@ -45,7 +45,7 @@ def test_sdxl_uses_the_papers_settings_and_switches_the_adapter_off_for_text_onl
 def test_omnigen_gets_up_to_three_references_in_context_with_numbered_placeholders():
     pipe = RecordingPipe()
     spec = PROFILES["omnigen"].generator
-    generator = DiffusersGenerator(pipe, spec, "cpu")
+    generator = GENERATORS["omnigen"](pipe, spec, "cpu")
     refs = [hit("a boston bull"), hit("a red scarf"), hit("a lighthouse"), hit("a fourth thing")][: spec.max_references]
     prompt = render(spec.regenerate_template, prompt="a boston bull in a red scarf by a lighthouse", references=refs)
     assert (

@@ -143,8 +143,8 @@ def test_the_clip_judge_reads_places_counts_and_relations_cell_by_cell(tmp_path)
     """On a rendered scene the mini critic judges concepts of place from where CLIP finds each object alone."""
     from imagerag.agent.config import Settings
     from imagerag.tools.backends.judges import ClipJudge
-    from imagerag.tools.backends.layout import CELL_BOXES
     from imagerag.tools.backends.loading import calibrated, load_embedder
+    from imagerag.tools.grid import CELL_BOXES
     from imagerag.tools.types import Concept
 
     settings = Settings(profile="mini", data_dir=tmp_path, device="cpu")

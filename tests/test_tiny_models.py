@@ -7,7 +7,6 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from imagerag.tools.backends.clip import LOCAL_DIR, ClipEmbedder
-from imagerag.tools.backends.images import ImageStore
 from imagerag.tools.backends.loading import load_backends, resolve
 from imagerag.tools.backends.tiny import LAYOUT, build_tiny_models
 from imagerag.tools.toolkit import Toolkit
@@ -39,7 +38,7 @@ def test_ip_adapter_loads_from_a_local_folder_and_changes_the_image(tiny_setting
 def test_generate_and_regenerate_share_one_pipeline(tiny_settings, tmp_path):
     first, second = load_backends(tiny_settings), load_backends(tiny_settings)
     assert first.generator is second.generator  # loaded once per process
-    toolkit = Toolkit(first, ImageStore(tmp_path))
+    toolkit = Toolkit(first, tmp_path)
     generator_calls = []
     original = first.generator.pipe.__class__.__call__
 

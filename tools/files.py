@@ -1,4 +1,5 @@
-"""Files written safely and named by content: one atomic writer and one hash scheme for the whole project."""
+"""Files written safely and named by content (one atomic writer and one hash scheme for the whole project), and the
+layout of a run folder."""
 
 from __future__ import annotations
 
@@ -39,3 +40,32 @@ def atomic_write(path: Path, data: bytes | str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class RunFolder:
+    """The layout of a run folder, for every module that writes or reads one: the recipe a run was started with,
+    its result and report, and its images by content id. A thread keeps one folder and adds to it."""
+
+    SETTINGS = "settings.json"
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @property
+    def settings(self) -> Path:
+        return self.root / self.SETTINGS
+
+    @property
+    def result(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    def image(self, image_id: str) -> Path:
+        return self.images / f"{image_id}.png"

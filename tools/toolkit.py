@@ -1,74 +1,79 @@
 """The tools (generate, critique, retrieve, regenerate, edit) plus decomposition and layout, over injected backends.
 
-Each tool is a plain method returning typed results. The agent policy exposes them to an LLM as LangChain tools
-(graphs.agent_tools), where the run's state decides what a call may do.
+This module is the one door from the graphs to the backends (a forbidden import contract in pyproject.toml keeps it
+so): each tool is a plain method returning typed results, and the few checks a graph node makes on pixels (an
+uploaded reference, the cells an image fills) are functions here. The agent policy exposes the tools to an LLM as
+LangChain tools (graphs.agent_tools), where the run's state decides what a call may do.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
 
-from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import BaseMessage
+from langchain_core.tools import BaseTool
+from PIL import Image
 
 from imagerag.prompts import render
-from imagerag.tools.backends.diffusion import Generator
+from imagerag.tools.backends import layout
 from imagerag.tools.backends.images import ImageStore
-from imagerag.tools.backends.judges import Critic
-from imagerag.tools.backends.layout import clear, edit_margin, region_mask, rule_layout
-from imagerag.tools.backends.planner import Decomposer, apply_revision
-from imagerag.tools.backends.store import ReferenceStore, Reranker
-from imagerag.tools.config import Profile
+from imagerag.tools.backends.layout import clear, edit_margin, region_mask
+from imagerag.tools.backends.llm import tokens_of
+from imagerag.tools.backends.loading import Backends, load_backends
+from imagerag.tools.backends.planner import apply_revision
+from imagerag.tools.backends.store import ImageTooLarge, ReferenceStore, check_pixels, reference_cache
+from imagerag.tools.config import ConfigError
+from imagerag.tools.files import atomic_write, content_id
+from imagerag.tools.grid import rule_layout
 from imagerag.tools.types import Box, Candidate, Concept, Critique, Edit, EditRegion, RetrievalHit
 
+# What the graphs may use: the tools, the backends they run on, and the checks on a person's uploads.
+__all__ = ["Backends", "Progress", "Toolkit", "check_image", "keep_upload", "load_backends"]
 
-def critic_reranker(critic: Critic, decomposer: Decomposer) -> Reranker:
-    """Hits ordered by how many of the caption's concepts the critic sees in each image, then by its mean score,
-    then by CLIP's similarity: one cosine over the whole image cannot tell where an object is or which object has a
-    colour, the critic's per-concept (and, offline, per-cell) reading can."""
-
-    def rerank(caption: str, hits: list[RetrievalHit]) -> list[RetrievalHit]:
-        concepts, _ = decomposer.decompose(caption)
-
-        def key(hit: RetrievalHit) -> tuple[int, float, float]:
-            verdicts = critic.critique(ReferenceStore.load_image(hit), concepts, caption).verdicts
-            return sum(v.satisfied for v in verdicts), sum(v.score for v in verdicts) / len(verdicts), hit.similarity
-
-        return sorted(hits, key=key, reverse=True)
-
-    return rerank
+Progress = Callable[[dict[str, Any]], None]  # LangGraph's stream writer, handed in by the node
 
 
-@dataclass
-class Backends:
-    """Heavy objects, built once per process (tools.backends.loading) and shared by every run."""
-
-    profile: Profile
-    generator: Generator
-    critic: Critic
-    store: ReferenceStore
-    decomposer: Decomposer
-    llm: BaseChatModel | None
-    min_similarity: float
-
-
-def _stream_progress(event: dict) -> None:
-    """Send a custom event to LangGraph's stream when running inside a graph; a no-op elsewhere."""
+def check_image(source: Path | IO[bytes], what: str) -> str:
+    """The format (lower case, e.g. 'png') of an image PIL decodes within MAX_IMAGE_PIXELS (checked from its header,
+    before decoding); ValueError naming `what` otherwise."""
     try:
-        from langgraph.config import get_stream_writer
+        with Image.open(source) as image:
+            check_pixels(image.size, what)
+            image.load()
+            return (image.format or "image").lower()
+    except ImageTooLarge:
+        raise
+    except Image.DecompressionBombError as error:  # PIL's own limit, raised by open before ours is checked
+        raise ImageTooLarge(f"{what}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - hostile bytes make PIL raise many kinds of error: all mean "no image"
+        raise ValueError(
+            f"{what} is not an image PIL can read ({error.__class__.__name__}): send a PNG, JPEG or other image"
+        ) from None
 
-        get_stream_writer()(event)
-    except (RuntimeError, KeyError):
-        pass
 
-
-def _on_step(step: int, total: int) -> None:
-    _stream_progress({"event": "diffusion_step", "step": step, "total": total})
+def keep_upload(data_dir: Path, data: bytes, kind: str) -> tuple[str, Path]:
+    """Store a person's reference image (bytes already checked by check_image) in the data folder's reference cache,
+    content-addressed: one of the folders a reference may be read from. Its id and path."""
+    image_id = content_id(data)
+    return image_id, atomic_write(reference_cache(data_dir) / f"{image_id}.{kind}", data)
 
 
 class Toolkit:
-    def __init__(self, backends: Backends, images: ImageStore):
-        self.backends, self.images = backends, images
+    """The tools of one run: shared backends, the run's own image folder, and where progress events go."""
+
+    def __init__(self, backends: Backends, images: Path, progress: Progress | None = None):
+        self.backends, self.images = backends, ImageStore(images)
+        self._progress = progress
+
+    def _report(self, event: dict[str, Any]) -> None:
+        if self._progress is not None:
+            self._progress(event)
+
+    def _on_step(self, step: int, total: int) -> None:
+        self._report({"event": "diffusion_step", "step": step, "total": total})
 
     @property
     def max_references(self) -> int:
@@ -77,6 +82,20 @@ class Toolkit:
     @property
     def max_region_references(self) -> int:
         return self.backends.generator.max_region_references
+
+    def converse(self, messages: Sequence[BaseMessage], tools: Sequence[BaseTool]) -> tuple[BaseMessage, int]:
+        """One reply of the agent's LLM with `tools` bound, and the tokens it cost."""
+        if self.backends.llm is None:
+            raise ConfigError(
+                "the agent policy needs an LLM: set IMAGERAG_LLM__MODEL (and IMAGERAG_LLM__BASE_URL for vLLM or "
+                "Ollama), or use --policy imagerag"
+            )
+        reply = self.backends.llm.bind_tools(tools).invoke(list(messages))
+        return reply, tokens_of(reply)
+
+    def occupied_cells(self, image_id: str) -> set[str]:
+        """The grid cells of a stored image that hold something other than its background."""
+        return layout.occupied_cells(self.images.get(image_id))
 
     def decompose(self, prompt: str) -> tuple[list[Concept], int]:
         return self.backends.decomposer.decompose(prompt)
@@ -105,7 +124,7 @@ class Toolkit:
         """Reference images for one caption, none below the relevance threshold."""
         threshold = self.backends.min_similarity if min_similarity is None else min_similarity
         hits = self.backends.store.search(caption, k, threshold, exclude, **self._reranking())
-        _stream_progress({"event": "retrieved", "caption": caption, "hits": [h.model_dump() for h in hits]})
+        self._report({"event": "retrieved", "caption": caption, "hits": [h.model_dump() for h in hits]})
         return hits
 
     def retrieve_many(
@@ -113,12 +132,12 @@ class Toolkit:
     ) -> list[RetrievalHit]:
         """Hits for several captions, no image twice."""
         hits = self.backends.store.search_many(captions, k, self.backends.min_similarity, exclude, **self._reranking())
-        _stream_progress({"event": "retrieved", "captions": captions, "hits": [h.model_dump() for h in hits]})
+        self._report({"event": "retrieved", "captions": captions, "hits": [h.model_dump() for h in hits]})
         return hits
 
     def _reranking(self) -> dict:
-        n = self.backends.profile.rerank_k
-        return {"reranker": critic_reranker(self.backends.critic, self.backends.decomposer), "fetch_k": n} if n else {}
+        reranker, n = self.backends.reranker, self.backends.profile.rerank_k
+        return {"reranker": reranker, "fetch_k": n} if reranker is not None and n else {}
 
     def regenerate(
         self, prompt: str, references: list[RetrievalHit], seed: int = 0, round: int = 1, turn: int = 1, n: int = 1
@@ -166,7 +185,13 @@ class Toolkit:
             mask = region_mask(image.size, [r.box for r in drawn], margin)
             masks = [region_mask(image.size, [r.box], margin) for r, _ in own]
             image, exact = self.backends.generator.edit(
-                image, mask, text, seed, [ReferenceStore.load_image(h) for h in references], masks, on_step=_on_step
+                image,
+                mask,
+                text,
+                seed,
+                [ReferenceStore.load_image(h) for h in references],
+                masks,
+                on_step=self._on_step,
             )
         return Candidate(
             image_id=self.images.put(image),
@@ -182,7 +207,7 @@ class Toolkit:
         self, prompt: str, conditioned: str, seed: int, n: int, references: list[RetrievalHit], round: int, turn: int
     ) -> list[Candidate]:
         images = self.backends.generator.generate(
-            conditioned, seed, n, [ReferenceStore.load_image(h) for h in references], on_step=_on_step
+            conditioned, seed, n, [ReferenceStore.load_image(h) for h in references], on_step=self._on_step
         )
         return [
             Candidate(

@@ -129,8 +129,8 @@ def localisation(images: Sequence[Image.Image], oracle) -> dict:
 
     from imagerag.agent.config import Settings
     from imagerag.tools.backends.judges import ClipJudge
-    from imagerag.tools.backends.layout import cell_of
     from imagerag.tools.backends.loading import calibrated, load_embedder
+    from imagerag.tools.grid import cell_of
 
     with tempfile.TemporaryDirectory() as tmp:  # the critic the mini profile builds, without its collection
         settings = Settings(profile="mini", data_dir=Path(tmp), device="cpu")

@@ -26,8 +26,8 @@ from imagerag.evals.miniworld.common import ORACLE_DIR, SEED_EVAL
 from imagerag.evals.miniworld.grammar import PromptSpec, concept_text, judge
 from imagerag.evals.miniworld.oracle import Oracle
 from imagerag.tools.backends.clip import LOCAL_DIR, ClipEmbedder
-from imagerag.tools.backends.diffusion import DiffusersGenerator
 from imagerag.tools.backends.judges import ClipJudge
+from imagerag.tools.backends.registries import GENERATORS
 from imagerag.tools.config import PROFILES
 from imagerag.tools.miniworld import MODELS_DIR as MINI_MODELS
 from imagerag.tools.miniworld.world import RARE_SHAPES, corpus_scenes
@@ -47,7 +47,7 @@ def rare_shape_concept(spec: PromptSpec) -> int:
 
 def measure(device: str, dtype: str, prompts: int) -> tuple[dict, list[np.ndarray]]:
     spec = PROFILES["mini"].generator.model_copy(update={"dtype": dtype})
-    generator = DiffusersGenerator.from_pretrained(
+    generator = GENERATORS[spec.family].from_pretrained(
         spec, str(MINI_MODELS / "t2i"), str(MINI_MODELS / "ip_adapter"), device
     )
     embedder = ClipEmbedder.from_pretrained(LOCAL_DIR + str(MINI_MODELS / "clip"), None, device)

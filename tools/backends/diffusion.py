@@ -1,14 +1,6 @@
-"""Text-to-image generators. One pipeline per process serves generate, regenerate and edit.
-
-IP-Adapter pipelines (SD 1.5, SDXL) take one reference for a whole image: without one the adapter scale is set to 0,
-so the same weights in memory produce plain text-to-image. An edit may give each region its own reference: the
-adapter then attends to every reference, each masked to its region (diffusers' IPAdapterMaskProcessor masks, passed
-as `ip_adapter_masks` in `cross_attention_kwargs`). OmniGen takes up to three references in context.
-
-Edits redraw the white part of a mask. SD and SDXL inpaint through a pipeline built once with `from_pipe`, which
-shares every loaded component (no second copy of the weights) and, with a plain 4-channel UNet, blends the known
-latents back at every step; the source is then pasted back outside the mask, so those pixels are exactly kept.
-OmniGen has no inpainting pipeline: it redraws the whole image with the source in context, and says so.
+"""Text-to-image generators: the Generator contract, and the base of the diffusers families (one module each: sd,
+sdxl, omnigen; registered in the `imagerag.generators` entry-point group, tools.registry). One pipeline per process
+serves generate, regenerate and edit.
 
 A loaded pipeline is shared by every run in the process (a server serves several threads at once), but diffusers
 pipelines are not thread-safe: the scheduler's timesteps and the IP-Adapter scale live on the pipeline. So each
@@ -60,7 +52,19 @@ class Generator(Protocol):
         ...
 
 
-REGION_REFERENCES = 4  # the most objects one edit gives a reference of its own (a 3x3 layout rarely has more)
+class GeneratorFamily(Protocol):
+    """What the `imagerag.generators` registry holds: a class that loads a profile's generator."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        spec: GeneratorSpec,
+        model_path: str,
+        ip_adapter_path: str | None,
+        device: str = "auto",
+        offload: Offload = "none",
+        compile: bool = False,
+    ) -> Generator: ...
 
 
 def pick_device(device: str) -> str:
@@ -79,15 +83,17 @@ def _dtype(spec_dtype: str, device: str) -> torch.dtype:
 
 
 class DiffusersGenerator:
+    """A diffusers pipeline behind the Generator contract. A family subclass names its pipeline class, says how
+    references reach it (`_reference_arguments`, `_set_adapter_scale`) and how it edits (`edit`)."""
+
+    pipeline_class = "DiffusionPipeline"  # the diffusers class from_pretrained loads, by name
+    denoiser = "unet"  # the component torch.compile wraps: it runs every step
+
     def __init__(self, pipe: DiffusionPipeline, spec: GeneratorSpec, device: str):
         self.pipe, self.spec, self.device = pipe, spec, device
         self.max_references = spec.max_references
-        # With masks each adapter reference acts in its own region; OmniGen takes its references in context.
-        self.max_region_references = (
-            REGION_REFERENCES if spec.family != "omnigen" and spec.ip_adapter is not None else spec.max_references
-        )
+        self.max_region_references = spec.max_references
         self._lock = threading.Lock()  # one call at a time on this pipeline (see the module's note)
-        self._inpaint: DiffusionPipeline | None = None
 
     @classmethod
     def from_pretrained(
@@ -101,19 +107,16 @@ class DiffusersGenerator:
     ) -> DiffusersGenerator:
         """Load the profile's pipeline (and IP-Adapter) once; `model_path` is a Hub id or a local folder. `offload`
         keeps components on the CPU until they run (a GPU only); `compile` wraps the denoiser in torch.compile."""
-        from diffusers import OmniGenPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+        import diffusers
 
         device = pick_device(device)
         if offload != "none" and not device.startswith("cuda"):
             raise ConfigError(
                 f"offload {offload!r} moves components to a CUDA GPU as they run; on {device} use offload none"
             )
-        pipeline_cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "omnigen": OmniGenPipeline}[
-            spec.family
-        ]
         # `dtype` (diffusers 0.42 deprecates `torch_dtype`) applies to every component; load_ip_adapter then loads
         # the image encoder in the pipeline's dtype itself, so it takes none.
-        pipe = pipeline_cls.from_pretrained(model_path, dtype=_dtype(spec.dtype, device))
+        pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(model_path, dtype=_dtype(spec.dtype, device))
         if spec.ip_adapter is not None:
             adapter = spec.ip_adapter
             pipe.load_ip_adapter(
@@ -128,9 +131,8 @@ class DiffusersGenerator:
             pipe.enable_sequential_cpu_offload(device=device)
         else:
             pipe.to(device)
-        if compile:  # the denoiser runs every step: the one component worth compiling
-            denoiser = "transformer" if spec.family == "omnigen" else "unet"
-            setattr(pipe, denoiser, torch.compile(getattr(pipe, denoiser)))
+        if compile:
+            setattr(pipe, cls.denoiser, torch.compile(getattr(pipe, cls.denoiser)))
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, spec, device)
 
@@ -148,61 +150,12 @@ class DiffusersGenerator:
             images: list[Image.Image] = self.pipe(**kwargs).images
         return images
 
-    def edit(
-        self,
-        image: Image.Image,
-        mask: Image.Image,
-        prompt: str,
-        seed: int,
-        references: Sequence[Image.Image] = (),
-        reference_masks: Sequence[Image.Image] = (),
-        on_step: StepCallback | None = None,
-    ) -> tuple[Image.Image, bool]:
-        image = image.convert("RGB")
-        if self.spec.family == "omnigen":  # the source goes in context as image 1, the references after it
-            kwargs = self._arguments(prompt, seed, 1, [image, *references[: self.max_references]], on_step)
-            with self._lock:
-                return self.pipe(**kwargs).images[0], False
-        kwargs = self._arguments(prompt, seed, 1, references, on_step)
-        kwargs.update(image=image, mask_image=mask, strength=1.0)
-        if reference_masks and self.spec.ip_adapter is not None:
-            kwargs.update(self._masked_references(references, reference_masks))
-        with self._lock:
-            inpaint = self._inpainting()
-            self._set_adapter_scale(inpaint, references)
-            drawn: Image.Image = inpaint(**kwargs).images[0]
-        return Image.composite(drawn.resize(image.size), image, mask.convert("L")), True
-
-    def _inpainting(self) -> DiffusionPipeline:
-        """The inpainting pipeline over the loaded components, built on first use (call under the lock). The dtype
-        is passed on: from_pipe would otherwise convert the shared modules to float32."""
-        if self._inpaint is None:
-            from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
-
-            cls = StableDiffusionXLInpaintPipeline if self.spec.family == "sdxl" else StableDiffusionInpaintPipeline
-            self._inpaint = cls.from_pipe(self.pipe, dtype=self.pipe.dtype)
-            self._inpaint.set_progress_bar_config(disable=True)
-        return self._inpaint
-
-    def _masked_references(self, references: Sequence[Image.Image], masks: Sequence[Image.Image]) -> dict[str, Any]:
-        """Pipeline arguments for one adapter attending to several references, each only inside its mask."""
-        from diffusers.image_processor import IPAdapterMaskProcessor
-
-        if len(masks) != len(references):
-            raise ValueError(f"{len(references)} references but {len(masks)} reference masks: give one mask each")
-        n = min(len(references), self.max_region_references)
-        height, width = self.spec.height or masks[0].height, self.spec.width or masks[0].width
-        stacked = IPAdapterMaskProcessor().preprocess(list(masks[:n]), height=height, width=width)
-        return {
-            "ip_adapter_image": [list(references[:n])],  # one adapter, n images
-            "cross_attention_kwargs": {"ip_adapter_masks": [stacked.reshape(1, n, *stacked.shape[2:])]},
-        }
-
     def _set_adapter_scale(self, pipe: DiffusionPipeline, references: Sequence[Image.Image]) -> None:
-        if self.spec.family != "omnigen" and self.spec.ip_adapter is not None:
-            # Scale 0 turns the adapter off exactly, so text-only calls share the loaded weights. Set under the
-            # lock: another thread's call must not change it between here and this call's last step.
-            pipe.set_ip_adapter_scale(self.spec.ip_adapter.scale if references else 0.0)
+        """Switch reference conditioning on or off for one call (under the lock); a no-op for in-context families."""
+
+    def _reference_arguments(self, references: Sequence[Image.Image]) -> dict[str, Any]:
+        """Pipeline arguments that hand `references` to the model."""
+        return {}
 
     def _arguments(
         self,
@@ -232,13 +185,4 @@ class DiffusersGenerator:
                 return tensors
 
             kwargs["callback_on_step_end"] = callback
-        if spec.family == "omnigen":
-            kwargs.update(
-                input_images=list(references) or None,
-                img_guidance_scale=spec.image_guidance_scale,
-            )
-        else:
-            kwargs["negative_prompt"] = spec.negative_prompt or None
-            if spec.ip_adapter is not None:
-                kwargs["ip_adapter_image"] = references[0] if references else Image.new("RGB", (224, 224))
-        return kwargs
+        return kwargs | self._reference_arguments(references)

@@ -1,4 +1,4 @@
-"""Build the backends a profile names, once per process.
+"""Build the backends a profile names (through the registries of tools.registry), once per process.
 
 Model references are Hub ids, local folders, or two local schemes:
 - `tiny:NAME`: a folder of tiny random models built offline on first use under the data folder;
@@ -11,25 +11,61 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
 
+from langchain_core.language_models import BaseChatModel
+
 from imagerag.tools.backends.calibration import calibration_path, read_calibration
 from imagerag.tools.backends.clip import LOCAL_DIR, ClipEmbedder
-from imagerag.tools.backends.diffusion import DiffusersGenerator, pick_device
-from imagerag.tools.backends.judges import ClipJudge, VLMJudge
+from imagerag.tools.backends.diffusion import Generator, pick_device
+from imagerag.tools.backends.judges import Critic
 from imagerag.tools.backends.llm import make_chat_model
-from imagerag.tools.backends.planner import LLMDecomposer, RuleDecomposer
-from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client
-from imagerag.tools.config import MINI_COLLECTION, PROFILES, BackendConfig, ClipSpec, ConfigError, Offload
+from imagerag.tools.backends.planner import Decomposer
+from imagerag.tools.backends.registries import CRITICS, DECOMPOSERS, GENERATORS, BackendParts
+from imagerag.tools.backends.store import ReferenceStore, Reranker, StoreError, chroma_client
+from imagerag.tools.config import PROFILES, BackendConfig, ClipSpec, ConfigError, Offload, Profile
 from imagerag.tools.miniworld import MODELS_DIR
-from imagerag.tools.toolkit import Backends
+from imagerag.tools.profiles import MINI_COLLECTION
+from imagerag.tools.types import RetrievalHit
 
 if TYPE_CHECKING:
     from imagerag.tools.backends.footprint import Footprint
 
 log = logging.getLogger(__name__)
+
+
+def critic_reranker(critic: Critic, decomposer: Decomposer) -> Reranker:
+    """Hits ordered by how many of the caption's concepts the critic sees in each image, then by its mean score,
+    then by CLIP's similarity: one cosine over the whole image cannot tell where an object is or which object has a
+    colour, the critic's per-concept (and, offline, per-cell) reading can."""
+
+    def rerank(caption: str, hits: list[RetrievalHit]) -> list[RetrievalHit]:
+        concepts, _ = decomposer.decompose(caption)
+
+        def key(hit: RetrievalHit) -> tuple[int, float, float]:
+            verdicts = critic.critique(ReferenceStore.load_image(hit), concepts, caption).verdicts
+            return sum(v.satisfied for v in verdicts), sum(v.score for v in verdicts) / len(verdicts), hit.similarity
+
+        return sorted(hits, key=key, reverse=True)
+
+    return rerank
+
+
+@dataclass
+class Backends:
+    """Heavy objects, built once per process (tools.backends.loading) and shared by every run."""
+
+    profile: Profile
+    generator: Generator
+    critic: Critic
+    store: ReferenceStore
+    decomposer: Decomposer
+    llm: BaseChatModel | None
+    min_similarity: float
+    reranker: Reranker | None = None  # orders the nearest `profile.rerank_k` hits of a retrieval; None: CLIP's order
 
 
 class CorpusSize(TypedDict):
@@ -92,7 +128,11 @@ def open_store(
     config: BackendConfig, on_progress: Callable[[str, int, int | None], None] | None = None
 ) -> ReferenceStore:
     """The profile's reference collection. A local profile (mini, tiny) builds its own on first use, reporting
-    (stage, done, total) to `on_progress`; any other profile needs `imagerag index` first."""
+    (stage, done, total) to `on_progress`; any other profile needs `imagerag index` first. The build holds the data
+    folder's writer lock (store.writer_lock), so a second process starting at once waits and then finds it built."""
+    from imagerag.tools.backends.indexer import index_folders
+    from imagerag.tools.backends.store import writer_lock
+
     client = chroma_client(config.data_dir, config.chroma_url)
     embedder = load_embedder(config)
     profile = config.resolved_profile()
@@ -102,31 +142,34 @@ def open_store(
     except StoreError:
         if not own:
             raise
-        if config.collection_name in {getattr(c, "name", c) for c in client.list_collections()}:
-            # Embedded with an earlier version of the profile's own CLIP: derived data, so it is built again.
-            log.warning("re-indexing %s: it was embedded with another version of its CLIP", config.collection_name)
-            client.delete_collection(config.collection_name)
     else:
-        if own and store.roots is None:  # built before collections recorded their folders: record them once
-            from imagerag.tools.backends.indexer import index_folders
+        if not own or store.roots is not None:
+            return store
+    with writer_lock(config.data_dir, config.chroma_url):
+        try:  # again, holding the lock: the process this one waited for may have built it meanwhile
+            store = ReferenceStore.open(client, config.collection_name, embedder)
+        except StoreError:
+            if config.collection_name in {getattr(c, "name", c) for c in client.list_collections()}:
+                # Embedded with an earlier version of the profile's own CLIP: derived data, so it is built again.
+                log.warning("re-indexing %s: it was embedded with another version of its CLIP", config.collection_name)
+                client.delete_collection(config.collection_name)
+        else:
+            if store.roots is None:  # built before collections recorded their folders: record them once
+                index_folders(store, [build_local_corpus(profile.collection, Path(config.data_dir))])
+            return store
+        corpus = build_local_corpus(profile.collection, Path(config.data_dir), on_progress)
+        store = ReferenceStore.open(client, config.collection_name, embedder, create=True)
+        total = len(list(corpus.glob("*.png")))
+        done = 0
 
-            index_folders(store, [build_local_corpus(profile.collection, Path(config.data_dir))])
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if on_progress:
+                on_progress("indexing", done, total)
+
+        index_folders(store, [corpus], on_batch=advance)
         return store
-    from imagerag.tools.backends.indexer import index_folders
-
-    corpus = build_local_corpus(profile.collection, Path(config.data_dir), on_progress)
-    store = ReferenceStore.open(client, config.collection_name, embedder, create=True)
-    total = len(list(corpus.glob("*.png")))
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if on_progress:
-            on_progress("indexing", done, total)
-
-    index_folders(store, [corpus], on_batch=advance)
-    return store
 
 
 def build_local_corpus(
@@ -135,24 +178,29 @@ def build_local_corpus(
     """Render a local profile's collection of reference images with captions into the data folder (once; a
     finished corpus is marked complete, so an interrupted one is rendered again). Profiles that share a
     collection (tiny, tiny-sdxl, tiny-omnigen) share its corpus."""
+    from imagerag.tools.backends.store import writer_lock
+
     folder = data_dir / f"{collection}-corpus"
     done = folder / ".complete"
     if done.exists():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    if collection == MINI_COLLECTION:
-        from imagerag.tools.miniworld.world import write_corpus
+    with writer_lock(data_dir):  # one renderer at a time (re-entrant under open_store's hold)
+        if done.exists():  # rendered by the process this one waited for
+            return folder
+        folder.mkdir(parents=True, exist_ok=True)
+        if collection == MINI_COLLECTION:
+            from imagerag.tools.miniworld.world import write_corpus
 
-        write_corpus(
-            folder, **MINI_CORPUS, on_image=(lambda i, n: on_progress("rendering", i, n)) if on_progress else None
-        )
-    else:  # tiny: plain colour squares are all its random models can be asked about
-        from PIL import Image
+            write_corpus(
+                folder, **MINI_CORPUS, on_image=(lambda i, n: on_progress("rendering", i, n)) if on_progress else None
+            )
+        else:  # tiny: plain colour squares are all its random models can be asked about
+            from PIL import Image
 
-        for colour in ("red", "green", "blue", "yellow", "purple", "orange", "black", "white"):
-            Image.new("RGB", (32, 32), colour).save(folder / f"{colour}.png")
-            (folder / f"{colour}.txt").write_text(f"a {colour} square\n")
-    done.touch()
+            for colour in ("red", "green", "blue", "yellow", "purple", "orange", "black", "white"):
+                Image.new("RGB", (32, 32), colour).save(folder / f"{colour}.png")
+                (folder / f"{colour}.txt").write_text(f"a {colour} square\n")
+        done.touch()
     return folder
 
 
@@ -168,30 +216,33 @@ def load_backends(config: BackendConfig) -> Backends:
 def _build(config: BackendConfig) -> Backends:
     profile = config.resolved_profile()
     clip = calibrated(config)
-    embedder = load_embedder(config)
     store = open_store(config)  # a missing collection fails in seconds, before the generator loads for minutes
     llm = make_chat_model(config.llm)
-    retries = config.llm.max_retries
+    parts = BackendParts(profile, clip, load_embedder(config), llm, config.llm.max_retries)
+    critic = CRITICS[profile.critic or ("vlm" if llm else "clip")](parts)
+    decomposer = DECOMPOSERS[profile.decomposer or ("llm" if llm else "rules")](parts)
     return Backends(
         profile=profile,
         generator=_generator(
             profile.name, Path(config.data_dir), pick_device(config.device), config.offload, config.compile
         ),
-        critic=VLMJudge(llm, retries) if llm else ClipJudge(embedder, clip.judge_threshold),
+        critic=critic,
         store=store,
-        decomposer=LLMDecomposer(llm, retries) if llm else RuleDecomposer(),
+        decomposer=decomposer,
         llm=llm,
         min_similarity=clip.retrieval_min_similarity,
+        # The profile's critic re-ranks retrieval (how many of a caption's concepts it sees in each hit).
+        reranker=critic_reranker(critic, decomposer) if profile.rerank_k else None,
     )
 
 
 @cache
-def _generator(profile_name: str, data_dir: Path, device: str, offload: Offload, compile: bool) -> DiffusersGenerator:
+def _generator(profile_name: str, data_dir: Path, device: str, offload: Offload, compile: bool) -> Generator:
     spec = PROFILES[profile_name].generator
+    family = GENERATORS[spec.family]  # an unknown family fails before any weight is read
     adapter = resolve(spec.ip_adapter.repo, data_dir) if spec.ip_adapter else None
     log.info("loading %s generator %s on %s", spec.family, spec.model_id, device)
-    model = resolve(spec.model_id, data_dir)
-    return DiffusersGenerator.from_pretrained(spec, model, adapter, device, offload, compile)
+    return family.from_pretrained(spec, resolve(spec.model_id, data_dir), adapter, device, offload, compile)
 
 
 def profile_footprint(config: BackendConfig) -> Footprint:

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
-from imagerag.tools.backends.layout import CELL_NAMES, CELL_PHRASES
+from imagerag.tools.grid import CELL_NAMES, CELL_PHRASES
 
 IMAGE_SIZE = 48
 GRID = 3

@@ -1,0 +1,37 @@
+"""The built-in critics and decomposers as their registries take them: functions of the shared BackendParts
+(tools.registry). The VLM critic and the LLM decomposer need an LLM; the CLIP critic and the rule-based decomposer
+work offline."""
+
+from __future__ import annotations
+
+from langchain_core.language_models import BaseChatModel
+
+from imagerag.tools.backends.judges import ClipJudge, Critic, VLMJudge
+from imagerag.tools.backends.planner import Decomposer, LLMDecomposer, RuleDecomposer
+from imagerag.tools.backends.registries import BackendParts
+from imagerag.tools.config import ConfigError
+
+
+def _llm(parts: BackendParts, what: str) -> BaseChatModel:
+    if parts.llm is None:
+        raise ConfigError(
+            f"profile {parts.profile.name!r} names the {what}, which needs an LLM: set IMAGERAG_LLM__MODEL (and "
+            "IMAGERAG_LLM__BASE_URL for vLLM or Ollama)"
+        )
+    return parts.llm
+
+
+def clip_judge(parts: BackendParts) -> Critic:
+    return ClipJudge(parts.embedder, parts.clip.judge_threshold)
+
+
+def vlm_judge(parts: BackendParts) -> Critic:
+    return VLMJudge(_llm(parts, "VLM critic"), parts.retries)
+
+
+def rule_decomposer(parts: BackendParts) -> Decomposer:
+    return RuleDecomposer()
+
+
+def llm_decomposer(parts: BackendParts) -> Decomposer:
+    return LLMDecomposer(_llm(parts, "LLM decomposer"), parts.retries)
