@@ -668,6 +668,77 @@ def eval_miniworld(
     err.print(plain(f"written to {folder / 'summary.md'}"))
 
 
+@eval_app.command("conversations")
+def eval_conversations(
+    split: Annotated[
+        str,
+        typer.Option(
+            help="The conversation split: dev (every choice is made there) or test (sealed: run once to report)."
+        ),
+    ] = "dev",
+    seeds: Annotated[
+        str,
+        typer.Option(help="Comma-separated benchmark seeds (generator seed = seed x 1000); every condition runs each."),
+    ] = "0,1,2",
+    conversations: Annotated[
+        int | None, typer.Option(min=1, help="Only N conversations, spread over the instruction kinds (a quick look).")
+    ] = None,
+    conditions: Annotated[
+        str | None, typer.Option(help="Comma-separated subset of thread,restated,thread_no_edits (default: all).")
+    ] = None,
+    images: Annotated[int, typer.Option(min=1, help="Image budget of each turn (rounds and images).")] = 4,
+    data_dir: DataDir = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of results.jsonl (resumed when it exists), summary.json and summary.md "
+            "(default: evals/results/conversations-SPLIT)."
+        ),
+    ] = None,
+) -> None:
+    """Multi-turn refinement on the miniature world: a thread message by message against one run of the whole
+    request restated, judged by the oracle after every turn. Appends each conversation as it finishes; rerun the same
+    command to resume."""
+    from imagerag.evals.miniworld.conversation_grammar import load_conversations, split_path
+    from imagerag.evals.miniworld.conversations import evaluate_conversations, markdown
+
+    if split not in ("dev", "test"):
+        raise typer.BadParameter(f"unknown split {split!r}: use dev or test", param_hint="--split")
+    try:
+        specs = load_conversations(split_path(split))
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    if conversations is not None:  # every kind in turn, so a quick look keeps the mix
+        by_kind: dict[str, list] = {}
+        for c in specs:
+            by_kind.setdefault(c.kind, []).append(c)
+        rounds = [c for i in range(max(map(len, by_kind.values()))) for cs in by_kind.values() for c in cs[i : i + 1]]
+        specs = rounds[:conversations]
+    folder = out or Path("evals/results") / f"conversations-{split}"
+    names = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
+    try:
+        report = evaluate_conversations(
+            specs,
+            folder,
+            data_dir,
+            seeds=seed_list,
+            images=images,
+            names=names,
+            on_outcome=lambda o: err.print(
+                plain(
+                    f"{o.condition} {o.conversation_id} seed {o.seed}: "
+                    f"{sum(t.all_right for t in o.turns)}/{len(o.turns)} turns all right, "
+                    f"final {'all right' if o.final_all_right else 'not all right'} ({o.seconds:.0f} s)"
+                )
+            ),
+        )
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(markdown(report))
+    err.print(plain(f"written to {folder / 'summary.md'}"))
+
+
 @eval_app.command("paper")
 def eval_paper(
     imagenet: Annotated[

@@ -1,0 +1,596 @@
+"""Conversations of the miniature world: a first prompt, then instructions that change the scene, each turn with the
+object list the conversation asks for after it.
+
+A conversation has one instruction kind (the mix of a split is fixed: as many conversations per kind):
+
+    recolour       "make the ring red"                      one object's colour
+    resize         "make the ring small"                    one object's size
+    move_cell      "move the ring to the bottom left"       one object to a free cell
+    move_relative  "move the ring to the left of the star"  one object beside another (judged on columns and rows)
+    add_common     "add a small green triangle in the top right"
+    add_rare       "add a large red heart at the bottom"    a shape the generator cannot draw from text
+    remove         "remove the ring"
+    replace        "replace the ring with a large yellow heart"   same cell, the new shape, colour and size
+    compound       "make the ring red and remove the star"  two or three of the above in one message
+    undo           a change, then "undo the last change"    back to the scene before the change
+
+Every object of the first prompt is named with its shape, colour, size and cell (the grammar's phrases), shapes are
+distinct within a conversation (an instruction names its object by shape: "the ring"), every scene a conversation
+asks for is in the evaluation half of the scene space (never in the retrieval corpus nor in training), and at most
+MAX_OBJECTS objects are ever asked for. So: add conversations hold 1 to 3 instructions, remove ones 1 or 2 (the
+first prompt names at most 3 objects and one stays), undo ones 1 or 2 (change, undo) pairs, the others 1 to 4.
+
+`judge_turn` reads a turn's target against the objects the oracle read in an image; `split_conversations` draws a
+split (deterministic) and `write_conversation_splits` writes prompts/conversations-{dev,test}.jsonl.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from imagerag.evals.miniworld.grammar import Detected, Group, prompt_text, sample_layout
+from imagerag.tools.miniworld.world import (
+    CELL_PHRASES,
+    CELLS,
+    COLOUR_NAMES,
+    COMMON_SHAPES,
+    MAX_OBJECTS,
+    PLURALS,
+    RARE_SHAPES,
+    RELATION_PHRASES,
+    RELATIONS,
+    SHAPES,
+    SIZE_NAMES,
+    ObjectSpec,
+    Relation,
+    Scene,
+    holds,
+)
+
+InstructionKind = Literal[
+    "recolour",
+    "resize",
+    "move_cell",
+    "move_relative",
+    "add_common",
+    "add_rare",
+    "remove",
+    "replace",
+    "compound",
+    "undo",
+]
+INSTRUCTION_KINDS: tuple[InstructionKind, ...] = (
+    "recolour",
+    "resize",
+    "move_cell",
+    "move_relative",
+    "add_common",
+    "add_rare",
+    "remove",
+    "replace",
+    "compound",
+    "undo",
+)
+TurnKind = Literal["first", InstructionKind]
+Operation = Literal["create", "recolour", "resize", "move_cell", "move_relative", "add", "remove", "replace", "undo"]
+CONVERSATION_PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+# Conversations per instruction kind and the seed each split is drawn with, fixed before any result was seen.
+CONVERSATION_SPLITS: dict[str, tuple[int, int]] = {"dev": (4, 3_001), "test": (8, 4_001)}
+MAX_FIRST_OBJECTS = 3  # a first prompt names 1 to 3 objects (4 to 12 concepts)
+
+
+class RelativePlace(BaseModel):
+    """Where an object was moved relative to another: judged on grid columns and rows, not on one cell."""
+
+    relation: Relation
+    anchor: str = Field(description="Id of the other object (which has a cell of its own).")
+
+
+class TargetObject(BaseModel):
+    """One object the conversation asks for after a turn."""
+
+    id: str = Field(description="Stable within the conversation: 'o1', 'o2', ...")
+    shape: str
+    colour: str
+    size: str
+    cell: str = Field(description="The cell asked for; with `relation`, one cell where the relation holds.")
+    relation: RelativePlace | None = Field(default=None, description="When set, the place judged instead of the cell.")
+
+    @model_validator(mode="after")
+    def _known(self) -> TargetObject:
+        ObjectSpec(self.shape, self.colour, self.size, self.cell)  # raises on an unknown value
+        return self
+
+    @property
+    def group(self) -> Group:
+        return Group(shape=self.shape, colour=self.colour, size=self.size, cell=None if self.relation else self.cell)
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return self.shape, self.colour, self.size, self.cell
+
+
+class Change(BaseModel):
+    """What one clause of an instruction does to the object list."""
+
+    op: Operation
+    object: str | None = Field(default=None, description="Id of the object changed, added or removed.")
+    value: str | None = Field(default=None, description="The new colour, size, cell, relation or shape.")
+
+
+class ConversationTurn(BaseModel):
+    index: int = Field(ge=1)
+    kind: TurnKind
+    message: str = Field(description="What the user sends on the thread.")
+    restated: str = Field(description="The whole request after this turn, written out in full.")
+    changes: list[Change]
+    target: list[TargetObject] = Field(min_length=1, max_length=MAX_OBJECTS)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ConversationTurn:
+        ids = {o.id: o for o in self.target}
+        if len(ids) != len(self.target) or len({o.shape for o in self.target}) != len(self.target):
+            raise ValueError("target objects need distinct ids and distinct shapes")
+        if len({o.cell for o in self.target}) != len(self.target):
+            raise ValueError("two target objects share a cell")
+        for o in self.target:
+            if o.relation is not None:
+                anchor = ids.get(o.relation.anchor)
+                if anchor is None or anchor.relation is not None or anchor.id == o.id:
+                    raise ValueError(f"{o.id}: a relation needs another object of the target that has a cell")
+                if not holds(o.relation.relation, o.cell, anchor.cell):
+                    raise ValueError(f"{o.id}: its cell does not stand {o.relation.relation} its anchor")
+        return self
+
+    @property
+    def scene(self) -> Scene:
+        return Scene(tuple(ObjectSpec(*o.key) for o in self.target))
+
+
+class Conversation(BaseModel):
+    """One scripted conversation: the JSONL schema of `imagerag eval conversations`' splits."""
+
+    id: str
+    kind: InstructionKind
+    turns: list[ConversationTurn] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Conversation:
+        if [t.index for t in self.turns] != list(range(1, len(self.turns) + 1)) or self.turns[0].kind != "first":
+            raise ValueError("turns are numbered from 1 and the first is the first prompt")
+        return self
+
+    @property
+    def instructions(self) -> list[ConversationTurn]:
+        return self.turns[1:]
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _article(words: str) -> str:
+    return f"{'an' if words.startswith(('a', 'e', 'i', 'o', 'u', 'hour')) else 'a'} {words}"
+
+
+def restate(target: Sequence[TargetObject], rng: random.Random) -> str:
+    """The whole request for `target`, in the grammar's words: every object in full; an object placed relative to
+    another in one clause with it ('a small blue ring to the left of a large red star in the top right')."""
+    by_id = {o.id: o for o in target}
+    anchors = {o.relation.anchor for o in target if o.relation}
+    clauses = [
+        f"{o.group.phrase()} {RELATION_PHRASES[o.relation.relation]} {by_id[o.relation.anchor].group.phrase()}"
+        for o in target
+        if o.relation
+    ]
+    singles = [o.group for o in target if not o.relation and o.id not in anchors]
+    if not clauses:
+        return prompt_text(singles, [], rng)
+    clauses += [g.phrase() for g in singles]
+    rng.shuffle(clauses)
+    return clauses[0] if len(clauses) == 1 else ", ".join(clauses[:-1]) + " and " + clauses[-1]
+
+
+def _join(clauses: Sequence[str]) -> str:
+    return clauses[0] if len(clauses) == 1 else ", ".join(clauses[:-1]) + " and " + clauses[-1]
+
+
+def _cell_words(cell: str) -> str:
+    return "the centre" if cell == "centre" else f"the {cell}"
+
+
+# ----------------------------------------------------------------------------- instructions
+
+
+@dataclass
+class Draft:
+    """A conversation while it is drawn: the current target, shapes ever used, the next object id."""
+
+    target: list[TargetObject]
+    used: set[str]
+    next_id: int
+
+    def new_id(self) -> str:
+        self.next_id += 1
+        return f"o{self.next_id}"
+
+
+Clause = tuple[str, list[TargetObject], Change]  # the words, the target after it, the typed change
+Maker = Callable[[Draft, random.Random, set[str]], Clause | None]  # `busy`: ids and cells this message touched
+
+
+def _free_cells(target: Sequence[TargetObject], busy: set[str]) -> list[str]:
+    taken = {o.cell for o in target} | busy
+    return [c for c in CELLS if c not in taken]
+
+
+def _pick(
+    draft: Draft, rng: random.Random, busy: set[str], ok: Callable[[TargetObject], bool] = lambda o: True
+) -> TargetObject | None:
+    """An object this message has not touched yet and that may take the change."""
+    choices = [o for o in draft.target if o.id not in busy and ok(o)]
+    return rng.choice(choices) if choices else None
+
+
+def _replaced(target: Sequence[TargetObject], new: TargetObject) -> list[TargetObject]:
+    return [new if o.id == new.id else o for o in target]
+
+
+def _is_anchor(draft: Draft, obj: TargetObject) -> bool:
+    return any(o.relation and o.relation.anchor == obj.id for o in draft.target)
+
+
+def recolour(draft: Draft, rng: random.Random, busy: set[str]) -> Clause | None:
+    if (obj := _pick(draft, rng, busy)) is None:
+        return None
+    colour = rng.choice([c for c in COLOUR_NAMES if c != obj.colour])
+    words = rng.choice(["make the {s} {c}", "turn the {s} {c}", "colour the {s} {c}"]).format(s=obj.shape, c=colour)
+    new = obj.model_copy(update={"colour": colour})
+    return words, _replaced(draft.target, new), Change(op="recolour", object=obj.id, value=colour)
+
+
+def resize(draft: Draft, rng: random.Random, busy: set[str]) -> Clause | None:
+    if (obj := _pick(draft, rng, busy)) is None:
+        return None
+    size = next(z for z in SIZE_NAMES if z != obj.size)
+    comparative = "bigger" if size == "large" else "smaller"
+    words = rng.choice(["make the {s} {z}", "make the {s} {c}"]).format(s=obj.shape, z=size, c=comparative)
+    new = obj.model_copy(update={"size": size})
+    return words, _replaced(draft.target, new), Change(op="resize", object=obj.id, value=size)
+
+
+def move_cell(draft: Draft, rng: random.Random, busy: set[str]) -> Clause | None:
+    obj = _pick(draft, rng, busy, lambda o: not _is_anchor(draft, o))
+    cells = _free_cells(draft.target, busy)
+    if obj is None or not cells:
+        return None
+    cell = rng.choice(cells)
+    busy.add(cell)
+    words = rng.choice(["move the {s} to {w}", "put the {s} {p}"]).format(
+        s=obj.shape, w=_cell_words(cell), p=CELL_PHRASES[cell]
+    )
+    new = obj.model_copy(update={"cell": cell, "relation": None})
+    return words, _replaced(draft.target, new), Change(op="move_cell", object=obj.id, value=cell)
+
+
+def move_relative(draft: Draft, rng: random.Random, busy: set[str]) -> Clause | None:
+    """An object that anchors nothing, beside one that has a cell of its own and anchors nothing yet, in a relation
+    that does not hold now, to a free cell where it does."""
+    options = []
+    for obj in draft.target:
+        if obj.id in busy or _is_anchor(draft, obj):
+            continue
+        for anchor in draft.target:
+            if anchor.id == obj.id or anchor.relation or anchor.id in busy or _is_anchor(draft, anchor):
+                continue
+            for relation in RELATIONS:
+                if holds(relation, obj.cell, anchor.cell):
+                    continue
+                cells = [c for c in _free_cells(draft.target, busy) if holds(relation, c, anchor.cell)]
+                if cells:
+                    options.append((obj, anchor, relation, cells))
+    if not options:
+        return None
+    obj, anchor, relation, cells = rng.choice(options)
+    cell = rng.choice(cells)
+    busy |= {cell, anchor.id}
+    verb = rng.choice(["move", "put"])
+    words = f"{verb} the {obj.shape} {RELATION_PHRASES[relation]} the {anchor.shape}"
+    new = obj.model_copy(update={"cell": cell, "relation": RelativePlace(relation=relation, anchor=anchor.id)})
+    return words, _replaced(draft.target, new), Change(op="move_relative", object=obj.id, value=relation)
+
+
+def _add(shapes: Sequence[str]) -> Maker:
+    def add(draft: Draft, rng: random.Random, busy: set[str]) -> Clause | None:
+        free_shapes = [s for s in shapes if s not in draft.used]
+        cells = _free_cells(draft.target, busy)
+        if len(draft.target) >= MAX_OBJECTS or not free_shapes or not cells:
+            return None
+        cell = rng.choice(cells)
+        busy.add(cell)
+        new = TargetObject(
+            id=draft.new_id(),
+            shape=rng.choice(free_shapes),
+            colour=rng.choice(COLOUR_NAMES),
+            size=rng.choice(SIZE_NAMES),
+            cell=cell,
+        )
+        draft.used.add(new.shape)
+        words = rng.choice(["add {p}", "also add {p}"]).format(p=new.group.phrase())
+        return words, [*draft.target, new], Change(op="add", object=new.id, value=new.shape)
+
+    return add
+
+
+add_common = _add(COMMON_SHAPES)
+add_rare = _add(RARE_SHAPES)
+
+
+def remove(draft: Draft, rng: random.Random, busy: set[str]) -> Clause | None:
+    if len(draft.target) <= 1 or (obj := _pick(draft, rng, busy, lambda o: not _is_anchor(draft, o))) is None:
+        return None
+    if len([o for o in draft.target if o.id not in busy]) <= 1:
+        return None  # keep one object that this message leaves alone
+    words = rng.choice(["remove the {s}", "delete the {s}", "take out the {s}"]).format(s=obj.shape)
+    return words, [o for o in draft.target if o.id != obj.id], Change(op="remove", object=obj.id)
+
+
+def replace(draft: Draft, rng: random.Random, busy: set[str]) -> Clause | None:
+    obj = _pick(draft, rng, busy, lambda o: not _is_anchor(draft, o) and o.relation is None)
+    free_shapes = [s for s in SHAPES if s not in draft.used]
+    if obj is None or not free_shapes:
+        return None
+    new = TargetObject(
+        id=draft.new_id(),
+        shape=rng.choice(free_shapes),
+        colour=rng.choice(COLOUR_NAMES),
+        size=rng.choice(SIZE_NAMES),
+        cell=obj.cell,
+    )
+    draft.used.add(new.shape)
+    busy.add(new.id)
+    words = f"replace the {obj.shape} with {_article(f'{new.size} {new.colour} {new.shape}')}"
+    target = [new if o.id == obj.id else o for o in draft.target]
+    return words, target, Change(op="replace", object=obj.id, value=f"{new.id}:{new.shape}")
+
+
+MAKERS: dict[str, Maker] = {
+    "recolour": recolour,
+    "resize": resize,
+    "move_cell": move_cell,
+    "move_relative": move_relative,
+    "add_common": add_common,
+    "add_rare": add_rare,
+    "remove": remove,
+    "replace": replace,
+}
+COMPOUND_PARTS = ("recolour", "resize", "move_cell", "add_common", "remove", "replace")  # no relation in a compound
+UNDONE_PARTS = ("recolour", "resize", "move_cell", "add_common", "add_rare", "remove", "replace")
+UNDO_WORDS = ("undo the last change", "undo that", "undo")
+
+
+def _message(draft: Draft, rng: random.Random, kind: InstructionKind) -> tuple[str, list[Change]]:
+    """One instruction of `kind` applied to `draft` (for undo: the change that the next turn undoes); raises
+    LookupError when the draft cannot take it (the caller then drops the draft)."""
+    if kind == "compound":
+        parts = rng.sample(COMPOUND_PARTS, rng.choice((2, 3)))
+    elif kind == "undo":
+        parts = [rng.choice(UNDONE_PARTS)]
+    else:
+        parts = [kind]
+    busy: set[str] = set()
+    clauses, changes = [], []
+    for part in parts:
+        made = MAKERS[part](draft, rng, busy)
+        if made is None:
+            raise LookupError(part)
+        words, draft.target, change = made
+        busy.add(change.object or "")
+        clauses.append(words)
+        changes.append(change)
+    return _join(clauses), changes
+
+
+def instruction_count(kind: InstructionKind, rng: random.Random) -> tuple[int, int]:
+    """(instructions, objects of the first prompt), feasible for the kind (see the module's docstring)."""
+    if kind in ("add_common", "add_rare"):
+        n = rng.randint(1, 3)
+        return n, rng.randint(1, MAX_OBJECTS - n)
+    if kind == "remove":
+        n = rng.randint(1, 2)
+        return n, rng.randint(n + 1, MAX_FIRST_OBJECTS)
+    if kind == "undo":
+        return 2 * rng.randint(1, 2), rng.randint(1, MAX_FIRST_OBJECTS)
+    if kind in ("move_relative", "compound"):
+        return rng.randint(1, 4), rng.randint(2, MAX_FIRST_OBJECTS)
+    return rng.randint(1, 4), rng.randint(1, MAX_FIRST_OBJECTS)
+
+
+def sample_conversation(rng: random.Random, kind: InstructionKind, cid: str = "", tries: int = 50) -> Conversation:
+    """A conversation of `kind` whose every target scene lies in the evaluation half."""
+    while True:
+        n, first_objects = instruction_count(kind, rng)
+        rare = kind != "add_rare" and rng.random() < 0.3
+        layout = sample_layout(rng, first_objects, rare, p_count=0.0)
+        if layout.scene.half != "eval":
+            continue
+        target = [
+            TargetObject(id=f"o{i + 1}", shape=o.shape, colour=o.colour, size=o.size, cell=o.cell)
+            for i, o in enumerate(layout.objects)
+        ]
+        draft = Draft(target=target, used={o.shape for o in target}, next_id=len(target))
+        first = prompt_text([o.group for o in target], [], rng)
+        turns = [
+            ConversationTurn(
+                index=1,
+                kind="first",
+                message=first,
+                restated=first,
+                changes=[Change(op="create", object=o.id, value=o.shape) for o in target],
+                target=target,
+            )
+        ]
+        history: list[list[TargetObject]] = [target]
+        for i in range(n):
+            if kind == "undo" and i % 2 == 1:
+                previous = history[-2]
+                words = rng.choice(UNDO_WORDS)
+                turns.append(_turn(len(turns) + 1, kind, words, previous, [Change(op="undo")], rng))
+                history.append(previous)
+                draft.target = list(previous)
+                continue
+            made = _draw_instruction(draft, rng, kind, tries)
+            if made is None:
+                break
+            words, new_target, changes = made
+            # In an undo conversation, the change before each undo counts as its own kind.
+            turn_kind: TurnKind = _kind_of(changes[0]) if kind == "undo" else kind
+            turns.append(_turn(len(turns) + 1, turn_kind, words, new_target, changes, rng))
+            history.append(new_target)
+            draft.target = list(new_target)
+        else:
+            return Conversation(id=cid, kind=kind, turns=turns)
+
+
+def _kind_of(change: Change) -> InstructionKind:
+    if change.op == "add":
+        return "add_rare" if (change.value or "") in RARE_SHAPES else "add_common"
+    return change.op  # type: ignore[return-value]
+
+
+def _draw_instruction(
+    draft: Draft, rng: random.Random, kind: InstructionKind, tries: int
+) -> tuple[str, list[TargetObject], list[Change]] | None:
+    for _ in range(tries):
+        trial = Draft(target=list(draft.target), used=set(draft.used), next_id=draft.next_id)
+        try:
+            words, changes = _message(trial, rng, kind)
+        except LookupError:
+            continue
+        if Scene(tuple(ObjectSpec(*o.key) for o in trial.target)).half == "eval":
+            draft.used, draft.next_id = trial.used, trial.next_id
+            return words, trial.target, changes
+    return None
+
+
+def _turn(
+    index: int,
+    kind: TurnKind,
+    message: str,
+    target: list[TargetObject],
+    changes: list[Change],
+    rng: random.Random,
+) -> ConversationTurn:
+    return ConversationTurn(
+        index=index, kind=kind, message=message, restated=restate(target, rng), changes=changes, target=target
+    )
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def split_conversations(name: str) -> list[Conversation]:
+    """A split, deterministic: per instruction kind the same number of conversations, first scenes distinct within
+    the split and (for test) from every dev conversation's."""
+    per_kind, seed = CONVERSATION_SPLITS[name]
+    taken = {c.turns[0].scene.key for c in split_conversations("dev")} if name == "test" else set()
+    rng = random.Random(seed)
+    out: list[Conversation] = []
+    for kind in INSTRUCTION_KINDS:
+        made = 0
+        while made < per_kind:
+            conversation = sample_conversation(rng, kind, f"{name}-{kind}-{made}")
+            if (key := conversation.turns[0].scene.key) in taken:
+                continue
+            taken.add(key)
+            out.append(conversation)
+            made += 1
+    return out
+
+
+def split_path(name: str, folder: Path = CONVERSATION_PROMPTS_DIR) -> Path:
+    return folder / f"conversations-{name}.jsonl"
+
+
+def write_conversation_splits(folder: Path = CONVERSATION_PROMPTS_DIR) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CONVERSATION_SPLITS:
+        text = "".join(c.model_dump_json(exclude_defaults=False) + "\n" for c in split_conversations(name))
+        split_path(name, folder).write_text(text)
+
+
+def load_conversations(path: Path) -> list[Conversation]:
+    """A JSONL file of Conversation objects; errors name the line."""
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(Conversation.model_validate_json(line))
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not a conversation of the miniature world: {e}") from e
+    if len({c.id for c in out}) != len(out):
+        raise ValueError(f"{path}: conversation ids must be unique")
+    return out
+
+
+# ----------------------------------------------------------------------------- judging
+
+
+class TurnJudgement(BaseModel):
+    """A turn's target on one image's reading."""
+
+    concepts: list[tuple[str, bool]] = Field(description="(kind, right) per concept of the target's objects.")
+    absent: list[tuple[str, bool]] = Field(description="(shape, not drawn) per object the conversation took away.")
+
+    @property
+    def all_right(self) -> bool:
+        return all(ok for _, ok in self.concepts) and all(ok for _, ok in self.absent)
+
+
+def _best_match(obj: TargetObject, reading: Sequence[Detected]) -> Detected | None:
+    """The read object of obj's shape that agrees with it on most attributes (cell included)."""
+    same = [d for d in reading if d.shape == obj.shape]
+    return max(same, key=lambda d: (d.colour == obj.colour) + (d.size == obj.size) + (d.cell == obj.cell), default=None)
+
+
+def judge_turn(target: Sequence[TargetObject], gone: Sequence[str], reading: Sequence[Detected]) -> TurnJudgement:
+    """Each target object's shape, colour, size and place (its cell, or its relation to its anchor's read place) on
+    the read objects, and each shape in `gone` (objects the conversation removed or replaced) not drawn at all."""
+    matched = {o.id: _best_match(o, reading) for o in target}
+    concepts: list[tuple[str, bool]] = []
+    for o in target:
+        d = matched[o.id]
+        concepts += [("shape", d is not None), ("colour", d is not None and d.colour == o.colour)]
+        concepts.append(("size", d is not None and d.size == o.size))
+        if o.relation is None:
+            concepts.append(("position", d is not None and d.cell == o.cell))
+        else:
+            anchor = matched[o.relation.anchor]
+            ok = d is not None and anchor is not None and holds(o.relation.relation, d.cell, anchor.cell)
+            concepts.append(("relation", ok))
+    absent = [(shape, not any(d.shape == shape for d in reading)) for shape in gone]
+    return TurnJudgement(concepts=concepts, absent=absent)
+
+
+def gone_shapes(conversation: Conversation, index: int) -> list[str]:
+    """Shapes of objects asked for before turn `index` (1-based) that its target no longer holds."""
+    now = {o.shape for o in conversation.turns[index - 1].target}
+    before = {o.shape for t in conversation.turns[: index - 1] for o in t.target}
+    return sorted(before - now)
+
+
+def untouched(previous: Sequence[TargetObject], current: Sequence[TargetObject]) -> list[TargetObject]:
+    """Objects that a turn asks to stay as they were: in both targets, equal in every field."""
+    before = {o.id: o for o in previous}
+    return [o for o in current if before.get(o.id) == o]
+
+
+def names_a_world_object(text: str) -> bool:
+    """Whether a concept's text names a shape of the world ('a red ring', 'two stars'); 'a bottom' does not."""
+    words = {w.strip(".,;:!?'\"()") for w in text.lower().split()}
+    return bool(words & (set(SHAPES) | set(PLURALS.values())))

@@ -1,0 +1,190 @@
+"""The conversation benchmark: its splits (deterministic, balanced, targets that follow the instructions), its judging
+on rendered scenes, and a short resumable run on the mini profile."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from test_miniworld_run import mini_settings  # noqa: F401 - the module's fixture: a small indexed mini corpus
+
+from imagerag.evals.miniworld.common import ORACLE_DIR
+from imagerag.evals.miniworld.conversation_grammar import (
+    CONVERSATION_SPLITS,
+    INSTRUCTION_KINDS,
+    Conversation,
+    ConversationTurn,
+    TargetObject,
+    gone_shapes,
+    judge_turn,
+    load_conversations,
+    names_a_world_object,
+    split_conversations,
+    split_path,
+    untouched,
+)
+from imagerag.evals.miniworld.grammar import Detected
+from imagerag.evals.miniworld.oracle import Oracle
+from imagerag.tools.miniworld.world import MAX_OBJECTS, RARE_SHAPES, holds, render
+
+ATTRIBUTES = ("shape", "colour", "size", "cell")
+
+
+@pytest.fixture(scope="module")
+def splits() -> dict[str, list[Conversation]]:
+    return {name: split_conversations(name) for name in CONVERSATION_SPLITS}
+
+
+def test_the_stored_splits_are_what_the_code_draws(splits):
+    for name, conversations in splits.items():
+        assert load_conversations(split_path(name)) == conversations
+        assert split_conversations(name) == conversations  # deterministic
+
+
+def test_each_split_has_as_many_conversations_of_every_kind(splits):
+    for name, conversations in splits.items():
+        per_kind = CONVERSATION_SPLITS[name][0]
+        assert Counter(c.kind for c in conversations) == dict.fromkeys(INSTRUCTION_KINDS, per_kind)
+        assert len({c.id for c in conversations}) == len(conversations)
+        for c in conversations:
+            own = [t for t in c.instructions if t.kind == c.kind]
+            assert 1 <= len(own) <= 4 and all(t.kind == c.kind for t in c.instructions if c.kind != "undo")
+    dev_first = {c.turns[0].scene.key for c in splits["dev"]}
+    assert not dev_first & {c.turns[0].scene.key for c in splits["test"]}  # drawn apart
+
+
+def test_every_scene_asked_for_is_in_the_evaluation_half(splits):
+    for c in (c for cs in splits.values() for c in cs):
+        for turn in c.turns:
+            assert turn.scene.half == "eval" and len(turn.target) <= MAX_OBJECTS
+
+
+def _diff(before: TargetObject, after: TargetObject) -> set[str]:
+    return {a for a in (*ATTRIBUTES, "relation") if getattr(before, a) != getattr(after, a)}
+
+
+def _check_turn(c: Conversation, turn: ConversationTurn) -> None:
+    prev = c.turns[turn.index - 2]
+    before, after = {o.id: o for o in prev.target}, {o.id: o for o in turn.target}
+    if turn.kind == "undo":
+        assert turn.target == c.turns[turn.index - 3].target and turn.changes[0].op == "undo"
+        return
+    changed: set[str] = set()
+    for change in turn.changes:
+        obj = change.object
+        assert obj is not None and obj not in changed  # a message changes each object once
+        changed.add(obj)
+        if change.op in ("recolour", "resize", "move_cell"):
+            attr = {"recolour": "colour", "resize": "size", "move_cell": "cell"}[change.op]
+            assert attr in _diff(before[obj], after[obj]) <= {attr, "relation"}
+            assert getattr(after[obj], attr) == change.value
+            assert (
+                after[obj].relation is None if change.op == "move_cell" else after[obj].relation == before[obj].relation
+            )
+            words = {"large": ("large", "bigger"), "small": ("small", "smaller")}.get(
+                change.value or "", (change.value,)
+            )
+            assert f"the {before[obj].shape} " in turn.message and any(w in turn.message for w in words)
+        elif change.op == "move_relative":
+            moved, anchor = after[obj], after[after[obj].relation.anchor]
+            assert _diff(before[obj], moved) <= {"cell", "relation"} and anchor == before[anchor.id]
+            assert holds(moved.relation.relation, moved.cell, anchor.cell)
+            assert not holds(moved.relation.relation, before[obj].cell, anchor.cell)
+            assert f"{moved.shape} " in turn.message and turn.message.endswith(f"the {anchor.shape}")
+        elif change.op == "add":
+            assert obj not in before and after[obj].shape == change.value and change.value in turn.message
+            rare = change.value in RARE_SHAPES
+            assert turn.kind == "compound" or turn.kind == ("add_rare" if rare else "add_common")
+        elif change.op == "remove":
+            assert obj in before and obj not in after and f"the {before[obj].shape}" in turn.message
+            assert before[obj].shape in gone_shapes(c, turn.index)
+        elif change.op == "replace":
+            new_id, new_shape = (change.value or "").split(":")
+            assert obj not in after and after[new_id].cell == before[obj].cell and after[new_id].shape == new_shape
+            assert f"replace the {before[obj].shape} with" in turn.message
+            changed.add(new_id)
+        else:
+            raise AssertionError(change)
+    # Whatever the message did not mention stays exactly as it was.
+    assert untouched(prev.target, turn.target) == [o for o in turn.target if o.id not in changed]
+    assert len(turn.changes) == (1 if turn.kind != "compound" else len(turn.changes)) and (
+        turn.kind != "compound" or 2 <= len(turn.changes) <= 3
+    )
+
+
+def test_targets_follow_the_instructions(splits):
+    ops = Counter()
+    for c in (c for cs in splits.values() for c in cs):
+        assert [o.id for o in c.turns[0].target] == [ch.object for ch in c.turns[0].changes]
+        for turn in c.instructions:
+            _check_turn(c, turn)
+            ops.update(ch.op for ch in turn.changes)
+        # Shapes are distinct within a conversation, so "the ring" always means one object.
+        for turn in c.turns:
+            assert len({o.shape for o in turn.target}) == len(turn.target)
+    assert set(ops) == {"recolour", "resize", "move_cell", "move_relative", "add", "remove", "replace", "undo"}
+
+
+def test_a_turn_is_judged_on_what_the_oracle_reads():
+    oracle = Oracle.from_pretrained(ORACLE_DIR)
+    dev = split_conversations("dev")
+    for c in (next(c for c in dev if c.kind == k) for k in ("move_relative", "replace", "remove")):
+        for turn in c.turns:
+            reading = oracle.read([render(turn.scene)])[0]
+            judged = judge_turn(turn.target, gone_shapes(c, turn.index), reading)
+            assert judged.all_right, (c.id, turn.index, reading)
+            if turn.index > 1:  # the previous turn's scene misses what this turn changed
+                before = oracle.read([render(c.turns[turn.index - 2].scene)])[0]
+                assert not judge_turn(turn.target, gone_shapes(c, turn.index), before).all_right
+    target = [TargetObject(id="o1", shape="ring", colour="red", size="small", cell="top left")]
+    recoloured = [Detected("ring", "blue", "small", "top left")]
+    assert judge_turn(target, [], recoloured).concepts == [
+        ("shape", True),
+        ("colour", False),
+        ("size", True),
+        ("position", True),
+    ]
+    still_there = [Detected("ring", "red", "small", "top left"), Detected("star", "red", "small", "centre")]
+    assert not judge_turn(target, ["star"], still_there).all_right and judge_turn(target, ["star"], still_there[:1])
+    assert names_a_world_object("a red ring") and names_a_world_object("two stars")
+    assert not names_a_world_object("a bottom") and not names_a_world_object("a left bottom")
+
+
+@pytest.mark.slow
+def test_the_benchmark_judges_every_turn_and_resumes(mini_settings, tmp_path):  # noqa: F811
+    from imagerag.evals.miniworld.conversations import evaluate_conversations
+
+    dev = split_conversations("dev")
+    # The shortest conversations of two kinds: a recolour and a remove (one instruction each).
+    picks = [
+        min((c for c in dev if c.kind == k), key=lambda c: (len(c.turns), len(c.turns[0].target)))
+        for k in ("recolour", "remove")
+    ]
+    out = tmp_path / "conv"
+    seen = []
+    kwargs = {"seeds": [0], "images": 2, "names": ["thread", "restated"], "on_outcome": seen.append}
+    report = evaluate_conversations(picks, out, mini_settings.data_dir, **kwargs)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and len(seen) == 4
+    assert {(o.condition, o.conversation_id) for o in seen} == {
+        (n, c.id) for n in ("thread", "restated") for c in picks
+    }
+    for o in seen:
+        conversation = next(c for c in picks if c.id == o.conversation_id)
+        assert [t.index for t in o.turns] == [t.index for t in conversation.turns]
+        assert o.turns[0].drew and o.turns[0].unchanged == [] and o.turns[0].removed_absent == []
+        for t, turn in zip(o.turns, conversation.turns, strict=True):
+            assert len(t.concepts) == 4 * len(turn.target) and t.concepts_after
+            assert 0 <= t.generations <= 2 and not t.status.startswith("error")
+        if o.kind == "remove":
+            assert [s for s, _ in o.turns[1].removed_absent] == gone_shapes(conversation, 2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == report and report["conversations"] == 2 and set(report["conditions"]) == {"thread", "restated"}
+    assert "thread - restated" in report["paired_final_turn"]
+    assert (out / "summary.md").read_text().startswith("2 conversations x seeds [0].")
+
+    seen.clear()
+    again = evaluate_conversations(picks, out, mini_settings.data_dir, **kwargs)
+    assert seen == [] and (out / "results.jsonl").read_text().splitlines() == lines  # nothing run again
+    assert again == report
