@@ -1,4 +1,4 @@
-"""The types the tools exchange: concepts of a prompt, verdicts on an image, reference hits, candidates.
+"""The types the tools exchange: objects and concepts of a prompt, verdicts on an image, reference hits, candidates.
 
 Images never live here: a candidate names its PNG by content hash (tools.backends.images), so graph state and
 checkpoints stay small and JSON-serialisable.
@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-ConceptKind = Literal["object", "attribute", "style", "relation", "count"]
+# "absent": an object a message removed, which the image must no longer show (where it was, or anywhere).
+ConceptKind = Literal["object", "attribute", "style", "relation", "count", "absent"]
 Verdict = Literal["pending", "satisfied", "missing"]
 
 
@@ -54,7 +55,68 @@ class Concept(BaseModel):
     depends_on: list[str] = Field(
         default_factory=list, description="Ids of concepts this one needs (an attribute needs its object)."
     )
-    box: Box | None = Field(default=None, description="For an object: where the planner puts it, if it said.")
+    box: Box | None = Field(
+        default=None,
+        description="For an object: where the planner puts it, if it said. For an absent object: where it was last.",
+    )
+    object_id: str | None = Field(
+        default=None, description="The scene object this concept is about (e.g. 'o1'); None for a style."
+    )
+    attribute: str | None = Field(
+        default=None,
+        description="For an attribute: which attribute of its object it states ('colour', 'size', ...), so that a "
+        "change of colour replaces the colour and nothing else.",
+    )
+
+
+class Detail(BaseModel):
+    """A concept the object model does not break down (an LLM's 'the dog wears a green scarf', a style), kept as
+    written: it stays until its object is removed or replaced."""
+
+    text: str
+    kind: ConceptKind = "attribute"
+
+
+class SceneObject(BaseModel):
+    """One object a prompt asks for, with an identity that survives the thread's turns.
+
+    Its place is a grid cell, a relation to another object, or free place words that no rule reads (drawn as
+    written); at most one of the three is set.
+    """
+
+    id: str = Field(description="Stable id within the thread, e.g. 'o1'.")
+    noun: str = Field(description="What it is: 'square', 'boston bull' minus its adjectives, 'stars' for a count.")
+    count: int = Field(default=1, ge=1, description="How many ('two stars': 2).")
+    attributes: dict[str, str] = Field(
+        default_factory=dict,
+        description="Attribute kind -> value words: {'size': 'large', 'colour': 'red'}. An adjective of no known "
+        "kind is a kind of its own ({'boston': 'boston'}).",
+    )
+    cell: str | None = Field(default=None, description="The grid cell its place words name ('top left').")
+    relation: str | None = Field(default=None, description="Relation words to another object: 'to the left of'.")
+    relative_to: str | None = Field(default=None, description="Id of the object the relation is to.")
+    place: str | None = Field(default=None, description="Place words no rule reads: 'behind it', 'on the beach'.")
+    details: list[Detail] = Field(default_factory=list, description="Concepts about it kept as written.")
+    box: Box | None = Field(default=None, description="Where it goes or was last seen, when known.")
+
+
+class ScenePlan(BaseModel):
+    """What the image must show: objects with identity, concepts that belong to no object (a style), and the
+    objects a message removed (each must stay absent)."""
+
+    objects: list[SceneObject] = Field(default_factory=list)
+    extras: list[Detail] = Field(default_factory=list, description="Concepts of no object: styles, mostly.")
+    removed: list[SceneObject] = Field(
+        default_factory=list, description="Objects removed by a message: the image must not show them."
+    )
+
+    def object(self, object_id: str) -> SceneObject | None:
+        return next((o for o in self.objects if o.id == object_id), None)
+
+    def next_object_id(self) -> str:
+        """A fresh id: never one of an object that is or was in the scene, so a removed object's id is not reused."""
+        used = [int(o.id[1:]) for o in [*self.objects, *self.removed] if o.id[1:].isdigit()]
+        return f"o{max(used, default=0) + 1}"
 
 
 class ConceptVerdict(BaseModel):

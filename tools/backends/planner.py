@@ -1,11 +1,14 @@
-"""Concepts: decomposition of a prompt, and revision of a thread's concepts by its next message.
+"""Objects and concepts: decomposition of a prompt, and a thread's next message read as typed changes.
 
-Structured LLM output when an LLM is configured; an offline rule-based parser otherwise.
+Structured LLM output when an LLM is configured; an offline rule-based parser otherwise. Both give each object an
+identity (tools.types.SceneObject) and read a message into the changes of tools.revision, checked and applied there
+the same way whichever reader read them.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from langchain_core.language_models import BaseChatModel
@@ -13,9 +16,24 @@ from langchain_core.messages import HumanMessage
 from pydantic import BaseModel, Field
 
 from imagerag.prompts import render
-from imagerag.tools.backends.layout import CELL_PHRASES, article, named_cell
-from imagerag.tools.backends.llm import structured_call
-from imagerag.tools.types import Box, Concept, ConceptKind
+from imagerag.tools.backends.llm import LLMOutputError, structured_call
+from imagerag.tools.grid import CELL_PHRASES, article, named_cell
+from imagerag.tools.revision import (
+    OPEN_VOCABULARY,
+    Applied,
+    ChangeList,
+    InstructionRefused,
+    Refusal,
+    Understanding,
+    Vocabulary,
+    apply_changes,
+    check_changes,
+    describe,
+    objects_of_concepts,
+    seen_boxes,
+    understand_by_rules,
+)
+from imagerag.tools.types import Box, Concept, ConceptKind, ScenePlan
 
 
 class ConceptSpec(BaseModel):
@@ -27,6 +45,9 @@ class ConceptSpec(BaseModel):
     box: Box | None = Field(
         default=None,
         description="For an object: where it goes in the image, as fractions of its size (as LMD plans a layout).",
+    )
+    attribute: str | None = Field(
+        default=None, description="For an attribute: which kind it is ('colour', 'size', 'material', ...); else null."
     )
 
 
@@ -53,20 +74,39 @@ class Decomposer(Protocol):
     def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]: ...
 
 
-def number(specs: list[ConceptSpec]) -> list[Concept]:
-    """Concepts c1, c2, ... with duplicates dropped and parent indices turned into ids."""
+class SceneReader(Protocol):
+    """A decomposer that also keeps objects with identity and reads messages as typed changes (both built-in ones)."""
+
+    vocabulary: Vocabulary
+
+    def plan(self, prompt: str) -> tuple[ScenePlan, list[Concept], int]: ...
+
+    def understand(
+        self,
+        message: str,
+        scene: ScenePlan,
+        *,
+        boxes: Mapping[str, Box] | None = None,
+        previous: ScenePlan | None = None,
+    ) -> Understanding: ...
+
+
+def number(specs: list[ConceptSpec], owners: Sequence[int] | None = None) -> list[Concept]:
+    """Concepts c1, c2, ... with duplicates dropped and parent indices turned into ids. `owners`: for each spec the
+    1-based position of the object it belongs to; then only concepts of one object can be duplicates, so two
+    objects of one shape stay two ('a red square on the left and a blue square on the right')."""
     concepts: list[Concept] = []
     index_to_id: dict[int, str] = {}
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[tuple[str, str, int | None], str] = {}
     for i, spec in enumerate(specs, 1):
-        key = (spec.text.strip(), spec.kind)
+        key = (spec.text.strip(), spec.kind, owners[i - 1] if owners else None)
         if not key[0]:
             continue
         if key in seen:
             index_to_id[i] = seen[key]
             continue
         concept_id = seen[key] = index_to_id[i] = f"c{len(concepts) + 1}"
-        concepts.append(Concept(id=concept_id, text=key[0], kind=spec.kind, box=spec.box))
+        concepts.append(Concept(id=concept_id, text=key[0], kind=spec.kind, box=spec.box, attribute=spec.attribute))
     parents = {
         index_to_id[i]: index_to_id.get(s.parent) for i, s in enumerate(specs, 1) if i in index_to_id and s.parent
     }
@@ -96,29 +136,95 @@ def apply_revision(old: list[Concept], revision: Revision) -> list[Concept]:
     return concepts
 
 
-class LLMDecomposer:
-    def __init__(self, llm: BaseChatModel, retries: int = 3):
-        self.llm, self.retries = llm, retries
+def revision_of(applied_prompt: str, concepts: list[Concept], old: list[Concept]) -> Revision:
+    """A compatibility adapter: new concepts as the legacy Revision that `apply_revision` turns back into them (kept
+    concepts by id and text; new ones get fresh ids). Boxes of absent concepts and object ids are not carried."""
+    old_ids = {(c.id, c.text) for c in old}
+    position = {c.id: i for i, c in enumerate(concepts, 1)}
+    return Revision(
+        prompt=applied_prompt,
+        concepts=[
+            RevisedConcept(
+                text=c.text,
+                kind=c.kind,
+                keep=c.id if (c.id, c.text) in old_ids else None,
+                parent=position.get(c.depends_on[0]) if c.depends_on else None,
+                box=c.box if c.kind == "object" else None,
+                attribute=c.attribute,
+            )
+            for c in concepts
+        ],
+    )
 
-    def decompose(self, prompt: str) -> tuple[list[Concept], int]:
+
+class LLMDecomposer:
+    def __init__(self, llm: BaseChatModel, retries: int = 3, vocabulary: Vocabulary = OPEN_VOCABULARY):
+        self.llm, self.retries, self.vocabulary = llm, retries, vocabulary
+
+    def plan(self, prompt: str) -> tuple[ScenePlan, list[Concept], int]:
+        """The prompt's objects (each with an id) and concepts (each naming its object)."""
         answer, tokens = structured_call(
             self.llm, ConceptList, [HumanMessage(render("decompose", prompt=prompt))], self.retries
         )
-        return number(answer.concepts), tokens
+        scene, concepts = objects_of_concepts(number(answer.concepts), self.vocabulary)
+        return scene, concepts, tokens
+
+    def decompose(self, prompt: str) -> tuple[list[Concept], int]:
+        _, concepts, tokens = self.plan(prompt)
+        return concepts, tokens
+
+    def understand(
+        self,
+        message: str,
+        scene: ScenePlan,
+        *,
+        boxes: Mapping[str, Box] | None = None,
+        previous: ScenePlan | None = None,
+    ) -> Understanding:
+        """The message as typed changes through structured output, checked as the rules' are: a change naming an
+        object, value or place the scene or the world does not have is refused; an answer that never parses refuses
+        the whole message."""
+        prompt = render(
+            "revise",
+            objects=[(o.id, describe(o, scene)) for o in scene.objects],
+            extras=[d.text for d in scene.extras],
+            vocabulary=self.vocabulary.describe(),
+            closed=self.vocabulary.closed,
+            can_undo=previous is not None,
+            message=message,
+        )
+        try:
+            answer, tokens = structured_call(self.llm, ChangeList, [HumanMessage(prompt)], self.retries)
+        except LLMOutputError as error:
+            reason = f"the language model's answer could not be read as changes ({error})"
+            return Understanding(refusals=[Refusal(clause=message, reason=reason)])
+        checked = check_changes(answer.changes, scene, self.vocabulary, boxes, previous)
+        refusals = [*answer.refusals, *checked.refusals]
+        return checked.model_copy(update={"refusals": refusals, "tokens": tokens})
 
     def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]:
-        message = HumanMessage(render("revise", prompt=prompt, concepts=concepts, instruction=instruction))
-        return structured_call(self.llm, Revision, [message], self.retries)
+        """The legacy interface (Toolkit.revise): the same typed changes, returned as a Revision. A message that is
+        not understood raises InstructionRefused."""
+        scene, tagged = objects_of_concepts(concepts, self.vocabulary)
+        understanding = self.understand(instruction, scene)
+        if understanding.refusals:
+            raise InstructionRefused(understanding.refusals)
+        applied = apply_changes(scene, tagged, understanding.changes, vocabulary=self.vocabulary)
+        return revision_of(applied.prompt, applied.concepts, concepts), understanding.tokens
 
 
 class RuleDecomposer:
     """Offline parser, in the spirit of DSG. Splits a prompt into noun-phrase clauses (at commas, semicolons, and
     'and'/'with' before a determiner; 'black and white photo' stays whole), then each clause into its object
     ('a heart'), one attribute per adjective ('a red heart') and its relation ('a heart on the left'); attributes
-    and relations depend on their object. Style phrases become style concepts. Revisions understand 'add X',
-    'remove X' and 'make the N ADJ'; anything else is added. An LLM does all of this far better; this keeps the
-    system usable offline.
+    and relations depend on their object. Style phrases become style concepts. Each object gets an id: two squares
+    are two objects. Messages are read by tools.revision's rules (`understand`); the legacy `revise` understands
+    'add X', 'remove X' and 'make the N ADJ' and adds anything else. An LLM does all of this far better; this keeps
+    the system usable offline.
     """
+
+    def __init__(self, vocabulary: Vocabulary = OPEN_VOCABULARY):
+        self.vocabulary = vocabulary
 
     _FRAME = re.compile(r"^(a |an )?(photo|picture|image|painting|drawing|render(ing)?) of ", re.IGNORECASE)
     _SPLIT = re.compile(
@@ -211,8 +317,27 @@ class RuleDecomposer:
                 clauses[i] = " ".join([*head, where])
         return Revision(prompt=", ".join(clauses), concepts=concepts)
 
+    def plan(self, prompt: str) -> tuple[ScenePlan, list[Concept], int]:
+        """The prompt's objects (each with an id) and concepts (each naming its object)."""
+        specs = self.specs(prompt) or [ConceptSpec(text=prompt.strip())]
+        owners = [s.parent or i for i, s in enumerate(specs, 1)]
+        scene, concepts = objects_of_concepts(number(specs, owners), self.vocabulary)
+        return scene, concepts, 0
+
     def decompose(self, prompt: str) -> tuple[list[Concept], int]:
-        return number(self.specs(prompt) or [ConceptSpec(text=prompt.strip())]), 0
+        _, concepts, tokens = self.plan(prompt)
+        return concepts, tokens
+
+    def understand(
+        self,
+        message: str,
+        scene: ScenePlan,
+        *,
+        boxes: Mapping[str, Box] | None = None,
+        previous: ScenePlan | None = None,
+    ) -> Understanding:
+        """The message's clauses as checked changes, or refusals quoting the clauses (tools.revision)."""
+        return understand_by_rules(message, scene, self.vocabulary, boxes, previous)
 
     def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]:
         kept = [RevisedConcept(text=c.text, kind=c.kind, keep=c.id) for c in concepts]
@@ -307,3 +432,34 @@ def _set_adjective(text: str, noun: str, adjective: str) -> str:
                 words.insert(i, adjective)
             return " ".join(words)
     return text
+
+
+class TurnRevision(BaseModel):
+    """A thread's next message read and, when understood, applied. `applied` is None when any clause was refused or
+    the message asks for nothing: the turn then ends with status needs_clarification and `understanding.message`,
+    the thread untouched."""
+
+    understanding: Understanding
+    applied: Applied | None = None
+
+
+def revise_turn(
+    reader: SceneReader,
+    scene: ScenePlan,
+    concepts: list[Concept],
+    message: str,
+    *,
+    seen: Mapping[str, Box] | None = None,
+    previous: ScenePlan | None = None,
+) -> TurnRevision:
+    """What a thread's next turn starts from. `seen`: concept id -> box where the critic saw each object on the
+    best image (a removed object's absent concept is judged there; 'the square on the left' is resolved there when
+    the square has no cell of its own). `previous`: the previous turn's scene, for 'undo'."""
+    boxes = seen_boxes(concepts, seen or {})
+    understanding = reader.understand(message, scene, boxes=boxes, previous=previous)
+    if not understanding.understood:
+        return TurnRevision(understanding=understanding)
+    applied = apply_changes(
+        scene, concepts, understanding.changes, seen=seen, previous=previous, vocabulary=reader.vocabulary
+    )
+    return TurnRevision(understanding=understanding, applied=applied)
