@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from langchain_core.callbacks import CallbackManagerForToolRun
 from langchain_core.tools import BaseTool, ToolException
@@ -41,10 +41,12 @@ from imagerag.agent.events import (
 )
 from imagerag.agent.result import RunResult
 from imagerag.graphs.state import MAX_PROMPT_CHARS, THREAD_PATTERN, Budget, RunInput
-from imagerag.tools.config import ConfigError
-from imagerag.tools.errors import ImageRAGError
+from imagerag.tools.errors import ConfigError, ImageRAGError, user_errors, user_message
 from imagerag.tools.toolkit import Backends
 from imagerag.tools.types import RetrievalHit
+
+if TYPE_CHECKING:
+    from imagerag.graphs.nodes import ReviewDecision, ReviewRequest
 
 MAX_ROUNDS = 10
 MAX_HITS = 20
@@ -117,11 +119,6 @@ def describe_event(event: RunEvent) -> str | None:
         case Finished():
             return f"finished: {event.result.status}"
     return None
-
-
-def explain(error: ValidationError) -> str:
-    """A pydantic error as one line: which argument, what is wrong."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in error.errors())
 
 
 class _RunRequest(BaseModel):
@@ -197,15 +194,13 @@ class ImageRAGAssistant:
         `require` says which of the two the caller means: "new" refuses a thread that exists, "existing" one that
         does not (ThreadStateError). It is checked while the thread is held, so no other run can slip in between.
         """
-        from imagerag.agent.events import Finished, ReviewRequested
-        from imagerag.agent.run import RunError, stream
-        from imagerag.tools.backends.store import StoreError
+        from imagerag.agent.run import drive, stream
 
         try:
             request = _RunRequest(message=message, max_rounds=max_rounds, thread=thread)
             RunInput(message=request.message)  # an empty prompt fails here, before any model is loaded
         except ValidationError as error:
-            raise AssistantError(explain(error).removeprefix("message: Value error, ")) from None
+            raise AssistantError(user_message(error).removeprefix("message: ")) from None
         budget = self.settings.budget.model_dump() | {
             "max_rounds": request.max_rounds,
             # Each round draws one image, so a rounds budget above the generations cap would never be reached.
@@ -218,36 +213,31 @@ class ImageRAGAssistant:
                     exists = self.thread_exists(request.thread)
                     if exists != (require == "existing"):
                         raise ThreadStateError(request.thread, exists)
-                for event in stream(request.message, settings, self.out, request.thread, self.backends()):
-                    if on_event is not None:
-                        on_event(event)
-                    if isinstance(event, Finished):
-                        return event.result
-                    if isinstance(event, ReviewRequested):  # only when a thread was started with review on
-                        raise AssistantError(
-                            f"thread {request.thread!r} waits for a review: answer it with `imagerag resume`"
-                        )
-            except (RunError, ConfigError, StoreError, FileNotFoundError) as error:
-                raise AssistantError(str(error)) from None
-            except ValidationError as error:
-                raise AssistantError(explain(error)) from None
-        raise AssistantError("the run ended without a result")
+                backends = self.backends()
+
+                def unanswered(request: ReviewRequest) -> ReviewDecision:  # only a thread started with review on
+                    raise AssistantError(f"thread {thread!r} waits for a review: answer it with `imagerag resume`")
+
+                events = stream(request.message, settings, self.out, request.thread, backends)
+                return drive(events, settings, backends, on_event, unanswered)
+            except AssistantError:
+                raise
+            except user_errors() as error:
+                raise AssistantError(user_message(error)) from None
 
     def search(self, caption: str, k: int = 5) -> SearchOutput:
         """Reference images in the collection for `caption`, none below the profile's relevance threshold."""
         try:
             request = _SearchRequest(caption=caption, k=k)
         except ValidationError as error:
-            raise AssistantError(explain(error)) from None
+            raise AssistantError(user_message(error)) from None
         if not request.caption.strip():
             raise AssistantError("the caption is empty: describe the reference image to find, e.g. 'a red square'")
-        from imagerag.tools.backends.store import StoreError
-
         try:
             backends = self.backends()
             hits = backends.store.search(request.caption.strip(), request.k, backends.min_similarity)
-        except (StoreError, ConfigError) as error:
-            raise AssistantError(str(error)) from None
+        except user_errors() as error:
+            raise AssistantError(user_message(error)) from None
         return SearchOutput(caption=request.caption.strip(), hits=hits)
 
 
@@ -278,7 +268,7 @@ class ImageRAGInput(BaseModel):
 
 
 def _validation_message(error: ValidationError) -> str:
-    return f"invalid arguments for imagerag: {explain(error)}"
+    return f"invalid arguments for imagerag: {user_message(error)}"
 
 
 class ImageRAGTool(BaseTool):

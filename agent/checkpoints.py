@@ -24,7 +24,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from imagerag.agent.config import Settings
 from imagerag.agent.runfolder import RunError
 from imagerag.graphs.state import THREAD_PATTERN
-from imagerag.tools.config import ConfigError
+from imagerag.tools.errors import ConfigError
 from imagerag.tools.files import content_id
 
 # Our pydantic types that checkpoints may hold; listing them keeps checkpoint loading strict (no arbitrary types).

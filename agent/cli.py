@@ -19,13 +19,15 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+from imagerag.tools.errors import user_errors, user_message
+
 # Heavy libraries (torch, diffusers, langgraph, chromadb, ...) load inside the commands that need them, so
 # `imagerag --help` answers at once; tests/test_cli_startup.py keeps it so.
 if TYPE_CHECKING:
     from imagerag.agent.config import Settings
     from imagerag.agent.events import RunEvent
     from imagerag.agent.result import RunResult
-    from imagerag.graphs.nodes import ReviewDecision
+    from imagerag.graphs.nodes import ReviewDecision, ReviewRequest
 
 
 # Typer vendors click from 0.29 on: click's error classes, taken from typer's own BadParameter, whichever click it is.
@@ -96,26 +98,13 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean the input or the setup is wrong (exit 2 with the message), not a bug."""
-    from pydantic import ValidationError
-
-    from imagerag.agent.runfolder import RunError
-    from imagerag.tools.backends.calibration import CalibrationError
-    from imagerag.tools.backends.sources import SourceError
-    from imagerag.tools.backends.store import StoreError
-    from imagerag.tools.config import ConfigError
-
-    return (RunError, ConfigError, StoreError, SourceError, CalibrationError, ValidationError, FileNotFoundError)
-
-
 def make_settings(budget: dict[str, Any] | None = None, **overrides: Any) -> Settings:
     """Settings from env/TOML with the CLI's explicit flags on top (None means: not given)."""
     from pydantic import ValidationError
 
     from imagerag.agent.config import Settings
     from imagerag.graphs.state import Budget
-    from imagerag.tools.config import ConfigError
+    from imagerag.tools.errors import ConfigError
 
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -125,10 +114,8 @@ def make_settings(budget: dict[str, Any] | None = None, **overrides: Any) -> Set
                 update={"budget": Budget.model_validate(settings.budget.model_dump() | given)}
             )
         return settings.check()
-    except ValidationError as error:
-        fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()))
-    except ConfigError as error:
-        fail(str(error))
+    except (ValidationError, ConfigError) as error:
+        fail(user_message(error))
 
 
 Profile = Annotated[str | None, typer.Option(help="Backend profile: sdxl, omnigen, sd15, tiny, mini.")]
@@ -253,7 +240,7 @@ def history(
     try:
         turns = thread_history(thread, make_settings(data_dir=data_dir))
     except user_errors() as error:
-        fail(str(error))
+        fail(user_message(error))
     table = Table(title=plain(f"thread {thread}"))
     for column in ("turn", "message", "status", "best image", "satisfied", "missing"):
         table.add_column(column)
@@ -272,11 +259,9 @@ def drive(
 ) -> None:
     """Load the backends of `settings` (with `load`; a local profile builds its collection on first use) with
     progress, run an event stream with live progress, answer review pauses at the terminal, print the result."""
-    from imagerag.agent.events import Finished, ReviewRequested
+    from imagerag.agent.run import drive as drive_run
     from imagerag.agent.run import prepare
-    from imagerag.agent.run import resume as resume_run
 
-    result: RunResult | None = None
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}", markup=False),
@@ -286,6 +271,14 @@ def drive(
     )
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("loading models", total=None)
+
+        def review(request: ReviewRequest) -> ReviewDecision:
+            progress.stop()
+            try:
+                return ask_reviewer(request)
+            finally:
+                progress.start()
+
         try:
             if load:
                 prepare(
@@ -293,26 +286,10 @@ def drive(
                     lambda stage, done, total: progress.update(task, description=stage, completed=done, total=total),
                 )
             progress.update(task, description="starting", completed=0, total=None)
-            events = start()
-            while result is None:
-                for event in events:
-                    if isinstance(event, Finished):
-                        result = event.result
-                    elif isinstance(event, ReviewRequested):
-                        progress.stop()
-                        decision = ask_reviewer(event.request)
-                        progress.start()
-                        events = resume_run(event.run_dir, decision, settings)
-                        break
-                    else:
-                        show_event(event, progress, task)
-                else:
-                    break
+            result = drive_run(start(), settings, on_event=lambda e: show_event(e, progress, task), reviewer=review)
         except user_errors() as error:
             progress.stop()
-            fail(str(error))
-    if result is None:
-        fail("the run ended without a result")
+            fail(user_message(error))
     if json_output:
         typer.echo(result.model_dump_json(indent=2))
     else:
@@ -331,11 +308,10 @@ def show_event(event: RunEvent, progress: Progress, task: TaskID) -> None:
             err.print(styled((f"round {step.round}", "dim"), " ", (step.node, "bold"), " ", step.summary))
 
 
-def ask_reviewer(request: dict[str, Any]) -> ReviewDecision:
+def ask_reviewer(req: ReviewRequest) -> ReviewDecision:
     """Show the references a regeneration would use and read the person's decision."""
-    from imagerag.graphs.nodes import ReviewDecision, ReviewRequest
+    from imagerag.graphs.nodes import ReviewDecision
 
-    req = ReviewRequest.model_validate(request)
     table = Table(
         title=plain(f"review before round {req.round}: references for {', '.join(req.concepts) or 'the prompt'}")
     )
@@ -393,18 +369,18 @@ def thread_delete(
     try:
         removed = delete_thread(thread, make_settings(data_dir=data_dir), remove_folder=folder)
     except user_errors() as error:
-        fail(str(error))
+        fail(user_message(error))
     err.print(plain(f"thread {thread!r} deleted" + (f", with its folder {removed}" if removed else "")))
 
 
 @app.command()
 def index(
     sources: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Argument(
             help="Image folders (recursive; captions from sidecar .txt/.json), webdataset .tar shards (img2dataset: jpg/png + txt + json) or .parquet files (image bytes + caption columns)."
         ),
-    ],
+    ] = None,
     collection: Collection = None,
     profile: Profile = None,
     data_dir: DataDir = None,
@@ -430,50 +406,105 @@ def index(
             "--follow-external-links", help="Also index files that links in the folders point to outside them."
         ),
     ] = False,
+    background: Annotated[
+        str, typer.Option(help="Colour shown through transparent pixels (a name or #rrggbb).")
+    ] = "white",
+    lock_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Seconds to wait for another writer of the data folder's database before stopping "
+            "(default: wait as long as it takes).",
+        ),
+    ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Rebuild a collection chromadb can no longer read from the folders it records (no SOURCES); "
+            "it replaces the damaged one once complete.",
+        ),
+    ] = False,
 ) -> None:
     """Embed images with the profile's CLIP and add them to a reference collection (incremental, resumable).
 
     Re-running skips what is indexed; after a crash or Ctrl-C it resumes where it stopped. Images from shards and
-    parquet files are copied to DATA_DIR/references so the agent can open them later.
+    parquet files are copied to DATA_DIR/references so the agent can open them later. One writer at a time per data
+    folder: a second one waits for the first (or stops after --lock-timeout seconds).
     """
+    from PIL import ImageColor
     from rich.progress import ProgressColumn, Task
     from rich.text import Text
 
-    from imagerag.tools.backends.indexer import IndexSummary, index_sources, open_sources, size_hint
+    from imagerag.tools.backends.indexer import (
+        IndexSummary,
+        index_sources,
+        open_sources,
+        repair_collection,
+        size_hint,
+    )
     from imagerag.tools.backends.loading import load_embedder
     from imagerag.tools.backends.sources import SourceError
-    from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client
+    from imagerag.tools.backends.store import (
+        ReferenceStore,
+        StoreError,
+        check_collection_name,
+        chroma_client,
+        disk_full,
+        disk_full_message,
+        writer_lock,
+    )
 
     class ImagesPerSecond(ProgressColumn):
         def render(self, task: Task) -> Text:
             return Text(f"{task.speed:.1f} images/s" if task.speed else "", style="progress.data.speed")
 
-    settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
+    if repair == bool(sources):
+        fail("pass the image folders, shards or parquet files to index, or --repair alone (it re-reads the "
+             "folders the collection records)")  # fmt: skip
     try:
-        opened = open_sources(sources, image_column, caption_column, follow_external_links)
-        store = ReferenceStore.open(
-            chroma_client(settings.data_dir, chroma_url), settings.collection_name, load_embedder(settings), create=True
-        )
-    except (SourceError, StoreError) as error:
-        fail(str(error))
+        colour = ImageColor.getrgb(background)[:3]
+    except ValueError:
+        fail(f"--background {background!r} is not a colour: pass a name (white, black) or #rrggbb")
+    settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
+    name = settings.collection_name
     summary = IndexSummary()
     columns = (TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(), TimeElapsedColumn())
+    notes: list[str] = []
     try:
-        with Progress(*columns, console=err) as progress:
-            task = progress.add_task("index", total=size_hint(opened))
-            index_sources(
-                store,
-                opened,
-                batch_size,
-                cache_dir=settings.data_dir / "references",
-                num_workers=workers,
-                on_batch=lambda n: progress.advance(task, n),
-                summary=summary,
-            )
+        check_collection_name(name)
+        opened = [] if repair else open_sources(sources or [], image_column, caption_column, follow_external_links)
+        with writer_lock(settings.data_dir, chroma_url, lock_timeout):  # before the database is opened
+            client = chroma_client(settings.data_dir, chroma_url)
+            embedder = load_embedder(settings)
+            with Progress(*columns, console=err) as progress:
+                task = progress.add_task("index", total=size_hint(opened) if opened else None)
+
+                def advance(n: int) -> None:
+                    progress.advance(task, n)
+
+                if repair:
+                    store, notes = repair_collection(
+                        client, name, embedder, settings.data_dir, batch_size, workers, advance, summary, colour
+                    )
+                else:
+                    store = ReferenceStore.open(client, name, embedder, create=True)
+                    cache = settings.data_dir / "references"
+                    index_sources(store, opened, batch_size, cache, workers, advance, summary, background=colour)
+            held = store.count()
     except KeyboardInterrupt:
         err.print(plain(f"interrupted: {summary.line()}; run the same command again to resume"))
         raise typer.Exit(130) from None
-    err.print(plain(f"{summary.line()}; collection {settings.collection_name!r} holds {store.count()}"))
+    except (SourceError, StoreError) as error:
+        fail(user_message(error))
+    except Exception as error:  # a full disk surfaces from chromadb, safetensors, the lock file, ...
+        if not disk_full(error):
+            raise
+        fail(disk_full_message(settings.data_dir, error, f"Kept: the {summary.added} image(s) added before it."))
+    for note in notes:
+        err.print(plain(f"note: {note}"))
+    done = "repaired: " if repair else ""
+    err.print(plain(f"{done}{summary.line()}; collection {name!r} holds {held}"))
 
 
 @app.command()
@@ -520,7 +551,7 @@ def search(
             chroma_client(settings.data_dir, chroma_url), settings.collection_name, load_embedder(settings)
         )
     except StoreError as error:
-        fail(str(error))
+        fail(user_message(error))
     threshold = calibrated(settings).retrieval_min_similarity if min_similarity is None else min_similarity
     hits = store.search(caption, k, threshold, mmr_lambda=mmr)
     table = Table(title=plain(f"{len(hits)} hit(s) for {caption!r} at similarity >= {threshold:.3f}"))
@@ -557,7 +588,7 @@ def calibrate(
         store = ReferenceStore.open(client, settings.collection_name, load_embedder(settings))
         result = measure(store, seed=seed, max_images=max_images)
     except user_errors() as error:
-        fail(str(error))
+        fail(user_message(error))
     path = write_calibration(result, calibration_path(settings.data_dir, settings.collection_name))
     table = Table(
         title=plain(f"calibration of {settings.collection_name!r} ({result.images_held_out} images held out)")
@@ -793,7 +824,7 @@ def eval_paper(
         )
         report = evaluate_paper(settings, options, out, on_progress=lambda line: err.print(plain(line)))
     except user_errors() as error:
-        fail(str(error))
+        fail(user_message(error))
     typer.echo(markdown(report))
     err.print(plain(f"written to {out / 'paper.json'} and {out / 'paper.md'}"))
 
@@ -830,7 +861,7 @@ def serve_mcp(
 ) -> None:
     """An MCP server with the tools generate_image, refine_image and search_references (stdio by default)."""
     from imagerag.agent.mcp_server import serve_mcp as serve
-    from imagerag.tools.config import ConfigError
+    from imagerag.tools.errors import ConfigError
 
     settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
     if out is not None:
@@ -839,13 +870,13 @@ def serve_mcp(
         try:
             check_out_dir(out)
         except RunError as error:
-            fail(str(error))
+            fail(user_message(error))
     if http:
         err.print(plain(f"MCP over streamable HTTP at http://{host}:{port}/mcp (profile {settings.profile})"))
     try:
         serve(settings, out, http=http, host=host, port=port, token=token, allowed_hosts=allowed_host)
     except ConfigError as error:  # no token on a network address, a bad token or allowed host: before any bind
-        fail(str(error))
+        fail(user_message(error))
 
 
 def main() -> None:

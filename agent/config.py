@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from imagerag.graphs.context import RunContext
 from imagerag.graphs.state import Budget
-from imagerag.tools.config import ConfigError
+from imagerag.tools.errors import ConfigError
 
 
 class RunRecipe(BaseModel):

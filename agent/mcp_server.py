@@ -66,7 +66,7 @@ from imagerag.agent.config import Settings
 from imagerag.agent.events import RunEvent
 from imagerag.agent.result import RunSummary
 from imagerag.tools.backends.store import ReferenceStore
-from imagerag.tools.config import ConfigError
+from imagerag.tools.errors import ConfigError
 from imagerag.tools.toolkit import Backends
 
 log = logging.getLogger(__name__)

@@ -50,7 +50,7 @@ from imagerag.tools.toolkit import Backends, check_image
 
 Reviewer = Callable[[ReviewRequest], ReviewDecision]
 log = logging.getLogger(__name__)
-__all__ = ["RunError", "checked_decision", "delete_thread", "history", "prepare", "resume", "run", "stream"]
+__all__ = ["RunError", "checked_decision", "delete_thread", "drive", "history", "prepare", "resume", "run", "stream"]
 
 
 def stream(
@@ -190,7 +190,18 @@ def run(
     reviewer: Reviewer | None = None,
 ) -> RunResult:
     """Run to the end and return the result. With `settings.review`, `reviewer` answers each pause."""
-    events = stream(message, settings, out, thread, backends)
+    return drive(stream(message, settings, out, thread, backends), settings, backends, on_event, reviewer)
+
+
+def drive(
+    events: Iterator[RunEvent],
+    settings: Settings,
+    backends: Backends | None = None,
+    on_event: Callable[[RunEvent], None] | None = None,
+    reviewer: Reviewer | None = None,
+) -> RunResult:
+    """The one loop every front end runs a stream with (run, the CLI, the assistant): hand each event to
+    `on_event`, answer each review pause with `reviewer` and resume the run, and return the result."""
     while True:
         for event in events:
             if on_event:

@@ -48,7 +48,8 @@ from imagerag.tools.backends.llm import image_data_url, make_chat_model, structu
 from imagerag.tools.backends.loading import load_embedder
 from imagerag.tools.backends.sources import IMAGE_SUFFIXES, FolderSource
 from imagerag.tools.backends.store import ReferenceStore, StoreError, chroma_client
-from imagerag.tools.config import ConfigError, LLMSettings
+from imagerag.tools.config import LLMSettings
+from imagerag.tools.errors import ConfigError
 from imagerag.tools.files import atomic_write
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from langgraph.graph import StateGraph
 
 from imagerag.graphs.context import RunContext
 from imagerag.graphs.state import RunInput, RunOutput
-from imagerag.tools.config import ConfigError
+from imagerag.tools.errors import ConfigError
 
 POLICIES = ("imagerag", "agent")
 

@@ -13,8 +13,9 @@ from langgraph.runtime import Runtime
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from imagerag.graphs.state import THREAD_PATTERN, RunState
-from imagerag.tools.config import BackendConfig, ConfigError
+from imagerag.graphs.state import MAX_RETRIEVE_K, MAX_TOOL_ERRORS, THREAD_PATTERN, RunState
+from imagerag.tools.config import BackendConfig
+from imagerag.tools.errors import ConfigError
 from imagerag.tools.files import RunFolder, content_id
 from imagerag.tools.toolkit import Backends, Toolkit, load_backends
 
@@ -25,7 +26,7 @@ class RunContext(BackendConfig, BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="IMAGERAG_", env_nested_delimiter="__", extra="ignore")
 
-    retrieve_k: int = Field(default=1, ge=1, description="References retrieved per missing concept.")
+    retrieve_k: int = Field(default=1, ge=1, le=MAX_RETRIEVE_K, description="References retrieved per missing concept.")
     samples: int = Field(
         default=1, ge=1, le=16, description="Images per round, drawn in one batched call; each is judged and counted."
     )
@@ -38,7 +39,9 @@ class RunContext(BackendConfig, BaseSettings):
         description="In an edit, give each redrawn object its own reference acting only in its region, so one edit "
         "fixes several objects (needs a generator that masks references); else one reference conditions the edit.",
     )
-    max_tool_errors: int = Field(default=3, ge=1, description="Consecutive failed tool calls before a run fails.")
+    max_tool_errors: int = Field(
+        default=3, ge=1, le=MAX_TOOL_ERRORS, description="Consecutive failed tool calls before a run fails."
+    )
     runs_dir: Path | None = Field(
         default=None, description="Where run folders go (one per thread); default: DATA_DIR/runs."
     )
@@ -62,6 +65,13 @@ class ClientContext(RunContext):
                 f"a client cannot set {', '.join(refused)}: the server decides where data lives and what it connects "
                 "to (its IMAGERAG_* environment); send only how to draw, e.g. profile, collection, retrieve_k"
             )
+        for name in ("profile", "collection"):  # names, never paths or pasted text
+            value = values.get(name)
+            if value is not None and not (isinstance(value, str) and re.fullmatch(THREAD_PATTERN, value)):
+                raise ConfigError(
+                    f"{name} must be a name of at most 100 letters, digits, '.', '_' or '-' (got {str(value)[:40]!r}"
+                    f"{'...' if len(str(value)) > 40 else ''}): e.g. tiny, mini, sdxl"
+                )
         super().__init__(**values)
 
 

@@ -27,7 +27,8 @@ from imagerag.evals.paper import (
 from imagerag.graphs.state import Budget
 from imagerag.tools.backends.loading import load_embedder
 from imagerag.tools.backends.store import ReferenceStore, chroma_client
-from imagerag.tools.config import ConfigError, LLMSettings
+from imagerag.tools.config import LLMSettings
+from imagerag.tools.errors import ConfigError
 
 COLOURS = ["red", "green", "blue"]
 

@@ -20,7 +20,7 @@ from scripted import ScriptedCritic, fake_backends
 
 from imagerag.agent.config import Settings
 from imagerag.agent.mcp_server import TOKEN_ENV, build_server, http_app, required_token, serve_mcp, transport_security
-from imagerag.tools.config import ConfigError
+from imagerag.tools.errors import ConfigError
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 REPO = Path(__file__).resolve().parents[1]

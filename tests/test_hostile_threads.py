@@ -25,7 +25,7 @@ from imagerag.graphs import build_graph
 from imagerag.graphs.context import register_backends
 from imagerag.graphs.nodes import ReviewDecision
 from imagerag.graphs.state import Budget
-from imagerag.tools.config import ConfigError
+from imagerag.tools.errors import ConfigError
 from imagerag.tools.files import content_id
 
 PROMPT = "a heart and a square"

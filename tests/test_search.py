@@ -118,8 +118,8 @@ def test_the_reranker_sees_the_candidate_pool_and_has_the_last_word(colour_store
 def test_the_critic_reranker_puts_first_the_image_showing_most_of_the_captions_concepts(colour_store):
     """'red' is nearest by cosine, but the critic sees every concept of 'a large red square' only in the blue image
     (a stand-in verdict: the point is the order), and one of them in the pinkish-red one."""
+    from imagerag.tools.backends.loading import critic_reranker
     from imagerag.tools.backends.planner import RuleDecomposer
-    from imagerag.tools.toolkit import critic_reranker
 
     sees = {"blue": {"c1", "c2", "c3"}, "pinkish-red": {"c1"}}
 

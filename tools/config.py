@@ -11,14 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
 
-from imagerag.tools.errors import ImageRAGError
 from imagerag.tools.registry import Registry
 
 Offload = Literal["none", "model", "sequential"]
-
-
-class ConfigError(ImageRAGError):
-    """A setting that cannot work; the message says which and how to fix it."""
 
 
 class IPAdapterSpec(BaseModel):

@@ -25,12 +25,12 @@ from collections.abc import Iterator, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Generic, TypeVar
 
-from imagerag.tools.errors import ImageRAGError
+from imagerag.tools.errors import ConfigError
 
 T = TypeVar("T")
 
 
-class UnknownName(ImageRAGError):
+class UnknownName(ConfigError):
     """A profile names a backend that no installed package registers."""
 
 

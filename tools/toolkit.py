@@ -25,7 +25,7 @@ from imagerag.tools.backends.llm import tokens_of
 from imagerag.tools.backends.loading import Backends, load_backends
 from imagerag.tools.backends.planner import apply_revision
 from imagerag.tools.backends.store import ImageTooLarge, ReferenceStore, check_pixels, reference_cache
-from imagerag.tools.config import ConfigError
+from imagerag.tools.errors import ConfigError
 from imagerag.tools.files import atomic_write, content_id
 from imagerag.tools.grid import rule_layout
 from imagerag.tools.types import Box, Candidate, Concept, Critique, Edit, EditRegion, RetrievalHit

@@ -41,8 +41,8 @@ from imagerag.evals.miniworld.common import ORACLE_DIR
 from imagerag.evals.miniworld.grammar import CONCEPT_KINDS, Group, PromptSpec, concept_text, judge, sample_prompt
 from imagerag.evals.miniworld.oracle import Oracle
 from imagerag.graphs.state import Budget
+from imagerag.tools.backends.loading import Backends
 from imagerag.tools.miniworld.world import CELL_PHRASES, CELLS, COLOUR_NAMES, RARE_SHAPES, SHAPES, SIZE_NAMES
-from imagerag.tools.toolkit import Backends, critic_reranker
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 K_BUCKETS: dict[str, tuple[int, int]] = {"2-3": (2, 3), "4-5": (4, 5), "6-7": (6, 7), "8-10": (8, 10)}
@@ -458,9 +458,8 @@ def retrieval_precision(backends: Backends) -> dict:
     when the profile says so), overall, for rare shapes and per kind of caption."""
     queries = retrieval_queries()
     rankings: dict[str, dict] = {RANKINGS[0]: {}}
-    if backends.profile.rerank_k:
-        reranker = critic_reranker(backends.critic, backends.decomposer)
-        rankings[RANKINGS[1]] = {"reranker": reranker, "fetch_k": backends.profile.rerank_k}
+    if backends.reranker is not None and backends.profile.rerank_k:
+        rankings[RANKINGS[1]] = {"reranker": backends.reranker, "fetch_k": backends.profile.rerank_k}
     out: dict = {"queries": len(queries), "corpus": backends.store.count()}
     for name, options in rankings.items():
         hits: dict[str, list[bool]] = defaultdict(list)

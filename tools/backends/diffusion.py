@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from PIL import Image
 
-from imagerag.tools.config import ConfigError, GeneratorSpec, Offload
+from imagerag.tools.config import GeneratorSpec, Offload
+from imagerag.tools.errors import ConfigError
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline

@@ -9,7 +9,7 @@ from langchain_core.language_models import BaseChatModel
 from imagerag.tools.backends.judges import ClipJudge, Critic, VLMJudge
 from imagerag.tools.backends.planner import Decomposer, LLMDecomposer, RuleDecomposer
 from imagerag.tools.backends.registries import BackendParts
-from imagerag.tools.config import ConfigError
+from imagerag.tools.errors import ConfigError
 
 
 def _llm(parts: BackendParts, what: str) -> BaseChatModel:

@@ -7,7 +7,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from imagerag.tools.config import ConfigError, Profile
+from imagerag.tools.config import Profile
+from imagerag.tools.errors import ConfigError
 
 HUB_TIMEOUT = 3.0  # seconds to wait for the Hub before calling it unreachable
 

@@ -26,7 +26,8 @@ from imagerag.tools.backends.llm import make_chat_model
 from imagerag.tools.backends.planner import Decomposer
 from imagerag.tools.backends.registries import CRITICS, DECOMPOSERS, GENERATORS, BackendParts
 from imagerag.tools.backends.store import ReferenceStore, Reranker, StoreError, chroma_client
-from imagerag.tools.config import PROFILES, BackendConfig, ClipSpec, ConfigError, Offload, Profile
+from imagerag.tools.config import PROFILES, BackendConfig, ClipSpec, Offload, Profile
+from imagerag.tools.errors import ConfigError
 from imagerag.tools.miniworld import MODELS_DIR
 from imagerag.tools.profiles import MINI_COLLECTION
 from imagerag.tools.types import RetrievalHit
