@@ -188,3 +188,20 @@ def test_the_benchmark_judges_every_turn_and_resumes(mini_settings, tmp_path):  
     again = evaluate_conversations(picks, out, mini_settings.data_dir, **kwargs)
     assert seen == [] and (out / "results.jsonl").read_text().splitlines() == lines  # nothing run again
     assert again == report
+
+
+def test_the_command_refuses_an_unknown_split_or_condition(tmp_path):
+    from typer.testing import CliRunner
+
+    from imagerag.agent.cli import app
+
+    runner = CliRunner()
+    split = runner.invoke(app, ["eval", "conversations", "--split", "train", "--out", str(tmp_path / "a")])
+    assert split.exit_code == 2 and "unknown split 'train'" in split.output
+    condition = runner.invoke(
+        app,
+        ["eval", "conversations", "--conditions", "thread,chat", "--out", str(tmp_path / "b")],
+        env={"COLUMNS": "250"},
+    )
+    assert condition.exit_code == 2 and "unknown condition(s) chat" in condition.output
+    assert not (tmp_path / "b" / "results.jsonl").exists()

@@ -167,6 +167,7 @@ def run_conversation(
             t0 = time.time()
             message = turn.message if thread else turn.restated
             result: RunResult | None = None
+            status: str
             try:
                 result = run(message, settings, runs, thread=thread, backends=backends)
                 status = result.status
