@@ -16,17 +16,41 @@ from imagerag.tools.types import Box, Candidate, Concept, EditRegion, RetrievalH
 # stopped: the agent policy ended with a final answer while concepts were missing and budget was left.
 # paused: waiting for a person's review of the references (resume with a decision).
 RunStatus = Literal["running", "paused", "satisfied", "budget_exhausted", "stopped", "failed"]
-MAX_PROMPT_CHARS = 4000  # long, dense prompts (DPG-Bench style) fit; a pasted document does not
 THREAD_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # a thread names its run folder
+
+# Bounds on what any caller sends (command line, MCP, LangChain, LangGraph Server), kept here once for every front
+# end. A remote client gets these too (agent/server_app.py checks them before anything is stored).
+MAX_PROMPT_CHARS = 4000  # long, dense prompts (DPG-Bench style) fit; a pasted document does not
+MAX_SEED = 2**63  # exclusive: a seed is a signed 64-bit integer (torch.Generator.manual_seed)
+MAX_ROUNDS = 100  # the agent policy spends a round per LLM call: 100 is far past any useful run
+MAX_GENERATIONS = 1000  # images of one run, all rounds and samples together
+MAX_SECONDS = 86_400.0  # a day; None (no time limit) stays allowed: rounds and generations still bound a run
+MAX_TOKENS = 10_000_000
+MAX_RETRIEVE_K = 20  # references per missing concept (and hits of a search): more only re-ranks more of the collection
+MAX_TOOL_ERRORS = 20  # consecutive failed tool turns before an agent run fails
+MAX_REVIEW_UPLOADS = 4  # replacement references in one review answer (OmniGen, the widest generator, takes 3)
+MAX_UPLOAD_BYTES = 4 * 1024 * 1024  # one replacement reference image, decoded
+MAX_REVIEW_KEEP = 256  # hit ids a review answer keeps
+MAX_ID_CHARS = 64  # an image or hit id (content ids have 32)
+# Characters that print as nothing: a prompt of only these (and white space) is empty.
+INVISIBLE = "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\u3164\ufeff\uffa0"
 
 
 class Budget(BaseModel):
     """Limits of one run. A round is one policy turn: one pass of the imagerag policy, one LLM call of the agent."""
 
-    max_rounds: int = Field(default=4, ge=1, description="Policy turns, the initial generation included.")
-    max_generations: int = Field(default=6, ge=1, description="Images generated, all rounds together.")
-    max_seconds: float | None = Field(default=900.0, gt=0, description="Wall-clock seconds for the run.")
-    max_tokens: int | None = Field(default=60_000, gt=0, description="LLM tokens (planner, judge, agent).")
+    max_rounds: int = Field(
+        default=4, ge=1, le=MAX_ROUNDS, description="Policy turns, the initial generation included."
+    )
+    max_generations: int = Field(
+        default=6, ge=1, le=MAX_GENERATIONS, description="Images generated, all rounds together."
+    )
+    max_seconds: float | None = Field(
+        default=900.0, gt=0, le=MAX_SECONDS, description="Wall-clock seconds for the run (None: no time limit)."
+    )
+    max_tokens: int | None = Field(
+        default=60_000, gt=0, le=MAX_TOKENS, description="LLM tokens (planner, judge, agent; None: no limit)."
+    )
 
 
 class Usage(BaseModel):
@@ -80,15 +104,15 @@ class RunInput(BaseModel):
     budget and whether to pause for review."""
 
     message: str = Field(description="What to draw; on a thread that already has an image, how to change it.")
-    seed: int = Field(default=0, ge=0, lt=2**63, description="Base seed of the generations.")
+    seed: int = Field(default=0, ge=0, lt=MAX_SEED, description="Base seed of the generations.")
     budget: Budget = Field(default_factory=Budget)
     review: bool = Field(default=False, description="Pause for a person before each regeneration.")
 
     @field_validator("message")
     @classmethod
     def _message_fits(cls, value: str) -> str:
-        value = value.strip()
-        if not value:
+        value = value.strip().strip(INVISIBLE).strip()
+        if not any(c.isprintable() and not c.isspace() and c not in INVISIBLE for c in value):
             raise ValueError("the prompt is empty: describe the image to draw, e.g. 'a red fox in the snow'")
         if len(value) > MAX_PROMPT_CHARS:
             raise ValueError(
