@@ -7,27 +7,39 @@ folder, a device or pipe) comes as a record with an `error`, which the indexer c
 
 Captions are read bounded: a text sidecar or member is read up to a little more than MAX_CAPTION_CHARS characters
 (the indexer cuts it to the limit and counts it), a JSON one up to MAX_JSON_SIDECAR_BYTES (larger ones are ignored),
-so a huge caption file costs neither memory nor database space.
+so a huge caption file costs neither memory nor database space. A text caption starting with a byte order mark is
+decoded as the mark says (UTF-16 and UTF-32 from Windows editors), anything else as UTF-8. A caption file that
+cannot be used (too large, broken or too deeply nested JSON, unreadable) costs the caption, never the image: the
+record carries why (`caption_error`) and the indexer counts it.
+
+Images are read bounded too: a file's size (stat) or a tar member's header size is checked against
+MAX_IMAGE_FILE_BYTES before a byte is read, and the read itself stops past the limit (a file that grew meanwhile),
+hashing as it streams; a parquet cell over the limit is refused before it travels further. Members of a shard that
+are neither images nor captions are never read.
 """
 
 from __future__ import annotations
 
+import codecs
+import hashlib
+import io
 import json
 import logging
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from imagerag.tools.errors import ImageRAGError
-from imagerag.tools.files import content_id
+from imagerag.tools.files import ID_CHARS, content_id
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")  # in the order a shard sample's image is picked
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
 CAPTION_KEYS = ("caption", "text", "txt", "prompt", "description")
@@ -40,6 +52,18 @@ MAX_CAPTION_CHARS = 1000
 CAPTION_READ_BYTES = 4 * (MAX_CAPTION_CHARS + 1)
 # img2dataset's JSON holds the caption next to EXIF and URL fields (a few KB); JSON cannot be parsed from a prefix.
 MAX_JSON_SIDECAR_BYTES = 1 << 20
+# An image file over this is refused unread. A 40-megapixel photo (store.MAX_IMAGE_PIXELS) is 10-30 MB as a JPEG and
+# up to 120 MB as an incompressible 8-bit RGB PNG; a larger file is padded, not a picture the pixel limit admits.
+MAX_IMAGE_FILE_BYTES = 128 << 20
+_READ_CHUNK = 1 << 20
+# Byte order marks, longest first (UTF-32 LE's starts with UTF-16 LE's).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +81,18 @@ class SourceRecord:
     on_disk: bool = False
     # Why the reader could not or would not read this file: the indexer counts it as failed and logs this.
     error: str | None = None
+    # Why a caption file was there but could not be used (the caption falls back): counted and logged, not fatal.
+    caption_error: str | None = None
+    # The content id, when the reader hashed the bytes as it read them.
+    digest: str | None = None
 
     @property
     def id(self) -> str:
-        return content_id(self.data)
+        return self.digest or content_id(self.data)
+
+
+class CaptionUnusable(ValueError):
+    """A caption file that is there but cannot be used: the message says which and why."""
 
 
 def caption_from_json(data: dict) -> str | None:
@@ -88,14 +120,47 @@ def _read_head(path: Path, limit: int) -> bytes:
         return handle.read(limit)
 
 
+def too_large(size: int, what: str) -> str | None:
+    """Why an image file of `size` bytes is refused unread, or None when it fits."""
+    if size <= MAX_IMAGE_FILE_BYTES:
+        return None
+    return f"{what} is {size:,} bytes, over the limit of {MAX_IMAGE_FILE_BYTES:,} for an image file: not read"
+
+
+def read_bounded(handle: IO[bytes], what: str, limit: int = MAX_IMAGE_FILE_BYTES) -> tuple[bytes, str]:
+    """All of `handle` and its content id, hashed as it streams; SourceError past `limit` bytes (a file that grew
+    after its size was checked, a device that never ends)."""
+    digest, buffer = hashlib.sha256(), io.BytesIO()
+    while chunk := handle.read(_READ_CHUNK):
+        if buffer.tell() + len(chunk) > limit:
+            raise SourceError(f"{what} is over the limit of {limit:,} bytes for an image file: not read further")
+        digest.update(chunk)
+        buffer.write(chunk)
+    return buffer.getvalue(), digest.hexdigest()[:ID_CHARS]  # getvalue hands over the buffer, no copy
+
+
+def decode_text(data: bytes) -> str:
+    """A caption file's text: as its byte order mark says (UTF-8, UTF-16, UTF-32), else UTF-8; the mark is dropped
+    and undecodable bytes (a cut at the read limit) become U+FFFD."""
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return data[len(bom) :].decode(encoding, errors="replace").strip()
+    return data.decode("utf-8", errors="replace").strip()
+
+
 def _json_caption(data: bytes, where: str) -> str | None:
+    """The caption in a JSON sidecar, or None when it names none; CaptionUnusable when the file cannot be used."""
     if len(data) > MAX_JSON_SIDECAR_BYTES:
-        log.warning("ignoring the caption in %s: over %d bytes of JSON", where, MAX_JSON_SIDECAR_BYTES)
-        return None
+        raise CaptionUnusable(f"ignoring the caption in {where}: over {MAX_JSON_SIDECAR_BYTES} bytes of JSON")
     try:
-        return caption_from_json(json.loads(data))
-    except (ValueError, AttributeError):  # a broken sidecar costs the caption, not the image
-        return None
+        parsed = json.loads(data)  # bytes: json detects UTF-8, UTF-16 or UTF-32 itself
+    except RecursionError:  # nested deeper than the parser's stack: hostile, or not a sidecar
+        raise CaptionUnusable(f"ignoring the caption in {where}: JSON nested too deeply to parse") from None
+    except ValueError as error:
+        raise CaptionUnusable(f"ignoring the caption in {where}: not valid JSON ({error})") from None
+    if not isinstance(parsed, dict):
+        raise CaptionUnusable(f"ignoring the caption in {where}: a JSON {type(parsed).__name__}, not an object")
+    return caption_from_json(parsed)
 
 
 class FolderSource:
@@ -140,35 +205,48 @@ class FolderSource:
             raise SourceError(f"{target} is not a regular file: remove it from the folder")
         return target
 
-    def _caption(self, path: Path) -> str:
-        """Caption from NAME.txt or NAME.json ('caption' or 'text'), else the file name in words.
+    def _caption(self, path: Path) -> tuple[str, str | None]:
+        """Caption from NAME.txt or NAME.json ('caption' or 'text'), else the file name in words; with why a
+        sidecar that is there could not be used, when the caption fell back because of it.
 
         A sidecar is read under the same link rules as the images, and only its head.
         """
+        problems = []
         for sidecar in (path.with_suffix(".txt"), path.with_suffix(".json")):
             if not sidecar.exists() and not sidecar.is_symlink():
                 continue
             try:
                 if sidecar.suffix == ".txt":
-                    data = _read_head(self._target(sidecar), CAPTION_READ_BYTES)
-                    return data.decode("utf-8", errors="replace").strip()
+                    return decode_text(_read_head(self._target(sidecar), CAPTION_READ_BYTES)), None
                 caption = _json_caption(_read_head(self._target(sidecar), MAX_JSON_SIDECAR_BYTES + 1), str(sidecar))
             except (SourceError, OSError) as error:
-                log.warning("ignoring the caption file %s: %s", sidecar, error)
+                problems.append(f"ignoring the caption file {sidecar}: {error}")
+                continue
+            except CaptionUnusable as error:
+                problems.append(str(error))
                 continue
             if caption:
-                return caption
-        return path.stem.replace("_", " ").replace("-", " ")
+                return caption, None
+        return path.stem.replace("_", " ").replace("-", " "), "; ".join(problems) or None
+
+    def _read(self, path: Path) -> tuple[Path, bytes, str]:
+        target = self._target(path)
+        refused = too_large(target.stat().st_size, str(path))  # before a byte is read
+        if refused:
+            raise SourceError(refused)
+        with open(target, "rb") as handle:
+            data, digest = read_bounded(handle, str(path))
+        return target, data, digest
 
     def __iter__(self) -> Iterator[SourceRecord]:
         for path in self.paths():
             try:
-                target = self._target(path)
-                data = target.read_bytes()
+                target, data, digest = self._read(path)
             except (SourceError, OSError) as error:
                 yield SourceRecord(b"", "", str(path), error=str(error))
                 continue
-            yield SourceRecord(data, self._caption(path), str(target), on_disk=True)
+            caption, caption_error = self._caption(path)
+            yield SourceRecord(data, caption, str(target), on_disk=True, caption_error=caption_error, digest=digest)
 
 
 class TarShardSource:
@@ -197,16 +275,21 @@ class TarShardSource:
                         continue
                     folder, _, name = member.name.rpartition("/")
                     stem, dot, ext = name.partition(".")
-                    if not dot:
-                        continue
+                    ext = ext.lower()
+                    if not dot or not (ext in SHARD_IMAGE_EXTS or ext in ("txt", "json")):
+                        continue  # never read: the stream skips its blocks without holding them
                     member_key = f"{folder}/{stem}" if folder else stem
                     if member_key != key:
                         yield from self._sample(key, sample)
                         key, sample = member_key, {}
+                    where = f"{self.uri}#{member.name}"
+                    if ext in SHARD_IMAGE_EXTS and (refused := too_large(member.size, where)):
+                        yield SourceRecord(b"", "", where, error=refused)  # from the member's header, unread
+                        continue
                     handle = tar.extractfile(member)
                     # Caption members are read only as far as bound_caption and _json_caption look.
-                    limit = {"txt": CAPTION_READ_BYTES, "json": MAX_JSON_SIDECAR_BYTES + 1}.get(ext.lower(), -1)
-                    sample[ext.lower()] = handle.read(limit) if handle else b""
+                    limit = {"txt": CAPTION_READ_BYTES, "json": MAX_JSON_SIDECAR_BYTES + 1}.get(ext)
+                    sample[ext] = handle.read(limit or MAX_IMAGE_FILE_BYTES) if handle else b""
         except (tarfile.TarError, OSError, EOFError) as error:
             # A truncated shard (an interrupted download) keeps what was read; the rest counts as one failure.
             yield SourceRecord(
@@ -216,13 +299,16 @@ class TarShardSource:
         yield from self._sample(key, sample)
 
     def _sample(self, key: str | None, sample: dict[str, bytes]) -> Iterator[SourceRecord]:
-        image_ext = next((e for e in ("jpg", "jpeg", "png", "webp", "bmp", "gif") if e in sample), None)
+        image_ext = next((e for e in SHARD_IMAGE_EXTS if e in sample), None)
         if key is None or image_ext is None:
             return
-        caption = sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else ""
+        caption, caption_error = decode_text(sample["txt"]) if "txt" in sample else "", None
         if not caption and "json" in sample:
-            caption = _json_caption(sample["json"], f"{self.uri}#{key}.json") or ""
-        yield SourceRecord(sample[image_ext], caption or key, f"{self.uri}#{key}")
+            try:
+                caption = _json_caption(sample["json"], f"{self.uri}#{key}.json") or ""
+            except CaptionUnusable as error:
+                caption_error = str(error)
+        yield SourceRecord(sample[image_ext], caption or key, f"{self.uri}#{key}", caption_error=caption_error)
 
 
 class ParquetSource:
@@ -282,14 +368,29 @@ class ParquetSource:
             images = batch.column(self.image_column).to_pylist()
             captions = batch.column(self.caption_column).to_pylist() if self.caption_column else [None] * len(images)
             for image, caption in zip(images, captions, strict=True):
-                data = image.get("bytes") if isinstance(image, dict) else image
-                yield SourceRecord(
-                    data or b"", str(caption).strip() if caption is not None else "", f"{self.uri}#row={row}"
-                )
+                data = (image.get("bytes") if isinstance(image, dict) else image) or b""
+                uri = f"{self.uri}#row={row}"
                 row += 1
+                if refused := too_large(len(data), uri):  # pyarrow has read it; it travels no further
+                    yield SourceRecord(b"", "", uri, error=refused)
+                    continue
+                yield SourceRecord(data, str(caption).strip() if caption is not None else "", uri)
 
 
-Source = FolderSource | TarShardSource | ParquetSource
+class RecordsSource:
+    """Records gathered elsewhere (the rows of a damaged collection being repaired), yielded as they come."""
+
+    def __init__(self, records: Iterable[SourceRecord], uri: str, size: int | None = None):
+        self.records, self.uri, self.size = records, uri, size
+
+    def size_hint(self) -> int | None:
+        return self.size
+
+    def __iter__(self) -> Iterator[SourceRecord]:
+        yield from self.records
+
+
+Source = FolderSource | TarShardSource | ParquetSource | RecordsSource
 
 
 def open_source(

@@ -18,21 +18,40 @@ file (a collection built before links were confined, a tampered database) cannot
 in a report or send it as a thumbnail. A collection that records no folders (built before they were recorded) can
 still be searched, but its references outside the reference cache are refused until `imagerag index` runs on its
 folders once more: that run skips every indexed image and records the folders.
+
+Writers of an embedded database (a data folder's chroma/) take `writer_lock`, an flock on DATA_DIR/chroma.lock: two
+processes writing one collection at once can leave its HNSW index unreadable, so a second writer waits (saying so)
+or, given a timeout, stops naming the first. The kernel drops the lock with its process, so a killed indexer never
+leaves the folder locked. A Chroma server takes concurrent writers itself and is not locked. A collection damaged
+before the lock existed is reported with the command that rebuilds it (`imagerag index --repair`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import ipaddress
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 import chromadb
 import numpy as np
 from chromadb import Collection
 from chromadb.config import Settings as ChromaSettings
-from PIL import Image
+from chromadb.errors import InternalError as ChromaInternalError
+from PIL import Image, ImageOps
 
 from imagerag.tools.backends.clip import ClipEmbedder, EmbeddingModelInfo
 from imagerag.tools.backends.sources import bound_caption
@@ -48,6 +67,14 @@ log = logging.getLogger(__name__)
 MAX_IMAGE_PIXELS = 40_000_000
 ROOTS_KEY = "imagerag_roots"  # collection metadata: a JSON list of the absolute folders it was indexed from
 REFERENCE_CACHE_DIR = "references"  # below a data folder: copies of shard and parquet images, references uploaded
+WRITER_LOCK_FILE = "chroma.lock"  # below a data folder: held by the process writing its embedded database
+# chromadb's own rule (3-63 characters, which a Chroma server before 1.0 enforces; 1.x allows 512), checked before
+# chromadb sees the name, so a bad one is a usage error wherever it comes from.
+_COLLECTION_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{1,61}[a-zA-Z0-9]")
+WHITE = (255, 255, 255)
+# Below this much free space, a chromadb InternalError is taken for a full disk (its compaction error hides ENOSPC).
+LOW_SPACE_BYTES = 16 << 20
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 # Folders whose files load_image may open. It is called on the class (a run holds hits, not the store), so the
 # folders of every collection opened in this process and the reference caches of the data folders in use are
@@ -65,6 +92,184 @@ class ReferenceRefused(StoreError):
 
 class ImageTooLarge(ImageRAGError):
     """An image over MAX_IMAGE_PIXELS; refused before it is decoded."""
+
+
+class CollectionNameError(StoreError):
+    """A collection name chromadb would refuse (or a path in disguise); refused before chromadb sees it."""
+
+
+class StoreBusy(StoreError):
+    """Another process is writing the data folder's embedded database and the wait for it ran out."""
+
+
+class CollectionDamaged(StoreError):
+    """chromadb cannot read a collection's index (two writers at once, before the writer lock existed)."""
+
+
+class DiskFull(StoreError):
+    """The disk holding the data folder is full; the message says what was kept and how to go on, `detail` what the
+    failing write said."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail or message
+
+
+def check_collection_name(name: str) -> str:
+    """`name` when chromadb accepts it as a collection name, else CollectionNameError saying the rule."""
+    if _COLLECTION_NAME.fullmatch(name) and ".." not in name and not _is_ipv4(name):
+        return name
+    shown = name if len(name) <= 80 else f"{name[:80]}... ({len(name):,} characters)"
+    raise CollectionNameError(
+        f"collection name {shown!r} is not allowed: use 3 to 63 characters from a-z, A-Z, 0-9, '.', '_' and '-', "
+        "starting and ending with a letter or a digit, without '..' and not an IP address (e.g. --collection my-photos)"
+    )
+
+
+def _is_ipv4(name: str) -> bool:
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error` (or one it was raised from) says the disk is full: ENOSPC, or SQLite's and chromadb's words."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(current).lower()
+        if "disk is full" in text or "no space left" in text or "quota exceeded" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def disk_full_message(data_dir: Path | str, error: BaseException, kept: str) -> str:
+    """What to tell a user whose data folder's disk filled: what happened, `kept` (what is safe), how to go on."""
+    return (
+        f"the disk holding the data folder {data_dir} is full ({str(error)[:200]}). {kept} Free space on that disk "
+        "(or pass another --data-dir), then run the same command again: it skips what is indexed and goes on"
+    )
+
+
+# Writer lock: one RLock per lock file makes it re-entrant inside a process (the mini profile's first use renders and
+# indexes under one hold) and orders the threads of a process; the flock orders processes.
+_writer_locks: dict[Path, tuple[threading.RLock, list[IO[bytes]]]] = {}
+_writer_locks_guard = threading.Lock()
+
+
+def _lock_holder(path: Path) -> str:
+    """Who holds the writer lock, as the holder wrote it down (best effort: it may be between writes)."""
+    try:
+        holder = json.loads(path.read_text()[:2000])
+        return f"process {int(holder['pid'])} (`{str(holder['command'])[:200]}`, since {holder['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _flock(handle: IO[bytes], path: Path, data_dir: Path, timeout: float | None, poll: float) -> None:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        holder = _lock_holder(path)
+    if timeout is not None and timeout <= 0:
+        raise StoreBusy(_busy_message(holder, data_dir, path, timeout))
+    log.warning(
+        "waiting for %s to finish writing to %s (%s is locked)%s",
+        holder,
+        data_dir,
+        path,
+        "" if timeout is None else f"; giving up after {timeout:g} s",
+    )
+    if timeout is None:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # Ctrl-C interrupts the wait
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            continue
+    raise StoreBusy(_busy_message(_lock_holder(path), data_dir, path, timeout))
+
+
+def _busy_message(holder: str, data_dir: Path, path: Path, timeout: float) -> str:
+    return (
+        f"{holder} is writing to the database in {data_dir} ({path} is locked; waited {timeout:g} s): two writers at "
+        "once can damage a collection. Run this again when it has finished, or wait longer (--lock-timeout; "
+        "without it the command waits as long as it takes)"
+    )
+
+
+@contextmanager
+def writer_lock(
+    data_dir: Path | str, chroma_url: str | None = None, timeout: float | None = None, poll: float = 0.2
+) -> Iterator[None]:
+    """Hold the data folder's writer lock: the only writer of its embedded database (and its local corpora).
+
+    Waits for another holder, with a warning that names it; with `timeout` (seconds), stops after it with StoreBusy
+    naming the holder. Re-entrant in a thread; released when the block ends or the process dies. With `chroma_url`
+    (a Chroma server) nothing is locked.
+    """
+    if chroma_url:
+        yield
+        return
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = (data_dir / WRITER_LOCK_FILE).resolve()
+    with _writer_locks_guard:
+        rlock, handles = _writer_locks.setdefault(path, (threading.RLock(), []))
+    if not rlock.acquire(timeout=-1 if timeout is None else timeout):
+        raise StoreBusy(_busy_message("another thread of this process", data_dir, path, timeout or 0.0))
+    try:
+        if handles:  # this thread holds it already
+            yield
+            return
+        with open(path, "a+b") as handle:  # never truncated on open: the holder's note stays readable
+            _flock(handle, path, data_dir, timeout, poll)
+            handles.append(handle)
+            try:
+                _note_holder(handle)
+                yield
+            finally:
+                handles.pop()
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        rlock.release()
+
+
+def _note_holder(handle: IO[bytes]) -> None:
+    """Write who holds the lock into it, for a waiter's message; on a full disk the note is left out."""
+    note = {"pid": os.getpid(), "command": " ".join(sys.argv)[:200], "since": datetime.now().isoformat("T", "seconds")}
+    try:
+        handle.truncate(0)
+        handle.write(json.dumps(note).encode())
+        handle.flush()
+    except OSError:
+        pass
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """`image` as it is meant to be seen, in RGB: turned as its EXIF orientation says, 16-bit greys scaled to 8 bits
+    (PIL's own conversion clips them, so most come out white), transparency composited over `background`."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode in _SIXTEEN_BIT_MODES or values.max(initial=0.0) > 255:
+            values = values / 257.0  # 0..65535 onto 0..255
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        layer = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", layer.size, (*background, 255)), layer).convert("RGB")
+    return image.convert("RGB")
 
 
 def check_pixels(size: tuple[int, int], what: str) -> None:
@@ -93,7 +298,12 @@ def chroma_client(data_dir: Path, url: str | None = None) -> chromadb.ClientAPI:
         return chromadb.HttpClient(
             host=parsed.hostname, port=parsed.port or 8000, ssl=parsed.scheme == "https", settings=settings
         )
-    return chromadb.PersistentClient(path=str(Path(data_dir) / "chroma"), settings=settings)
+    try:
+        return chromadb.PersistentClient(path=str(Path(data_dir) / "chroma"), settings=settings)
+    except Exception as error:
+        if disk_full(error):
+            raise DiskFull(disk_full_message(data_dir, error, "Nothing was written.")) from None
+        raise
 
 
 Reranker = Callable[[str, list[RetrievalHit]], list[RetrievalHit]]
@@ -118,6 +328,23 @@ def mmr_order(query: np.ndarray, candidates: np.ndarray, lam: float, k: int) -> 
         left[best] = False
         redundancy = np.maximum(redundancy, candidates @ candidates[best])
     return picked
+
+
+def check_model(collection: Collection, info: EmbeddingModelInfo) -> None:
+    """StoreError unless `collection` records the embedding model `info` (as `imagerag index` does)."""
+    meta, name = collection.metadata or {}, collection.name
+    if any(f"embed_{k}" not in meta for k in ("name", "pretrained", "dim")):
+        raise StoreError(
+            f"collection {name!r} records no embedding model (it was not built by `imagerag index`): "
+            "index your images into a new collection"
+        )
+    recorded = EmbeddingModelInfo(**{k: meta[f"embed_{k}"] for k in ("name", "pretrained", "dim")})
+    if recorded != info:
+        raise StoreError(
+            f"collection {name!r} was embedded with {recorded.name} ({recorded.pretrained}, dim {recorded.dim}) "
+            f"but the current model is {info.name} ({info.pretrained}, dim {info.dim}): search it with the same "
+            "CLIP model, or re-index into a new collection"
+        )
 
 
 def _recorded_roots(collection: Collection) -> list[Path] | None:
@@ -147,6 +374,7 @@ class ReferenceStore:
         cls, client: chromadb.ClientAPI, name: str, embedder: ClipEmbedder, create: bool = False
     ) -> ReferenceStore:
         """Open collection `name`, checking it was embedded with `embedder`'s model; `create` makes it when absent."""
+        check_collection_name(name)
         info = embedder.info
         try:
             collection = client.get_collection(name, embedding_function=None)
@@ -162,19 +390,7 @@ class ReferenceStore:
                 )
             except ValueError as error:  # chromadb's InvalidArgumentError: a bad name
                 raise StoreError(f"cannot create collection {name!r}: {error}") from None
-        meta = collection.metadata or {}
-        if any(f"embed_{k}" not in meta for k in ("name", "pretrained", "dim")):
-            raise StoreError(
-                f"collection {name!r} records no embedding model (it was not built by `imagerag index`): "
-                "index your images into a new collection"
-            )
-        recorded = EmbeddingModelInfo(**{k: meta[f"embed_{k}"] for k in ("name", "pretrained", "dim")})
-        if recorded != info:
-            raise StoreError(
-                f"collection {name!r} was embedded with {recorded.name} ({recorded.pretrained}, dim {recorded.dim}) "
-                f"but the current model is {info.name} ({info.pretrained}, dim {info.dim}): search it with the same "
-                "CLIP model, or re-index into a new collection"
-            )
+        check_model(collection, info)
         store = cls(collection, embedder)
         if store.roots is None and store.count():
             log.warning(
@@ -206,15 +422,53 @@ class ReferenceStore:
         self.roots = sorted({*known, *new})
         # chromadb refuses hnsw:* keys in a modify (the distance is fixed at creation and kept in its configuration).
         kept = {k: v for k, v in (self.collection.metadata or {}).items() if not k.startswith("hnsw:")}
-        self.collection.modify(metadata={**kept, ROOTS_KEY: json.dumps([str(r) for r in self.roots])})
+        with self.readable():
+            self.collection.modify(metadata={**kept, ROOTS_KEY: json.dumps([str(r) for r in self.roots])})
         _REFERENCE_ROOTS.update(self.roots)
 
+    @contextmanager
+    def readable(self) -> Iterator[None]:
+        """Turn chromadb's InternalError on a damaged collection into CollectionDamaged, which names the repair."""
+        try:
+            yield
+        except ChromaInternalError as error:
+            if disk_full(error) or self._low_on_space():
+                # chromadb's compaction error on a full disk does not say ENOSPC: the free space does.
+                message = disk_full_message(self._folder(), error, "Batches written before it are kept.")
+                raise DiskFull(message, str(error)[:200]) from None
+            name = self.collection.name
+            raise CollectionDamaged(
+                f"collection {name!r} cannot be read: chromadb says {str(error)[:300]!r}. Two indexers writing it at "
+                "once (before imagerag locked the data folder) can leave it so: rebuild it with `imagerag index "
+                f"--repair --collection {name}` (the same --data-dir and --profile), which re-indexes the folders it "
+                "was indexed from into a fresh collection and replaces this one once that is complete"
+            ) from None
+
+    def _folder(self) -> str:
+        """The embedded database's folder ('' for a Chroma server)."""
+        try:
+            settings = self.collection._client.get_settings()
+            return str(settings.persist_directory) if settings.is_persistent else ""
+        except Exception:  # noqa: BLE001 - only a hint for a message; chromadb's internals may change
+            return ""
+
+    def _low_on_space(self) -> bool:
+        folder = self._folder()
+        try:
+            return bool(folder) and shutil.disk_usage(folder).free < LOW_SPACE_BYTES
+        except OSError:
+            return False
+
     def count(self) -> int:
-        return self.collection.count()
+        with self.readable():
+            return self.collection.count()
 
     def existing(self, ids: Sequence[str]) -> set[str]:
         unique = list(dict.fromkeys(ids))  # chromadb rejects repeated ids; identical files share one
-        return set(self.collection.get(ids=unique, include=[])["ids"]) if unique else set()
+        if not unique:
+            return set()
+        with self.readable():
+            return set(self.collection.get(ids=unique, include=[])["ids"])
 
     def add(
         self,
@@ -232,14 +486,16 @@ class ReferenceStore:
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedder.info.dim:
             raise StoreError(f"embeddings of shape {embeddings.shape} do not fit dimension {self.embedder.info.dim}")
         origins = origins or [None] * len(ids)
-        self.collection.upsert(
-            ids=ids,
-            embeddings=embeddings.astype(np.float32),
-            documents=captions,
-            metadatas=[
-                {"source": s, **({"origin": o} if o and o != s else {})} for s, o in zip(sources, origins, strict=True)
-            ],
-        )
+        with self.readable():
+            self.collection.upsert(
+                ids=ids,
+                embeddings=embeddings.astype(np.float32),
+                documents=captions,
+                metadatas=[
+                    {"source": s, **({"origin": o} if o and o != s else {})}
+                    for s, o in zip(sources, origins, strict=True)
+                ],
+            )
 
     def search(
         self,
@@ -267,7 +523,8 @@ class ReferenceStore:
         if n == 0:
             return []
         include = ["documents", "metadatas", "distances"] + (["embeddings"] if mmr_lambda is not None else [])
-        found = self.collection.query(query_embeddings=[query], n_results=n, include=include)
+        with self.readable():
+            found = self.collection.query(query_embeddings=[query], n_results=n, include=include)
         vectors = found["embeddings"][0] if mmr_lambda is not None else [None] * len(found["ids"][0])
         kept = [
             (
@@ -336,7 +593,7 @@ class ReferenceStore:
         try:
             with Image.open(path) as image:
                 check_pixels(image.size, f"reference image {hit.source}")
-                return image.convert("RGB")
+                return to_rgb(image)  # as it was indexed: turned upright, 16-bit scaled, transparency on white
         except Image.DecompressionBombError as error:  # PIL's own limit, raised by open before ours is checked
             raise ImageTooLarge(f"reference image {hit.source}: {error}") from None
 
