@@ -1111,7 +1111,7 @@ def read_ref(text: str, vocabulary: Vocabulary) -> ObjectRef | None:
         if place is None or place.cell is None or cell is not None:
             return None
         cell = place.cell
-    if any(a in _NOT_ADJECTIVES for a in adjectives) or not _is_noun(phrase.noun, vocabulary):
+    if not all(_is_adjective(a, vocabulary) for a in adjectives) or not _is_noun(phrase.noun, vocabulary):
         return None
     return ObjectRef(
         noun=phrase.noun,
@@ -1124,6 +1124,14 @@ def read_ref(text: str, vocabulary: Vocabulary) -> ObjectRef | None:
 
 def _is_noun(word: str, vocabulary: Vocabulary) -> bool:
     return word.isalpha() and word not in _NOT_ADJECTIVES and vocabulary.kind_of(word) is None
+
+
+def _is_adjective(words: str, vocabulary: Vocabulary) -> bool:
+    """Whether words can stand before a noun as one attribute: a value the vocabulary knows ('black and white'),
+    or, in an open vocabulary, one word that is no article or preposition ('boston')."""
+    if vocabulary.kind_of(words) is not None:
+        return True
+    return not vocabulary.closed and words.isalpha() and words not in _NOT_ADJECTIVES
 
 
 def read_values(words: Sequence[str], vocabulary: Vocabulary) -> list[str] | None:
@@ -1147,7 +1155,7 @@ def read_new_object(text: str, vocabulary: Vocabulary) -> NewObject | None:
     phrase = read_phrase(text)
     if phrase is None or phrase.definite or not text.strip().lower().split()[0] in _DETERMINERS | set(NUMBERS):
         return None
-    if any(a.split()[0] in _NOT_ADJECTIVES for a in phrase.adjectives) or not _is_noun(phrase.noun, vocabulary):
+    if not all(_is_adjective(a, vocabulary) for a in phrase.adjectives) or not _is_noun(phrase.noun, vocabulary):
         return None
     new = NewObject(
         noun=phrase.noun, count=phrase.count, attributes=[vocabulary.normalise(a) for a in phrase.adjectives]
