@@ -320,6 +320,25 @@ def test_undo_returns_to_the_previous_turns_objects_and_is_refused_with_none():
     assert refused.applied is None and refused.understanding.refusals[0].clause == "undo"
 
 
+def test_other_ways_of_saying_a_change():
+    reader = mini()
+    scene, concepts, _ = reader.plan("a large blue heart in the centre and a small yellow ring at the top")
+    for message, prompt in (
+        ("the heart should be red", "a large red heart in the centre and a small yellow ring at the top"),
+        ("make everything red", "a large red heart in the centre and a small red ring at the top"),
+        ("make the ring a little bigger", "a large blue heart in the centre and a large yellow ring at the top"),
+        ("change the colour of the ring to cyan", "a large blue heart in the centre and a small cyan ring at the top"),
+        ("turn the ring into a red circle", "a large blue heart in the centre and a red circle at the top"),
+        ("put the heart below the ring", "a large blue heart below a small yellow ring at the top"),
+        ("Please make the heart red.", "a large red heart in the centre and a small yellow ring at the top"),
+    ):
+        revised = revise_turn(reader, scene, concepts, message)
+        assert revised.applied is not None and revised.applied.prompt == prompt, message
+    # Removing every object would leave nothing to draw: refused, quoting the clause.
+    revised = revise_turn(reader, scene, concepts, "remove the heart and the ring")
+    assert revised.applied is None and "nothing to draw" in revised.understanding.message
+
+
 def test_apply_change_needs_a_checked_change():
     scene, _, _ = mini().plan("a blue heart")
     with pytest.raises(ValueError, match="checked change"):
@@ -339,7 +358,10 @@ def test_two_squares_are_addressed_by_place_or_attribute_and_otherwise_asked_whi
     assert revised.applied is None
     [refusal] = revised.understanding.refusals
     assert refusal.clause == "make the square green" and refusal.candidates == ["o1", "o2"]
-    assert "the red square on the left (o1)" in refusal.reason and "the blue square on the right (o2)" in refusal.reason
+    assert (
+        refusal.reason
+        == "which square do you mean: the red square on the left (o1) or the blue square on the right (o2)?"
+    )
     # A square placed by a relation is found where the critic saw it.
     scene, concepts, _ = reader.plan("a red square to the left of a ring and a blue square at the bottom")
     seen = {concepts[0].id: CELL_BOXES["top left"]}

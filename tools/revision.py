@@ -682,8 +682,8 @@ def resolve(
         there = ", ".join(describe(o, scene) for o in scene.objects) or "nothing"
         return [], f"the picture has no {words.removeprefix('the ')} (it has {there})"
     if len(matches) > 1 and not ref.every:
-        options = " or ".join(f"{describe(o, scene).replace('a ', 'the ', 1)} ({o.id})" for o in matches)
-        return [o.id for o in matches], f"which one do you mean: {options}?"
+        options = " or ".join(f"the {describe(o, scene).split(' ', 1)[1]} ({o.id})" for o in matches)
+        return [o.id for o in matches], f"which {singular(ref.noun or 'object')} do you mean: {options}?"
     return [o.id for o in matches], None
 
 
@@ -808,10 +808,18 @@ class _Checker:
             if why:
                 self.refuse(clause, why, ids)
                 return
+            if isinstance(change, SetAttribute) and change.target.every and len(ids) > 1:
+                for object_id in ids:  # 'make them all red'
+                    self.check(change.model_copy(update={"target": ObjectRef(id=object_id, words=change.target.words)}))
+                self.last = ids
+                return
             if not isinstance(change, Remove) and len(ids) != 1:
                 self.refuse(clause, f"'{change.target.words}' means {len(ids)} objects here; name one", ids)
                 return
             if isinstance(change, Remove):
+                if len(ids) >= len(self.scene.objects):
+                    self.refuse(clause, "that would leave nothing to draw; replace the object, or start a new thread")
+                    return
                 for object_id in ids:
                     self._accept(
                         change.model_copy(update={"target": ObjectRef(id=object_id, words=change.target.words)})
@@ -1075,6 +1083,8 @@ _MOVE = re.compile(r"^(?:move|shift|drag|bring|slide|push|put|place)\s+(.+)$")
 _ATTRIBUTE_OF = re.compile(r"^(?:change|set|make)\s+the\s+(colou?r|size)\s+of\s+(.+?)\s+(?:to|into)\s+(.+)$")
 _SET = re.compile(r"^(?:make|turn|paint|colou?r|recolou?r|change|dye)\s+(.+)$")
 _GROW = re.compile(r"^(enlarge|grow|shrink)\s+(.+)$")
+_SHOULD = re.compile(r"^(.+?)\s+(?:should be|must be|needs to be|has to be|is|are)\s+(.+)$")
+_DEGREE = re.compile(r"\b(?:a little|a little bit|a bit|slightly|much|even|very|a lot)\s+")
 _LIST = re.compile(r"\s*,\s*(?:and\s+)?|\s+and\s+(?=(?:a|an|one|two|three|four|five|six|another|\d+)\b)")
 _REF_LIST = re.compile(r"\s*,\s*(?:and\s+)?|\s+and\s+(?=(?:the|it|this|that|both|all)\b)")
 _NOT_ADJECTIVES = {"the", "a", "an", "to", "into", "in", "of", "on", "and", "it", "with", "by", "at", "as", "so"}
@@ -1237,8 +1247,14 @@ def read_clause(clause: str, vocabulary: Vocabulary = OPEN_VOCABULARY) -> list[C
         objects = [read_new_object(o, vocabulary) for o in _LIST.split(match.group(1)) if o.strip()]
         if objects and all(objects):
             return [Add(clause=clause, objects=[o for o in objects if o is not None])]
-    if (match := _SET.match(text)) and (changes := _read_set(match.group(1), clause, vocabulary)):
+    if (match := _SET.match(text)) and (changes := _read_set(_DEGREE.sub("", match.group(1)), clause, vocabulary)):
         return changes
+    if (match := _SHOULD.match(text)) and (ref := read_ref(match.group(1), vocabulary)):  # 'the heart should be red'
+        wanted = _DEGREE.sub("", match.group(2))
+        if values := read_values(wanted.split(), vocabulary):
+            return [SetAttribute(clause=clause, target=ref, value=v) for v in values]
+        if move := _read_move(f"{match.group(1)} {wanted}", clause, vocabulary):
+            return [move]
     raise ClauseNotUnderstood(
         "it reads as no change I can make: add, remove, move, make (a colour or size), replace or undo, "
         "naming objects of the picture ('make the red square blue', 'move the ring to the bottom left')"
