@@ -165,6 +165,15 @@ def test_the_llm_decomposer_gives_objects_ids_and_keeps_what_it_cannot_break_dow
     assert [c.object_id for c in concepts] == ["o1", "o1", "o1", "o1", None] and tokens == 100
 
 
+def test_a_name_of_several_words_stays_the_objects_name():
+    concepts = [Concept(id="c1", text="a boston bull"), Concept(id="c2", text="a large dog")]
+    scene, tagged = objects_of_concepts(concepts)
+    assert [(o.noun, o.attributes) for o in scene.objects] == [("boston bull", {}), ("dog", {"size": "large"})]
+    revised = revise_turn(RuleDecomposer(), scene, tagged, "make the bull brown")
+    assert revised.applied is not None and revised.applied.prompt == "a brown boston bull and a large dog"
+    assert revised.applied.concepts[0].text == "a boston bull"  # unchanged: kept as first written
+
+
 def test_concepts_from_before_object_ids_get_a_scene_with_their_ids_and_verdicts():
     old = [
         Concept(id="c1", text="a heart", verdict="satisfied"),

@@ -545,20 +545,25 @@ def objects_of_concepts(
 
     scene = ScenePlan()
     object_of: dict[str, SceneObject] = {}
+    pending_places: list[tuple[SceneObject, str]] = []
     for c in concepts:
         if c.kind in ("object", "count") and not c.depends_on:
             phrase = read_phrase(c.text)
-            obj = SceneObject(id=c.object_id or scene.next_object_id(), noun=phrase.noun if phrase else c.text)
+            obj = SceneObject(
+                id=c.object_id or scene.next_object_id(), noun=phrase.noun if phrase else c.text, box=c.box
+            )
             if phrase:
+                # Words of no known kind in an object's own name are part of it ('a boston bull'); known ones
+                # ('a large dog') are its attributes.
+                named = [a for a in phrase.adjectives if vocabulary.kind_of(a) is None]
+                obj.noun = " ".join([*named, phrase.noun])
                 obj.count = phrase.count
-                obj.attributes = _kinds(phrase.adjectives, vocabulary)
+                obj.attributes = _kinds([a for a in phrase.adjectives if a not in named], vocabulary)
                 if phrase.place:
-                    obj.place = phrase.place
-            obj.box = c.box
+                    pending_places.append((obj, phrase.place))
             object_of[c.id] = obj
             scene.objects.append(obj)
     tagged: list[Concept] = []
-    pending_places: list[tuple[SceneObject, str]] = []
     for c in concepts:
         top = root(c)
         owner = object_of.get(top.id) if top is not None else None
