@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from functools import cache
 from typing import Any
 
 from pydantic import ValidationError, model_validator
@@ -323,8 +324,10 @@ def _broken_thread_answer(send: Send, thread: str) -> Send:
     return wrapped
 
 
+@cache
 def _client() -> Any:
-    from langgraph_sdk import get_client  # the server's own routes, in process
+    """The server's own routes, called in process (langgraph_sdk's client without a URL); one for the process."""
+    from langgraph_sdk import get_client
 
     return get_client()
 

@@ -4,6 +4,7 @@ nodes (RunState; AgentState adds the LLM's conversation). A thread is one state 
 from __future__ import annotations
 
 import operator
+import re
 import time
 from typing import Annotated, Literal
 
@@ -111,7 +112,7 @@ class RunInput(BaseModel):
     @field_validator("message")
     @classmethod
     def _message_fits(cls, value: str) -> str:
-        value = value.strip().strip(INVISIBLE).strip()
+        value = re.sub(f"^[\\s{INVISIBLE}]+|[\\s{INVISIBLE}]+$", "", value)
         if not any(c.isprintable() and not c.isspace() and c not in INVISIBLE for c in value):
             raise ValueError("the prompt is empty: describe the image to draw, e.g. 'a red fox in the snow'")
         if len(value) > MAX_PROMPT_CHARS:
