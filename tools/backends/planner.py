@@ -26,6 +26,7 @@ from imagerag.tools.revision import (
     Refusal,
     Understanding,
     Vocabulary,
+    adjective_groups,
     apply_changes,
     check_changes,
     describe,
@@ -276,7 +277,7 @@ class RuleDecomposer:
         phrase, relation = head[0].split(), head[1]
         if not phrase:
             return [ConceptSpec(text=clause)]
-        noun, adjectives = phrase[-1], _adjective_groups(phrase[:-1])
+        noun, adjectives = phrase[-1], adjective_groups(phrase[:-1])
         word = determiner.group(1).lower() if determiner else "a"
         counted = word not in ("a", "an", "the", "one", "some")
         det = word if counted else article(noun)
@@ -404,17 +405,6 @@ _ADJECTIVES = {
     "striped",
     "dotted",
 }
-
-
-def _adjective_groups(words: list[str]) -> list[str]:
-    """['large', 'red'] -> two attributes; ['black', 'and', 'white'] -> one."""
-    groups: list[list[str]] = []
-    for i, word in enumerate(words):
-        if groups and (word == "and" or (i > 0 and words[i - 1] == "and")):
-            groups[-1].append(word)
-        else:
-            groups.append([word])
-    return [" ".join(g) for g in groups]
 
 
 def _adjective_before(text: str, noun: str) -> bool:
