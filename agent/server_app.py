@@ -20,6 +20,8 @@ import re
 from functools import cache
 from typing import Any
 
+import anyio.to_thread
+import orjson
 from pydantic import ValidationError, model_validator
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -246,12 +248,8 @@ class InputGuard:
         if body is None:
             await _respond(send, 413, f"the request body is over {MAX_BODY_BYTES // (1024 * 1024)} MiB")
             return
-        try:
-            payload = json.loads(body) if body else None
-        except ValueError:
-            payload = None  # not JSON: the server answers it as it does
-        try:
-            check_request(method, path, payload)
+        try:  # parsing and checking (uploads are decoded) take a worker thread, not the server's event loop
+            await anyio.to_thread.run_sync(_check_body, method, path, body)
         except InputRefused as error:
             await _respond(send, 422, str(error))
             return
@@ -262,6 +260,14 @@ class InputGuard:
                 await _respond(send, 409, problem)
                 return
         await self.app(scope, _replay(body, receive), send)
+
+
+def _check_body(method: str, path: str, body: bytes) -> None:
+    try:  # parsed as the server parses it (orjson), so both see the same values
+        payload = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return  # not JSON: the server answers it as it does
+    check_request(method, path, payload)
 
 
 async def _read_body(receive: Receive) -> bytes | None:
