@@ -1,7 +1,9 @@
 """Hostile collections: huge captions, link loops and links out of the folder, huge images, reference paths.
 
-Each test reproduces one case of issue 14 (bug 2, bug 3, risks 13 and 14, confined reference paths) on a few
-small files; a 144-megapixel PNG is written by hand (one bit per pixel, all zero) so it stays 20 KB on disk.
+Each test reproduces one case of issue 14 (bug 2, bug 3, risks 13 and 14, confined reference paths) or issue 23
+(items 3, 5 and 7: nested JSON, files read whole, collection names, orientation, 16-bit images, transparency,
+UTF-16 captions) on a few small files; a 144-megapixel PNG is written by hand (one bit per pixel, all zero) so it
+stays 20 KB on disk, a 2 GB file is sparse.
 """
 
 from __future__ import annotations
@@ -18,13 +20,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFile
 from typer.testing import CliRunner
 
 from imagerag.agent.cli import app
-from imagerag.tools.backends.indexer import index_folders, index_sources
+from imagerag.tools.backends.indexer import DecodeAndPreprocess, _Fresh, index_folders, index_sources
 from imagerag.tools.backends.loading import load_embedder
-from imagerag.tools.backends.sources import MAX_CAPTION_CHARS, FolderSource, bound_caption
+from imagerag.tools.backends.sources import (
+    MAX_CAPTION_CHARS,
+    MAX_IMAGE_FILE_BYTES,
+    FolderSource,
+    SourceRecord,
+    bound_caption,
+)
 from imagerag.tools.backends.store import (
     MAX_IMAGE_PIXELS,
     ROOTS_KEY,
@@ -330,3 +339,233 @@ def test_folders_recorded_in_a_form_that_cannot_be_read_are_a_clear_error(tmp_pa
     )
     with pytest.raises(StoreError, match="not a JSON list of absolute paths: re-index"):
         ReferenceStore.open(client, "odd", embedder)
+
+
+# Issue 23 item 3: a deeply nested JSON sidecar aborted the whole index with a RecursionError.
+
+
+def test_a_deeply_nested_json_sidecar_or_member_costs_the_caption_not_the_image(tmp_path, store, caplog):
+    nested = b"[" * 200_000 + b"]" * 200_000  # deeper than json's parser can go: RecursionError
+    folder = tmp_path / "nested"
+    folder.mkdir()
+    (folder / "deep.png").write_bytes(png("red"))
+    (folder / "deep.json").write_bytes(nested)
+    (folder / "fine.png").write_bytes(png("green"))
+    (folder / "fine.json").write_text(json.dumps({"caption": "a green square"}))
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("0.png", png("blue")), ("0.json", nested)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    with caplog.at_level(logging.WARNING):
+        summary = index_sources(store, [folder, shard], cache_dir=tmp_path / "cache")
+
+    assert (summary.added, summary.failed, summary.captions_lost) == (3, 0, 2)
+    assert "2 unusable caption file(s)" in summary.line()
+    assert sorted(doc for doc, _ in rows(store).values()) == ["0", "a green square", "deep"]
+    assert "deep.json: JSON nested too deeply to parse" in logged(caplog)
+    assert "0.json: JSON nested too deeply to parse" in logged(caplog)
+
+
+# Issue 23 item 5: files were read whole before their size was checked.
+
+
+def test_an_image_file_over_the_size_limit_is_refused_from_its_size_without_being_read(tmp_path, store, caplog):
+    folder = tmp_path / "sparse"
+    folder.mkdir()
+    with open(folder / "huge.png", "wb") as handle:
+        handle.truncate(2 << 30)  # 2 GB of holes: no disk used, 2 GB of memory if read
+    (folder / "small.png").write_bytes(png("red"))
+
+    tracemalloc.start()
+    try:
+        records = list(FolderSource(folder))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, f"listing the folder took {peak:,} bytes: the huge file was read"
+    huge = next(r for r in records if r.uri.endswith("huge.png"))
+    assert huge.data == b"" and f"over the limit of {MAX_IMAGE_FILE_BYTES:,} for an image file" in huge.error
+    small = next(r for r in records if r.uri.endswith("small.png"))
+    assert small.id == content_id(png("red"))  # hashed as it streamed, the same id as hashing the whole
+
+    with caplog.at_level(logging.WARNING):
+        summary = index_sources(store, [folder])
+    assert (summary.added, summary.failed) == (1, 1)
+    assert "huge.png is 2,147,483,648 bytes, over the limit" in logged(caplog)
+
+
+def test_tar_members_and_parquet_cells_over_the_size_limit_are_refused_unread(tmp_path, store, monkeypatch):
+    from imagerag.tools.backends import sources
+
+    monkeypatch.setattr(sources, "MAX_IMAGE_FILE_BYTES", 2_000)
+    big, small = png("red", (200, 200)), png("blue")
+    big = big + b"\0" * max(0, 2_001 - len(big))  # PNG ignores what follows its end chunk
+    assert len(big) > 2_000 > len(small)
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("0.png", big), ("0.txt", b"big"), ("0.npy", b"\0" * 50_000), ("1.png", small)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    reads: list[int] = []
+    real_extract = tarfile.TarFile.extractfile
+
+    def extractfile(self, member):
+        reads.append(member.size)
+        return real_extract(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", extractfile)
+    records = list(sources.TarShardSource(shard))
+    assert sorted(reads) == sorted([len(b"big"), len(small)])  # neither the big image nor the .npy was read
+    assert [r.error is not None for r in records] == [True, False]
+    assert "over the limit of 2,000 for an image file: not read" in records[0].error
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"image": [big, small], "caption": ["big", "small"]})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    summary = index_sources(store, [tmp_path / "rows.parquet", shard], cache_dir=tmp_path / "cache")
+    assert (summary.added, summary.failed) == (1, 2)  # the small image once (both copies share an id)
+
+    # A file that grows past the limit after its size was checked is cut off while it is read.
+    with pytest.raises(sources.SourceError, match="over the limit of 2,000 bytes"):
+        sources.read_bounded(io.BytesIO(b"\0" * 5_000), "grown.png")
+
+
+MEMORY_PROBE = """
+import resource, sys
+from imagerag.agent.config import Settings
+from imagerag.tools.backends.indexer import index_sources
+from imagerag.tools.backends.loading import load_embedder
+from imagerag.tools.backends.store import ReferenceStore, chroma_client
+settings = Settings(profile="tiny", data_dir=sys.argv[2])
+store = ReferenceStore.open(chroma_client(sys.argv[3]), "memory", load_embedder(settings), create=True)
+summary = index_sources(store, [sys.argv[1]], num_workers=0)
+print(summary.added, summary.failed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_indexing_a_folder_with_a_2_gb_sparse_file_costs_no_more_memory_than_without_it(tmp_path, data_dir):
+    import subprocess
+    import sys
+
+    def peak_kb(folder: Path, db: Path) -> tuple[int, int, int]:
+        args = [sys.executable, "-c", MEMORY_PROBE, str(folder), str(data_dir), str(db)]
+        done = subprocess.run(args, check=True, capture_output=True, text=True, timeout=600)
+        added, failed, peak = map(int, done.stdout.split()[-3:])
+        return added, failed, peak
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"{i:02d}.png").write_bytes(png((i * 12, 40, 90), (64, 64)))
+    without = peak_kb(folder, tmp_path / "db1")
+    with open(folder / "huge.png", "wb") as handle:
+        handle.truncate(2 << 30)
+    with_huge = peak_kb(folder, tmp_path / "db2")
+    assert without[:2] == (20, 0) and with_huge[:2] == (20, 1)
+    extra_mb = (with_huge[2] - without[2]) / 1024
+    print(f"peak RSS without huge.png {without[2] / 1024:.0f} MB, with it {with_huge[2] / 1024:.0f} MB")
+    assert extra_mb < 200, f"the 2 GB file cost {extra_mb:.0f} MB of memory"
+
+
+# Issue 23 item 7: collection names, EXIF orientation, 16-bit images, transparency, UTF-16 captions.
+
+
+@pytest.mark.parametrize("name", ["../../x", "a" * 10_000, "x", "ab..cd", "192.168.0.1", "-leading", "sp ace"])
+def test_a_collection_name_chromadb_would_refuse_is_a_usage_error(tmp_path, data_dir, name):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "red.png").write_bytes(png("red"))
+    for command in (["index", str(folder)], ["search", "red"]):
+        result = runner.invoke(app, [*command, "--profile", "tiny", "--data-dir", str(data_dir), "--collection", name])
+        assert result.exit_code == 2, result.output
+        said = " ".join(result.stderr.split())
+        assert "is not allowed: use 3 to 63 characters" in said and "Traceback" not in result.output
+        assert len(result.stderr) < 1_000  # a 10,000-character name is shown cut
+    assert not (tmp_path / "x").exists()
+
+
+def captured_images(records: list[SourceRecord], background=(255, 255, 255)) -> list[Image.Image]:
+    """The images the indexer's collate hands to the CLIP's preprocessing, decoded from `records`."""
+    seen: list[Image.Image] = []
+
+    def preprocess(image: Image.Image) -> torch.Tensor:
+        seen.append(image.copy())
+        return torch.zeros(3, 4, 4)
+
+    batch = DecodeAndPreprocess(preprocess, background=background)([_Fresh(record.id, record) for record in records])
+    assert not batch.failed, batch.failed
+    return seen
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **options) -> SourceRecord:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return SourceRecord(buffer.getvalue(), "", "memory")
+
+
+def test_images_are_indexed_upright_16_bit_scaled_and_transparency_on_a_background():
+    # EXIF orientation 6: the camera was turned, the viewer turns the 20x10 frame clockwise to 10x20.
+    frame = Image.new("RGB", (20, 10), "blue")
+    frame.paste((255, 0, 0), (0, 0, 10, 10))  # red on the left: at the top once turned upright
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    grey = Image.fromarray(np.full((8, 8), 32_896, np.uint16))  # mid-grey in 16 bits
+    assert grey.mode == "I;16"
+    clear = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
+    half = Image.new("RGBA", (8, 8), (0, 0, 255, 128))
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 255, 0] * 256)
+    records = [
+        encoded(frame, "JPEG", exif=exif.tobytes(), quality=95),
+        encoded(grey),
+        encoded(clear),
+        encoded(half),
+        encoded(palette, "GIF", transparency=0),
+    ]
+    assert Image.open(io.BytesIO(records[1].data)).convert("RGB").getpixel((0, 0)) == (255, 255, 255)  # PIL's own
+
+    upright, grey_seen, clear_seen, half_seen, gif_seen = captured_images(records)
+    assert upright.size == (10, 20)
+    top, bottom = upright.getpixel((5, 2)), upright.getpixel((5, 17))
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+    assert grey_seen.mode == "RGB" and grey_seen.getpixel((3, 3)) == (128, 128, 128)
+    assert clear_seen.getpixel((0, 0)) == (255, 255, 255)  # white by default, not the hidden red
+    assert half_seen.getpixel((0, 0)) == (127, 127, 255)
+    assert gif_seen.getpixel((0, 0)) == (255, 255, 255)
+
+    (on_black,) = captured_images([records[2]], background=(0, 0, 0))
+    assert on_black.getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_background_is_a_colour_checked_on_the_command_line(tmp_path, data_dir):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "clear.png").write_bytes(encoded(Image.new("RGBA", (8, 8), (0, 0, 0, 0))).data)
+    base = ["index", str(folder), "--profile", "tiny", "--data-dir", str(data_dir), "--collection", "backgrounds"]
+    refused = runner.invoke(app, [*base, "--background", "not-a-colour"])
+    assert refused.exit_code == 2 and "is not a colour" in refused.stderr
+    assert runner.invoke(app, [*base, "--background", "#102030"]).exit_code == 0
+
+
+def test_utf16_and_utf8_bom_caption_files_are_decoded(tmp_path, store):
+    folder = tmp_path / "captions"
+    folder.mkdir()
+    texts = {"utf-16": "ein rotes Quadrat ☂", "utf-32": "un carré bleu", "utf-8-sig": "a green square"}
+    for n, (encoding, text) in enumerate(texts.items()):
+        (folder / f"{n}.png").write_bytes(png((n * 80, 20, 20)))
+        (folder / f"{n}.txt").write_bytes(text.encode(encoding))  # each writes its byte order mark
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("k.png", png("purple")), ("k.txt", "une image violette".encode("utf-16"))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    index_sources(store, [folder, shard], cache_dir=tmp_path / "cache")
+    assert sorted(doc for doc, _ in rows(store).values()) == sorted([*texts.values(), "une image violette"])

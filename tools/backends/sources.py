@@ -127,9 +127,10 @@ def too_large(size: int, what: str) -> str | None:
     return f"{what} is {size:,} bytes, over the limit of {MAX_IMAGE_FILE_BYTES:,} for an image file: not read"
 
 
-def read_bounded(handle: IO[bytes], what: str, limit: int = MAX_IMAGE_FILE_BYTES) -> tuple[bytes, str]:
-    """All of `handle` and its content id, hashed as it streams; SourceError past `limit` bytes (a file that grew
-    after its size was checked, a device that never ends)."""
+def read_bounded(handle: IO[bytes], what: str, limit: int | None = None) -> tuple[bytes, str]:
+    """All of `handle` and its content id, hashed as it streams; SourceError past `limit` bytes (default
+    MAX_IMAGE_FILE_BYTES: a file that grew after its size was checked, a device that never ends)."""
+    limit = MAX_IMAGE_FILE_BYTES if limit is None else limit
     digest, buffer = hashlib.sha256(), io.BytesIO()
     while chunk := handle.read(_READ_CHUNK):
         if buffer.tell() + len(chunk) > limit:
