@@ -20,21 +20,25 @@ from pathlib import Path
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite import SqliteSaver
+from pydantic import BaseModel
 
 from imagerag.agent.config import Settings
 from imagerag.agent.runfolder import RunError
+from imagerag.graphs import agent_tools
+from imagerag.graphs import state as graphs_state
 from imagerag.graphs.state import THREAD_PATTERN
+from imagerag.tools import types as tools_types
 from imagerag.tools.errors import ConfigError
 from imagerag.tools.files import content_id
 
-# Our pydantic types that checkpoints may hold; listing them keeps checkpoint loading strict (no arbitrary types).
+# The modules whose pydantic types a checkpoint may hold (the run's state and what the tools exchange); allowing only
+# those keeps checkpoint loading strict (no arbitrary types), and a type added to one of them needs no entry here.
+STATE_MODULES = (tools_types, graphs_state, agent_tools)
 CHECKPOINT_TYPES = [
-    *[
-        ("imagerag.tools.types", name)
-        for name in ("Concept", "ConceptVerdict", "Critique", "RetrievalHit", "Candidate", "Box", "EditRegion", "Edit")
-    ],
-    *[("imagerag.graphs.state", name) for name in ("Budget", "Usage", "Step", "Turn")],
-    ("imagerag.graphs.agent_tools", "ToolOutcome"),
+    (module.__name__, name)
+    for module in STATE_MODULES
+    for name, value in vars(module).items()
+    if isinstance(value, type) and issubclass(value, BaseModel) and value.__module__ == module.__name__
 ]
 LOCKS = "locks"  # in the data folder: one lock file per thread that SQLite checkpoints
 

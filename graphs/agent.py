@@ -1,4 +1,4 @@
-"""The LLM policy: a chat model with the four tools bound, run by a ToolNode.
+"""The LLM policy: a chat model with the tools of graphs.agent_tools bound, run by a ToolNode.
 
 The LLM chooses the calls; the graph keeps the books and owns the stop rule. After every tool turn the `observe`
 node records images and references, has the critic judge each new image (so every image is judged, whatever the
@@ -15,7 +15,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.prebuilt import ToolNode
 from langgraph.runtime import Runtime
 
-from imagerag.graphs.agent_tools import TOOLS, ToolOutcome, describe_verdicts
+from imagerag.graphs.agent_tools import DRAWS_WITH_REFERENCES, TOOLS, ToolOutcome, describe_verdicts
 from imagerag.graphs.context import RunContext, context_of, toolkit
 from imagerag.graphs.nodes import NODE_RETRY, ask_review, finish, judge_new, plan
 from imagerag.graphs.rules import clock, concepts_from_best, stop_reason
@@ -24,6 +24,10 @@ from imagerag.prompts import render
 
 
 def agent(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    """One LLM turn: the system prompt (prompt, concepts, budget) and the conversation so far, the tools bound.
+
+    A reply with malformed tool calls is not kept (it would have no tool answers); the LLM is asked again, up to
+    max_tool_errors times, then the run fails. A reply with no tool call is the LLM's final answer."""
     context, tools = context_of(runtime), toolkit(state, runtime)
     budget = state.budget
     system = SystemMessage(
@@ -58,9 +62,6 @@ def agent(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         "usage": clock(state, usage),
         "steps": [Step(node="agent", round=usage.rounds, summary="malformed tool calls; giving up")],
     }
-
-
-DRAWS_WITH_REFERENCES = ("regenerate", "edit")
 
 
 def after_plan(state: AgentState) -> Literal["agent", "finish"]:
@@ -101,6 +102,10 @@ def review(state: AgentState) -> dict[str, Any]:
 
 
 def observe(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    """Keep the books of one tool turn, whatever the LLM did: record the images, references and critiques the tool
+    calls made (their ToolOutcome artifacts), have the critic judge every image not yet judged, append those
+    verdicts to the answer of the call that made each image, and count tool turns that failed as a whole (a run
+    fails after max_tool_errors in a row)."""
     recent = trailing_tool_messages(state.messages)
     candidates, hits, usage = list(state.candidates), list(state.hits), state.usage
     for message in recent:

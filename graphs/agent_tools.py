@@ -165,3 +165,5 @@ def edit(
 
 
 TOOLS: list[BaseTool] = [generate, critique, retrieve, regenerate, edit]
+# The calls a person reviews (with review on) before they run: those that draw with retrieved references.
+DRAWS_WITH_REFERENCES = ("regenerate", "edit")

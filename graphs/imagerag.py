@@ -72,6 +72,14 @@ def after_critique(state: RunState) -> Literal["retrieve", "finish"]:
 
 
 def retrieve(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    """Find references for what the best image misses, and decide how the next image is made.
+
+    With edits on and a best image to keep, the missing objects become regions to redraw: with per-region
+    references (a generator that masks references) every broken object gets a region and a reference retrieved
+    for what text alone never drew, so one edit fixes them all; otherwise the round's targets are retrieved for and
+    the edit redraws the regions of the targets that found a reference. No regions means: draw the whole image
+    again with the references. Captions come from the critic when it wrote one for the concept, else the concept's
+    own text; an image already used as a reference is not retrieved again, and each target's attempts count up."""
     tools, ctx = toolkit(state, runtime), context_of(runtime)
     best = best_of_turn(state)
     occupied = tools.occupied_cells(best.image_id) if best is not None and ctx.edits else set()

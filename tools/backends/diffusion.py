@@ -182,7 +182,8 @@ class DiffusersGenerator:
             def callback(
                 pipe: DiffusionPipeline, step: int, timestep: torch.Tensor, tensors: dict[str, torch.Tensor]
             ) -> dict[str, torch.Tensor]:
-                on_step(step + 1, spec.steps)
+                # The scheduler's own count: some (PNDM) run one step more than asked.
+                on_step(step + 1, getattr(pipe, "num_timesteps", None) or spec.steps)
                 return tensors
 
             kwargs["callback_on_step_end"] = callback
