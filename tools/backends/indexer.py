@@ -341,6 +341,7 @@ def index_sources(
 
 def _write(store: ReferenceStore, batch: _Batch, cache_dir: Path | None, summary: IndexSummary, pending: set) -> None:
     """Embed one batch and write it: cache copies first, then one upsert. A full disk becomes DiskFull."""
+    assert batch.pixels is not None, "a batch with fresh records has their pixels"
     try:
         embeddings = store.embedder.embed_images(batch.pixels)
         sources_ = [_stored_source(item, fmt, cache_dir) for item, fmt in zip(batch.fresh, batch.formats, strict=True)]
