@@ -64,7 +64,9 @@ def agent(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     }
 
 
-def after_plan(state: AgentState) -> Literal["agent", "finish"]:
+def after_plan(state: AgentState) -> Literal["agent", "finish", "__end__"]:
+    if state.status == "needs_clarification":  # the turn did not start: nothing to draw, no turn to record
+        return "__end__"
     return "finish" if state.current() and stop_reason(state) else "agent"
 
 

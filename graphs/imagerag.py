@@ -32,7 +32,9 @@ from imagerag.graphs.rules import (
 from imagerag.graphs.state import RunInput, RunOutput, RunState, Step
 
 
-def after_plan(state: RunState) -> Literal["generate", "retrieve", "finish"]:
+def after_plan(state: RunState) -> Literal["generate", "retrieve", "finish", "__end__"]:
+    if state.status == "needs_clarification":  # the turn did not start: nothing to draw, no turn to record
+        return "__end__"
     if not state.current():  # every turn that has no image yet draws one, whatever the budget
         return "generate"
     return "finish" if stop_reason(state) else "retrieve"

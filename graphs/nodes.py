@@ -26,31 +26,36 @@ from imagerag.graphs.rules import (
     stop_reason,
 )
 from imagerag.graphs.state import RunState, RunStatus, Step, Turn, Usage
+from imagerag.tools.errors import ImageRAGError
+from imagerag.tools.revision import Undo, objects_of_concepts
 from imagerag.tools.toolkit import Toolkit, check_image, keep_upload
-from imagerag.tools.types import Candidate, RetrievalHit
+from imagerag.tools.types import Candidate, Concept, RetrievalHit, ScenePlan
 
 # Critic and generator calls can fail transiently (a VLM refusal streak, a CUDA hiccup): retry the node a few
-# times, then let the run fail cleanly with everything made so far kept in the checkpoint.
-NODE_RETRY = RetryPolicy(max_attempts=3, initial_interval=0.2, retry_on=Exception)
+# times, then let the run fail cleanly with everything made so far kept in the checkpoint. A user error (a setting
+# that cannot work) fails the same way every time: it is not retried.
+NODE_RETRY = RetryPolicy(
+    max_attempts=3, initial_interval=0.2, retry_on=lambda error: not isinstance(error, ImageRAGError)
+)
 
 
 def plan(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-    """A new thread: decompose the message into concepts. A finished thread that gets a message: start the next
-    turn, revising prompt and concepts by the message, with the best image carried forward and judged again only
-    on what changed. A resumed run keeps its plan."""
+    """A new thread: read the message into objects (each with an id) and their concepts. A thread that gets its
+    next message: start the next turn (next_turn). A resumed run keeps its plan."""
     if state.status != "running":
         return next_turn(state, runtime)
     if state.concepts:
         return {}
     started = time.time()
     tools = toolkit(state, runtime)
-    concepts, tokens = tools.decompose(state.message)
+    scene, concepts, tokens = tools.plan(state.message)
     summary = "; ".join(f"{c.id} {c.kind}: {c.text}" for c in concepts)
     usage = state.usage.add(llm_tokens=tokens).model_copy(update={"seconds": time.time() - started})
     return {
         "prompt": state.message,
         "run_dir": str(run_dir_of(state, context_of(runtime))),
         "started_at": started,
+        "scene": scene,
         "concepts": concepts,
         "layout": tools.layout(concepts),
         "usage": usage,
@@ -59,60 +64,117 @@ def plan(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
 
 
 def next_turn(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-    previous = best_of_turn(state)
+    """A thread's next message, read against the turn it continues from: the last one, or `from_turn` (a branch).
+
+    The message becomes typed changes of that turn's objects (tools.revision): set an attribute, move, add,
+    remove, replace, undo. When a clause cannot be mapped, or a reference could mean several objects, the turn ends
+    as needs_clarification with a message quoting it, and the thread stays as it was. Otherwise the changes give the
+    new objects, prompt and concepts; the base turn's best image (for an undo, the best image of the turn before
+    it) is carried forward, keeping its verdicts on the concepts that did not change, and judged on the rest."""
     tools = toolkit(state, runtime)
-    prompt, concepts, tokens = tools.revise(state.prompt, state.concepts, state.message)
-    turn = state.turn + 1
+    base = _base_turn(state)
+    if isinstance(base, str):
+        return _needs_clarification(state, base)
+    scene, concepts, best = _turn_values(state, base)
+    parent = _turn(state, base.parent) if base is not None and base.parent is not None else None
+    seen = {v.concept_id: v.box for v in best.verdicts if v.box} if best else {}
+    revision = tools.revise_turn(scene, concepts, state.message, seen, parent.scene if parent else None)
+    applied = revision.applied
+    if applied is None:
+        return _needs_clarification(state, revision.understanding.message)
+    if any(isinstance(change, Undo) for change in revision.understanding.changes) and parent is not None:
+        _, concepts, best = _turn_values(state, parent)  # back to the image the undone turn started from
+    turn = max((t.index for t in state.turns), default=state.turn) + 1
     revised = state.model_copy(
         update={
-            "prompt": prompt,
-            "concepts": concepts,
+            "prompt": applied.prompt,
+            "scene": applied.scene,
+            "concepts": applied.concepts,
             "turn": turn,
+            "turn_parent": base.index if base is not None else None,
+            "from_turn": None,  # consumed: the next message continues from this turn unless it names another
             "instruction": state.message,
             "status": "running",
             "stop_reason": "",
             "error": None,
+            "clarification": None,
             "hits": [],
-            "layout": tools.layout(concepts),
+            "layout": tools.layout(applied.concepts),
             "regions": [],
             "started_at": time.time(),
-            "usage": Usage(llm_tokens=tokens),
+            "usage": Usage(llm_tokens=revision.understanding.tokens),
         }
     )
-    kept = {c.id for c in concepts}
+    # A verdict carries over only to the same concept: the same id with the same words as on the carried image.
+    same = {c.id for c in applied.concepts} & {c.id for c in concepts if c.text == _text(applied.concepts, c.id)}
     carried = (
         [
-            previous.model_copy(
-                update={"turn": turn, "round": 0, "verdicts": [v for v in previous.verdicts if v.concept_id in kept]}
+            best.model_copy(
+                update={"turn": turn, "round": 0, "verdicts": [v for v in best.verdicts if v.concept_id in same]}
             )
         ]
-        if previous
+        if best
         else []
     )
     judged, usage, steps = judge_new(tools, revised, carried)
-    summary = f"{state.message!r} -> {prompt!r}: " + "; ".join(f"{c.id}: {c.text}" for c in concepts)
+    changes = "; ".join(type(c).__name__ + ": " + c.clause for c in revision.understanding.changes)
+    summary = f"{state.message!r} -> {changes} -> {applied.prompt!r}"
+    fields = ("prompt", "scene", "turn", "turn_parent", "from_turn", "instruction", "status", "stop_reason", "error")
     update: dict[str, Any] = {
-        name: getattr(revised, name)
-        for name in (
-            "prompt",
-            "turn",
-            "instruction",
-            "status",
-            "stop_reason",
-            "error",
-            "hits",
-            "layout",
-            "regions",
-            "started_at",
-        )
+        name: getattr(revised, name) for name in (*fields, "clarification", "hits", "layout", "regions", "started_at")
     }
     if "tool_errors" in type(state).model_fields:
         update["tool_errors"] = 0
     return update | {
-        "concepts": concepts_from_best(concepts, judged),
+        "concepts": concepts_from_best(applied.concepts, judged),
         "candidates": [*state.candidates, *judged],
         "usage": usage,
         "steps": [Step(node="plan", round=0, summary=summary), *steps],
+    }
+
+
+def _text(concepts: list[Concept], concept_id: str) -> str | None:
+    return next((c.text for c in concepts if c.id == concept_id), None)
+
+
+def _turn(state: RunState, index: int) -> Turn | None:
+    return next((t for t in state.turns if t.index == index), None)
+
+
+def _base_turn(state: RunState) -> Turn | str | None:
+    """The turn a message continues from (None for a thread whose turns predate their record), or why there is
+    none to continue from."""
+    if state.from_turn is None:
+        return state.turns[-1] if state.turns else None
+    base = _turn(state, state.from_turn)
+    if base is None:
+        return f"turn {state.from_turn} does not exist: this thread has turns 1 to {len(state.turns)}"
+    if base.scene is None and base is not state.turns[-1]:
+        return f"turn {state.from_turn} was recorded by an earlier version without its objects: it cannot be branched"
+    return base
+
+
+def _turn_values(state: RunState, turn: Turn | None) -> tuple[ScenePlan, list[Concept], Candidate | None]:
+    """A turn's objects, concepts and best image (the state's own for the last turn of an older thread)."""
+    if turn is not None and turn.scene is not None:
+        scene, concepts = turn.scene, turn.concepts
+    else:
+        scene, concepts = (state.scene, state.concepts) if state.scene else objects_of_concepts(state.concepts)
+    index = turn.index if turn is not None else state.turn
+    image = turn.best_image if turn is not None else None
+    found = [c for c in state.candidates if c.turn == index and (image is None or c.image_id == image)]
+    best = found[0] if image is not None and found else best_of_turn(state) if turn is None else None
+    return scene, concepts, best
+
+
+def _needs_clarification(state: RunState, why: str) -> dict[str, Any]:
+    """End the turn without touching the thread: its objects, concepts, images and turns stay as they were."""
+    return {
+        "status": "needs_clarification",
+        "stop_reason": "needs_clarification",
+        "clarification": why,
+        "from_turn": None,
+        "steps": [Step(node="plan", round=0, summary=f"needs clarification: {why}")],
     }
 
 
@@ -143,6 +205,9 @@ def finish(state: RunState) -> dict[str, Any]:
     best = best_candidate(state.current(), state.concepts)
     turn = Turn(
         index=state.turn,
+        parent=state.turn_parent,
+        scene=state.scene,
+        concepts=state.concepts,
         message=state.message,
         prompt=state.prompt,
         status=status,

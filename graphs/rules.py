@@ -94,7 +94,7 @@ def targets_for_round(state: RunState, limit: int) -> list[Concept]:
     missing comes last), then the least tried, then prompt order.
     """
     from_text = drawn_from_text(state.current())
-    missing = state.missing()
+    missing = [c for c in state.missing() if c.kind != "absent"]  # nothing to retrieve for what must not be there
     missing_ids = {c.id for c in missing}
     needs_reference = [c for c in missing if c.id not in from_text]
     kept_by_reference = [c for c in state.concepts if c.id not in from_text and c.id not in missing_ids]
@@ -107,8 +107,9 @@ def targets_for_regions(state: RunState, regions: list[EditRegion], limit: int) 
     region whose object misses something no image from text showed, that concept chosen as targets_for_round
     orders them; regions whose misses text did show are redrawn from text. At most `limit`."""
     from_text = drawn_from_text(state.current())
-    missing_ids = {c.id for c in state.missing()}
-    order = _reference_order([c for c in state.missing() if c.id not in from_text], missing_ids)
+    missing = [c for c in state.missing() if c.kind != "absent"]
+    missing_ids = {c.id for c in missing}
+    order = _reference_order([c for c in missing if c.id not in from_text], missing_ids)
     out: list[tuple[int, Concept]] = []
     for i, region in enumerate(regions):
         owners = set(region.concept_ids)
@@ -160,7 +161,8 @@ def edit_regions(
     references are for when one reference conditions the whole edit: only their objects are redrawn with it (the
     others wait for a later round: the loop composes the image object by object); left empty when each redrawn object
     gets a reference of its own (targets_for_regions), so that every broken object is redrawn at once. Counts and
-    styles cannot be fixed in one region, so when one is missing the whole image is drawn again."""
+    styles cannot be fixed in one region, so when one is missing the whole image is drawn again. An object that
+    must be absent (a message removed it) and is still seen gets its region cleared to the background."""
     best = best_of_turn(state)
     if best is None:
         return []
@@ -172,7 +174,10 @@ def edit_regions(
     deps = dependents(state.concepts)
     objects = [c for c in state.concepts if c.kind == "object" and not c.depends_on]
     broken = [o for o in objects if any(c.id not in ok for c in [o, *deps[o.id]])]
-    if not broken or len(broken) == len(objects):
+    clears = absent_regions(state.concepts, best)
+    if not broken:
+        return clears
+    if len(broken) == len(objects):
         return []
     owners = {p for c in state.concepts if c.id in focus for p in [c.id, *c.depends_on]}
     broken = [o for o in broken if o.id in owners] or broken
@@ -193,7 +198,19 @@ def edit_regions(
         regions.append(
             EditRegion(box=CELL_BOXES[cell], text=region_text(obj, deps[obj.id], cell), concept_ids=[obj.id])
         )
-    return regions
+    return [*clears, *regions]
+
+
+def absent_regions(concepts: list[Concept], best: Candidate) -> list[EditRegion]:
+    """A region cleared to the background for each object that must be absent and is not: where the critic saw it,
+    else where it was when it was removed."""
+    ok = best.satisfied_ids
+    seen = {v.concept_id: v.box for v in best.verdicts if v.box}
+    return [
+        EditRegion(box=box, text="", concept_ids=[c.id])
+        for c in concepts
+        if c.kind == "absent" and c.id not in ok and (box := seen.get(c.id) or c.box) is not None
+    ]
 
 
 FREE_ORDER = ("centre", "top left", "bottom right", "top right", "bottom left", "top", "bottom", "left", "right")

@@ -12,11 +12,12 @@ from langchain_core.messages import AnyMessage
 from langgraph.graph.message import add_messages
 from pydantic import BaseModel, Field, field_validator
 
-from imagerag.tools.types import Box, Candidate, Concept, EditRegion, RetrievalHit
+from imagerag.tools.types import Box, Candidate, Concept, EditRegion, RetrievalHit, ScenePlan
 
 # stopped: the agent policy ended with a final answer while concepts were missing and budget was left.
 # paused: waiting for a person's review of the references (resume with a decision).
-RunStatus = Literal["running", "paused", "satisfied", "budget_exhausted", "stopped", "failed"]
+# needs_clarification: a thread's message that could not be mapped to changes; the thread is left as it was.
+RunStatus = Literal["running", "paused", "satisfied", "budget_exhausted", "stopped", "failed", "needs_clarification"]
 THREAD_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # a thread names its run folder
 
 # Bounds on what any caller sends (command line, MCP, LangChain, LangGraph Server), kept here once for every front
@@ -33,6 +34,7 @@ MAX_REVIEW_UPLOADS = 4  # replacement references in one review answer (OmniGen, 
 MAX_UPLOAD_BYTES = 4 * 1024 * 1024  # one replacement reference image, decoded
 MAX_REVIEW_KEEP = 256  # hit ids a review answer keeps
 MAX_ID_CHARS = 64  # an image or hit id (content ids have 32)
+MAX_TURNS = 10_000  # turns of one thread a message may branch from
 # Characters that print as nothing: a prompt of only these (and white space) is empty.
 INVISIBLE = "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\u3164\ufeff\uffa0"
 
@@ -98,6 +100,11 @@ class Turn(BaseModel):
     satisfied: list[str] = Field(default_factory=list, description="Texts of the satisfied concepts.")
     missing: list[str] = Field(default_factory=list, description="Texts of the concepts still missing.")
     usage: Usage
+    parent: int | None = Field(
+        default=None, description="The turn this one continued from (the one before, unless it branched)."
+    )
+    scene: ScenePlan | None = Field(default=None, description="The objects after this turn.")
+    concepts: list[Concept] = Field(default_factory=list, description="The concepts after this turn, with verdicts.")
 
 
 class RunInput(BaseModel):
@@ -108,6 +115,12 @@ class RunInput(BaseModel):
     seed: int = Field(default=0, ge=0, lt=MAX_SEED, description="Base seed of the generations.")
     budget: Budget = Field(default_factory=Budget)
     review: bool = Field(default=False, description="Pause for a person before each regeneration.")
+    from_turn: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_TURNS,
+        description="On a thread: continue from this earlier turn's image and objects (a branch), not the last.",
+    )
 
     @field_validator("message")
     @classmethod
@@ -131,6 +144,10 @@ class RunOutput(BaseModel):
     status: RunStatus = "running"
     stop_reason: str = ""
     error: str | None = None
+    clarification: str | None = Field(
+        default=None, description="With needs_clarification: which words were not understood, and why."
+    )
+    scene: ScenePlan | None = Field(default=None, description="The objects the image must show, with their ids.")
     concepts: list[Concept] = Field(default_factory=list)
     candidates: list[Candidate] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
@@ -147,6 +164,7 @@ class RunState(RunOutput, RunInput):
     hits: list[RetrievalHit] = Field(default_factory=list, description="References retrieved this round.")
     layout: dict[str, Box] = Field(default_factory=dict, description="Where each object concept should go.")
     regions: list[EditRegion] = Field(default_factory=list, description="What this round's edit redraws, if any.")
+    turn_parent: int | None = Field(default=None, description="The turn this turn continued from.")
 
     def current(self) -> list[Candidate]:
         """This turn's candidates (earlier turns are history)."""

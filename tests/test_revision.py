@@ -19,6 +19,7 @@ from imagerag.tools.backends.planner import (
     apply_revision,
     revise_turn,
 )
+from imagerag.tools.config import PROFILES
 from imagerag.tools.errors import ImageRAGError
 from imagerag.tools.grid import CELL_BOXES
 from imagerag.tools.revision import (
@@ -400,7 +401,8 @@ def test_refusals_quote_the_clause_and_leave_the_thread_untouched():
 
 def test_an_open_vocabulary_refuses_only_what_does_not_parse():
     reader = RuleDecomposer()
-    assert vocabulary_for("sdxl") is OPEN_VOCABULARY and vocabulary_for("mini").closed
+    assert vocabulary_for("open") is OPEN_VOCABULARY and vocabulary_for("miniworld").closed
+    assert PROFILES["mini"].vocabulary == "miniworld" and PROFILES["sdxl"].vocabulary == "open"
     _, _, revised = turn("a dog with a red scarf, a lighthouse", "make the scarf green", reader)
     assert revised.applied is not None and revised.applied.prompt == "a dog, a green scarf and a lighthouse"
     _, _, revised = turn("a dog", "add a purple unicorn and move the dog to the beach", reader)

@@ -68,6 +68,11 @@ class Profile(BaseModel):
         "it sees in each); None: CLIP's order. Cheap with the CLIP judge, a call per image with a VLM judge.",
     )
     local: bool = Field(default=False, description="Its models are built or shipped here: no Hub, no GPU needed.")
+    vocabulary: Literal["open", "miniworld"] = Field(
+        default="open",
+        description="The words a thread's messages are read with: 'open' refuses only clauses that do not parse; "
+        "'miniworld' also refuses objects, colours, sizes and places the miniature world does not have.",
+    )
     critic: str | None = Field(
         default=None,
         description="A critic of the `imagerag.critics` registry; None: 'vlm' when an LLM is configured, else 'clip'.",

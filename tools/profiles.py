@@ -115,6 +115,7 @@ MINI = Profile(
         calibration="mini:clip/calibration.json",
     ),
     collection=MINI_COLLECTION,
+    vocabulary="miniworld",
     # Whole-image cosine ranks "a heart in the top left" by hearts anywhere; the judge reads cells.
     rerank_k=20,
     local=True,

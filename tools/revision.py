@@ -145,9 +145,9 @@ def miniworld_vocabulary() -> Vocabulary:
     )
 
 
-def vocabulary_for(profile: str) -> Vocabulary:
-    """The vocabulary instructions are read with on a profile: the miniature world's for 'mini', else open."""
-    return miniworld_vocabulary() if profile == "mini" else OPEN_VOCABULARY
+def vocabulary_for(name: str) -> Vocabulary:
+    """A profile's vocabulary by name (Profile.vocabulary): the miniature world's, or open."""
+    return miniworld_vocabulary() if name == "miniworld" else OPEN_VOCABULARY
 
 
 # ----------------------------------------------------------------------------- typed changes

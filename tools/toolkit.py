@@ -23,12 +23,13 @@ from imagerag.tools.backends.images import ImageStore
 from imagerag.tools.backends.layout import clear, edit_margin, region_mask
 from imagerag.tools.backends.llm import tokens_of
 from imagerag.tools.backends.loading import Backends, load_backends
-from imagerag.tools.backends.planner import apply_revision
+from imagerag.tools.backends.planner import SceneReader, TurnRevision, revise_turn
 from imagerag.tools.backends.store import ImageTooLarge, ReferenceStore, check_pixels, reference_cache
 from imagerag.tools.errors import ConfigError
 from imagerag.tools.files import atomic_write, content_id
 from imagerag.tools.grid import rule_layout
-from imagerag.tools.types import Box, Candidate, Concept, Critique, Edit, EditRegion, RetrievalHit
+from imagerag.tools.revision import objects_of_concepts
+from imagerag.tools.types import Box, Candidate, Concept, Critique, Edit, EditRegion, RetrievalHit, ScenePlan
 
 # What the graphs may use: the tools, the backends they run on, and the checks on a person's uploads.
 __all__ = ["Backends", "Progress", "Toolkit", "check_image", "keep_upload", "load_backends"]
@@ -105,10 +106,33 @@ class Toolkit:
         in the same structured answer as the concepts), else rules on position and relation words."""
         return {**rule_layout(concepts), **{c.id: c.box for c in concepts if c.box is not None}}
 
-    def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[str, list[Concept], int]:
-        """Apply a thread's next message: the rewritten prompt, the concepts (kept ones keep their verdicts), tokens."""
-        revision, tokens = self.backends.decomposer.revise(prompt, concepts, instruction)
-        return revision.prompt, apply_revision(concepts, revision), tokens
+    def plan(self, prompt: str) -> tuple[ScenePlan, list[Concept], int]:
+        """A new thread's objects (each with an id) and concepts (each naming its object), and the tokens spent."""
+        decomposer = self.backends.decomposer
+        if isinstance(decomposer, SceneReader):
+            return decomposer.plan(prompt)
+        concepts, tokens = decomposer.decompose(prompt)  # a decomposer that knows no objects: read them off
+        scene, concepts = objects_of_concepts(concepts)
+        return scene, concepts, tokens
+
+    def revise_turn(
+        self,
+        scene: ScenePlan,
+        concepts: list[Concept],
+        message: str,
+        seen: dict[str, Box],
+        previous: ScenePlan | None,
+    ) -> TurnRevision:
+        """A thread's next message read as typed changes of its objects and, when every clause was understood,
+        applied: the new objects, prompt and concepts. `seen`: where the critic saw each concept's object on the
+        image the turn continues from; `previous`: the objects before that image's turn (what 'undo' returns to)."""
+        decomposer = self.backends.decomposer
+        if not isinstance(decomposer, SceneReader):
+            raise ConfigError(
+                f"the profile's decomposer ({type(decomposer).__name__}) reads no messages as changes of objects, so "
+                "a thread cannot continue: name a decomposer with plan and understand (tools.backends.planner)"
+            )
+        return revise_turn(decomposer, scene, concepts, message, seen=seen, previous=previous)
 
     def generate(self, prompt: str, seed: int = 0, n: int = 1, round: int = 1, turn: int = 1) -> list[Candidate]:
         """Draw `n` images from text alone."""

@@ -1,6 +1,7 @@
 """The built-in critics and decomposers as their registries take them: functions of the shared BackendParts
-(tools.registry). The VLM critic and the LLM decomposer need an LLM; the CLIP critic and the rule-based decomposer
-work offline."""
+(tools.backends.registries). The VLM critic and the LLM decomposer need an LLM; the CLIP critic and the rule-based
+decomposer work offline. A decomposer reads messages against its profile's vocabulary: the miniature world's closed
+one (an object the world does not know is refused), an open one for real models."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from imagerag.tools.backends.judges import ClipJudge, Critic, VLMJudge
 from imagerag.tools.backends.planner import Decomposer, LLMDecomposer, RuleDecomposer
 from imagerag.tools.backends.registries import BackendParts
 from imagerag.tools.errors import ConfigError
+from imagerag.tools.revision import vocabulary_for
 
 
 def _llm(parts: BackendParts, what: str) -> BaseChatModel:
@@ -30,8 +32,8 @@ def vlm_judge(parts: BackendParts) -> Critic:
 
 
 def rule_decomposer(parts: BackendParts) -> Decomposer:
-    return RuleDecomposer()
+    return RuleDecomposer(vocabulary_for(parts.profile.vocabulary))
 
 
 def llm_decomposer(parts: BackendParts) -> Decomposer:
-    return LLMDecomposer(_llm(parts, "LLM decomposer"), parts.retries)
+    return LLMDecomposer(_llm(parts, "LLM decomposer"), parts.retries, vocabulary_for(parts.profile.vocabulary))

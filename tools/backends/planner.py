@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage
@@ -75,6 +75,7 @@ class Decomposer(Protocol):
     def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]: ...
 
 
+@runtime_checkable
 class SceneReader(Protocol):
     """A decomposer that also keeps objects with identity and reads messages as typed changes (both built-in ones)."""
 
