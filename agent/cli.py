@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from imagerag.agent.events import RunEvent
     from imagerag.agent.result import RunResult
     from imagerag.graphs.nodes import ReviewDecision, ReviewRequest
+    from imagerag.tools.types import SceneObject
 
 
 # Typer vendors click from 0.29 on: click's error classes, taken from typer's own BadParameter, whichever click it is.
@@ -118,7 +119,10 @@ def make_settings(budget: dict[str, Any] | None = None, **overrides: Any) -> Set
         fail(user_message(error))
 
 
-Profile = Annotated[str | None, typer.Option(help="Backend profile: sdxl, omnigen, sd15, tiny, mini.")]
+Profile = Annotated[
+    str | None,
+    typer.Option(help="Backend profile: sdxl, omnigen, sd15, tiny, mini, or one an installed package registers."),
+]
 Collection = Annotated[str | None, typer.Option(help="Reference collection (default: the profile's).")]
 DataDir = Annotated[Path | None, typer.Option(help="Data folder for chromadb and built models.")]
 ChromaUrl = Annotated[str | None, typer.Option(help="A Chroma server (http://host:8000) instead of the data folder's.")]
@@ -151,6 +155,10 @@ def generate(
     thread: Annotated[
         str | None, typer.Option(help="Name the run as a thread; an existing thread is continued.")
     ] = None,
+    from_turn: Annotated[
+        int | None,
+        typer.Option(min=1, help="With an existing --thread: continue from this turn's image and objects (a branch)."),
+    ] = None,
     review: Annotated[
         bool, typer.Option("--review", help="Pause before each regeneration to review references.")
     ] = False,
@@ -175,7 +183,8 @@ def generate(
         data_dir=data_dir,
         review=review or None,
     )
-    drive(settings, lambda: stream(prompt, settings, out, thread), json_output)
+    settings = recorded(thread, settings)
+    drive(settings, lambda: stream(prompt, settings, out, thread, from_turn=from_turn), json_output)
 
 
 @app.command()
@@ -217,6 +226,8 @@ def chat(
     from imagerag.agent.run import stream
 
     settings = make_settings(profile=profile, policy=policy, data_dir=data_dir)
+    if thread is not None:
+        settings = recorded(thread, settings)
     thread = thread or f"chat-{datetime.now():%Y%m%d-%H%M%S}"
     err.print(styled("thread ", (thread, "bold"), ": describe an image, then refine it; an empty line or 'exit' ends"))
     while True:
@@ -232,9 +243,12 @@ def chat(
 @app.command()
 def history(
     thread: Annotated[str, typer.Argument(help="Thread name.")],
+    concepts: Annotated[
+        bool, typer.Option("--concepts", help="Also show the objects and concepts after each turn.")
+    ] = False,
     data_dir: DataDir = None,
 ) -> None:
-    """List a thread's turns."""
+    """List a thread's turns, with the turn each continued from (a branch when it is not the one before)."""
     from imagerag.agent.run import history as thread_history
 
     try:
@@ -242,12 +256,25 @@ def history(
     except user_errors() as error:
         fail(user_message(error))
     table = Table(title=plain(f"thread {thread}"))
-    for column in ("turn", "message", "status", "best image", "satisfied", "missing"):
+    columns = ("turn", "from", "message", "status", "best image", "satisfied", "missing")
+    for column in (*columns, "objects", "concepts") if concepts else columns:
         table.add_column(column)
     for t in turns:
-        row = (t.index, t.message, t.status, t.best_image or "", "; ".join(t.satisfied), "; ".join(t.missing))
+        parent = "" if t.parent is None else str(t.parent) + ("" if t.parent == t.index - 1 else " (branch)")
+        row = [str(t.index), parent, t.message, t.status, t.best_image or "", "; ".join(t.satisfied)]
+        row.append("; ".join(t.missing))
+        if concepts:
+            row.append("\n".join(f"{o.id}: {describe_object(o)}" for o in t.scene.objects) if t.scene else "")
+            row.append("\n".join(f"{c.id} {c.kind}: {c.text} ({c.verdict})" for c in t.concepts))
         table.add_row(*map(plain, row))
     stdout.print(table)
+
+
+def describe_object(obj: SceneObject) -> str:
+    """An object as the history shows it: its words and its place."""
+    place = obj.cell or (f"{obj.relation} {obj.relative_to}" if obj.relation else obj.place) or "anywhere"
+    words = " ".join([*obj.attributes.values(), obj.noun])
+    return f"{obj.count} x {words}, {place}" if obj.count > 1 else f"{words}, {place}"
 
 
 def drive(
@@ -289,13 +316,16 @@ def drive(
             result = drive_run(start(), settings, on_event=lambda e: show_event(e, progress, task), reviewer=review)
         except user_errors() as error:
             progress.stop()
-            fail(user_message(error))
+            if exit_on_failure:
+                fail(user_message(error))
+            err.print(styled(("error:", "bold red"), " ", user_message(error)))  # a chat goes on
+            return
     if json_output:
         typer.echo(result.model_dump_json(indent=2))
     else:
         show_result(result)
-    if result.status == "failed" and exit_on_failure:
-        raise typer.Exit(1)
+    if exit_on_failure and result.status in EXIT_CODES:
+        raise typer.Exit(EXIT_CODES[result.status])
 
 
 def show_event(event: RunEvent, progress: Progress, task: TaskID) -> None:
@@ -337,7 +367,26 @@ def ask_reviewer(req: ReviewRequest) -> ReviewDecision:
         err.print(styled(("answer with accept, drop, keep ID[,ID] or replace PATH[,PATH]", "red")))
 
 
+def recorded(thread: str | None, settings: Settings) -> Settings:
+    """How a message to `thread` draws: as the thread was started (its recorded profile, ...), loaded before any
+    model is; `settings` for a new thread."""
+    from imagerag.agent.run import thread_settings
+
+    try:
+        return thread_settings(thread, settings)
+    except user_errors() as error:
+        fail(user_message(error))
+
+
+# A run that failed exits 1; an instruction that was not understood is the caller's to fix, like any bad input.
+EXIT_CODES = {"failed": 1, "needs_clarification": 2}
+
+
 def show_result(result: RunResult) -> None:
+    if result.clarification:
+        err.print(styled(("needs clarification:", "bold yellow"), " ", result.clarification))
+        err.print(plain(f"the thread is as it was (turn {result.turn}); send a clearer instruction"))
+        return
     title = f"{result.status} ({result.stop_reason}) · {result.rounds} round(s), {result.generations} image(s)"
     table = Table(title=plain(f"{title}, {result.elapsed:.1f} s"))
     for column in ("concept", "verdict", "score"):
@@ -353,6 +402,21 @@ def show_result(result: RunResult) -> None:
 
 thread_app = typer.Typer(no_args_is_help=True, help="Manage threads.")
 app.add_typer(thread_app, name="thread")
+
+
+@thread_app.command("undo")
+def thread_undo(
+    thread: Annotated[str, typer.Argument(help="Thread name.")],
+    data_dir: DataDir = None,
+    out: Annotated[Path, typer.Option(help="Folder that holds the thread's folder.")] = Path("runs"),
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Undo the thread's last change: a new turn with the objects and the image of the turn before it (the message
+    'undo' does the same)."""
+    from imagerag.agent.run import stream
+
+    settings = recorded(thread, make_settings(data_dir=data_dir))
+    drive(settings, lambda: stream("undo", settings, out, thread), json_output)
 
 
 @thread_app.command("delete")

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from imagerag.graphs.rules import best_of_turn
 from imagerag.graphs.state import Budget, RunState, RunStatus, Step, Turn, Usage
 from imagerag.tools.files import RunFolder
-from imagerag.tools.types import Candidate, Concept
+from imagerag.tools.types import Candidate, Concept, ScenePlan
 
 
 class RunSummary(BaseModel):
@@ -20,6 +20,9 @@ class RunSummary(BaseModel):
     status: RunStatus
     stop_reason: str
     error: str | None
+    clarification: str | None = Field(
+        default=None, description="With needs_clarification: the words not understood and why; the thread is as it was."
+    )
     prompt: str = Field(description="The prompt the image was drawn for (a refinement rewrites it).")
     turn: int = Field(description="1 for a new thread, then one more per refinement.")
     rounds: int
@@ -27,6 +30,7 @@ class RunSummary(BaseModel):
     best_image: str | None = Field(description="Path of the best image's PNG.")
     report: str = Field(description="Path of the run's report.html.")
     concepts: list[Concept] = Field(description="Every concept of the prompt with its verdict on the best image.")
+    scene: ScenePlan | None = Field(default=None, description="The objects the image must show, with their ids.")
 
     @property
     def satisfied(self) -> list[str]:
@@ -47,7 +51,9 @@ class RunSummary(BaseModel):
         ]
         if self.error:
             lines.append(f"error: {self.error}")
-        if self.missing and self.status != "failed":
+        if self.clarification:
+            lines.append(f"not done, needs clarification: {self.clarification}; send the thread a clearer instruction")
+        elif self.missing and self.status != "failed":
             lines.append(f"to refine, call again with thread={self.thread!r} and an instruction")
         return "\n".join(lines)
 
@@ -79,6 +85,8 @@ class RunResult(RunSummary):
                 include={
                     "stop_reason",
                     "error",
+                    "clarification",
+                    "scene",
                     "prompt",
                     "turn",
                     "concepts",

@@ -50,7 +50,18 @@ from imagerag.tools.toolkit import Backends, check_image
 
 Reviewer = Callable[[ReviewRequest], ReviewDecision]
 log = logging.getLogger(__name__)
-__all__ = ["RunError", "checked_decision", "delete_thread", "drive", "history", "prepare", "resume", "run", "stream"]
+__all__ = [
+    "RunError",
+    "checked_decision",
+    "delete_thread",
+    "drive",
+    "history",
+    "prepare",
+    "resume",
+    "run",
+    "stream",
+    "thread_settings",
+]
 
 
 def stream(
@@ -59,8 +70,10 @@ def stream(
     out: Path = Path("runs"),
     thread: str | None = None,
     backends: Backends | None = None,
+    from_turn: int | None = None,
 ) -> Iterator[RunEvent]:
-    """Start a run of `message`, or, when `thread` exists, continue it with `message` as a refinement.
+    """Start a run of `message`, or, when `thread` exists, continue it with `message` as a refinement (from its
+    last turn, or from turn `from_turn`: a branch).
 
     Yields typed events; the last one is Finished (with the RunResult) or ReviewRequested (paused). The thread is
     locked for one writer until that last event, which comes once the lock is released: a caller may resume the
@@ -68,7 +81,7 @@ def stream(
     """
     # An unknown profile, or the agent policy without an LLM, fails before anything else.
     settings.check(has_llm=None if backends is None else backends.llm is not None)
-    graph_input = _input(message, settings)
+    graph_input = _input(message, settings, from_turn)
     if thread is not None and not re.fullmatch(THREAD_PATTERN, thread):
         raise RunError(f"invalid thread name {thread!r}: use letters, digits, '.', '_' or '-' (at most 100)")
     run_dir = Path(out) / thread if thread else runfolder.new_run_dir(Path(out), message)
@@ -83,8 +96,10 @@ def stream(
                     f"thread {thread!r} has an unfinished run: continue it with `imagerag resume {thread}` first"
                 )
             settings = settings.with_recipe(runfolder.read_recipe(run_dir))
-            graph_input = _input(message, settings)
+            graph_input = _input(message, settings, from_turn)
         else:
+            if from_turn is not None:
+                raise RunError(f"--from-turn {from_turn} continues a thread, and there is no thread {thread!r} yet")
             runfolder.check_out_dir(Path(out))  # before loading models, which can take minutes
             if run_dir.exists():
                 raise RunError(f"{run_dir} exists and is not a thread here: choose another --thread or --out")
@@ -218,6 +233,18 @@ def drive(
             raise RunError("the run ended without a result")
 
 
+def thread_settings(thread: str | None, settings: Settings) -> Settings:
+    """The settings a message to `thread` runs with: the thread's recorded recipe (profile, policy, collection, ...)
+    over `settings` when the thread exists (a thread always draws as it started), else `settings`."""
+    if thread is None or not re.fullmatch(THREAD_PATTERN, thread):
+        return settings
+    with open_checkpointer(settings) as saver:
+        values = _thread_values(saver, thread)
+    if not values:
+        return settings
+    return settings.with_recipe(runfolder.read_recipe(_recorded_folder(thread, values)))
+
+
 def history(thread: str, settings: Settings) -> list[Turn]:
     with open_checkpointer(settings) as saver:
         values = _thread_values(saver, thread)
@@ -284,10 +311,10 @@ def _recorded_folder(thread: str, values: dict[str, Any]) -> Path:
     return Path(recorded)
 
 
-def _input(message: str, settings: Settings) -> dict[str, Any]:
+def _input(message: str, settings: Settings, from_turn: int | None = None) -> dict[str, Any]:
     try:
         return RunInput(
-            message=message, seed=settings.seed, budget=settings.budget, review=settings.review
+            message=message, seed=settings.seed, budget=settings.budget, review=settings.review, from_turn=from_turn
         ).model_dump()
     except ValidationError as error:
         raise RunError("; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())) from None

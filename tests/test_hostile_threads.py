@@ -76,7 +76,7 @@ def test_a_second_message_to_a_thread_being_written_is_refused_at_once(tiny_sett
     with pytest.raises(RunError, match="thread 'hostile-busy' " + BUSY):
         next(stream("add a circle", settings, tmp_path, thread="hostile-busy", backends=backends))
     second = list(first)[-1].result
-    assert second.turn == 2 and second.prompt == "a heart and a square, a star"
+    assert second.turn == 2 and second.prompt == "a heart, a square and a star"  # rewritten from its objects
     third = run("add a circle", settings, tmp_path, thread="hostile-busy", backends=backends)
     assert third.turn == 3  # once the thread is free, the refused message is simply the next turn
     assert [t.index for t in history("hostile-busy", settings)] == [1, 2, 3]

@@ -122,7 +122,13 @@ class BackendConfig(BaseModel):
     llm: LLMSettings = Field(default_factory=LLMSettings)
 
     def resolved_profile(self) -> Profile:
-        return PROFILES[self.profile]
+        profile = PROFILES[self.profile]
+        if profile.name != self.profile:  # backends are cached and looked up by the profile's own name
+            raise ConfigError(
+                f"the profile registered as {self.profile!r} calls itself {profile.name!r}: a package registers a "
+                "profile under its own name (its entry in the imagerag.profiles group)"
+            )
+        return profile
 
     @property
     def collection_name(self) -> str:
