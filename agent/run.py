@@ -203,9 +203,11 @@ def run(
     backends: Backends | None = None,
     on_event: Callable[[RunEvent], None] | None = None,
     reviewer: Reviewer | None = None,
+    from_turn: int | None = None,
 ) -> RunResult:
     """Run to the end and return the result. With `settings.review`, `reviewer` answers each pause."""
-    return drive(stream(message, settings, out, thread, backends), settings, backends, on_event, reviewer)
+    events = stream(message, settings, out, thread, backends, from_turn)
+    return drive(events, settings, backends, on_event, reviewer)
 
 
 def drive(

@@ -97,7 +97,9 @@ def targets_for_round(state: RunState, limit: int) -> list[Concept]:
     missing = [c for c in state.missing() if c.kind != "absent"]  # nothing to retrieve for what must not be there
     missing_ids = {c.id for c in missing}
     needs_reference = [c for c in missing if c.id not in from_text]
-    kept_by_reference = [c for c in state.concepts if c.id not in from_text and c.id not in missing_ids]
+    kept_by_reference = [
+        c for c in state.concepts if c.kind != "absent" and c.id not in from_text and c.verdict == "satisfied"
+    ]
     targets = needs_reference or kept_by_reference or missing
     return _reference_order(targets, missing_ids)[:limit]
 
