@@ -512,12 +512,12 @@ def index(
     from imagerag.tools.backends.store import (
         ReferenceStore,
         StoreError,
-        check_collection_name,
         chroma_client,
         disk_full,
         disk_full_message,
         writer_lock,
     )
+    from imagerag.tools.config import check_collection_name
 
     class ImagesPerSecond(ProgressColumn):
         def render(self, task: Task) -> Text:

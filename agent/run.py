@@ -45,6 +45,7 @@ from imagerag.graphs import build_graph
 from imagerag.graphs.context import RunContext, register_backends
 from imagerag.graphs.nodes import ReviewDecision, ReviewRequest, review_uploads
 from imagerag.graphs.state import THREAD_PATTERN, AgentState, Budget, RunInput, RunOutput, RunState, Turn, Usage
+from imagerag.tools.backends.store import disk_full
 from imagerag.tools.files import RunFolder, content_id
 from imagerag.tools.toolkit import Backends, check_image
 
@@ -126,6 +127,13 @@ def resume(
     answer = None if decision is None else checked_decision(decision)
     with open_checkpointer(base) as saver:
         run_dir = Path(run) if Path(run).is_dir() else None
+        if run_dir is not None:  # a folder is resumed only where its checkpoint says its images are
+            recorded = (_thread_values(saver, run_dir.name) or {}).get("run_dir")
+            if recorded and Path(recorded).resolve() != run_dir.resolve():
+                raise RunError(
+                    f"{run_dir} is not the folder its run recorded ({recorded}): a copy, perhaps; resume {recorded} "
+                    f"or the thread {run_dir.name!r}"
+                )
         if run_dir is None:
             values = _thread_values(saver, str(run))
             if not values:
@@ -367,7 +375,7 @@ def _drive(
             elif part["type"] == "updates":
                 yield from _update_events(part["data"], settings.budget, announced)
     except Exception as exc:  # noqa: BLE001 - any failure ends the run cleanly; the checkpoint keeps its work
-        error = f"{exc.__class__.__name__}: {exc}"
+        error = _full_disk(run_dir, exc) if disk_full(exc) else f"{exc.__class__.__name__}: {exc}"
     snapshot = graph.get_state(config)
     state = (AgentState if settings.policy == "agent" else RunState).model_validate(snapshot.values)
     pending = [i.value for task in snapshot.tasks for i in task.interrupts]
@@ -378,9 +386,21 @@ def _drive(
     elif pending:
         state = state.model_copy(update={"status": "paused", "stop_reason": "review"})
     result = RunResult.of(state, run_dir, settings.policy, settings.profile, time.time() - started)
-    runfolder.write_outputs(result)
+    try:
+        runfolder.write_outputs(result)
+    except OSError as exc:
+        if not disk_full(exc):
+            raise
+        raise RunError(_full_disk(run_dir, exc)) from None
     return (
         ReviewRequested(run_dir=str(run_dir), request=pending[0]) if pending and not error else Finished(result=result)
+    )
+
+
+def _full_disk(run_dir: Path, error: BaseException) -> str:
+    return (
+        f"the disk holding {run_dir} is full ({str(error)[:200]}): every image and step finished so far is kept in the "
+        f"run folder and its checkpoint; free space on that disk, then `imagerag resume {run_dir}` goes on from there"
     )
 
 

@@ -6,14 +6,43 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
+from imagerag.tools.errors import ConfigError
 from imagerag.tools.registry import Registry
 
 Offload = Literal["none", "model", "sequential"]
+
+
+_COLLECTION_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{1,61}[a-zA-Z0-9]")
+
+
+class CollectionNameError(ConfigError):
+    """A collection name chromadb would refuse (or a path in disguise); refused before chromadb sees it."""
+
+
+def check_collection_name(name: str) -> str:
+    """`name` when chromadb accepts it as a collection name, else CollectionNameError saying the rule."""
+    if _COLLECTION_NAME.fullmatch(name) and ".." not in name and not _is_ipv4(name):
+        return name
+    shown = name if len(name) <= 80 else f"{name[:80]}... ({len(name):,} characters)"
+    raise CollectionNameError(
+        f"collection name {shown!r} is not allowed: use 3 to 63 characters from a-z, A-Z, 0-9, '.', '_' and '-', "
+        "starting and ending with a letter or a digit, without '..' and not an IP address (e.g. --collection my-photos)"
+    )
+
+
+def _is_ipv4(name: str) -> bool:
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class IPAdapterSpec(BaseModel):
@@ -108,6 +137,12 @@ class BackendConfig(BaseModel):
 
     profile: str = Field(default="sdxl", description="A profile of the `imagerag.profiles` registry: sdxl, mini, ...")
     collection: str | None = Field(default=None, description="Reference collection; default: the profile's.")
+
+    @field_validator("collection")
+    @classmethod
+    def _collection_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_collection_name(value)
+
     data_dir: Path = Field(default_factory=default_data_dir, description="chromadb, built models, threads.")
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
     offload: Offload = Field(

@@ -59,7 +59,6 @@ from imagerag.tools.backends.store import (
     ImageTooLarge,
     ReferenceStore,
     StoreError,
-    check_collection_name,
     check_model,
     check_pixels,
     disk_full,
@@ -67,6 +66,7 @@ from imagerag.tools.backends.store import (
     reference_cache,
     to_rgb,
 )
+from imagerag.tools.config import check_collection_name
 from imagerag.tools.files import atomic_write
 
 if TYPE_CHECKING:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import ipaddress
 import json
 import logging
 import os
@@ -55,6 +54,7 @@ from PIL import Image, ImageOps
 
 from imagerag.tools.backends.clip import ClipEmbedder, EmbeddingModelInfo
 from imagerag.tools.backends.sources import bound_caption
+from imagerag.tools.config import check_collection_name
 from imagerag.tools.errors import ImageRAGError
 from imagerag.tools.types import RetrievalHit
 
@@ -70,7 +70,6 @@ REFERENCE_CACHE_DIR = "references"  # below a data folder: copies of shard and p
 WRITER_LOCK_FILE = "chroma.lock"  # below a data folder: held by the process writing its embedded database
 # chromadb's own rule (3-63 characters, which a Chroma server before 1.0 enforces; 1.x allows 512), checked before
 # chromadb sees the name, so a bad one is a usage error wherever it comes from.
-_COLLECTION_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{1,61}[a-zA-Z0-9]")
 WHITE = (255, 255, 255)
 # Below this much free space, a chromadb InternalError is taken for a full disk (its compaction error hides ENOSPC).
 LOW_SPACE_BYTES = 16 << 20
@@ -94,10 +93,6 @@ class ImageTooLarge(ImageRAGError):
     """An image over MAX_IMAGE_PIXELS; refused before it is decoded."""
 
 
-class CollectionNameError(StoreError):
-    """A collection name chromadb would refuse (or a path in disguise); refused before chromadb sees it."""
-
-
 class StoreBusy(StoreError):
     """Another process is writing the data folder's embedded database and the wait for it ran out."""
 
@@ -113,25 +108,6 @@ class DiskFull(StoreError):
     def __init__(self, message: str, detail: str = ""):
         super().__init__(message)
         self.detail = detail or message
-
-
-def check_collection_name(name: str) -> str:
-    """`name` when chromadb accepts it as a collection name, else CollectionNameError saying the rule."""
-    if _COLLECTION_NAME.fullmatch(name) and ".." not in name and not _is_ipv4(name):
-        return name
-    shown = name if len(name) <= 80 else f"{name[:80]}... ({len(name):,} characters)"
-    raise CollectionNameError(
-        f"collection name {shown!r} is not allowed: use 3 to 63 characters from a-z, A-Z, 0-9, '.', '_' and '-', "
-        "starting and ending with a letter or a digit, without '..' and not an IP address (e.g. --collection my-photos)"
-    )
-
-
-def _is_ipv4(name: str) -> bool:
-    try:
-        ipaddress.IPv4Address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def disk_full(error: BaseException) -> bool:
@@ -600,7 +576,6 @@ class ReferenceStore:
 
 def default_sheet_path(caption: str, folder: Path = Path(".")) -> Path:
     """./<caption in words>.png, or -2, -3, ... after it: an existing file is never overwritten."""
-    import re
 
     stem = re.sub(r"[^a-z0-9]+", "-", caption.lower()).strip("-")[:60] or "search"
     path, n = Path(folder) / f"{stem}.png", 1
