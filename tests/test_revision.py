@@ -16,11 +16,9 @@ from imagerag.tools.backends.planner import (
     ConceptList,
     LLMDecomposer,
     RuleDecomposer,
-    apply_revision,
     revise_turn,
 )
 from imagerag.tools.config import PROFILES
-from imagerag.tools.errors import ImageRAGError
 from imagerag.tools.grid import CELL_BOXES
 from imagerag.tools.revision import (
     OPEN_VOCABULARY,
@@ -486,21 +484,6 @@ def test_the_llm_readers_unknown_or_malformed_changes_are_refused():
     understanding = LLMDecomposer(_llm(malformed, None), retries=1, vocabulary=MINI).understand("boom", scene)
     [refusal] = understanding.refusals
     assert refusal.clause == "boom" and "could not be read as changes" in refusal.reason
-
-
-def test_the_legacy_llm_revise_returns_a_revision_or_raises_a_refusal():
-    concepts, _ = RuleDecomposer().decompose("a large blue circle")
-    answer = {"changes": [{"op": "set_attribute", "target": {"noun": "circle"}, "value": "red"}]}
-    revision, tokens = LLMDecomposer(_llm(answer)).revise("a large blue circle", concepts, "make the circle red")
-    assert revision.prompt == "a large red circle" and tokens == 100
-    assert [(c.id, c.text) for c in apply_revision(concepts, revision)] == [
-        ("c1", "a circle"),
-        ("c2", "a large circle"),
-        ("c4", "a red circle"),
-    ]
-    refusal = {"refusals": [{"clause": "paint it", "reason": "which colour?"}]}
-    with pytest.raises(ImageRAGError, match='"paint it": which colour'):
-        LLMDecomposer(_llm(refusal)).revise("a large blue circle", concepts, "paint it")
 
 
 def test_check_changes_sees_the_scene_that_earlier_changes_made():

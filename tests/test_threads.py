@@ -8,7 +8,7 @@ from imagerag.agent.events import BudgetLeft, Finished, NodeFinished, NodeStarte
 from imagerag.agent.run import RunError, history, resume, run, stream
 from imagerag.graphs.nodes import ReviewDecision
 from imagerag.graphs.state import Budget
-from imagerag.tools.backends.planner import ConceptList, RuleDecomposer
+from imagerag.tools.backends.planner import ConceptList, RuleDecomposer, revise_turn
 from imagerag.tools.files import content_id
 
 PROMPT = "a heart and a blue square"  # c1 a heart, c2 a square, c3 a blue square (needs c2)
@@ -177,22 +177,28 @@ def test_long_prompts_fix_objects_before_their_attributes_and_rotate_within_the_
     ]
 
 
-def test_rule_revisions():
+def test_rule_revisions_on_an_open_vocabulary():
+    """Off the miniature world, any object can be added or removed; only a clause that does not parse is refused."""
     rules = RuleDecomposer()
-    prompt = "a dog with a red scarf, a lighthouse"
-    concepts, _ = rules.decompose(prompt)
-    assert [c.text for c in concepts] == ["a dog", "a scarf", "a red scarf", "a lighthouse"]
-    revision, _ = rules.revise(prompt, concepts, "remove the lighthouse")
-    assert revision.prompt == "a dog and a red scarf" and [c.text for c in revision.concepts] == [
-        "a dog",
-        "a scarf",
-        "a red scarf",
+    scene, concepts, _ = rules.plan("a dog with a red scarf, a lighthouse")
+    assert [(c.id, c.text, c.object_id) for c in concepts] == [
+        ("c1", "a dog", "o1"),
+        ("c2", "a scarf", "o2"),
+        ("c3", "a red scarf", "o2"),
+        ("c4", "a lighthouse", "o3"),
     ]
-    revision, _ = rules.revise(prompt, concepts, "make the scarf green")
-    assert revision.prompt == "a dog with a green scarf, a lighthouse"
-    assert [(c.text, c.keep) for c in revision.concepts][1:3] == [("a scarf", "c2"), ("a green scarf", None)]
-    revision, _ = rules.revise("a cat", concepts[:1], "add a lighthouse behind it")
-    assert revision.prompt == "a cat, a lighthouse behind it" and revision.concepts[0].keep == "c1"
-    assert [c.text for c in revision.concepts[1:]] == ["a lighthouse", "a lighthouse behind it"] and revision.concepts[
-        2
-    ].parent == 2
+    removed = revise_turn(rules, scene, concepts, "remove the lighthouse").applied
+    assert removed is not None and removed.prompt == "a dog and a red scarf"
+    assert [(c.id, c.text, c.kind) for c in removed.concepts][-1] == ("c5", "no lighthouse", "absent")
+    green = revise_turn(rules, scene, concepts, "make the scarf green").applied
+    assert green is not None and green.prompt == "a dog, a green scarf and a lighthouse"
+    assert [(c.id, c.text) for c in green.concepts] == [
+        ("c1", "a dog"),
+        ("c2", "a scarf"),
+        ("c5", "a green scarf"),
+        ("c4", "a lighthouse"),
+    ]
+    kite = revise_turn(rules, scene, concepts, "add a kite above the lighthouse").applied
+    assert kite is not None and kite.prompt.endswith("a kite above a lighthouse")
+    assert [c.text for c in kite.concepts][-2:] == ["a kite", "a kite above a lighthouse"]
+    assert not revise_turn(rules, scene, concepts, "sing a song").understanding.understood

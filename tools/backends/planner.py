@@ -17,12 +17,11 @@ from pydantic import BaseModel, Field
 
 from imagerag.prompts import render
 from imagerag.tools.backends.llm import LLMOutputError, structured_call
-from imagerag.tools.grid import CELL_PHRASES, article, named_cell
+from imagerag.tools.grid import article
 from imagerag.tools.revision import (
     OPEN_VOCABULARY,
     Applied,
     ChangeList,
-    InstructionRefused,
     Refusal,
     Understanding,
     Vocabulary,
@@ -56,23 +55,10 @@ class ConceptList(BaseModel):
     concepts: list[ConceptSpec] = Field(min_length=1)
 
 
-class RevisedConcept(ConceptSpec):
-    keep: str | None = Field(
-        default=None, description="Id of the existing concept this is, unchanged; null if new or changed."
-    )
-
-
-class Revision(BaseModel):
-    """A thread's next message applied to its prompt and concepts."""
-
-    prompt: str = Field(description="The whole prompt, rewritten to include the change.")
-    concepts: list[RevisedConcept] = Field(min_length=1)
-
-
 class Decomposer(Protocol):
-    def decompose(self, prompt: str) -> tuple[list[Concept], int]: ...
+    """Splits a prompt into concepts; a SceneReader also keeps objects with identity and reads a thread's messages."""
 
-    def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]: ...
+    def decompose(self, prompt: str) -> tuple[list[Concept], int]: ...
 
 
 @runtime_checkable
@@ -115,48 +101,6 @@ def number(specs: list[ConceptSpec], owners: Sequence[int] | None = None) -> lis
     return [
         c.model_copy(update={"depends_on": [p] if (p := parents.get(c.id)) and p != c.id else []}) for c in concepts
     ]
-
-
-def apply_revision(old: list[Concept], revision: Revision) -> list[Concept]:
-    """Kept concepts keep their id and verdict; new or changed ones get fresh ids and start pending."""
-    by_id = {c.id: c for c in old}
-    next_id = 1 + max((int(c.id[1:]) for c in old if c.id[1:].isdigit()), default=0)
-    concepts: list[Concept] = []
-    for spec in revision.concepts:
-        kept = by_id.get(spec.keep or "")
-        if kept is not None and kept.text == spec.text:
-            moved = {"box": spec.box} if spec.box is not None else {}
-            concepts.append(kept.model_copy(update={"depends_on": [], **moved}))
-        else:
-            concepts.append(Concept(id=f"c{next_id}", text=spec.text, kind=spec.kind, box=spec.box))
-            next_id += 1
-    for concept, spec in zip(concepts, revision.concepts, strict=True):
-        if spec.parent and 1 <= spec.parent <= len(concepts) and concepts[spec.parent - 1] is not concept:
-            concept.depends_on = [concepts[spec.parent - 1].id]
-        elif (kept := by_id.get(spec.keep or "")) is not None:
-            concept.depends_on = [d for d in kept.depends_on if d in {c.id for c in concepts}]
-    return concepts
-
-
-def revision_of(applied_prompt: str, concepts: list[Concept], old: list[Concept]) -> Revision:
-    """A compatibility adapter: new concepts as the legacy Revision that `apply_revision` turns back into them (kept
-    concepts by id and text; new ones get fresh ids). Boxes of absent concepts and object ids are not carried."""
-    old_ids = {(c.id, c.text) for c in old}
-    position = {c.id: i for i, c in enumerate(concepts, 1)}
-    return Revision(
-        prompt=applied_prompt,
-        concepts=[
-            RevisedConcept(
-                text=c.text,
-                kind=c.kind,
-                keep=c.id if (c.id, c.text) in old_ids else None,
-                parent=position.get(c.depends_on[0]) if c.depends_on else None,
-                box=c.box if c.kind == "object" else None,
-                attribute=c.attribute,
-            )
-            for c in concepts
-        ],
-    )
 
 
 class LLMDecomposer:
@@ -204,25 +148,14 @@ class LLMDecomposer:
         refusals = [*answer.refusals, *checked.refusals]
         return checked.model_copy(update={"refusals": refusals, "tokens": tokens})
 
-    def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]:
-        """The legacy interface (Toolkit.revise): the same typed changes, returned as a Revision. A message that is
-        not understood raises InstructionRefused."""
-        scene, tagged = objects_of_concepts(concepts, self.vocabulary)
-        understanding = self.understand(instruction, scene)
-        if understanding.refusals:
-            raise InstructionRefused(understanding.refusals)
-        applied = apply_changes(scene, tagged, understanding.changes, vocabulary=self.vocabulary)
-        return revision_of(applied.prompt, applied.concepts, concepts), understanding.tokens
-
 
 class RuleDecomposer:
     """Offline parser, in the spirit of DSG. Splits a prompt into noun-phrase clauses (at commas, semicolons, and
     'and'/'with' before a determiner; 'black and white photo' stays whole), then each clause into its object
     ('a heart'), one attribute per adjective ('a red heart') and its relation ('a heart on the left'); attributes
     and relations depend on their object. Style phrases become style concepts. Each object gets an id: two squares
-    are two objects. Messages are read by tools.revision's rules (`understand`); the legacy `revise` understands
-    'add X', 'remove X' and 'make the N ADJ' and adds anything else. An LLM does all of this far better; this keeps
-    the system usable offline.
+    are two objects. Messages are read by tools.revision's rules (`understand`). An LLM does all of this far
+    better; this keeps the system usable offline.
     """
 
     def __init__(self, vocabulary: Vocabulary = OPEN_VOCABULARY):
@@ -236,15 +169,6 @@ class RuleDecomposer:
     _STYLE = re.compile(
         r"\b(style|watercolou?r|oil painting|sketch|pixel art|cartoon|anime|photorealistic|3d render|low poly)\b",
         re.IGNORECASE,
-    )
-    _LEAD = r"^(?:(?:now|please|also|and|then),?\s+)*"
-    _ADD = re.compile(_LEAD + r"(?:add|include|put in|put)\s+(.+)$", re.IGNORECASE)
-    _REMOVE = re.compile(
-        _LEAD + r"(?:remove|drop|delete|take out|get rid of|without|no)\s+(?:the\s+)?(.+)$", re.IGNORECASE
-    )
-    _MOVE = re.compile(_LEAD + r"(?:move|shift)\s+(?:the\s+)?(\w+)\s+(.+)$", re.IGNORECASE)
-    _CHANGE = re.compile(
-        _LEAD + r"(?:make|turn|change|paint|colou?r)\s+(?:the\s+)?(.+?)\s+(?:to\s+|into\s+)?(\w+)$", re.IGNORECASE
     )
 
     def clauses(self, text: str) -> list[str]:
@@ -300,25 +224,6 @@ class RuleDecomposer:
                 parts += self._clause_specs(related.group(1), parent=parent + len(parts))
         return parts
 
-    def _moved(self, prompt: str, kept: list[RevisedConcept], noun: str, place: str) -> Revision:
-        """'move the ring to the left': the ring's place ('a ring on the left') replaces its old place or relation,
-        in the concepts and in the prompt's clause about the ring."""
-        cell = named_cell(place)
-        where = CELL_PHRASES[cell] if cell else re.sub(r"\bthe\b", "a", place.strip())
-        own = [k for k in kept if k.kind == "relation" and k.text.lower().split()[1:2] == [noun]]
-        obj = next(k for k in kept if noun in k.text.lower().split())
-        text = f"{article(noun)} {noun} {where}"
-        concepts = [k for k in kept if k not in own] + [
-            RevisedConcept(text=text, kind="relation", parent=kept.index(obj) + 1)
-        ]
-        clauses = self.clauses(prompt)
-        for i, clause in enumerate(clauses):
-            words = clause.split()
-            if noun in [w.lower() for w in words]:
-                head = words[: [w.lower() for w in words].index(noun) + 1]
-                clauses[i] = " ".join([*head, where])
-        return Revision(prompt=", ".join(clauses), concepts=concepts)
-
     def plan(self, prompt: str) -> tuple[ScenePlan, list[Concept], int]:
         """The prompt's objects (each with an id) and concepts (each naming its object)."""
         specs = self.specs(prompt) or [ConceptSpec(text=prompt.strip())]
@@ -340,89 +245,6 @@ class RuleDecomposer:
     ) -> Understanding:
         """The message's clauses as checked changes, or refusals quoting the clauses (tools.revision)."""
         return understand_by_rules(message, scene, self.vocabulary, boxes, previous)
-
-    def revise(self, prompt: str, concepts: list[Concept], instruction: str) -> tuple[Revision, int]:
-        kept = [RevisedConcept(text=c.text, kind=c.kind, keep=c.id) for c in concepts]
-        text = instruction.strip().rstrip(".!")
-        if (match := self._MOVE.match(text)) and any(match.group(1).lower() in k.text.lower().split() for k in kept):
-            return self._moved(prompt, kept, match.group(1).lower(), match.group(2)), 0
-        if match := self._REMOVE.match(text):
-            noun = match.group(1).split()[-1].lower()
-            remaining = [k for k in kept if noun not in k.text.lower().split()]
-            prompt = " and ".join(c for c in self.clauses(prompt) if noun not in c.lower().split()) or prompt
-            return Revision(prompt=prompt, concepts=remaining or kept), 0
-        if (match := self._CHANGE.match(text)) and not self._ADD.match(text):
-            noun, adjective = match.group(1).split()[-1].lower(), match.group(2).lower()
-            if any(noun in k.text.lower().split() for k in kept):
-                # The attribute in front of the noun changes ('a blue square' -> 'a green square'); with none,
-                # the new attribute is added beside its object.
-                changed = [k for k in kept if _adjective_before(k.text, noun)]
-                # The changed attribute still belongs to its object (1-based position, as a parent).
-                owner = next(
-                    (i for i, k in enumerate(kept, 1) if k.kind == "object" and k.text.split()[-1] == noun), None
-                )
-                for k in changed:
-                    k.text, k.keep, k.parent = _set_adjective(k.text, noun, adjective), None, owner
-                if not changed:
-                    kept.append(
-                        RevisedConcept(text=f"{article(adjective)} {adjective} {noun}", kind="attribute", parent=owner)
-                    )
-                return Revision(prompt=_set_adjective(prompt, noun, adjective), concepts=kept), 0
-            text = f"a {adjective} {noun}"
-        if match := self._ADD.match(text):
-            text = match.group(1)
-        added = [RevisedConcept(**s.model_dump()) for s in self.specs(text, offset=len(kept))]
-        return Revision(prompt=f"{prompt}, {text}" if added else prompt, concepts=kept + added), 0
-
-
-# Words a change replaces in front of its noun ('a red scarf' + 'make the scarf green' -> 'a green scarf').
-_ADJECTIVES = {
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "purple",
-    "orange",
-    "pink",
-    "black",
-    "white",
-    "grey",
-    "gray",
-    "brown",
-    "gold",
-    "silver",
-    "small",
-    "large",
-    "big",
-    "tiny",
-    "huge",
-    "tall",
-    "short",
-    "old",
-    "young",
-    "wooden",
-    "metal",
-    "glass",
-    "striped",
-    "dotted",
-}
-
-
-def _adjective_before(text: str, noun: str) -> bool:
-    words = [w.lower().strip(",.") for w in text.split()]
-    return noun in words and words.index(noun) > 0 and words[words.index(noun) - 1] in _ADJECTIVES
-
-
-def _set_adjective(text: str, noun: str, adjective: str) -> str:
-    words = text.split()
-    for i, word in enumerate(words):
-        if word.lower().strip(",.") == noun:
-            if i > 0 and words[i - 1].lower() in _ADJECTIVES:
-                words[i - 1] = adjective
-            else:
-                words.insert(i, adjective)
-            return " ".join(words)
-    return text
 
 
 class TurnRevision(BaseModel):
