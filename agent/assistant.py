@@ -40,7 +40,7 @@ from imagerag.agent.events import (
     Verdicts,
 )
 from imagerag.agent.result import RunResult
-from imagerag.graphs.state import MAX_PROMPT_CHARS, THREAD_PATTERN, Budget, RunInput
+from imagerag.graphs.state import MAX_PROMPT_CHARS, MAX_RETRIEVE_K, MAX_ROUNDS, THREAD_PATTERN, Budget, RunInput
 from imagerag.tools.errors import ConfigError, ImageRAGError, user_errors, user_message
 from imagerag.tools.toolkit import Backends
 from imagerag.tools.types import RetrievalHit
@@ -48,8 +48,6 @@ from imagerag.tools.types import RetrievalHit
 if TYPE_CHECKING:
     from imagerag.graphs.nodes import ReviewDecision, ReviewRequest
 
-MAX_ROUNDS = 10
-MAX_HITS = 20
 
 PromptText = Annotated[
     str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw, in plain words.")
@@ -75,7 +73,9 @@ ThreadName = Annotated[
 Caption = Annotated[
     str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the reference images should show.")
 ]
-HitCount = Annotated[int, Field(strict=True, ge=1, le=MAX_HITS, description="Reference images to return at most.")]
+HitCount = Annotated[
+    int, Field(strict=True, ge=1, le=MAX_RETRIEVE_K, description="Reference images to return at most.")
+]
 
 
 class AssistantError(ImageRAGError):
