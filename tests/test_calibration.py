@@ -146,8 +146,8 @@ def mini_calibration(tmp_path_factory) -> tuple[Calibration, object]:
     from imagerag.agent.config import Settings
     from imagerag.tools.backends.indexer import index_folders
     from imagerag.tools.backends.loading import load_embedder
-    from imagerag.tools.config import MINI_COLLECTION
     from imagerag.tools.miniworld.world import write_corpus
+    from imagerag.tools.profiles import MINI_COLLECTION
 
     root = tmp_path_factory.mktemp("mini-calibration")
     write_corpus(root / "corpus", n=1200, seed=1)

@@ -17,8 +17,8 @@ from imagerag.graphs.state import Budget
 from imagerag.tools.backends.indexer import index_folders
 from imagerag.tools.backends.loading import load_backends, load_embedder, open_store
 from imagerag.tools.backends.store import ReferenceStore, chroma_client
-from imagerag.tools.config import MINI_COLLECTION
 from imagerag.tools.miniworld.world import SHAPES, corpus_scenes, write_corpus
+from imagerag.tools.profiles import MINI_COLLECTION
 
 CORPUS = 700  # every single-object scene of the corpus half (about 650), then a few random scenes
 
