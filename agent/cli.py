@@ -603,7 +603,6 @@ def search(
     from imagerag.tools.backends.loading import calibrated, load_embedder
     from imagerag.tools.backends.store import (
         ReferenceStore,
-        StoreError,
         chroma_client,
         contact_sheet,
         default_sheet_path,
@@ -614,10 +613,10 @@ def search(
         store = ReferenceStore.open(
             chroma_client(settings.data_dir, chroma_url), settings.collection_name, load_embedder(settings)
         )
-    except StoreError as error:
+        threshold = calibrated(settings).retrieval_min_similarity if min_similarity is None else min_similarity
+        hits = store.search(caption, k, threshold, mmr_lambda=mmr)  # a damaged collection says so here
+    except user_errors() as error:
         fail(user_message(error))
-    threshold = calibrated(settings).retrieval_min_similarity if min_similarity is None else min_similarity
-    hits = store.search(caption, k, threshold, mmr_lambda=mmr)
     table = Table(title=plain(f"{len(hits)} hit(s) for {caption!r} at similarity >= {threshold:.3f}"))
     for column in ("similarity", "caption", "source"):
         table.add_column(column)
