@@ -9,17 +9,7 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from imagerag.tools.grid import (  # noqa: F401 - the grid's names, re-exported while planner and judges move to tools.grid
-    CELL_BOXES,
-    CELL_NAMES,
-    CELL_PHRASES,
-    NUMBERS,
-    article,
-    named_cell,
-    relation_object,
-    relation_sign,
-    singular,
-)
+from imagerag.tools.grid import CELL_BOXES
 from imagerag.tools.types import Box
 
 
