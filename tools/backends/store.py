@@ -4,11 +4,11 @@ The collection records its embedding model (name, pretrained tag, dimension); op
 refused, because similarities across embedding spaces are meaningless.
 
 Minimum similarity (`min_similarity`) is a cosine between a caption's text embedding and an image embedding, so
-its meaning depends on the embedding model; each profile carries its own (agent/config.py):
+its meaning depends on the embedding model; each profile carries its own (tools/profiles.py):
 - tiny (random open_clip): -1.0, i.e. no threshold; a random model's similarities mean nothing.
 - mini (the miniature world's CLIP): measured by evals/miniworld/train_clip.py on the world's corpus and read
   from mini:clip/calibration.json: the cosine that best separates queries whose concept the corpus holds from
-  queries whose concept it lacks (0.6141 for the current model, balanced accuracy 0.967 on 60 + 60 queries).
+  queries whose concept it lacks (the figures are in the README).
 - ViT-B-32/openai: 0.22, a starting point from the usual ranges (matching photo 0.25-0.32, unrelated
   0.12-0.20). It could not be measured here (no weights offline); calibrate it on your own collection.
 
