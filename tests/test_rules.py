@@ -14,18 +14,20 @@ import pytest
 
 import imagerag.graphs.state as state_module
 from imagerag.graphs.rules import (
+    absent_regions,
     best_candidate,
     best_of_turn,
     clock,
     concepts_from_best,
     drawn_from_text,
+    edit_regions,
     enforce_dependencies,
     rank_key,
     stop_reason,
     targets_for_round,
 )
 from imagerag.graphs.state import Budget, RunState, Usage
-from imagerag.tools.types import Candidate, Concept, ConceptVerdict, RetrievalHit, Verdict
+from imagerag.tools.types import Box, Candidate, Concept, ConceptVerdict, RetrievalHit, Verdict
 
 # Two objects (c1 a fox, c2 a tree) and one attribute of each (c3 red -> c1, c4 tall -> c2).
 FOX, TREE, RED, TALL = "c1", "c2", "c3", "c4"
@@ -408,3 +410,30 @@ def test_stop_reason_without_seconds_or_token_limits_runs_on(frozen_now):
     unlimited = Budget(max_rounds=4, max_generations=6, max_seconds=None, max_tokens=None)
     usage = Usage(rounds=3, generations=5, llm_tokens=10**9)
     assert stop_reason(run_state(scene(), budget=unlimited, usage=usage, started_at=frozen_now - 1e6)) is None
+
+
+# --- absent objects ---------------------------------------------------------------------------------------------------
+
+GONE = "c5"  # a tree a message removed: it must be absent, judged where it was
+
+
+def with_absence(verdicts: dict[str, Verdict]) -> list[Concept]:
+    box = Box(x0=0.0, y0=0.0, x1=1 / 3, y1=1 / 3)
+    gone = Concept(id=GONE, text="no tree", kind="absent", verdict=verdicts.get(GONE, "pending"), box=box)
+    return [*scene(verdicts), gone]
+
+
+def test_an_absent_object_is_never_a_reference_target():
+    concepts = with_absence({FOX: "satisfied", TREE: "satisfied", RED: "satisfied", TALL: "satisfied"})
+    best = candidate("a", {FOX, TREE, RED, TALL}, judged_ids=(FOX, TREE, RED, TALL, GONE))
+    assert targets_for_round(run_state(concepts, [best]), limit=3) == []
+
+
+def test_an_absent_object_still_seen_is_cleared_where_it_was_and_nothing_else_is_redrawn():
+    concepts = with_absence({FOX: "satisfied", TREE: "satisfied", RED: "satisfied", TALL: "satisfied"})
+    best = candidate("a", {FOX, TREE, RED, TALL}, judged_ids=(FOX, TREE, RED, TALL, GONE))
+    [region] = edit_regions(run_state(concepts, [best]), occupied=set())
+    assert region.text == "" and region.concept_ids == [GONE] and region.box == concepts[-1].box
+    gone = candidate("b", {FOX, TREE, RED, TALL, GONE}, judged_ids=(FOX, TREE, RED, TALL, GONE))
+    assert edit_regions(run_state(concepts, [gone]), occupied=set()) == []  # absent already: nothing to clear
+    assert absent_regions(concepts, gone) == []
