@@ -74,14 +74,14 @@ def next_turn(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     tools = toolkit(state, runtime)
     base = _base_turn(state)
     if isinstance(base, str):
-        return _needs_clarification(state, base)
+        return _needs_clarification(base)
     scene, concepts, best = _turn_values(state, base)
     parent = _turn(state, base.parent) if base is not None and base.parent is not None else None
     seen = {v.concept_id: v.box for v in best.verdicts if v.box} if best else {}
     revision = tools.revise_turn(scene, concepts, state.message, seen, parent.scene if parent else None)
     applied = revision.applied
     if applied is None:
-        return _needs_clarification(state, revision.understanding.message)
+        return _needs_clarification(revision.understanding.message)
     if any(isinstance(change, Undo) for change in revision.understanding.changes) and parent is not None:
         _, concepts, best = _turn_values(state, parent)  # back to the image the undone turn started from
     turn = max((t.index for t in state.turns), default=state.turn) + 1
@@ -167,7 +167,7 @@ def _turn_values(state: RunState, turn: Turn | None) -> tuple[ScenePlan, list[Co
     return scene, concepts, best
 
 
-def _needs_clarification(state: RunState, why: str) -> dict[str, Any]:
+def _needs_clarification(why: str) -> dict[str, Any]:
     """End the turn without touching the thread: its objects, concepts, images and turns stay as they were."""
     return {
         "status": "needs_clarification",
