@@ -30,7 +30,8 @@ INITIALIZE = {
     "method": "initialize",
     "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "probe", "version": "0"}},
 }
-FINISHED = {"satisfied", "budget_exhausted", "stopped"}
+# A call ends with an image (satisfied, a budget spent, stopped) or, for a refinement it cannot map, a question.
+FINISHED = {"satisfied", "budget_exhausted", "stopped", "needs_clarification"}
 
 
 def text_of(result) -> str:
@@ -255,6 +256,8 @@ def check_answer(result) -> None:
         assert all(Path(hit["source"]).exists() for hit in answer["hits"])
         return
     assert answer["status"] in FINISHED, answer
+    # An instruction the reviser cannot map is answered, not guessed: the thread as it was, and why.
+    assert (answer["status"] == "needs_clarification") == bool(answer["clarification"]), answer
     assert answer["best_image"] is None or Path(answer["best_image"]).exists()
 
 

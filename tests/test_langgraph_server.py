@@ -240,7 +240,7 @@ def test_the_issue_sequence_refines_the_image_after_a_blank_message(langgraph_se
     )
     assert answer.status_code == 422
     refined = client.runs.wait(thread, "imagerag", input={"message": "add a blue ring", "budget": {"max_rounds": 1}})
-    assert refined["turn"] == 2 and refined["prompt"] == "a red square, a blue ring", refined
+    assert refined["turn"] == 2 and refined["prompt"] == "a red square and a blue ring", refined
     assert [t["message"] for t in refined["turns"]] == ["a red square", "add a blue ring"]
     assert len(client.threads.get_history(thread, limit=1000)) > 2
 
@@ -354,7 +354,7 @@ def test_a_thread_broken_before_the_check_names_its_repair_and_the_repair_restor
     values = client.threads.get_state(thread)["values"]
     assert values["message"] == "a red square" and len(values["turns"]) == 1 and values["candidates"]
     refined = client.runs.wait(thread, "imagerag", input={"message": "add a blue ring", "budget": {"max_rounds": 1}})
-    assert refined["turn"] == 2 and refined["prompt"] == "a red square, a blue ring", refined
+    assert refined["turn"] == 2 and refined["prompt"] == "a red square and a blue ring", refined
     client.threads.get_history(thread, limit=1000)
 
     again = post(langgraph_server, repair_path, {})
