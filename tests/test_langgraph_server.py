@@ -118,7 +118,7 @@ def test_a_thread_runs_through_langgraph_server(langgraph_server, data_dir):
     # Studio and the server show a caller only what it sets, gets back and may configure.
     for assistant in assistants.values():
         schemas = client.assistants.get_schemas(assistant["assistant_id"])
-        assert set(schemas["input_schema"]["properties"]) == {"message", "seed", "budget", "review"}
+        assert set(schemas["input_schema"]["properties"]) == {"message", "seed", "budget", "review", "from_turn"}
         assert {"status", "concepts", "candidates"} <= set(schemas["output_schema"]["properties"])
         assert not {"hits", "started_at", "instruction", "messages"} & set(schemas["output_schema"]["properties"])
         assert {"profile", "data_dir", "retrieve_k"} <= set(schemas["context_schema"]["properties"])

@@ -63,7 +63,7 @@ def test_a_thread_lives_in_postgres(tiny_settings, tiny_store, tmp_path, postgre
     backends = fake_backends(tiny_store, ScriptedCritic([{"c1", "c2"}]))
     first = run("a heart and a square", settings, tmp_path, thread="pg-thread", backends=backends)
     second = run("add a star", settings, tmp_path, thread="pg-thread", backends=backends)
-    assert first.status == "satisfied" and second.turn == 2 and second.prompt == "a heart and a square, a star"
+    assert first.status == "satisfied" and second.turn == 2 and second.prompt == "a heart, a square and a star"
     assert [t.message for t in history("pg-thread", settings)] == ["a heart and a square", "add a star"]
     # The thread is in Postgres, not in the SQLite file of the data folder.
     with pytest.raises(Exception, match="no thread 'pg-thread'"):

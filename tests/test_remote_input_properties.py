@@ -38,6 +38,7 @@ from imagerag.graphs.state import (
     RunState,
 )
 from imagerag.tools.backends.sources import MAX_CAPTION_CHARS
+from imagerag.tools.config import check_collection_name
 from imagerag.tools.errors import ImageRAGError
 
 CHECKS = settings(deadline=None, max_examples=150)
@@ -170,7 +171,10 @@ def test_a_client_never_says_where_data_lives(field, value):
 @CHECKS
 @given(st.text(max_size=120) | st.from_regex(THREAD_PATTERN, fullmatch=True))
 def test_a_collection_is_a_name(name):
-    assert accepts(lambda: ClientContext(collection=name)) == bool(re.fullmatch(THREAD_PATTERN, name))
+    """A name every front end takes alike: the collection-name rule of the CLI and the store (tools.config)."""
+    assert accepts(lambda: ClientContext(collection=name)) == accepts(lambda: check_collection_name(name))
+    if accepts(lambda: check_collection_name(name)):
+        assert re.fullmatch(THREAD_PATTERN, name)  # never a path or pasted text
 
 
 def png_base64() -> str:
