@@ -8,6 +8,7 @@ the same way whichever reader read them.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -103,7 +104,18 @@ def number(specs: list[ConceptSpec], owners: Sequence[int] | None = None) -> lis
     ]
 
 
-class LLMDecomposer:
+class _ObjectPlanner(ABC):
+    """What the built-in decomposers share: `decompose` is `plan` without the objects."""
+
+    @abstractmethod
+    def plan(self, prompt: str) -> tuple[ScenePlan, list[Concept], int]: ...
+
+    def decompose(self, prompt: str) -> tuple[list[Concept], int]:
+        _, concepts, tokens = self.plan(prompt)
+        return concepts, tokens
+
+
+class LLMDecomposer(_ObjectPlanner):
     def __init__(self, llm: BaseChatModel, retries: int = 3, vocabulary: Vocabulary = OPEN_VOCABULARY):
         self.llm, self.retries, self.vocabulary = llm, retries, vocabulary
 
@@ -114,10 +126,6 @@ class LLMDecomposer:
         )
         scene, concepts = objects_of_concepts(number(answer.concepts), self.vocabulary)
         return scene, concepts, tokens
-
-    def decompose(self, prompt: str) -> tuple[list[Concept], int]:
-        _, concepts, tokens = self.plan(prompt)
-        return concepts, tokens
 
     def understand(
         self,
@@ -149,7 +157,7 @@ class LLMDecomposer:
         return checked.model_copy(update={"refusals": refusals, "tokens": tokens})
 
 
-class RuleDecomposer:
+class RuleDecomposer(_ObjectPlanner):
     """Offline parser, in the spirit of DSG. Splits a prompt into noun-phrase clauses (at commas, semicolons, and
     'and'/'with' before a determiner; 'black and white photo' stays whole), then each clause into its object
     ('a heart'), one attribute per adjective ('a red heart') and its relation ('a heart on the left'); attributes
@@ -230,10 +238,6 @@ class RuleDecomposer:
         owners = [s.parent or i for i, s in enumerate(specs, 1)]
         scene, concepts = objects_of_concepts(number(specs, owners), self.vocabulary)
         return scene, concepts, 0
-
-    def decompose(self, prompt: str) -> tuple[list[Concept], int]:
-        _, concepts, tokens = self.plan(prompt)
-        return concepts, tokens
 
     def understand(
         self,
