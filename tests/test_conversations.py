@@ -13,7 +13,7 @@ from test_cli import imagerag
 
 from imagerag.agent.run import history, run
 from imagerag.graphs.state import Budget
-from imagerag.tools.grid import CELL_BOXES, cell_of
+from imagerag.tools.grid import CELL_BOXES, cell_of, named_cell
 from imagerag.tools.types import Concept, ConceptVerdict, Critique
 
 PROMPT = "a red square on the left and a blue circle on the right"
@@ -40,12 +40,24 @@ def cell_blank(image: Image.Image, cell: str) -> bool:
     return bool((np.asarray(image.convert("RGB"))[top:bottom, left:right] == WHITE).all())
 
 
+def shows_red(image: Image.Image, cell: str) -> bool:
+    """Whether the red square's pixels are in the cell (an edit's margin may paint a rim of a neighbouring cell)."""
+    left, top, right, bottom = CELL_BOXES[cell].pixels(*image.size)
+    return bool((np.asarray(image.convert("RGB"))[top:bottom, left:right] == (255, 0, 0)).all(-1).any())
+
+
 class TextCritic:
-    """Satisfies the concept texts in `ok`; sees squares on the left and circles on the right; an absent object is
-    satisfied when the cell where it was is blank."""
+    """Satisfies the concept texts in `ok`, a place only when its cell holds something; sees the square where
+    something other than the circle is drawn and the circle on the right; an absent object is satisfied when the
+    cell where it was is blank."""
 
     def __init__(self, ok: set[str]):
         self.ok, self.calls = ok, []
+
+    @staticmethod
+    def cell_of_square(image: Image.Image) -> str:
+        """Where something other than the circle is drawn (the square, or what an edit drew for it)."""
+        return next((cell for cell in CELL_BOXES if cell != "right" and not cell_blank(image, cell)), "left")
 
     def critique(self, image: Image.Image, concepts: list[Concept], prompt: str) -> Critique:
         self.calls.append([c.text for c in concepts])
@@ -55,8 +67,9 @@ class TextCritic:
                 satisfied = c.box is not None and cell_blank(image, cell_of(c.box))
                 verdicts.append(ConceptVerdict(concept_id=c.id, satisfied=satisfied, score=0.9 if satisfied else 0.1))
                 continue
-            box = CELL_BOXES["left"] if "square" in c.text else CELL_BOXES["right"]
-            satisfied = c.text in self.ok
+            box = CELL_BOXES[self.cell_of_square(image) if "square" in c.text else "right"]
+            cell = named_cell(c.text) if c.kind == "relation" else None
+            satisfied = c.text in self.ok and (cell is None or not cell_blank(image, cell))
             score = 0.9 if satisfied else 0.1
             verdicts.append(
                 ConceptVerdict(
@@ -170,3 +183,23 @@ def test_the_cli_shows_objects_per_turn_undoes_and_exits_2_on_a_refused_message(
     assert shown.exit_code == 0, shown.output
     assert "o2: green circle, right" in shown.output and "o2: blue circle, right" in shown.output
     assert "a green circle" in shown.output and "undo" in shown.output
+
+
+def test_a_move_clears_the_old_place_and_it_stays_clear(tiny_settings, tiny_store, tmp_path):
+    ok = OK | {"a square at the bottom"}
+    backends = fake_backends(tiny_store, TextCritic(ok), generator=TwoObjects())
+    settings = settings_for(tiny_settings)
+    run(PROMPT, settings, tmp_path, thread="mv", backends=backends)
+    moved = run("move the square to the bottom", settings, tmp_path, thread="mv", backends=backends)
+    assert moved.status == "satisfied" and "a square at the bottom" in [c.text for c in moved.concepts]
+    assert "a square on the left" not in [c.text for c in moved.concepts]  # the old place is no concept any more
+    edit = moved.best.edit
+    assert edit is not None and {(cell_of(r.box), bool(r.text)) for r in edit.regions} == {
+        ("left", False),
+        ("bottom", True),
+    }
+    best = Image.open(moved.best_image)
+    assert not shows_red(best, "left") and not cell_blank(best, "bottom")  # the square left its old place
+    # The next turn starts from that image: the old place stays clear when something else changes.
+    later = run("make the circle green", settings, tmp_path, thread="mv", backends=backends)
+    assert not shows_red(Image.open(later.best_image), "left") and later.turn == 3
