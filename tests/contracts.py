@@ -42,16 +42,13 @@ def pixels(image: Image.Image) -> np.ndarray:
 
 
 class GeneratorContract:
-    """`make_generator` returns a callable giving the generator under test: a fresh one each time for stand-ins
-    that keep state between calls, the one loaded (and cached) for real models."""
+    """A test class inheriting this provides the fixture `make_generator`: a callable giving the generator under
+    test, a fresh one each time for stand-ins that keep state between calls, the one loaded (and cached) for real
+    models. Without it pytest stops each test with "fixture 'make_generator' not found"."""
 
     # 8-bit levels: a batched call may take other kernels than a single one, never another image. The same call with
     # and without a reference runs the same kernels, so there any difference at all is the reference's.
     TOLERANCE = 2
-
-    @pytest.fixture
-    def make_generator(self) -> MakeGenerator:
-        raise NotImplementedError("a contract test class provides make_generator")
 
     @pytest.fixture
     def reference(self) -> Image.Image:
@@ -144,11 +141,8 @@ CONCEPTS = [
 
 
 class CriticContract:
-    """`critic` is the critic under test, `image` an image it can read."""
-
-    @pytest.fixture
-    def critic(self) -> Critic:
-        raise NotImplementedError("a contract test class provides critic")
+    """A test class inheriting this provides the fixture `critic`, the critic under test; `image` is an image it can
+    read."""
 
     @pytest.fixture
     def image(self) -> Image.Image:

@@ -30,7 +30,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -65,18 +65,7 @@ InstructionKind = Literal[
     "compound",
     "undo",
 ]
-INSTRUCTION_KINDS: tuple[InstructionKind, ...] = (
-    "recolour",
-    "resize",
-    "move_cell",
-    "move_relative",
-    "add_common",
-    "add_rare",
-    "remove",
-    "replace",
-    "compound",
-    "undo",
-)
+INSTRUCTION_KINDS: tuple[InstructionKind, ...] = get_args(InstructionKind)
 TurnKind = Literal["first", InstructionKind]
 Operation = Literal["create", "recolour", "resize", "move_cell", "move_relative", "add", "remove", "replace", "undo"]
 CONVERSATION_PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
