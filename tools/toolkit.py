@@ -96,7 +96,7 @@ class Toolkit:
 
     def occupied_cells(self, image_id: str) -> set[str]:
         """The grid cells of a stored image that hold something other than its background."""
-        return layout.occupied_cells(self.images.get(image_id))
+        return occupied_cells(self.images.get(image_id))
 
     def decompose(self, prompt: str) -> tuple[list[Concept], int]:
         return self.backends.decomposer.decompose(prompt)
