@@ -18,9 +18,8 @@ from langchain_core.tools import BaseTool
 from PIL import Image
 
 from imagerag.prompts import render
-from imagerag.tools.backends import layout
 from imagerag.tools.backends.images import ImageStore
-from imagerag.tools.backends.layout import clear, edit_margin, region_mask
+from imagerag.tools.backends.layout import clear, edit_margin, occupied_cells, region_mask
 from imagerag.tools.backends.llm import tokens_of
 from imagerag.tools.backends.loading import Backends, load_backends
 from imagerag.tools.backends.planner import SceneReader, TurnRevision, revise_turn
