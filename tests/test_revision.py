@@ -347,6 +347,73 @@ def test_other_ways_of_saying_a_change():
     assert revised.applied is None and "nothing to draw" in revised.understanding.message
 
 
+def test_polite_wishes_complaints_and_side_words_are_read_or_refused_never_guessed():
+    reader = mini()
+    scene, concepts, _ = reader.plan("a large blue heart in the centre and a small yellow ring at the top")
+    for message, prompt in (
+        ("can you make the heart red please", "a large red heart in the centre and a small yellow ring at the top"),
+        ("actually, make the ring green too", "a large blue heart in the centre and a small green ring at the top"),
+        (
+            "I want a green star in the top right",
+            "a large blue heart in the centre, a small yellow ring at the top and a green star in the top right",
+        ),
+        (
+            "there should also be a cyan cross at the bottom",
+            "a large blue heart in the centre, a small yellow ring at the top and a cyan cross at the bottom",
+        ),
+        ("i'd like the heart yellow", "a large yellow heart in the centre and a small yellow ring at the top"),
+        ("the ring is too small", "a large blue heart in the centre and a large yellow ring at the top"),
+        ("no more ring", "a large blue heart in the centre"),
+        ("take the ring out", "a large blue heart in the centre"),
+    ):
+        revised = revise_turn(reader, scene, concepts, message)
+        assert revised.applied is not None and revised.applied.prompt == prompt, message
+    # 'next to' names no side: asked, not guessed; an object cannot be moved onto another one in a grid world.
+    for message, why in (
+        ("put the ring next to the heart", "which side"),
+        ("move the ring to the centre", "the centre already holds a large blue heart"),
+        ("add a red star in the centre", "the centre already holds a large blue heart"),
+    ):
+        revised = revise_turn(reader, scene, concepts, message)
+        assert revised.applied is None and why in revised.understanding.message, message
+
+
+def test_a_bare_direction_moves_one_cell_from_where_the_object_is():
+    reader = mini()
+    scene, concepts, _ = reader.plan("a large blue heart in the centre and a small yellow ring at the top")
+    for message, prompt in (
+        ("move the ring left", "a large blue heart in the centre and a small yellow ring in the top left"),
+        ("move the heart down a bit", "a large blue heart at the bottom and a small yellow ring at the top"),
+        ("shift the heart one cell right", "a large blue heart on the right and a small yellow ring at the top"),
+        # 'to the left' is the cell on the left, not a step
+        ("move the heart to the left", "a large blue heart on the left and a small yellow ring at the top"),
+    ):
+        revised = revise_turn(reader, scene, concepts, message)
+        assert revised.applied is not None and revised.applied.prompt == prompt, message
+    revised = revise_turn(reader, scene, concepts, "move the ring up")
+    assert revised.applied is None and "already at the top edge" in revised.understanding.message
+
+
+def test_it_in_a_later_message_is_the_object_the_last_message_spoke_of():
+    reader = mini()
+    scene, concepts, _ = reader.plan("a large blue heart in the centre and a small yellow ring at the top")
+    first = revise_turn(reader, scene, concepts, "make it red")
+    assert first.applied is None and "which object 'it' is" in first.understanding.message
+    added = revise_turn(reader, scene, concepts, "add a green star in the top right")
+    assert added.applied is not None
+    star = added.applied.scene.focus
+    assert [added.applied.scene.object(i).noun for i in star] == ["star"]
+    later = revise_turn(
+        reader, added.applied.scene, judged(added.applied.concepts), "make it purple, then move it down"
+    )
+    assert later.applied is not None
+    assert later.applied.prompt.endswith("a purple star on the right")
+    assert later.applied.scene.focus == star  # still the star for the message after
+    # A removed object is no longer 'it'.
+    gone = revise_turn(reader, later.applied.scene, judged(later.applied.concepts), "remove the star")
+    assert gone.applied is not None and gone.applied.scene.focus == []
+
+
 def test_apply_change_needs_a_checked_change():
     scene, _, _ = mini().plan("a blue heart")
     with pytest.raises(ValueError, match="checked change"):

@@ -151,6 +151,17 @@ def pair_for(sign: tuple[int, int], fixed: str | None, free: list[str]) -> tuple
     return None
 
 
+DIRECTIONS: dict[str, tuple[int, int]] = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}
+
+
+def shifted(cell: str, direction: str) -> str | None:
+    """The cell one step from `cell` in a direction ('up', 'down', 'left', 'right'); None past the grid's edge."""
+    row, col = divmod(CELL_NAMES.index(cell), GRID)
+    dcol, drow = DIRECTIONS[direction]
+    row, col = row + drow, col + dcol
+    return CELL_NAMES[row * GRID + col] if 0 <= row < GRID and 0 <= col < GRID else None
+
+
 def cell_of(box: Box) -> str:
     """The grid cell holding the box's centre."""
     col = min(GRID - 1, int((box.x0 + box.x1) / 2 * GRID))

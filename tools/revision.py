@@ -19,7 +19,16 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field
 
 from imagerag.tools.errors import ImageRAGError
-from imagerag.tools.grid import CELL_BOXES, CELL_NAMES, CELL_PHRASES, NUMBERS, article, cell_of, singular
+from imagerag.tools.grid import (
+    CELL_BOXES,
+    CELL_NAMES,
+    CELL_PHRASES,
+    NUMBERS,
+    article,
+    cell_of,
+    shifted,
+    singular,
+)
 from imagerag.tools.types import Box, Concept, ConceptKind, Detail, SceneObject, ScenePlan
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -97,6 +106,7 @@ class Vocabulary:
     synonyms: Mapping[str, str] = field(default_factory=dict)
     nouns: frozenset[str] | None = None  # None: any noun
     relations: Mapping[str, str] = field(default_factory=lambda: {r: r for r in _OPEN_RELATIONS})
+    one_per_cell: bool = False  # a grid world draws one object per cell: a move or add into a taken cell is refused
 
     @property
     def closed(self) -> bool:
@@ -142,6 +152,7 @@ def miniworld_vocabulary() -> Vocabulary:
         synonyms={w: "large" for w in size} | {w: "small" for w in ("smaller", "tiny", "little")},
         nouns=frozenset(SHAPES) | frozenset(PLURALS.values()),
         relations=relations,
+        one_per_cell=True,
     )
 
 
@@ -199,6 +210,9 @@ class Move(BaseModel):
     relation: str | None = None
     relative_to: ObjectRef | None = None
     place: str | None = None
+    direction: Literal["up", "down", "left", "right"] | None = Field(
+        default=None, description="One cell from where the object is now ('move the ring down'); checked into a cell."
+    )
 
 
 class Add(BaseModel):
@@ -705,7 +719,7 @@ class _Checker:
     ):
         self.scene, self.vocabulary, self.previous = scene, vocabulary, previous
         self.boxes = dict(boxes or {})
-        self.last: list[str] = []
+        self.last: list[str] = [i for i in scene.focus if scene.object(i)]  # 'it': what the last message spoke of
         self.changes: list[Change] = []
         self.refusals: list[Refusal] = []
 
@@ -765,6 +779,15 @@ class _Checker:
             named = cell_from_words(cell)
             if named is None:
                 self.refuse(clause, f"'{cell}' is not a place in the picture ({', '.join(CELL_NAMES)})")
+                return None
+            taken = {_cell_of_object(o, self.boxes): o for o in self.scene.objects if o.id != mover}
+            if self.vocabulary.one_per_cell and named in taken:
+                free = ", ".join(c for c in CELL_NAMES if c not in taken)
+                self.refuse(
+                    clause,
+                    f"the {named} already holds {describe(taken[named], self.scene, place=False)}; choose a "
+                    f"free place ({free}), or move or remove that first",
+                )
                 return None
             return {"cell": named, "relation": None, "relative_to": None, "place": None}
         if relation is not None or relative_to is not None:
@@ -832,6 +855,10 @@ class _Checker:
                 self.last = ids
                 return
             target = ObjectRef(id=ids[0], words=change.target.words)
+            if isinstance(change, Move) and change.direction:
+                change = self._step(change, ids[0])
+                if change is None:
+                    return
             if isinstance(change, SetAttribute):
                 value = self._value(change.kind, change.value, clause)
                 if value is None:
@@ -845,6 +872,23 @@ class _Checker:
                     return
                 checked = change.model_copy(update={"target": target, **place})
         self._accept(checked)
+
+    def _step(self, move: Move, object_id: str) -> Move | None:
+        """'move the ring down' as a move to the next cell that way from where the ring is (drawn, else planned)."""
+        obj = self.scene.object(object_id)
+        here = _cell_of_object(obj, self.boxes) if obj is not None else None
+        if here is None:
+            self.refuse(
+                move.clause,
+                f"I do not know where {move.target.words} is now; name the place ('move the ring to the bottom left')",
+            )
+            return None
+        there = shifted(here, move.direction or "")
+        if there is None:
+            edge = {"up": "top", "down": "bottom"}.get(move.direction or "", move.direction)
+            self.refuse(move.clause, f"{move.target.words} is already at the {edge} edge ({here}); name another place")
+            return None
+        return move.model_copy(update={"cell": there, "direction": None})
 
     def _accept(self, change: Change) -> None:
         before = {o.id for o in self.scene.objects}
@@ -980,18 +1024,34 @@ def apply_changes(
     the critic saw each object on the best image (a removed object's absent concept is judged there). `previous`:
     the previous turn's scene, for Undo."""
     boxes = seen_boxes(concepts, seen or {})
-    new = scene
+    new = before = scene
     for change in changes:
-        new = apply_change(new, change, boxes, previous, vocabulary)
+        before, new = new, apply_change(new, change, boxes, previous, vocabulary)
+    if changes and not isinstance(changes[-1], Undo):  # an undo brings back the earlier turn's focus with its scene
+        new = new.model_copy(update={"focus": _spoken_of(before, new, changes[-1])})
     return Applied(scene=new, prompt=render_prompt(new), concepts=scene_concepts(new, scene, concepts))
+
+
+def _spoken_of(before: ScenePlan, after: ScenePlan, change: Change) -> list[str]:
+    """The objects a change spoke of that are still there (what it added or put in place, else its target): what
+    'it' means in the next message."""
+    if isinstance(change, Add | Replace):
+        old = {o.id for o in before.objects}
+        return [o.id for o in after.objects if o.id not in old]
+    target = getattr(change, "target", None)
+    return [target.id] if target is not None and target.id and after.object(target.id) else []
 
 
 # ----------------------------------------------------------------------------- reading a message by rules
 
 _LEAD = re.compile(
-    r"^(?:(?:now|please|also|and|then|next|finally|ok|okay|so|can you|could you|would you|i want you to)[,]?\s+)+",
+    r"^(?:(?:now|please|also|and|then|next|finally|ok|okay|so|actually|hmm|oh|well|great|nice|good|thanks|"
+    r"(?:can|could|would|will) you(?: please)?|i(?:'d| would)? (?:want|like) you to|let's|lets)(?:,|\s+|$)\s*|"
+    r"no,\s*)+",
     re.IGNORECASE,
 )
+# Politeness and emphasis after the clause: 'make it red please', 'add a star too'.
+_TAIL = re.compile(r"(?:[,\s]+(?:please|for me|too|as well|instead|now|thanks|thank you))+$", re.IGNORECASE)
 _VERBS = {
     "add",
     "include",
@@ -1036,7 +1096,7 @@ _SEPARATOR = re.compile(r"(\s*[,;]\s*|\s*\.\s+|\s+then\s+|\s+and\s+)", re.IGNORE
 
 
 def _strip_lead(text: str) -> str:
-    return _LEAD.sub("", text.strip()).strip()
+    return _TAIL.sub("", _LEAD.sub("", text.strip()).strip()).strip()
 
 
 def _starts_with_verb(text: str) -> bool:
@@ -1077,8 +1137,24 @@ def split_clauses(message: str) -> list[str]:
     return [_join(c) for c in _segments(message)]
 
 
-_UNDO = re.compile(r"^(?:undo|revert|go back|take (?:that|it) back)(?:\s+(?:that|it|this|the last (?:change|step)))?$")
-_REMOVE = re.compile(r"^(?:remove|delete|erase|drop|take out|take away|get rid of)\s+(.+)$")
+_UNDO = re.compile(
+    r"^(?:undo|revert|go back|take (?:that|it) back)(?:\s+(?:that|it|this|the last (?:change|step|one)))?"
+    r"(?:\s+(?:please|again))?$"
+)
+_REMOVE = re.compile(r"^(?:remove|delete|erase|drop|take out|take away|get rid of|lose|no more|no|without)\s+(.+)$")
+_TAKE_OUT = re.compile(r"^take\s+(.+?)\s+(?:out|away)$")
+# 'i want a green star', 'there should be a ring at the top': an add; 'i want the heart red': a set.
+_WANT = re.compile(
+    r"^(?:i (?:also )?(?:want|need)|i'd (?:also )?like|i would (?:also )?like|give me|there should (?:also )?be)\s+(.+)$"
+)
+_TOO = re.compile(
+    r"^(.+?)\s+(?:is|looks|seems)\s+(?:a (?:little |bit )?|much |way )?too\s+(small|big|large|tiny|huge)$"
+)
+_DIRECTION = re.compile(
+    r"^(.+?)\s+(?:one (?:cell|step|place)\s+|a (?:little |bit )?|slightly |further |more )?(up|down|left|right|"
+    r"higher|lower)(?:\s+(?:a (?:little|bit)|one (?:cell|step|place)|slightly))?$"
+)
+_SIDE_WORDS = re.compile(r"\b(?:next to|beside|near|by|close to|around)\b")
 _REPLACE = re.compile(r"^(?:replace|swap|exchange)\s+(.+?)\s+(?:with|by|for)\s+(.+)$")
 _SUBSTITUTE = re.compile(r"^substitute\s+(.+?)\s+for\s+(.+)$")
 _INTO = re.compile(r"^(?:turn|change|make)\s+(.+?)\s+(?:into|to)\s+((?:a|an|one)\s+.+)$")
@@ -1222,11 +1298,14 @@ def _read_set(rest: str, clause: str, vocabulary: Vocabulary) -> list[Change] | 
 def read_clause(clause: str, vocabulary: Vocabulary = OPEN_VOCABULARY) -> list[Change]:
     """One clause as typed changes (object references still unresolved); ClauseNotUnderstood when it reads as none.
     Place words never become objects: 'move the ring to the bottom left' is a Move."""
-    text = " ".join(_strip_lead(clause).lower().rstrip(".!").split())
+    text = " ".join(_strip_lead(clause.lower().rstrip(".!")).split())
     if _UNDO.match(text):
         return [Undo(clause=clause)]
-    if match := _REMOVE.match(text):
-        refs = [read_ref(r, vocabulary) for r in _REF_LIST.split(match.group(1))]
+    if match := _REMOVE.match(text) or _TAKE_OUT.match(text):
+        named = match.group(1)
+        if not named.startswith(("the ", "this ", "that ", "both ", "all ", "every ")) and read_phrase(named):
+            named = "the " + named  # 'no more ring', 'without stars'
+        refs = [read_ref(r, vocabulary) for r in _REF_LIST.split(named)]
         if refs and all(refs):
             return [Remove(clause=clause, target=r) for r in refs if r is not None]
         raise ClauseNotUnderstood("it does not name objects of the picture to remove ('remove the red square')")
@@ -1246,8 +1325,31 @@ def read_clause(clause: str, vocabulary: Vocabulary = OPEN_VOCABULARY) -> list[C
         if ref is not None:
             value = "small" if match.group(1) == "shrink" else "large"
             return [SetAttribute(clause=clause, target=ref, kind="size", value=value)]
-    if (match := _MOVE.match(text)) and (move := _read_move(match.group(1), clause, vocabulary)):
-        return [move]
+    if match := _MOVE.match(text):
+        # A bare direction is one step ('move it right'); 'to the right' is the cell on the right.
+        step = _DIRECTION.match(match.group(1))
+        if (
+            step
+            and not {"to", "into", "towards"} & set(step.group(1).split())
+            and (ref := read_ref(step.group(1), vocabulary))
+        ):
+            way = {"higher": "up", "lower": "down"}.get(step.group(2), step.group(2))
+            return [Move(clause=clause, target=ref, direction=way)]
+        if move := _read_move(match.group(1), clause, vocabulary):
+            return [move]
+    if _SIDE_WORDS.search(text) and vocabulary.closed:
+        raise ClauseNotUnderstood(
+            "it does not say which side: say 'to the left of', 'to the right of', 'above' or 'below' the other object"
+        )
+    if match := _WANT.match(text):
+        objects = [read_new_object(o, vocabulary) for o in _LIST.split(match.group(1)) if o.strip()]
+        if objects and all(objects):
+            return [Add(clause=clause, objects=[o for o in objects if o is not None])]
+        if changes := _read_set(_DEGREE.sub("", match.group(1)), clause, vocabulary):
+            return changes
+    if (match := _TOO.match(text)) and (ref := read_ref(match.group(1), vocabulary)):  # 'the ring is too small'
+        bigger = match.group(2) in ("small", "tiny")
+        return [SetAttribute(clause=clause, target=ref, kind="size", value="large" if bigger else "small")]
     if match := _ADD.match(text):
         objects = [read_new_object(o, vocabulary) for o in _LIST.split(match.group(1)) if o.strip()]
         if objects and all(objects):

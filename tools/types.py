@@ -109,6 +109,9 @@ class ScenePlan(BaseModel):
     removed: list[SceneObject] = Field(
         default_factory=list, description="Objects removed by a message: the image must not show them."
     )
+    focus: list[str] = Field(
+        default_factory=list, description="Ids of the objects the latest message spoke of: 'it' in the next one."
+    )
 
     def object(self, object_id: str) -> SceneObject | None:
         return next((o for o in self.objects if o.id == object_id), None)

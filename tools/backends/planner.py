@@ -142,6 +142,7 @@ class LLMDecomposer(_ObjectPlanner):
             "revise",
             objects=[(o.id, describe(o, scene)) for o in scene.objects],
             extras=[d.text for d in scene.extras],
+            focus=[i for i in scene.focus if scene.object(i)],
             vocabulary=self.vocabulary.describe(),
             closed=self.vocabulary.closed,
             can_undo=previous is not None,
