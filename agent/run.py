@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -43,7 +44,7 @@ from imagerag.agent.result import RunResult
 from imagerag.agent.runfolder import RunError
 from imagerag.graphs import build_graph
 from imagerag.graphs.context import RunContext, register_backends
-from imagerag.graphs.nodes import ReviewDecision, ReviewRequest, review_uploads
+from imagerag.graphs.nodes import ReviewDecision, ReviewRequest, finish, review_uploads
 from imagerag.graphs.state import THREAD_PATTERN, AgentState, Budget, RunInput, RunOutput, RunState, Turn, Usage
 from imagerag.tools.backends.store import disk_full
 from imagerag.tools.files import RunFolder, content_id
@@ -51,7 +52,11 @@ from imagerag.tools.toolkit import Backends, check_image
 
 Reviewer = Callable[[ReviewRequest], ReviewDecision]
 log = logging.getLogger(__name__)
+# A run a person stopped (agent.web's stop button): it ends like a spent budget, with the best image so far, under
+# a stop reason of its own (the agent policy's own early end is status `stopped`, reason `stopped_by_policy`).
+STOPPED_BY_PERSON = "stopped_by_person"
 __all__ = [
+    "STOPPED_BY_PERSON",
     "RunError",
     "checked_decision",
     "delete_thread",
@@ -62,6 +67,7 @@ __all__ = [
     "run",
     "stream",
     "thread_settings",
+    "thread_state",
 ]
 
 
@@ -72,9 +78,11 @@ def stream(
     thread: str | None = None,
     backends: Backends | None = None,
     from_turn: int | None = None,
+    stop: threading.Event | None = None,
 ) -> Iterator[RunEvent]:
     """Start a run of `message`, or, when `thread` exists, continue it with `message` as a refinement (from its
-    last turn, or from turn `from_turn`: a branch).
+    last turn, or from turn `from_turn`: a branch). Once `stop` is set, the run ends after the node that is running,
+    with the best image so far (stop reason STOPPED_BY_PERSON).
 
     Yields typed events; the last one is Finished (with the RunResult) or ReviewRequested (paused). The thread is
     locked for one writer until that last event, which comes once the lock is released: a caller may resume the
@@ -107,7 +115,7 @@ def stream(
         backends = backends or prepare(settings)  # a missing collection or model fails before the folder exists
         if not existing:
             runfolder.create(run_dir, settings)
-        final = yield from _drive(saver, settings, backends, run_dir, graph_input)
+        final = yield from _drive(saver, settings, backends, run_dir, graph_input, stop)
     yield final
 
 
@@ -116,9 +124,10 @@ def resume(
     decision: ReviewDecision | dict[str, Any] | None = None,
     settings: Settings | None = None,
     backends: Backends | None = None,
+    stop: threading.Event | None = None,
 ) -> Iterator[RunEvent]:
     """Continue a run folder (or a thread id) from its last checkpoint: after a crash, or a review pause with
-    `decision`. Finished images are not regenerated; the time budget counts only time spent running. Where data
+    `decision` (or, with `stop` set, end a paused run as stopped). Finished images are not regenerated; the time budget counts only time spent running. Where data
     lives comes from `settings` (default: the environment's), never from the run folder. Like stream, it holds
     the thread until its last event."""
     base = settings or Settings()
@@ -151,7 +160,7 @@ def resume(
                     f"run {run_dir.name!r} already ended ({snapshot.values.get('status')}); send a new message to its thread instead"
                 )
             paused = any(task.interrupts for task in snapshot.tasks)
-            if paused and answer is None:
+            if paused and answer is None and not (stop is not None and stop.is_set()):
                 raise RunError(
                     f"run {run_dir.name!r} waits for a review: resume it with a decision (accept, drop or replace)"
                 )
@@ -163,7 +172,7 @@ def resume(
                 command = Command(resume=answer.model_dump(), update=clock)
             else:
                 graph.update_state(config, clock)
-            final = yield from _drive(saver, settings, backends, run_dir, command)
+            final = yield from _drive(saver, settings, backends, run_dir, command, stop)
     yield final
 
 
@@ -253,6 +262,16 @@ def thread_settings(thread: str | None, settings: Settings) -> Settings:
     if not values:
         return settings
     return settings.with_recipe(runfolder.read_recipe(_recorded_folder(thread, values)))
+
+
+def thread_state(thread: str, settings: Settings) -> RunState | None:
+    """A thread's state as its last checkpoint holds it, a run in progress included (a reader never waits for the
+    writer); None for an unknown thread. For a page that shows each round as it comes."""
+    with open_checkpointer(settings) as saver:
+        values = _thread_values(saver, thread)
+    if not values or values.get("status") == "unreadable":
+        return None
+    return (AgentState if settings.policy == "agent" else RunState).model_validate(values)
 
 
 def history(thread: str, settings: Settings) -> list[Turn]:
@@ -354,7 +373,12 @@ def _compile(
 
 
 def _drive(
-    saver: BaseCheckpointSaver, settings: Settings, backends: Backends, run_dir: Path, graph_input: Any
+    saver: BaseCheckpointSaver,
+    settings: Settings,
+    backends: Backends,
+    run_dir: Path,
+    graph_input: Any,
+    stop: threading.Event | None = None,
 ) -> Generator[RunEvent, None, RunEvent]:
     """Stream the graph, translate its chunks to events, and write run.json and report.html at the end; return the
     last event (Finished, or ReviewRequested) for the caller to yield once it has let go of the thread."""
@@ -364,18 +388,29 @@ def _drive(
     )
     started, error = time.time(), None
     announced: set[tuple[str, int, int]] = set()
+    stopping = stop is not None and stop.is_set() and any(t.interrupts for t in graph.get_state(config).tasks)
     try:
-        for part in graph.stream(
+        parts = graph.stream(
             graph_input, config, context=context, stream_mode=["tasks", "updates", "custom"], version="v2"
-        ):
-            if part["type"] == "tasks" and "input" in part["data"]:
-                yield NodeStarted(node=part["data"]["name"])
-            elif part["type"] == "custom":
-                yield from _custom_events(part["data"])
-            elif part["type"] == "updates":
-                yield from _update_events(part["data"], settings.budget, announced)
+        )
+        try:
+            for part in () if stopping else parts:
+                if part["type"] == "tasks" and "input" in part["data"]:
+                    yield NodeStarted(node=part["data"]["name"])
+                elif part["type"] == "custom":
+                    yield from _custom_events(part["data"])
+                elif part["type"] == "updates":
+                    yield from _update_events(part["data"], settings.budget, announced)
+                    # Checked after a node's update (its checkpoint is written): never before this turn's plan.
+                    if stop is not None and stop.is_set():
+                        stopping = True
+                        break
+        finally:
+            parts.close()
     except Exception as exc:  # noqa: BLE001 - any failure ends the run cleanly; the checkpoint keeps its work
         error = _full_disk(run_dir, exc) if disk_full(exc) else f"{exc.__class__.__name__}: {exc}"
+    if stopping and error is None:
+        _end_stopped(graph, config, settings)
     snapshot = graph.get_state(config)
     state = (AgentState if settings.policy == "agent" else RunState).model_validate(snapshot.values)
     pending = [i.value for task in snapshot.tasks for i in task.interrupts]
@@ -394,6 +429,24 @@ def _drive(
         raise RunError(_full_disk(run_dir, exc)) from None
     return (
         ReviewRequested(run_dir=str(run_dir), request=pending[0]) if pending and not error else Finished(result=result)
+    )
+
+
+def _end_stopped(graph: CompiledStateGraph[Any, Any, Any, Any], config: RunnableConfig, settings: Settings) -> None:
+    """End a run a person stopped as the graph's own finish would, under STOPPED_BY_PERSON: the turn is recorded
+    with the best image so far, and the thread takes its next message as after any finished turn."""
+    snapshot = graph.get_state(config)
+    if not snapshot.next:  # it ended on its own meanwhile
+        return
+    state = (AgentState if settings.policy == "agent" else RunState).model_validate(snapshot.values)
+    ended = finish(state)
+    status, reason = "budget_exhausted", STOPPED_BY_PERSON
+    turns = [turn.model_copy(update={"status": status, "stop_reason": reason}) for turn in ended["turns"]]
+    steps = [
+        step.model_copy(update={"summary": f"{reason}; {step.summary.partition('; ')[2]}"}) for step in ended["steps"]
+    ]
+    graph.update_state(
+        config, ended | {"status": status, "stop_reason": reason, "turns": turns, "steps": steps}, as_node="finish"
     )
 
 
