@@ -942,6 +942,50 @@ def serve_mcp(
         fail(user_message(error))
 
 
+@serve_app.command("web")
+def serve_web(
+    profile: Profile = None,
+    collection: Collection = None,
+    data_dir: DataDir = None,
+    out: Annotated[Path, typer.Option(help="Folder that receives the threads' folders (as `imagerag chat`).")] = Path(
+        "runs"
+    ),
+    host: Annotated[str, typer.Option(help="The address to bind (loopback unless told otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The port.")] = 7860,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="IMAGERAG_WEB_TOKEN",
+            help="The token the page needs (required off loopback); open the URL with ?token=... once, a cookie "
+            "keeps it. Prefer the environment variable: a flag shows in `ps`.",
+        ),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(help="Another name the page is reached by (Host/Origin checks); repeatable."),
+    ] = None,
+) -> None:
+    """A chat page: converse with the loop, watch each round arrive, correct the object list by hand."""
+    from imagerag.agent.runfolder import RunError, check_out_dir
+    from imagerag.agent.web import serve_web as serve
+    from imagerag.tools.errors import ConfigError
+
+    settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
+    try:
+        check_out_dir(out)
+        serve(
+            settings,
+            out,
+            host=host,
+            port=port,
+            token=token,
+            allowed_hosts=allowed_host or (),
+            on_ready=lambda url: err.print(plain(f"chat page at {url} (profile {settings.profile}); Ctrl-C stops it")),
+        )
+    except (ConfigError, RunError) as error:  # no token off loopback, a bad token or host: before any bind
+        fail(user_message(error))
+
+
 def main() -> None:
     import warnings
 
