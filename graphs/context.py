@@ -34,6 +34,9 @@ class RunContext(BackendConfig, BaseSettings):
         default=True,
         description="Redraw only the regions of what is missing when the best image holds the rest (else redraw all).",
     )
+    stop_score: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="The checked stop's bar (Profile.stop_score); None: the profile's."
+    )
     region_references: bool = Field(
         default=True,
         description="In an edit, give each redrawn object its own reference acting only in its region, so one edit "
@@ -118,4 +121,5 @@ def toolkit(state: RunState, runtime: Runtime[RunContext] | ToolRuntime[RunConte
     """The tools for this run: backends from the call's context, images in the run's folder, progress to the
     graph's stream."""
     context = context_of(runtime)
-    return Toolkit(backends_for(context), RunFolder(run_dir_of(state, context)).images, runtime.stream_writer)
+    images = RunFolder(run_dir_of(state, context)).images
+    return Toolkit(backends_for(context), images, runtime.stream_writer, stop_score=context.stop_score)

@@ -64,9 +64,12 @@ def keep_upload(data_dir: Path, data: bytes, kind: str) -> tuple[str, Path]:
 class Toolkit:
     """The tools of one run: shared backends, the run's own image folder, and where progress events go."""
 
-    def __init__(self, backends: Backends, images: Path, progress: Progress | None = None):
+    def __init__(
+        self, backends: Backends, images: Path, progress: Progress | None = None, stop_score: float | None = None
+    ):
         self.backends, self.images = backends, ImageStore(images)
         self._progress = progress
+        self.stop_score: float | None = backends.profile.stop_score if stop_score is None else stop_score
 
     def _report(self, event: dict[str, Any]) -> None:
         if self._progress is not None:
