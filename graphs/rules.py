@@ -261,12 +261,27 @@ def _target_cell(
     return free[0] if free else planned or "centre"
 
 
+def _phrase(obj: Concept, deps: list[Concept]) -> str:
+    noun = obj.text.split()[-1]
+    words = " ".join([*(w for d in deps if d.kind == "attribute" for w in d.text.split()[1:-1]), noun])
+    return f"{article(words)} {words}"
+
+
 def region_text(obj: Concept, deps: list[Concept], cell: str) -> str:
     """What to draw in an object's region: its noun with every attribute's words, and the cell's place words
     ('a large red heart in the top left')."""
-    noun = obj.text.split()[-1]
-    words = " ".join([*(w for d in deps if d.kind == "attribute" for w in d.text.split()[1:-1]), noun])
-    return f"{article(words)} {words} {CELL_PHRASES[cell]}"
+    return f"{_phrase(obj, deps)} {CELL_PHRASES[cell]}"
+
+
+def object_phrase(concept: Concept, concepts: list[Concept]) -> str | None:
+    """What to retrieve for a concept: the whole phrase of the object it belongs to, as its region states it but
+    without the place ('a large red star' for 'a red star' or 'a star'), so the reference shows the object with the
+    look the prompt asks for; None for a concept of no object (a style)."""
+    by_id = {c.id: c for c in concepts}
+    root = concept
+    while root.depends_on and root.depends_on[0] in by_id:
+        root = by_id[root.depends_on[0]]
+    return _phrase(root, dependents(concepts)[root.id]) if root.kind == "object" else None
 
 
 def kept_verdicts(source: Candidate, edit: Edit, concepts: list[Concept]) -> list[ConceptVerdict]:

@@ -23,6 +23,7 @@ from imagerag.graphs.rules import (
     drawn_from_text,
     edit_regions,
     enforce_dependencies,
+    object_phrase,
     rank_key,
     stop_reason,
     targets_for_round,
@@ -260,6 +261,19 @@ def test_the_stop_bar_leaves_alone_images_that_miss_something_strong_ones_and_pa
     assert check_stop(partial, scene(), 0.7) == partial
     weak = [verdict(c, True, 0.55) for c in (FOX, TREE, RED, TALL)]
     assert check_stop(weak, scene(), None) == weak  # no bar: the critic's verdicts stand
+
+
+# --- object_phrase ---------------------------------------------------------------------------------------------------
+
+
+def test_a_concept_is_retrieved_for_by_its_objects_whole_phrase_without_the_place():
+    star = Concept(id="c1", text="a star", kind="object")
+    large = Concept(id="c2", text="a large star", kind="attribute", depends_on=["c1"])
+    red = Concept(id="c3", text="a red star", kind="attribute", depends_on=["c1"])
+    place = Concept(id="c4", text="a star in the top left", kind="relation", depends_on=["c1"])
+    style = Concept(id="c5", text="pixel art", kind="style")
+    concepts = [star, large, red, place, style]
+    assert [object_phrase(c, concepts) for c in concepts] == [*["a large red star"] * 4, None]
 
 
 # --- concepts_from_best ----------------------------------------------------------------------------------------------
