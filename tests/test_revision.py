@@ -365,6 +365,18 @@ def test_polite_wishes_complaints_and_side_words_are_read_or_refused_never_guess
         ("the ring is too small", "a large blue heart in the centre and a large yellow ring at the top"),
         ("no more ring", "a large blue heart in the centre"),
         ("take the ring out", "a large blue heart in the centre"),
+        ("change the ring's colour to green", "a large blue heart in the centre and a small green ring at the top"),
+        ("set the heart to red", "a large red heart in the centre and a small yellow ring at the top"),
+        ("recolour the ring to be purple", "a large blue heart in the centre and a small purple ring at the top"),
+        ("can the ring be red?", "a large blue heart in the centre and a small red ring at the top"),
+        ("make the heart and the ring red", "a large red heart in the centre and a small red ring at the top"),
+        ("increase the size of the ring", "a large blue heart in the centre and a large yellow ring at the top"),
+        ("i want the ring at the bottom", "a large blue heart in the centre and a small yellow ring at the bottom"),
+        ("make heart red", "a large red heart in the centre and a small yellow ring at the top"),
+        (
+            "add a second ring in the bottom right",
+            "a large blue heart in the centre, a small yellow ring at the top and a ring in the bottom right",
+        ),
     ):
         revised = revise_turn(reader, scene, concepts, message)
         assert revised.applied is not None and revised.applied.prompt == prompt, message

@@ -1138,7 +1138,8 @@ def split_clauses(message: str) -> list[str]:
 
 
 _UNDO = re.compile(
-    r"^(?:undo|revert|go back|take (?:that|it) back)(?:\s+(?:that|it|this|the last (?:change|step|one)))?"
+    r"^(?:undo|revert|go back|take (?:that|it) back)(?:\s+(?:that|it|this|(?:the|my) (?:last|previous) "
+    r"(?:change|step|one|edit|message|instruction)))?"
     r"(?:\s+(?:please|again))?$"
 )
 _REMOVE = re.compile(r"^(?:remove|delete|erase|drop|take out|take away|get rid of|lose|no more|no|without)\s+(.+)$")
@@ -1162,7 +1163,10 @@ _MAKE_A = re.compile(r"^make\s+(.+?)\s+((?:a|an)\s+.+)$")
 _ADD = re.compile(r"^(?:add|include|insert|draw|create|put|place)\s+(.+)$")
 _MOVE = re.compile(r"^(?:move|shift|drag|bring|slide|push|put|place)\s+(.+)$")
 _ATTRIBUTE_OF = re.compile(r"^(?:change|set|make)\s+the\s+(colou?r|size)\s+of\s+(.+?)\s+(?:to|into)\s+(.+)$")
-_SET = re.compile(r"^(?:make|turn|paint|colou?r|recolou?r|change|dye)\s+(.+)$")
+_SET = re.compile(r"^(?:make|turn|paint|colou?r|recolou?r|change|dye|set)\s+(.+)$")
+_SIZE_OF = re.compile(r"^(increase|decrease|reduce|raise|lower)\s+the\s+size\s+of\s+(.+)$")
+# 'can the ring be red', 'could the ring be at the bottom'
+_CAN_BE = re.compile(r"^(?:can|could)\s+(.+?)\s+be\s+(.+)$")
 _GROW = re.compile(r"^(enlarge|grow|shrink)\s+(.+)$")
 _SHOULD = re.compile(r"^(.+?)\s+(?:should be|must be|needs to be|has to be|is|are)\s+(.+)$")
 _DEGREE = re.compile(r"\b(?:a little|a little bit|a bit|slightly|much|even|very|a lot)\s+")
@@ -1188,7 +1192,13 @@ def read_ref(text: str, vocabulary: Vocabulary) -> ObjectRef | None:
         if words.startswith(lead):
             every, words = True, "the " + words[len(lead) :]
     if not words.startswith(("the ", "this ", "that ")):
-        return None
+        first = words.split()[0] if words else ""
+        if not first or first in _DETERMINERS | set(NUMBERS) or first in _NOT_ADJECTIVES:
+            return None
+        words = "the " + words  # 'make heart red': a bare noun names the object as 'the heart' does
+        bare = read_phrase(words)
+        if bare is None or (vocabulary.closed and not vocabulary.knows_noun(bare.noun)):
+            return None
     phrase = read_phrase(words)
     if phrase is None:
         return None
@@ -1283,22 +1293,32 @@ def _read_move(rest: str, clause: str, vocabulary: Vocabulary) -> Move | None:
 
 
 def _read_set(rest: str, clause: str, vocabulary: Vocabulary) -> list[Change] | None:
+    """'the heart red', 'the heart to be red', 'the heart and the ring red' (each of them)."""
     words = rest.split()
     for n in range(1, min(len(words), 6)):
         target_words, value_words = words[:-n], words[-n:]
-        while target_words and target_words[-1] in ("to", "into", "in"):
+        while target_words and target_words[-1] in ("to", "into", "in", "be"):
             target_words = target_words[:-1]
-        ref = read_ref(" ".join(target_words), vocabulary)
-        values = read_values(value_words, vocabulary) if ref is not None else None
-        if ref is not None and values:
-            return [SetAttribute(clause=clause, target=ref, value=v) for v in values]
+        refs = [read_ref(r, vocabulary) for r in _REF_LIST.split(" ".join(target_words))]
+        values = read_values(value_words, vocabulary) if refs and all(refs) else None
+        if values:
+            return [SetAttribute(clause=clause, target=r, value=v) for r in refs if r is not None for v in values]
     return None
+
+
+def _normalise_clause(clause: str) -> str:
+    """Lower case, lead and tail words off, and a few ways of saying the same thing made one: 'the ring's colour' ->
+    'the colour of the ring', 'a second square' -> 'another square', 'both the x and the y' -> 'the x and the y'."""
+    text = " ".join(_strip_lead(clause.lower().rstrip(".!?")).split())
+    text = re.sub(r"\b(the(?: \w+)*? \w+)'s (colou?r|size)\b", r"the \2 of \1", text)
+    text = re.sub(r"\ba (?:second|third|fourth|new) ", "another ", text)
+    return re.sub(r"\bboth (?=the |this |that )", "", text)
 
 
 def read_clause(clause: str, vocabulary: Vocabulary = OPEN_VOCABULARY) -> list[Change]:
     """One clause as typed changes (object references still unresolved); ClauseNotUnderstood when it reads as none.
     Place words never become objects: 'move the ring to the bottom left' is a Move."""
-    text = " ".join(_strip_lead(clause.lower().rstrip(".!")).split())
+    text = _normalise_clause(clause)
     if _UNDO.match(text):
         return [Undo(clause=clause)]
     if match := _REMOVE.match(text) or _TAKE_OUT.match(text):
@@ -1320,6 +1340,11 @@ def read_clause(clause: str, vocabulary: Vocabulary = OPEN_VOCABULARY) -> list[C
         ref = read_ref(match.group(2), vocabulary)
         if ref is not None:
             return [SetAttribute(clause=clause, target=ref, kind=kind, value=match.group(3))]
+    if match := _SIZE_OF.match(text):
+        ref = read_ref(match.group(2), vocabulary)
+        if ref is not None:
+            value = "large" if match.group(1) in ("increase", "raise") else "small"
+            return [SetAttribute(clause=clause, target=ref, kind="size", value=value)]
     if match := _GROW.match(text):
         ref = read_ref(match.group(2), vocabulary)
         if ref is not None:
@@ -1347,6 +1372,8 @@ def read_clause(clause: str, vocabulary: Vocabulary = OPEN_VOCABULARY) -> list[C
             return [Add(clause=clause, objects=[o for o in objects if o is not None])]
         if changes := _read_set(_DEGREE.sub("", match.group(1)), clause, vocabulary):
             return changes
+        if move := _read_move(match.group(1), clause, vocabulary):  # 'i want the ring at the bottom'
+            return [move]
     if (match := _TOO.match(text)) and (ref := read_ref(match.group(1), vocabulary)):  # 'the ring is too small'
         bigger = match.group(2) in ("small", "tiny")
         return [SetAttribute(clause=clause, target=ref, kind="size", value="large" if bigger else "small")]
@@ -1356,7 +1383,7 @@ def read_clause(clause: str, vocabulary: Vocabulary = OPEN_VOCABULARY) -> list[C
             return [Add(clause=clause, objects=[o for o in objects if o is not None])]
     if (match := _SET.match(text)) and (changes := _read_set(_DEGREE.sub("", match.group(1)), clause, vocabulary)):
         return changes
-    if (match := _SHOULD.match(text)) and (ref := read_ref(match.group(1), vocabulary)):  # 'the heart should be red'
+    if (match := _SHOULD.match(text) or _CAN_BE.match(text)) and (ref := read_ref(match.group(1), vocabulary)):
         wanted = _DEGREE.sub("", match.group(2))
         if values := read_values(wanted.split(), vocabulary):
             return [SetAttribute(clause=clause, target=ref, value=v) for v in values]
@@ -1394,7 +1421,8 @@ def _read_pieces(pieces: Sequence[tuple[str, str]], vocabulary: Vocabulary) -> l
         rest: list[Change | Refusal] = []
         for _, words in pieces[n:]:
             try:
-                rest += read_clause(f"{verb} {_strip_lead(words)}", vocabulary)
+                read = read_clause(f"{verb} {_strip_lead(words)}", vocabulary)
+                rest += [c.model_copy(update={"clause": words}) for c in read]  # quoted as the user wrote it
             except ClauseNotUnderstood as error:
                 rest.append(Refusal(clause=words, reason=str(error)))
         return [*head, *rest]
