@@ -720,7 +720,14 @@ def eval_miniworld(
     conditions: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated subset of text_alone,best_of_n,one_pass,loop,loop_edits,loop_edits_one_ref (default: all)."
+            help="Comma-separated subset of text_alone,best_of_n,best_of_time,one_pass,loop,loop_edits,"
+            "loop_edits_one_ref,loop_edits_no_retrieval (default: all)."
+        ),
+    ] = None,
+    time_matched_n: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="best_of_time's images (default: the one chosen on dev to match loop_edits' seconds)."
         ),
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts (a quick look).")] = None,
@@ -754,6 +761,7 @@ def eval_miniworld(
         seeds=seed_list,
         images=images,
         names=names,
+        time_matched_n=time_matched_n,
         on_outcome=lambda o: err.print(
             plain(f"{o.condition} {o.prompt_id} seed {o.seed}: {'all right' if o.all_right else 'not all right'}")
         ),

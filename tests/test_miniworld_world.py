@@ -10,11 +10,16 @@ import pytest
 from imagerag.evals.miniworld.benchmark import (
     K_BUCKETS,
     PROMPTS_DIR,
+    RARE_MIX,
     SPLITS,
+    Outcome,
+    diversity,
+    free_values,
     load_prompts,
     make_split,
     paired_bootstrap,
     parse_caption,
+    strictly_right,
 )
 from imagerag.evals.miniworld.grammar import (
     Detected,
@@ -136,8 +141,8 @@ def test_the_shipped_splits_are_what_the_code_draws_and_share_no_scene():
         assert len({p.scene_key for p in split}) == len(split)
         assert all(p.scene_objects is not None and p.scene_objects.half == "eval" for p in split)
         for lo, hi in K_BUCKETS.values():
-            for rare in (False, True):
-                assert sum(lo <= p.k <= hi and p.has_rare == rare for p in split) == SPLITS[name][0]
+            for rare in RARE_MIX:
+                assert sum(lo <= p.k <= hi and p.rare_objects == rare for p in split) == SPLITS[name][0]
 
 
 def test_the_offline_planner_words_every_concept_as_the_judge_does():
@@ -226,3 +231,48 @@ def test_the_grounding_loss_is_zero_when_each_token_attends_inside_its_cells_and
     maps = attention.maps()
     assert sorted({m.shape[1] for m in maps}) == [9, 36, 144] and len(maps) == 10
     assert all(m.shape[::2] == (2, 77) and torch.allclose(m.sum(-1), torch.ones(())) for m in maps)
+
+
+def test_two_rare_objects_are_two_distinct_rare_shapes_and_one_rare_draws_as_before():
+    for seed in range(50):
+        layout = sample_layout(random.Random(seed), 3, 2, p_count=0.0)
+        rare = [o.shape for o in layout.objects if o.is_rare]
+        assert len(rare) == 2 and len(set(rare)) == 2
+    # one rare object: the same layout as a boolean asked for (earlier splits and training data do not move)
+    assert sample_layout(random.Random(7), 3, 1) == sample_layout(random.Random(7), 3, True)
+
+
+def test_the_strict_judge_and_free_attributes_read_what_the_prompt_did_not_ask():
+    spec = PromptSpec(
+        id="x",
+        prompt="a red star in the top left and a ring",
+        groups=[Group(shape="star", colour="red", cell="top left"), Group(shape="ring")],
+    )
+    asked = [Detected("star", "red", "small", "top left"), Detected("ring", "blue", "large", "centre")]
+    extra = [*asked, Detected("cross", "green", "small", "bottom")]
+    assert strictly_right(spec, True, asked) and not strictly_right(spec, True, extra)
+    assert not strictly_right(spec, False, asked)
+    # the star's size and the ring's colour, size and cell were left free
+    assert free_values(spec, asked) == [
+        (0, "size", "small"),
+        (1, "colour", "blue"),
+        (1, "size", "large"),
+        (1, "cell", "centre"),
+    ]
+    # across seeds: the ring blue twice and green once -> 2 distinct colours
+    base = {"condition": "c", "prompt_id": "x", "k": 4, "rare": False, "objects": 2, "all_right": True}
+    outcomes = [
+        Outcome(
+            **base,
+            seed=s,
+            concepts=[],
+            any_image_all_right=True,
+            critic=[],
+            generations=1,
+            seconds=1.0,
+            free=[(1, "colour", colour)],
+        )
+        for s, colour in enumerate(("blue", "blue", "green"))
+    ]
+    assert diversity(outcomes)["colour"] == {"distinct_values": 2, "objects": 1}
+    assert diversity(outcomes)["size"] == {"distinct_values": None, "objects": 0}

@@ -856,9 +856,10 @@ class _Checker:
                 return
             target = ObjectRef(id=ids[0], words=change.target.words)
             if isinstance(change, Move) and change.direction:
-                change = self._step(change, ids[0])
-                if change is None:
+                stepped = self._step(change, ids[0])
+                if stepped is None:
                     return
+                change = stepped
             if isinstance(change, SetAttribute):
                 value = self._value(change.kind, change.value, clause)
                 if value is None:
@@ -1155,6 +1156,14 @@ _DIRECTION = re.compile(
     r"^(.+?)\s+(?:one (?:cell|step|place)\s+|a (?:little |bit )?|slightly |further |more )?(up|down|left|right|"
     r"higher|lower)(?:\s+(?:a (?:little|bit)|one (?:cell|step|place)|slightly))?$"
 )
+_WAYS: dict[str, Literal["up", "down", "left", "right"]] = {
+    "up": "up",
+    "higher": "up",
+    "down": "down",
+    "lower": "down",
+    "left": "left",
+    "right": "right",
+}
 _SIDE_WORDS = re.compile(r"\b(?:next to|beside|near|by|close to|around)\b")
 _REPLACE = re.compile(r"^(?:replace|swap|exchange)\s+(.+?)\s+(?:with|by|for)\s+(.+)$")
 _SUBSTITUTE = re.compile(r"^substitute\s+(.+?)\s+for\s+(.+)$")
@@ -1358,8 +1367,7 @@ def read_clause(clause: str, vocabulary: Vocabulary = OPEN_VOCABULARY) -> list[C
             and not {"to", "into", "towards"} & set(step.group(1).split())
             and (ref := read_ref(step.group(1), vocabulary))
         ):
-            way = {"higher": "up", "lower": "down"}.get(step.group(2), step.group(2))
-            return [Move(clause=clause, target=ref, direction=way)]
+            return [Move(clause=clause, target=ref, direction=_WAYS[step.group(2)])]
         if move := _read_move(match.group(1), clause, vocabulary):
             return [move]
     if _SIDE_WORDS.search(text) and vocabulary.closed:

@@ -11,10 +11,20 @@ Conditions, each run on the same prompts and seeds with the mini profile (N = th
                  its region
     loop_edits_one_ref   the edits as they were before per-region references: one reference a round, conditioning
                  the whole edit, so only its object is redrawn (an ablation of the above)
+    loop_edits_no_retrieval  loop_edits with retrieval finding nothing (every hit below an unreachable threshold, as
+                 with an empty collection): what the edits do alone, so edits and retrieval are credited apart
+    best_of_time best-of-M from text, M chosen on the dev split so its seconds per prompt match loop_edits'
+                 (--time-matched-n; the report gives M and both conditions' seconds)
 Every chosen image is read by the oracle (evals/miniworld/oracle.py, never seen by the agent) and judged per concept
-(grammar.judge). The report gives the share of prompts with every concept right by k and by rare/common, per-kind
-rates, images and seconds per prompt, how often the critic agrees with the oracle per concept kind, and the paired
-difference between the loop and each baseline with a 95% bootstrap interval (prompts resampled, seeds within them).
+(grammar.judge), and strictly: an object the prompt did not ask for makes the prompt wrong. The report gives the
+share of prompts with every concept right by k and by the number of rare objects (0, 1, 2), per-kind rates, images
+and seconds per prompt, how often the critic agrees with the oracle per concept kind, the paired difference between
+the loop and each baseline with a 95% bootstrap interval (prompts resampled, seeds within them), and diversity: for
+the attributes a prompt leaves free (an object's colour, size or cell it does not name), how many distinct values the
+oracle reads across the seeds.
+
+A benchmark seed s runs the generator from seed s * SEED_SPACING, so no image is shared between two seeds of a
+condition (a run draws at most N images, from its base seed on).
 
 Results are appended to results.jsonl one (condition, prompt, seed) at a time; a rerun skips what is there, so an
 interrupted benchmark resumes where it stopped.
@@ -22,6 +32,7 @@ interrupted benchmark resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -38,16 +49,35 @@ from imagerag.agent.config import Settings
 from imagerag.agent.result import RunResult
 from imagerag.agent.run import prepare, run
 from imagerag.evals.miniworld.common import ORACLE_DIR
-from imagerag.evals.miniworld.grammar import CONCEPT_KINDS, Group, PromptSpec, concept_text, judge, sample_prompt
+from imagerag.evals.miniworld.grammar import (
+    CONCEPT_KINDS,
+    Detected,
+    Group,
+    PromptSpec,
+    concept_text,
+    judge,
+    sample_prompt,
+)
 from imagerag.evals.miniworld.oracle import Oracle
 from imagerag.graphs.state import Budget
 from imagerag.tools.backends.loading import Backends
 from imagerag.tools.miniworld.world import CELL_PHRASES, CELLS, COLOUR_NAMES, RARE_SHAPES, SHAPES, SIZE_NAMES
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-K_BUCKETS: dict[str, tuple[int, int]] = {"2-3": (2, 3), "4-5": (4, 5), "6-7": (6, 7), "8-10": (8, 10)}
-# The prompt mix, fixed before any result was seen: prompts per (k bucket, with or without a rare object).
-SPLITS: dict[str, tuple[int, int]] = {"dev": (6, 1_000), "test": (10, 2_000)}  # (per cell, seed)
+K_BUCKETS: dict[str, tuple[int, int]] = {
+    "2-3": (2, 3),
+    "4-5": (4, 5),
+    "6-7": (6, 7),
+    "8-10": (8, 10),
+    "11-16": (11, 16),
+}
+RARE_MIX: dict[int, str] = {0: "common", 1: "rare", 2: "two rare"}  # rare objects in a prompt's scene
+# The prompt mix of version 3, fixed before any result was seen: prompts per (k bucket, rare objects), and the seed
+# each split is drawn with (new seeds: version 2's test split was looked at during development).
+SPLITS: dict[str, tuple[int, int]] = {"dev": (4, 3_000), "test": (6, 5_000)}  # (per cell, seed)
+SEED_SPACING = 1_000  # generator seed of benchmark seed s (a run draws at most N images from it on)
+TIME_MATCHED_N = 6  # best_of_time's images, chosen on dev (README: the miniature world's benchmark)
+NO_HITS = float("inf")  # a retrieval threshold no similarity reaches: retrieval finds nothing
 
 
 BASELINES = ("text_alone", "best_of_n", "one_pass")
@@ -59,17 +89,20 @@ class Condition(BaseModel):
     samples: int = 1
     edits: bool = False
     region_references: bool = True
+    retrieval: bool = True
     pick: str = "best"  # "last": the last image, as the paper's one pass returns it
 
 
-def conditions(images: int) -> list[Condition]:
+def conditions(images: int, time_matched_n: int = TIME_MATCHED_N) -> list[Condition]:
     return [
         Condition(name="text_alone", rounds=1),
         Condition(name="best_of_n", rounds=1, samples=images),
+        Condition(name="best_of_time", rounds=1, samples=time_matched_n),
         Condition(name="one_pass", rounds=2, pick="last"),
         Condition(name="loop", rounds=images),
         Condition(name="loop_edits", rounds=images, edits=True),
         Condition(name="loop_edits_one_ref", rounds=images, edits=True, region_references=False),
+        Condition(name="loop_edits_no_retrieval", rounds=images, edits=True, retrieval=False),
     ]
 
 
@@ -82,8 +115,11 @@ class Outcome(BaseModel):
     seed: int
     k: int
     rare: bool
+    rare_objects: int = 0  # results of version 2 have 0 or 1 (rare)
     objects: int
     all_right: bool
+    strict_all_right: bool | None = None  # all right and no object the prompt did not ask for (version 3 on)
+    free: list[tuple[int, str, str]] = []  # (prompt object, attribute it leaves free, the value the oracle read)
     concepts: list[tuple[str, bool]]  # (kind, right) per concept of the prompt
     any_image_all_right: bool  # what a perfect critic could have picked among the run's images
     critic: list[tuple[str, bool, bool]]  # (kind, critic says satisfied, oracle says right) per concept and image
@@ -103,12 +139,11 @@ def make_split(name: str) -> list[PromptSpec]:
     rng = random.Random(seed)
     out: list[PromptSpec] = []
     for bucket, (lo, hi) in K_BUCKETS.items():
-        for rare in (False, True):
+        for rare, label in RARE_MIX.items():
             made = 0
             while made < per_cell:
-                spec = sample_prompt(
-                    rng, rng.randint(lo, hi), rare, f"{name}-{bucket}-{'rare' if rare else 'common'}-{made}", "eval"
-                )
+                pid = f"{name}-{bucket}-{label.replace(' ', '-')}-{made}"
+                spec = sample_prompt(rng, rng.randint(lo, hi), rare, pid, "eval")
                 if spec.scene_key in taken:
                     continue
                 taken.add(spec.scene_key)
@@ -153,12 +188,14 @@ def run_one(
     budget = Budget(max_rounds=condition.rounds, max_generations=images, max_seconds=None, max_tokens=None)
     update = {
         "budget": budget,
-        "seed": seed,
+        "seed": seed * SEED_SPACING,
         "samples": condition.samples,
         "edits": condition.edits,
         "region_references": condition.region_references,
     }
     settings = settings.model_copy(update=update)
+    if not condition.retrieval:
+        backends = dataclasses.replace(backends, min_similarity=NO_HITS)
     result = run(spec.prompt, settings, runs, backends=backends)
     chosen = result.candidates[-1] if condition.pick == "last" else result.best
     if chosen is None:
@@ -166,6 +203,7 @@ def run_one(
     readings = oracle.read([_load(Path(result.run_dir) / "images" / f"{c.image_id}.png") for c in result.candidates])
     judged = {c.image_id: judge(spec, r) for c, r in zip(result.candidates, readings, strict=True)}
     verdict = judged[chosen.image_id]
+    reading = readings[[c.image_id for c in result.candidates].index(chosen.image_id)]
     shutil.rmtree(result.run_dir, ignore_errors=True)
     return Outcome(
         condition=condition.name,
@@ -173,14 +211,37 @@ def run_one(
         seed=seed,
         k=spec.k,
         rare=spec.has_rare,
+        rare_objects=spec.rare_objects,
         objects=sum(g.count for g in spec.groups),
         all_right=verdict.all_right,
+        strict_all_right=strictly_right(spec, verdict.all_right, reading),
+        free=free_values(spec, reading),
         concepts=[(c.kind, ok) for c, ok in verdict.concepts],
         any_image_all_right=any(j.all_right for j in judged.values()),
         critic=critic_agreement(spec, result, judged),
         generations=result.generations,
         seconds=round(result.elapsed, 3),
     )
+
+
+def strictly_right(spec: PromptSpec, all_right: bool, reading: Sequence[Detected]) -> bool:
+    """The strict judge: every concept right and nothing else drawn (as many objects read as the prompt asks)."""
+    return all_right and len(reading) == sum(g.count for g in spec.groups)
+
+
+def free_values(spec: PromptSpec, reading: Sequence[Detected]) -> list[tuple[int, str, str]]:
+    """For each single object of the prompt, each attribute the prompt leaves free (no colour, size, or cell and no
+    relation) with the value the oracle read on the one object of that shape in the image (none when it reads 0 or
+    several of them)."""
+    related = {i for r in spec.relations for i in (r.subject, r.object)}
+    out = []
+    for i, g in enumerate(spec.groups):
+        found = [d for d in reading if d.shape == g.shape]
+        if g.count != 1 or len(found) != 1:
+            continue
+        asked = {"colour": g.colour, "size": g.size} | ({} if i in related else {"cell": g.cell})
+        out += [(i, attr, getattr(found[0], attr)) for attr, value in asked.items() if value is None]
+    return out
 
 
 def critic_agreement(spec: PromptSpec, result: RunResult, judged: dict) -> list[tuple[str, bool, bool]]:
@@ -235,13 +296,14 @@ def evaluate(
     images: int = 4,
     names: Iterable[str] | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
+    time_matched_n: int | None = None,
 ) -> dict:
     """Run every (condition, prompt, seed) not yet in out/results.jsonl, then write out/summary.json and
     out/summary.md from everything there."""
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     done = done_keys(results)
-    chosen = [c for c in conditions(images) if names is None or c.name in set(names)]
+    chosen = [c for c in conditions(images, time_matched_n or TIME_MATCHED_N) if names is None or c.name in set(names)]
     settings = Settings(profile="mini") if data_dir is None else Settings(profile="mini", data_dir=data_dir)
     backends = prepare(settings)
     oracle = Oracle.from_pretrained(ORACLE_DIR)
@@ -258,8 +320,11 @@ def evaluate(
                         on_outcome(outcome)
     wanted = {p.id for p in prompts}
     report = summarise([o for o in read_outcomes(results) if o.prompt_id in wanted and o.seed in set(seeds)])
-    retrieval = out / "retrieval.json"  # the collection's, measured once per results folder
+    # A property of the collection, not of a results folder: measured once per collection (and its size).
+    collection = settings.collection or backends.profile.collection
+    retrieval = Path(settings.data_dir) / "retrieval-precision" / f"{collection}-{backends.store.count()}.json"
     if not retrieval.exists():
+        retrieval.parent.mkdir(parents=True, exist_ok=True)
         retrieval.write_text(json.dumps(retrieval_precision(backends), indent=2))
     report["retrieval_precision_at_1"] = json.loads(retrieval.read_text())
     (out / "summary.json").write_text(json.dumps(report, indent=2))
@@ -305,12 +370,32 @@ def paired_bootstrap(
     }
 
 
+def rare_objects(o: Outcome) -> int:
+    return o.rare_objects or int(o.rare)  # version 2's results only say whether one was rare
+
+
 SUBSETS: dict[str, Callable[[Outcome], bool]] = {
     "all": lambda o: True,
     "k>=5, rare": lambda o: o.k >= 5 and o.rare,
     "k>=5, common only": lambda o: o.k >= 5 and not o.rare,
     "several objects, rare": lambda o: o.objects >= 2 and o.rare,
+    "two rare": lambda o: rare_objects(o) == 2,
 }
+FREE_ATTRIBUTES = ("colour", "size", "cell")
+
+
+def diversity(items: Sequence[Outcome]) -> dict[str, dict]:
+    """Per attribute a prompt leaves free: the mean number of distinct values the oracle read on one prompt object
+    across the seeds (1: the same every seed), over the prompt objects read on at least two seeds."""
+    values: dict[tuple[str, int, str], list[str]] = defaultdict(list)
+    for o in items:
+        for group, attr, value in o.free:
+            values[(o.prompt_id, group, attr)].append(value)
+    out = {}
+    for attr in FREE_ATTRIBUTES:
+        seen = [len(set(v)) for (_, _, a), v in values.items() if a == attr and len(v) >= 2]
+        out[attr] = {"distinct_values": round(statistics.mean(seen), 2) if seen else None, "objects": len(seen)}
+    return out
 
 
 def summarise(outcomes: list[Outcome]) -> dict:
@@ -322,39 +407,43 @@ def summarise(outcomes: list[Outcome]) -> dict:
     for name, items in by_condition.items():
         cells = {}
         for b in K_BUCKETS:
-            for rare in (False, True):
-                cells[f"k {b}, {'rare' if rare else 'common'}"] = pct(
-                    [o.all_right for o in items if bucket(o.k) == b and o.rare == rare]
+            for rare, label in RARE_MIX.items():
+                cells[f"k {b}, {label}"] = pct(
+                    [o.all_right for o in items if bucket(o.k) == b and rare_objects(o) == rare]
                 )
         kinds = {kind: pct([ok for o in items for k, ok in o.concepts if k == kind]) for kind in CONCEPT_KINDS}
         critic = {kind: pct([c == r for o in items for k, c, r in o.critic if k == kind]) for kind in CONCEPT_KINDS}
         report["conditions"][name] = {
             "runs": len(items),
             "all_right_pct": pct([o.all_right for o in items]),
+            "strict_all_right_pct": pct([o.strict_all_right for o in items if o.strict_all_right is not None]),
             "all_right_by_cell_pct": cells,
             "concepts_by_kind_pct": kinds,
             "any_image_all_right_pct": pct([o.any_image_all_right for o in items]),
             "critic_agrees_with_oracle_pct": critic,
             "images_per_prompt": round(statistics.mean(o.generations for o in items), 2),
             "seconds_per_prompt": round(statistics.mean(o.seconds for o in items), 2),
+            "diversity": diversity(items),
         }
 
-    def table(name: str, subset: Callable[[Outcome], bool]) -> dict[str, dict[int, bool]]:
+    def table(name: str, subset: Callable[[Outcome], bool], strict: bool = False) -> dict[str, dict[int, bool]]:
         t: dict[str, dict[int, bool]] = defaultdict(dict)
         for o in by_condition.get(name, []):
-            if subset(o):
-                t[o.prompt_id][o.seed] = o.all_right
+            if subset(o) and not (strict and o.strict_all_right is None):
+                t[o.prompt_id][o.seed] = bool(o.strict_all_right) if strict else o.all_right
         return t
 
-    report["paired"] = {}
+    report["paired"], report["paired_strict"] = {}, {}
     # The loop with edits against every other condition (its ablation included); the whole-image loop against the
     # baselines.
     bases = {"loop_edits": [c for c in by_condition if c != "loop_edits"], "loop": list(BASELINES)}
     for method in (m for m in bases if m in by_condition):
         for base in (c for c in bases[method] if c in by_condition):
-            report["paired"][f"{method} - {base}"] = {
-                label: paired_bootstrap(table(method, f), table(base, f)) for label, f in SUBSETS.items()
-            }
+            for key, strict in (("paired", False), ("paired_strict", True)):
+                report[key][f"{method} - {base}"] = {
+                    label: paired_bootstrap(table(method, f, strict), table(base, f, strict))
+                    for label, f in SUBSETS.items()
+                }
     return report
 
 
@@ -365,12 +454,12 @@ def markdown(report: dict) -> str:
     rows = [
         f"{report['prompts']} prompts x seeds {report['seeds']}. Share of prompts with every concept right (%):",
         "",
-        "| condition | all | " + " | ".join(cells) + " | images / prompt | s / prompt |",
-        "|---|---|" + "---|" * len(cells) + "---|---|",
+        "| condition | all | all, strict | " + " | ".join(cells) + " | images / prompt | s / prompt |",
+        "|---|---|---|" + "---|" * len(cells) + "---|---|",
     ]
     for name, s in conds.items():
         rows.append(
-            f"| {name} | {fmt(s['all_right_pct'])} | "
+            f"| {name} | {fmt(s['all_right_pct'])} | {fmt(s.get('strict_all_right_pct'))} | "
             + " | ".join(fmt(v) for v in s["all_right_by_cell_pct"].values())
             + f" | {s['images_per_prompt']} | {s['seconds_per_prompt']} |"
         )
@@ -388,17 +477,30 @@ def markdown(report: dict) -> str:
             )
             + f" | {fmt(s['any_image_all_right_pct'])} |"
         )
-    rows += ["", "Paired differences in all-right prompts (points, 95% bootstrap interval):", ""]
-    rows += ["| comparison | " + " | ".join(SUBSETS) + " |", "|---|" + "---|" * len(SUBSETS)]
-    for name, subsets in report["paired"].items():
-        rows.append(
-            f"| {name} | "
-            + " | ".join(
-                f"{d['difference_points']} [{d['ci95'][0]}, {d['ci95'][1]}] (n={d['prompts']})" if d["prompts"] else "-"
-                for d in subsets.values()
+    for key, judged in (("paired", ""), ("paired_strict", ", strict judge")):
+        rows += ["", f"Paired differences in all-right prompts{judged} (points, 95% bootstrap interval):", ""]
+        rows += ["| comparison | " + " | ".join(SUBSETS) + " |", "|---|" + "---|" * len(SUBSETS)]
+        for name, subsets in report.get(key, {}).items():
+            rows.append(
+                f"| {name} | "
+                + " | ".join(
+                    f"{d['difference_points']} [{d['ci95'][0]}, {d['ci95'][1]}] (n={d['prompts']})"
+                    if d["prompts"]
+                    else "-"
+                    for d in subsets.values()
+                )
+                + " |"
             )
-            + " |"
-        )
+    rows += [
+        "",
+        "Diversity: distinct values the oracle reads across the seeds on an attribute the prompt leaves free",
+        "",
+    ]
+    rows += ["| condition | " + " | ".join(FREE_ATTRIBUTES) + " |", "|---|" + "---|" * len(FREE_ATTRIBUTES)]
+    for name, s in conds.items():
+        d = s.get("diversity", {})
+        cells_ = [f"{fmt(d[a]['distinct_values'])} (n={d[a]['objects']})" if a in d else "-" for a in FREE_ATTRIBUTES]
+        rows.append(f"| {name} | " + " | ".join(cells_) + " |")
     if r := report.get("retrieval_precision_at_1"):
         rows += ["", f"Retrieval precision@1 of object captions ({r['queries']} queries, {r['corpus']} images), %:", ""]
         kinds = list(r["clip"])

@@ -137,7 +137,11 @@ class PromptSpec(BaseModel):
 
     @property
     def has_rare(self) -> bool:
-        return any(g.shape in RARE_SHAPES for g in self.groups)
+        return self.rare_objects > 0
+
+    @property
+    def rare_objects(self) -> int:
+        return sum(g.shape in RARE_SHAPES for g in self.groups)
 
     @property
     def scene_objects(self) -> Scene | None:
@@ -203,18 +207,22 @@ class Layout:
 
 
 def sample_layout(
-    rng: random.Random, n_objects: int, rare: bool, p_count: float = 0.25, jitter: float = JITTER
+    rng: random.Random, n_objects: int, rare: int, p_count: float = 0.25, jitter: float = JITTER
 ) -> Layout:
     """n_objects in distinct cells, with distinct shapes per group; sometimes a count group (2 or 3 objects of one
-    shape and colour). With `rare`, exactly one single object has a rare shape, otherwise none."""
+    shape and colour). `rare` single objects (0, 1 or 2; True is 1) have a rare shape each, distinct."""
     sizes = [1] * n_objects
     counts = [c for c in (2, 3) if c <= n_objects - rare]  # a rare object stays single
     if counts and rng.random() < p_count:
         n = rng.choice(counts)
         sizes = [n] + [1] * (n_objects - n)
     shapes = rng.sample(COMMON_SHAPES, len(sizes))
-    if rare:
-        shapes[rng.choice([i for i, n in enumerate(sizes) if n == 1])] = rng.choice(RARE_SHAPES)
+    singles = [i for i, n in enumerate(sizes) if n == 1]
+    if rare == 1:  # drawn as before two rare objects existed, so earlier layouts and splits stay the same
+        shapes[rng.choice(singles)] = rng.choice(RARE_SHAPES)
+    elif rare > 1:
+        for i, shape in zip(rng.sample(singles, rare), rng.sample(RARE_SHAPES, rare), strict=True):
+            shapes[i] = shape
     cells = iter(rng.sample(CELLS, n_objects))
     objects: list[ObjectSpec] = []
     members: list[tuple[int, ...]] = []
@@ -261,13 +269,14 @@ def describe(layout: Layout, k: int, rng: random.Random, pid: str = "", p_relati
 
 
 def sample_prompt(
-    rng: random.Random, k: int, rare: bool, pid: str = "", half: Literal["corpus", "eval"] | None = None
+    rng: random.Random, k: int, rare: int, pid: str = "", half: Literal["corpus", "eval"] | None = None
 ) -> PromptSpec:
-    """A prompt with exactly k concepts about a fresh scene (in `half` of the scene space when given)."""
+    """A prompt with exactly k concepts about a fresh scene with `rare` rare objects (in `half` of the scene space
+    when given)."""
     if not 1 <= k <= 4 * MAX_OBJECTS:
         raise ValueError(f"k must be 1 to {4 * MAX_OBJECTS}")
     while True:
-        layout = sample_layout(rng, rng.randint(max(1, -(-k // 4)), min(MAX_OBJECTS, k)), rare)
+        layout = sample_layout(rng, rng.randint(max(1, int(rare), -(-k // 4)), min(MAX_OBJECTS, k)), rare)
         if layout.base_k <= k <= layout.max_k and (half is None or layout.scene.half == half):
             return describe(layout, k, rng, pid)
 
