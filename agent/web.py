@@ -468,13 +468,13 @@ def base_of(session: Session, state: RunState | None) -> tuple[ScenePlan | None,
 
 
 def pending_review(session: Session) -> ReviewRequest | None:
-    if not session.paused or not session.thread:
-        return None
-    settings_request = _reviews.get(session.paused)
-    return settings_request
+    return _reviews.get(session.paused) if session.paused else None
 
 
 _reviews: dict[str, ReviewRequest] = {}  # run folder -> the review it waits for (this process's runs)
+# One lock per loaded generator, for the whole process: a pipeline is not re-entrant, whichever page drives it.
+_pipelines: dict[int, threading.Lock] = {}
+_pipelines_guard = threading.Lock()
 
 
 # ----------------------------------------------------------------------------- the page
@@ -489,7 +489,6 @@ class ChatPage:
         self.out = Path(out)
         self.views = Views(self.out)
         self._backends = backends
-        self._locks: dict[int, threading.Lock] = {}
         self._stops: dict[str, threading.Event] = {}
         self._guard = threading.Lock()
 
@@ -513,8 +512,8 @@ class ChatPage:
         return self._backends if self._backends is not None else prepare(settings)
 
     def _pipeline_lock(self, backends: Backends) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(id(backends.generator), threading.Lock())
+        with _pipelines_guard:
+            return _pipelines.setdefault(id(backends.generator), threading.Lock())
 
     def _stop_event(self, thread: str) -> threading.Event:
         with self._guard:
