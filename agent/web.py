@@ -568,7 +568,7 @@ class ChatPage:
     ) -> Iterator[tuple[Any, ...]]:
         """Drive a run's events, rendering after every node; queued behind other runs on the same pipeline."""
         thread = session.thread or ""
-        session = session.model_copy(update={"running": True, "error": None, "note": ""})
+        session = session.model_copy(update={"running": True, "error": None})
         yield self.render(session)
         backends = self.backends(settings)
         lock = self._pipeline_lock(backends)
@@ -584,8 +584,10 @@ class ChatPage:
                     _reviews[event.run_dir] = ReviewRequest.model_validate(event.request)
                     session = session.model_copy(update={"paused": event.run_dir, "running": False})
                 elif isinstance(event, Finished):
-                    note = event.result.clarification and f"needs clarification: {event.result.clarification}"
-                    session = session.model_copy(update={"paused": None, "running": False, "note": note or ""})
+                    asked = event.result.clarification and f"needs clarification: {event.result.clarification}"
+                    session = session.model_copy(
+                        update={"paused": None, "running": False, "note": asked or session.note}
+                    )
                 if event.kind in ("node_finished", "verdicts", "edited", "review", "finished"):
                     yield self.render(session)
         finally:
@@ -633,11 +635,9 @@ class ChatPage:
                 raise WebError("draw something first: the object list belongs to a thread's image")
             vocabulary = self.settings_for(session, controls).resolved_profile().vocabulary
             message = as_message(changes, scene, vocabulary)
-            noted = session.model_copy(update={"note": f"typed change sent as: {message!r}"})
-            for update in self.send(message, controls, noted):
-                if update[0].error is None and not update[0].note:
-                    update = (update[0].model_copy(update={"note": noted.note}), *update[1:])
-                yield update
+            yield from self.send(
+                message, controls, session.model_copy(update={"note": f"typed change sent as: {message!r}"})
+            )
 
         yield from self._guarded(session, work)
 
@@ -799,7 +799,7 @@ def build_page(page: ChatPage) -> gr.Blocks:
 
         def on_send(text: str, *args: Any) -> Iterator[tuple[Any, ...]]:
             *values, state = args
-            yield from page.send(text, _controls(*values), state)
+            yield from page.send(text, _controls(*values), state.model_copy(update={"note": ""}))
 
         def on_change(make: Callable[..., list[Change]]) -> Callable[..., Iterator[tuple[Any, ...]]]:
             def handler(*args: Any) -> Iterator[tuple[Any, ...]]:
