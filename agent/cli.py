@@ -489,6 +489,27 @@ def index(
             "it replaces the damaged one once complete.",
         ),
     ] = False,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray", help="Index on Ray Data (a local runtime unless --ray-address) into the --chroma-url server."
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="The Ray cluster to index on ('auto', HOST:6379, ray://HOST:10001); implies --ray."),
+    ] = None,
+    ray_actors: Annotated[
+        int | None,
+        typer.Option(min=1, help="Embedding actors with --ray (default: one per GPU of the cluster, else 1)."),
+    ] = None,
+    reference_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the images taken from shards and parquet files (default DATA_DIR/references); on a "
+            "cluster, a shared path every node and the searching machine see alike. Recorded in the collection."
+        ),
+    ] = None,
 ) -> None:
     """Embed images with the profile's CLIP and add them to a reference collection (incremental, resumable).
 
@@ -508,7 +529,8 @@ def index(
         size_hint,
     )
     from imagerag.tools.backends.loading import load_embedder
-    from imagerag.tools.backends.sources import SourceError
+    from imagerag.tools.backends.ray_indexer import RayIndexOptions, RayIndexSummary, ShardReport, index_on_ray
+    from imagerag.tools.backends.sources import FolderSource, SourceError
     from imagerag.tools.backends.store import (
         ReferenceStore,
         StoreError,
@@ -526,18 +548,26 @@ def index(
     if repair == bool(sources):
         fail("pass the image folders, shards or parquet files to index, or --repair alone (it re-reads the "
              "folders the collection records)")  # fmt: skip
+    on_ray = ray or ray_address is not None
+    if on_ray and (repair or not chroma_url):
+        fail("--ray indexes SOURCES into a Chroma server: pass --chroma-url http://HOST:8000 (start one with `chroma "
+             "run --path DIR --host 0.0.0.0 --port 8000`), and no --repair")  # fmt: skip
     try:
         colour = ImageColor.getrgb(background)[:3]
     except ValueError:
         fail(f"--background {background!r} is not a colour: pass a name (white, black) or #rrggbb")
     settings = make_settings(profile=profile, collection=collection, data_dir=data_dir)
     name = settings.collection_name
-    summary = IndexSummary()
+    summary = RayIndexSummary() if on_ray else IndexSummary()
     columns = (TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(), TimeElapsedColumn())
     notes: list[str] = []
     try:
         check_collection_name(name)
         opened = [] if repair else open_sources(sources or [], image_column, caption_column, follow_external_links)
+        if ray_address and reference_cache is None and not all(isinstance(s, FolderSource) for s in opened):
+            fail("on a cluster, images from shards and parquet files are copied where every node and the searching "
+                 "machine see them: pass --reference-cache on a shared filesystem")  # fmt: skip
+        cache = reference_cache.resolve() if reference_cache else settings.data_dir / "references"
         with writer_lock(settings.data_dir, chroma_url, lock_timeout):  # before the database is opened
             client = chroma_client(settings.data_dir, chroma_url)
             embedder = load_embedder(settings)
@@ -551,9 +581,25 @@ def index(
                     store, notes = repair_collection(
                         client, name, embedder, settings.data_dir, batch_size, workers, advance, summary, colour
                     )
+                elif on_ray:
+                    assert chroma_url is not None and isinstance(summary, RayIndexSummary)
+                    store = ReferenceStore.open(client, name, embedder, create=True)
+                    options = RayIndexOptions(
+                        address=ray_address,
+                        batch_size=batch_size,
+                        embed_actors=ray_actors,
+                        image_column=image_column,
+                        caption_column=caption_column,
+                        background=colour,
+                    )
+
+                    def shard_done(report: ShardReport) -> None:
+                        counts = f"added {report.added}, skipped {report.skipped}, failed {report.failed}"
+                        progress.console.print(plain(f"done: {report.uri}: {counts}"))
+
+                    index_on_ray(store, opened, settings, chroma_url, cache, options, advance, shard_done, summary)
                 else:
                     store = ReferenceStore.open(client, name, embedder, create=True)
-                    cache = settings.data_dir / "references"
                     index_sources(store, opened, batch_size, cache, workers, advance, summary, background=colour)
             held = store.count()
     except KeyboardInterrupt:
@@ -567,6 +613,8 @@ def index(
         fail(disk_full_message(settings.data_dir, error, f"Kept: the {summary.added} image(s) added before it."))
     for note in notes:
         err.print(plain(f"note: {note}"))
+    for failure in getattr(summary, "failures", []):
+        err.print(plain(f"failed: {failure}"))
     done = "repaired: " if repair else ""
     err.print(plain(f"{done}{summary.line()}; collection {name!r} holds {held}"))
 

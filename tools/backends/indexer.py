@@ -146,12 +146,11 @@ class _FreshBatches(Sampler):
             self.summary.captions_lost += 1
             log.warning("%s", record.caption_error)
         # Cut here, in the main process, so a huge caption never travels to a worker nor into the database.
-        caption = bound_caption(record.caption)
-        if caption == record.caption:
-            return record
-        self.summary.captions_cut += 1
-        log.warning("caption of %s is over %d characters: cut at a word boundary", record.uri, MAX_CAPTION_CHARS)
-        return replace(record, caption=caption)
+        bounded, cut = bound_record(record)
+        if cut:
+            self.summary.captions_cut += 1
+            log.warning("caption of %s is over %d characters: cut at a word boundary", record.uri, MAX_CAPTION_CHARS)
+        return bounded
 
     def _chunks(self) -> Iterator[list[SourceRecord]]:
         chunk: list[SourceRecord] = []
@@ -193,6 +192,12 @@ class _FreshBatches(Sampler):
                 ready = ready[cut:]
         if ready:
             yield ready
+
+
+def bound_record(record: SourceRecord) -> tuple[SourceRecord, bool]:
+    """`record` with its caption cut to MAX_CAPTION_CHARS at a word boundary, and whether it was cut."""
+    caption = bound_caption(record.caption)
+    return (record, False) if caption == record.caption else (replace(record, caption=caption), True)
 
 
 def _bytes(items: Sequence[_Fresh]) -> int:
@@ -244,7 +249,7 @@ class DecodeAndPreprocess:
         return _Batch(good, torch.stack(tensors) if tensors else None, formats, failed)
 
 
-def _input_size(embedder: object) -> int | None:
+def input_size(embedder: object) -> int | None:
     size = getattr(getattr(getattr(embedder, "model", None), "visual", None), "image_size", None)
     return max(size) if isinstance(size, (tuple, list)) else size
 
@@ -257,7 +262,7 @@ def cache_copy(cache_dir: Path, image_id: str, data: bytes, suffix: str) -> Path
     return path.resolve()
 
 
-def _stored_source(item: _Fresh, fmt: str, cache_dir: Path | None) -> str:
+def stored_source(item: _Fresh, fmt: str, cache_dir: Path | None) -> str:
     """The file the store records for `item`: a folder image itself, else its copy in the cache."""
     if item.record.on_disk:
         return item.record.uri
@@ -321,7 +326,7 @@ def index_sources(
     loader = DataLoader(
         _Passthrough(),
         batch_sampler=sampler,
-        collate_fn=DecodeAndPreprocess(store.embedder.preprocess, _input_size(store.embedder), background),
+        collate_fn=DecodeAndPreprocess(store.embedder.preprocess, input_size(store.embedder), background),
         num_workers=num_workers,
         prefetch_factor=2 if num_workers else None,  # DataLoader refuses any value without workers
     )
@@ -344,7 +349,7 @@ def _write(store: ReferenceStore, batch: _Batch, cache_dir: Path | None, summary
     assert batch.pixels is not None, "a batch with fresh records has their pixels"
     try:
         embeddings = store.embedder.embed_images(batch.pixels)
-        sources_ = [_stored_source(item, fmt, cache_dir) for item, fmt in zip(batch.fresh, batch.formats, strict=True)]
+        sources_ = [stored_source(item, fmt, cache_dir) for item, fmt in zip(batch.fresh, batch.formats, strict=True)]
         # Only a link followed out of its folder on request lies outside the recorded folders: its own
         # folder is recorded, so the agent may open what the user chose to index.
         store.record_roots(Path(s).parent for s in sources_)

@@ -266,20 +266,29 @@ def chroma_client(data_dir: Path, url: str | None = None) -> chromadb.ClientAPI:
     """The data folder's database (or the Chroma server at `url`); the data folder's reference cache becomes a
     folder whose images load_image may open."""
     _REFERENCE_ROOTS.add(reference_cache(data_dir).resolve())
-    settings = ChromaSettings(anonymized_telemetry=False)
     if url:
-        from urllib.parse import urlparse
-
-        parsed = urlparse(url)
-        return chromadb.HttpClient(
-            host=parsed.hostname, port=parsed.port or 8000, ssl=parsed.scheme == "https", settings=settings
-        )
+        return server_client(url)
     try:
-        return chromadb.PersistentClient(path=str(Path(data_dir) / "chroma"), settings=settings)
+        return chromadb.PersistentClient(
+            path=str(Path(data_dir) / "chroma"), settings=ChromaSettings(anonymized_telemetry=False)
+        )
     except Exception as error:
         if disk_full(error):
             raise DiskFull(disk_full_message(data_dir, error, "Nothing was written.")) from None
         raise
+
+
+def server_client(url: str) -> chromadb.ClientAPI:
+    """A client of the Chroma server at `url` (http://host:8000), telemetry off."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    return chromadb.HttpClient(
+        host=parsed.hostname,
+        port=parsed.port or 8000,
+        ssl=parsed.scheme == "https",
+        settings=ChromaSettings(anonymized_telemetry=False),
+    )
 
 
 Reranker = Callable[[str, list[RetrievalHit]], list[RetrievalHit]]
@@ -337,6 +346,27 @@ def _recorded_roots(collection: Collection) -> list[Path] | None:
             "list of absolute paths: re-index its images into a new collection"
         )
     return [Path(r) for r in roots]
+
+
+def upsert_rows(
+    collection: Collection,
+    ids: list[str],
+    embeddings: np.ndarray,
+    captions: list[str],
+    sources: list[str],
+    origins: list[str | None] | None = None,
+) -> None:
+    """One upsert of indexed images, as every indexer writes them (ReferenceStore.add, the Ray indexer's writers):
+    the caption as the document, the file the agent opens as `source`, where an extracted copy came from as `origin`."""
+    origins = origins or [None] * len(ids)
+    collection.upsert(
+        ids=ids,
+        embeddings=embeddings.astype(np.float32),
+        documents=captions,
+        metadatas=[
+            {"source": s, **({"origin": o} if o and o != s else {})} for s, o in zip(sources, origins, strict=True)
+        ],
+    )
 
 
 class ReferenceStore:
@@ -461,17 +491,8 @@ class ReferenceStore:
         """
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedder.info.dim:
             raise StoreError(f"embeddings of shape {embeddings.shape} do not fit dimension {self.embedder.info.dim}")
-        origins = origins or [None] * len(ids)
         with self.readable():
-            self.collection.upsert(
-                ids=ids,
-                embeddings=embeddings.astype(np.float32),
-                documents=captions,
-                metadatas=[
-                    {"source": s, **({"origin": o} if o and o != s else {})}
-                    for s, o in zip(sources, origins, strict=True)
-                ],
-            )
+            upsert_rows(self.collection, ids, embeddings, captions, sources, origins)
 
     def search(
         self,
