@@ -34,8 +34,10 @@ class RunContext(BackendConfig, BaseSettings):
         default=True,
         description="Redraw only the regions of what is missing when the best image holds the rest (else redraw all).",
     )
-    stop_score: float | None = Field(
-        default=None, ge=0.0, le=1.0, description="The checked stop's bar (Profile.stop_score); None: the profile's."
+    check_stop: bool = Field(
+        default=True,
+        description="Before a run stops on an image the critic passes whole, the critic looks again (its verify, "
+        "when it has one): what the second look does not confirm is missing, and the loop goes on.",
     )
     region_references: bool = Field(
         default=True,
@@ -122,4 +124,4 @@ def toolkit(state: RunState, runtime: Runtime[RunContext] | ToolRuntime[RunConte
     graph's stream."""
     context = context_of(runtime)
     images = RunFolder(run_dir_of(state, context)).images
-    return Toolkit(backends_for(context), images, runtime.stream_writer, stop_score=context.stop_score)
+    return Toolkit(backends_for(context), images, runtime.stream_writer, check_stop=context.check_stop)

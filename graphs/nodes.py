@@ -20,7 +20,7 @@ from imagerag.graphs.context import RunContext, context_of, run_dir_of, toolkit
 from imagerag.graphs.rules import (
     best_candidate,
     best_of_turn,
-    check_stop,
+    claims_stop,
     clock,
     concepts_from_best,
     enforce_dependencies,
@@ -191,7 +191,9 @@ def judge_new(
         if candidate.turn == state.turn and todo:
             critique = tools.critique(candidate.image_id, todo, state.prompt)
             verdicts = enforce_dependencies([*candidate.verdicts, *critique.verdicts], state.concepts)
-            verdicts = check_stop(verdicts, state.concepts, tools.stop_score)
+            if claims_stop(verdicts, state.concepts):  # the checked stop: a second look before the run ends on it
+                checked = tools.verify(candidate.image_id, state.concepts, verdicts)
+                verdicts = enforce_dependencies(checked, state.concepts)
             candidate = candidate.model_copy(update={"verdicts": verdicts})
             usage = usage.add(critic_calls=1, llm_tokens=critique.tokens)
             summary = f"{candidate.image_id}: {candidate.satisfied_count}/{len(state.concepts)} satisfied, score {candidate.score:.2f}"

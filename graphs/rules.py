@@ -66,21 +66,10 @@ def enforce_dependencies(verdicts: list[ConceptVerdict], concepts: list[Concept]
     return sorted(by_id.values(), key=lambda v: order.get(v.concept_id, len(order)))
 
 
-def check_stop(verdicts: list[ConceptVerdict], concepts: list[Concept], bar: float | None) -> list[ConceptVerdict]:
-    """The checked stop. An image whose verdicts pass every concept would end the run, so each concept must also
-    clear the stricter `bar`; one that does not is judged missing on this image (with what depends on it), and the
-    loop redraws it. Images that miss something keep the critic's own verdicts, which rank them. None: no check."""
-    judged = {v.concept_id for v in verdicts}
-    if bar is None or not all(v.satisfied for v in verdicts) or not judged >= {c.id for c in concepts}:
-        return verdicts
-    below = [v for v in verdicts if v.score < bar]
-    checked = [
-        v.model_copy(update={"satisfied": False, "evidence": f"{v.evidence} (below the stop bar {bar:.2f})".strip()})
-        if v in below
-        else v
-        for v in verdicts
-    ]
-    return enforce_dependencies(checked, concepts) if below else verdicts
+def claims_stop(verdicts: list[ConceptVerdict], concepts: list[Concept]) -> bool:
+    """Whether these verdicts of one image would end the run: every concept judged, and satisfied."""
+    judged = {v.concept_id: v.satisfied for v in verdicts}
+    return bool(concepts) and all(judged.get(c.id, False) for c in concepts)
 
 
 def concepts_from_best(concepts: list[Concept], candidates: list[Candidate]) -> list[Concept]:

@@ -33,16 +33,30 @@ def test_stops_as_soon_as_every_concept_is_satisfied(tiny_settings, tiny_store, 
     assert [s.node for s in result.steps] == ["plan", "generate", "critique", "retrieve", "edit", "critique", "finish"]
 
 
-def test_the_checked_stop_goes_on_past_an_image_that_passes_weakly(tiny_settings, tiny_store, tmp_path):
-    # Both images pass every concept; the first only at score 0.8, under the bar of 0.9, so the run goes on, and stops
-    # on the second (scores 0.95). Without the bar it stops on the first.
-    critic = ScriptedCritic([{"c1", "c2"}, {"c1", "c2"}], score_bonus=[0.0, 0.15])
-    checked = go(tiny_settings, tiny_store, tmp_path, critic, stop_score=0.9)
-    assert checked.status == "satisfied" and checked.generations == 2
-    assert not any(v.satisfied for v in checked.candidates[0].verdicts)  # the weak object takes its attributes
-    assert "below the stop bar 0.90" in checked.candidates[0].verdicts[0].evidence
-    plain = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([{"c1", "c2"}]))
-    assert plain.status == "satisfied" and plain.generations == 1
+class DoubtingCritic(ScriptedCritic):
+    """A scripted critic with a second look (a Verifier) that confirms nothing on its first `doubts` calls."""
+
+    def __init__(self, script, doubts: int):
+        super().__init__(script)
+        self.doubts, self.verified = doubts, 0
+
+    def verify(self, image, concepts, verdicts):
+        self.verified += 1
+        if self.verified > self.doubts:
+            return verdicts
+        return [v.model_copy(update={"satisfied": False, "evidence": "not confirmed"}) for v in verdicts]
+
+
+def test_the_checked_stop_goes_on_past_an_image_the_second_look_does_not_confirm(tiny_settings, tiny_store, tmp_path):
+    # Both images pass every concept; the second look doubts the first, so the run goes on and stops on the second.
+    critic = DoubtingCritic([{"c1", "c2"}], doubts=1)
+    checked = go(tiny_settings, tiny_store, tmp_path, critic)
+    assert checked.status == "satisfied" and checked.generations == 2 and critic.verified == 2
+    assert [v.evidence for v in checked.candidates[0].verdicts] == ["not confirmed"] * 2
+    # Turned off, the critic's own verdicts stop the run on the first image, and no second look is taken.
+    unchecked_critic = DoubtingCritic([{"c1", "c2"}], doubts=1)
+    unchecked = go(tiny_settings, tiny_store, tmp_path, unchecked_critic, check_stop=False)
+    assert unchecked.status == "satisfied" and unchecked.generations == 1 and unchecked_critic.verified == 0
 
 
 @pytest.mark.parametrize(

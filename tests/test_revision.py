@@ -662,3 +662,40 @@ def test_the_scene_model_round_trips_as_json():
     assert revised.applied is not None
     again = ScenePlan.model_validate_json(revised.applied.scene.model_dump_json())
     assert again == revised.applied.scene and again.next_object_id() == "o3"
+
+
+class _ShapeEmbedder(_ColourEmbedder):
+    """The colour stand-in where a shape word without a colour word points to its shape's colour: a circle is what
+    red looks like, a square what blue does."""
+
+    SHAPE_COLOURS: ClassVar[dict[str, str]] = {"circle": "red", "square": "blue"}
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return super().embed_texts(
+            [
+                text if any(w in self.COLOURS for w in text.split()) else self.SHAPE_COLOURS[text.split()[-1]]
+                for text in texts
+            ]
+        )
+
+
+def test_the_checked_stop_looks_at_each_object_and_attribute_in_the_objects_own_cell():
+    judge = ClipJudge(_ShapeEmbedder(), threshold=0.9, rivals=("circle", "square"))  # type: ignore[arg-type]
+    image = _image(("blue", "left"), ("red", "right"))
+    square = Concept(id="c1", text="a blue square")
+    red = Concept(id="c2", kind="attribute", text="a red square", depends_on=["c1"])
+    # Judged alone, 'a red square' finds red in the right cell and passes, though the square is blue.
+    assert judge.critique(image, [square, red]).verdicts[1].satisfied
+    passed = [ConceptVerdict(concept_id=c, satisfied=True, score=0.9) for c in ("c1", "c2")]
+    checked = judge.verify(image, [square, red], passed)
+    assert checked[0] == passed[0]  # the blue square reads as a square in its cell
+    assert not checked[1].satisfied and checked[1].score < 0.5
+    assert "not in its object's cell (left)" in checked[1].evidence
+    # A 'square' drawn more red than blue reads more as a circle in its own cell: not confirmed.
+    reddish = Image.new("RGB", (48, 48), "white")
+    reddish.paste((200, 30, 110), (3, 3, 13, 13))
+    plain = Concept(id="c1", text="a square")
+    [doubted] = judge.verify(reddish, [plain], [passed[0]])
+    assert not doubted.satisfied and "reads more as a circle" in doubted.evidence
+    # Without rivals (an open world) an object is not checked against other nouns.
+    assert ClipJudge(_ShapeEmbedder(), threshold=0.9).verify(reddish, [plain], [passed[0]]) == [passed[0]]  # type: ignore[arg-type]

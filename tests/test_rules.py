@@ -17,7 +17,7 @@ from imagerag.graphs.rules import (
     absent_regions,
     best_candidate,
     best_of_turn,
-    check_stop,
+    claims_stop,
     clock,
     concepts_from_best,
     drawn_from_text,
@@ -241,26 +241,15 @@ def test_demotion_cascades_down_a_chain_whatever_the_concept_order():
     assert {v.concept_id: v.satisfied for v in out} == {"c1": False, "c2": False, "c3": False}
 
 
-# --- check_stop ------------------------------------------------------------------------------------------------------
+# --- claims_stop -----------------------------------------------------------------------------------------------------
 
 
-def test_an_image_that_passes_everything_must_clear_the_stop_bar_and_a_weak_object_takes_its_attributes():
-    verdicts = [verdict(FOX, True, 0.55, "fox"), verdict(TREE, True, 0.9), verdict(RED, True, 0.8), verdict(TALL, True)]
-    out = check_stop(verdicts, scene(), 0.7)
-    assert [(v.concept_id, v.satisfied) for v in out] == [(FOX, False), (TREE, True), (RED, False), (TALL, True)]
-    assert out[0].evidence == "fox (below the stop bar 0.70)" and out[0].score == 0.55
-    assert out[2].evidence == "(needs c1, which is missing)"
-
-
-def test_the_stop_bar_leaves_alone_images_that_miss_something_strong_ones_and_partial_judgements():
-    missing = [verdict(FOX, False), verdict(TREE, True, 0.55), verdict(RED, True, 0.55), verdict(TALL, True, 0.55)]
-    assert check_stop(missing, scene(), 0.7) == missing  # ranked by the critic's own verdicts
-    strong = [verdict(c, True, 0.75) for c in (FOX, TREE, RED, TALL)]
-    assert check_stop(strong, scene(), 0.7) == strong
-    partial = [verdict(FOX, True, 0.55)]  # the other concepts are not judged yet: no stop is claimed
-    assert check_stop(partial, scene(), 0.7) == partial
-    weak = [verdict(c, True, 0.55) for c in (FOX, TREE, RED, TALL)]
-    assert check_stop(weak, scene(), None) == weak  # no bar: the critic's verdicts stand
+def test_an_image_claims_the_stop_only_when_every_concept_is_judged_and_satisfied():
+    every = [verdict(c, True) for c in (FOX, TREE, RED, TALL)]
+    assert claims_stop(every, scene())
+    assert not claims_stop([*every[:3], verdict(TALL, False)], scene())
+    assert not claims_stop(every[:3], scene())  # the tall tree not judged yet
+    assert not claims_stop([], [])
 
 
 # --- object_phrase ---------------------------------------------------------------------------------------------------

@@ -96,15 +96,6 @@ class Profile(BaseModel):
         description="Retrieval re-ranks this many nearest images by the critic (how many of the caption's concepts "
         "it sees in each); None: CLIP's order. Cheap with the CLIP judge, a call per image with a VLM judge.",
     )
-    stop_score: float | None = Field(
-        default=None,
-        ge=0.0,
-        le=1.0,
-        description="The checked stop: an image that every concept passes ends the run as satisfied only when each "
-        "concept's score also reaches this bar (the CLIP judge scores 0.5 at its threshold); below it, the concept "
-        "is judged missing on that image and the loop goes on. Ranking images keeps the critic's threshold. None: "
-        "the critic's verdicts stop the run as they are.",
-    )
     local: bool = Field(default=False, description="Its models are built or shipped here: no Hub, no GPU needed.")
     vocabulary: Literal["open", "miniworld"] = Field(
         default="open",

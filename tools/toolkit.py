@@ -19,6 +19,7 @@ from PIL import Image
 
 from imagerag.prompts import render
 from imagerag.tools.backends.images import ImageStore
+from imagerag.tools.backends.judges import Verifier
 from imagerag.tools.backends.layout import clear, edit_margin, occupied_cells, region_mask
 from imagerag.tools.backends.llm import tokens_of
 from imagerag.tools.backends.loading import Backends, load_backends
@@ -28,7 +29,17 @@ from imagerag.tools.errors import ConfigError
 from imagerag.tools.files import atomic_write, content_id
 from imagerag.tools.grid import rule_layout
 from imagerag.tools.revision import objects_of_concepts
-from imagerag.tools.types import Box, Candidate, Concept, Critique, Edit, EditRegion, RetrievalHit, ScenePlan
+from imagerag.tools.types import (
+    Box,
+    Candidate,
+    Concept,
+    ConceptVerdict,
+    Critique,
+    Edit,
+    EditRegion,
+    RetrievalHit,
+    ScenePlan,
+)
 
 # What the graphs may use: the tools, the backends they run on, and the checks on a person's uploads.
 __all__ = ["Backends", "Progress", "Toolkit", "check_image", "keep_upload", "load_backends"]
@@ -64,12 +75,10 @@ def keep_upload(data_dir: Path, data: bytes, kind: str) -> tuple[str, Path]:
 class Toolkit:
     """The tools of one run: shared backends, the run's own image folder, and where progress events go."""
 
-    def __init__(
-        self, backends: Backends, images: Path, progress: Progress | None = None, stop_score: float | None = None
-    ):
+    def __init__(self, backends: Backends, images: Path, progress: Progress | None = None, check_stop: bool = True):
         self.backends, self.images = backends, ImageStore(images)
         self._progress = progress
-        self.stop_score: float | None = backends.profile.stop_score if stop_score is None else stop_score
+        self.check_stop = check_stop
 
     def _report(self, event: dict[str, Any]) -> None:
         if self._progress is not None:
@@ -143,6 +152,14 @@ class Toolkit:
     def critique(self, image_id: str, concepts: list[Concept], prompt: str) -> Critique:
         """Judge every concept on one stored image."""
         return self.backends.critic.critique(self.images.get(image_id), concepts, prompt)
+
+    def verify(self, image_id: str, concepts: list[Concept], verdicts: list[ConceptVerdict]) -> list[ConceptVerdict]:
+        """The checked stop's second look at an image the critic passed whole (unchanged when the critic has none or
+        the run turned it off)."""
+        critic = self.backends.critic
+        if not self.check_stop or not isinstance(critic, Verifier):
+            return verdicts
+        return critic.verify(self.images.get(image_id), concepts, verdicts)
 
     def retrieve(
         self, caption: str, k: int = 1, min_similarity: float | None = None, exclude: AbstractSet[str] = frozenset()

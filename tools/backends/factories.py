@@ -11,6 +11,7 @@ from imagerag.tools.backends.judges import ClipJudge, Critic, VLMJudge
 from imagerag.tools.backends.planner import Decomposer, LLMDecomposer, RuleDecomposer
 from imagerag.tools.backends.registries import BackendParts
 from imagerag.tools.errors import ConfigError
+from imagerag.tools.grid import singular
 from imagerag.tools.revision import vocabulary_for
 
 
@@ -24,7 +25,9 @@ def _llm(parts: BackendParts, what: str) -> BaseChatModel:
 
 
 def clip_judge(parts: BackendParts) -> Critic:
-    return ClipJudge(parts.embedder, parts.clip.judge_threshold)
+    # In a closed world an object is checked against the world's other nouns before a run stops on it.
+    nouns = vocabulary_for(parts.profile.vocabulary).nouns or ()
+    return ClipJudge(parts.embedder, parts.clip.judge_threshold, sorted({singular(n) for n in nouns}))
 
 
 def vlm_judge(parts: BackendParts) -> Critic:

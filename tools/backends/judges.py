@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from langchain_core.language_models import BaseChatModel
@@ -34,6 +35,17 @@ class Critic(Protocol):
     def critique(self, image: Image.Image, concepts: list[Concept], prompt: str) -> Critique: ...
 
 
+@runtime_checkable
+class Verifier(Protocol):
+    """A critic that can check its own 'everything is there' before a run stops on it (the checked stop)."""
+
+    def verify(
+        self, image: Image.Image, concepts: list[Concept], verdicts: list[ConceptVerdict]
+    ) -> list[ConceptVerdict]:
+        """The verdicts, with those a second, stricter look does not confirm turned to missing (evidence says why)."""
+        ...
+
+
 class ClipJudge:
     """Cosine similarity of each concept's text with the image against a calibrated threshold. Works offline.
 
@@ -50,8 +62,54 @@ class ClipJudge:
 
     SHARPNESS = 0.02  # similarity margin that moves the score from 0.5 to 0.73
 
-    def __init__(self, embedder: ClipEmbedder, threshold: float):
+    def __init__(self, embedder: ClipEmbedder, threshold: float, rivals: Sequence[str] = ()):
         self.embedder, self.threshold = embedder, threshold
+        self.rivals = tuple(rivals)  # nouns an object is checked against in its own cell (a closed world's shapes)
+
+    def verify(
+        self, image: Image.Image, concepts: list[Concept], verdicts: list[ConceptVerdict]
+    ) -> list[ConceptVerdict]:
+        """The checked stop: each object looked at again in its own cell, where it must read more as its noun than
+        as any rival noun (a badly drawn star passes "a star" on its own, yet reads more as a diamond); each
+        attribute judged in its object's cell, not in whichever cell shows it best (a red square must not make the
+        star red)."""
+        cells = _CellScores(self.embedder, image)
+        by_id = {c.id: c for c in concepts}
+
+        def missing(v: ConceptVerdict, why: str) -> ConceptVerdict:
+            return v.model_copy(update={"satisfied": False, "score": min(v.score, 0.49), "evidence": why})
+
+        out = []
+        for v in verdicts:
+            concept = by_id.get(v.concept_id)
+            if concept is None or not v.satisfied:
+                out.append(v)
+                continue
+            words = concept.text.split()
+            if concept.kind == "object" and self.rivals and singular(words[-1].lower()) in self.rivals:
+                cell, own = cells.best(concept.text)
+                rival, best = max(
+                    (
+                        (n, cells.all(f"{article(n)} {n}")[cell])
+                        for n in self.rivals
+                        if n != singular(words[-1].lower())
+                    ),
+                    key=lambda pair: pair[1],
+                )
+                if best >= own:
+                    v = missing(
+                        v, f"in its cell ({cell}) it reads more as {article(rival)} {rival} ({best:.3f} >= {own:.3f})"
+                    )
+            elif concept.kind == "attribute" and concept.depends_on and concept.depends_on[0] in by_id:
+                cell, _ = cells.best(by_id[concept.depends_on[0]].text)
+                here = cells.all(concept.text)[cell]
+                if here < self.threshold:
+                    v = missing(
+                        v,
+                        f"not in its object's cell ({cell}): CLIP similarity {here:.3f} (threshold {self.threshold:.3f})",
+                    )
+            out.append(v)
+        return out
 
     def critique(self, image: Image.Image, concepts: list[Concept], prompt: str = "") -> Critique:
         whole = self.embedder.embed_texts([c.text for c in concepts]) @ self.embedder.embed_images([image])[0]
