@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -390,21 +390,27 @@ def _drive(
     announced: set[tuple[str, int, int]] = set()
     stopping = stop is not None and stop.is_set() and any(t.interrupts for t in graph.get_state(config).tasks)
     try:
-        parts = graph.stream(
-            graph_input, config, context=context, stream_mode=["tasks", "updates", "custom"], version="v2"
+        parts = cast(
+            Generator[Any, None, None],
+            graph.stream(
+                graph_input, config, context=context, stream_mode=["tasks", "updates", "custom"], version="v2"
+            ),
         )
+        planned = False
         try:
             for part in () if stopping else parts:
                 if part["type"] == "tasks" and "input" in part["data"]:
+                    # A stop is taken where the next node would start: the last one's checkpoint is written by
+                    # then, and this turn's plan has run.
+                    if planned and stop is not None and stop.is_set():
+                        stopping = True
+                        break
                     yield NodeStarted(node=part["data"]["name"])
                 elif part["type"] == "custom":
                     yield from _custom_events(part["data"])
                 elif part["type"] == "updates":
                     yield from _update_events(part["data"], settings.budget, announced)
-                    # Checked after a node's update (its checkpoint is written): never before this turn's plan.
-                    if stop is not None and stop.is_set():
-                        stopping = True
-                        break
+                    planned = True
         finally:
             parts.close()
     except Exception as exc:  # noqa: BLE001 - any failure ends the run cleanly; the checkpoint keeps its work

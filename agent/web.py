@@ -407,7 +407,9 @@ class Views:
             parts.append(f'<p class="error">error: {_e(session.error)}</p>')
         if session.note:
             parts.append(f'<p class="note">{_e(session.note)}</p>')
-        if state is not None and not session.running:
+        if state is not None and session.paused:
+            parts.append(f'<p class="paused">turn {state.turn} is paused: answer the review below, or stop the run</p>')
+        elif state is not None and not session.running:
             parts.append(
                 f'<p class="final" data-status="{_e(state.status)}">thread {_e(session.thread)} · turn {state.turn} · '
                 f"{_e(state.status)} ({_e(state.stop_reason)}) · {state.usage.rounds} round(s), "
@@ -674,8 +676,10 @@ class ChatPage:
                 return
             with self._guard:
                 event = self._stops.get(session.thread or "")
-            if event is not None:
-                event.set()
+            if event is None:
+                raise WebError("no run of this thread is going")
+            event.set()
+            yield self.render(session.model_copy(update={"running": True, "note": "stopping after the current step"}))
 
         yield from self._guarded(session, work)
 
@@ -795,7 +799,6 @@ def build_page(page: ChatPage) -> gr.Blocks:
             object_pick, concept_pick, turn_pick, downloads, thread_pick,
         ]  # fmt: skip
         controls = [rounds, images, samples, seed, review, policy]
-        runs = {"outputs": outputs, "concurrency_limit": None}  # runs queue on their pipeline's lock, visibly
 
         def on_send(text: str, *args: Any) -> Iterator[tuple[Any, ...]]:
             *values, state = args
@@ -874,21 +877,32 @@ def build_page(page: ChatPage) -> gr.Blocks:
         def on_undo(*args: Any) -> Iterator[tuple[Any, ...]]:
             yield from on_send("undo", *args)
 
-        send.click(on_send, [message, *controls, session], **runs)
-        message.submit(on_send, [message, *controls, session], **runs)
-        undo.click(on_undo, [*controls, session], **runs)
-        stop.click(on_stop, [*controls, session], **runs)
+        send.click(on_send, [message, *controls, session], outputs, concurrency_limit=None)
+        message.submit(on_send, [message, *controls, session], outputs, concurrency_limit=None)
+        undo.click(on_undo, [*controls, session], outputs, concurrency_limit=None)
+        stop.click(on_stop, [*controls, session], outputs, concurrency_limit=None)
         pick = [colour, size, cell]
         remove_object.click(
-            on_change(lambda o, s: [Remove(target=target(o))]), [object_pick, *controls, session], **runs
+            on_change(lambda o, s: [Remove(target=target(o))]),
+            [object_pick, *controls, session],
+            outputs,
+            concurrency_limit=None,
         )
-        edit_object.click(on_change(edits), [object_pick, *pick, *controls, session], **runs)
-        add_object.click(on_change(additions), [shape, *pick, *controls, session], **runs)
-        remove_concept.click(on_change(concept_removal), [concept_pick, *controls, session], **runs)
-        accept_all.click(on_review(lambda: ReviewDecision(action="accept")), [*controls, session], **runs)
-        accept_chosen.click(on_review(keep_chosen), [review_choice, *controls, session], **runs)
-        drop_all.click(on_review(lambda: ReviewDecision(action="drop")), [*controls, session], **runs)
-        replace.click(on_review(replacement), [upload, *controls, session], **runs)
+        edit_object.click(on_change(edits), [object_pick, *pick, *controls, session], outputs, concurrency_limit=None)
+        add_object.click(on_change(additions), [shape, *pick, *controls, session], outputs, concurrency_limit=None)
+        remove_concept.click(
+            on_change(concept_removal), [concept_pick, *controls, session], outputs, concurrency_limit=None
+        )
+        accept_all.click(
+            on_review(lambda: ReviewDecision(action="accept")), [*controls, session], outputs, concurrency_limit=None
+        )
+        accept_chosen.click(
+            on_review(keep_chosen), [review_choice, *controls, session], outputs, concurrency_limit=None
+        )
+        drop_all.click(
+            on_review(lambda: ReviewDecision(action="drop")), [*controls, session], outputs, concurrency_limit=None
+        )
+        replace.click(on_review(replacement), [upload, *controls, session], outputs, concurrency_limit=None)
         thread_pick.input(lambda name: page.render(Session(thread=name)), [thread_pick], outputs)
         new_thread.click(lambda: page.render(Session()), [], outputs)
 

@@ -137,7 +137,7 @@ class Visitor:
 
     def final(self, turn: int | None = None) -> str:
         """The status once the run has ended (of `turn`, when given)."""
-        selector = "#status .final" if turn is None else f"#status .final:has-text('turn {turn} ·')"
+        selector = "#status .final:not([data-status=running])" + (f":has-text('turn {turn} ·')" if turn else "")
         found = self.page.wait_for_selector(selector)
         assert found is not None
         return found.inner_text()
@@ -266,6 +266,9 @@ def test_stop_ends_the_run_with_the_best_image_so_far(stubborn, visit, tmp_path)
     assert result["stop_reason"] == "stopped_by_person" and result["best_image"] and result["rounds"] < 40
     assert you.page.locator("#downloads a:has-text('best image')").count() == 1
     you.shot("web-stopped.png", tmp_path)
+    you.budget(2)
+    you.send("make the ring green")  # the thread goes on after a stop
+    assert "turn 2" in you.final(2)
 
 
 def test_each_review_button_answers_a_pause(stubborn, visit, tmp_path):
@@ -277,22 +280,23 @@ def test_each_review_button_answers_a_pause(stubborn, visit, tmp_path):
     upload = tmp_path / "mine.png"
     Image.new("RGB", (48, 48), "white").save(upload)
 
-    def paused() -> None:
-        you.page.wait_for_selector("#review-box #review-hits .review")
+    def paused(before_round: int) -> None:
+        you.page.wait_for_selector(f"#review-box #review-hits .review:has-text('before round {before_round}:')")
+        you.page.wait_for_selector("#status .paused")
 
-    paused()
+    paused(2)
     you.shot("web-review.png", tmp_path)
-    you.page.click("#accept-all")
-    paused()
-    you.page.locator("#review-choice input[type=checkbox]").first.check()
+    you.page.locator("#review-choice input[type=checkbox]").first.check()  # the first pause has hits
     you.page.click("#accept-chosen")
-    paused()
+    paused(3)
+    you.page.click("#accept-all")
+    paused(4)
     you.page.click("#drop-all")
-    paused()
+    paused(5)
     you.page.set_input_files("#review-upload input[type=file]", str(upload))
     you.page.wait_for_selector("#review-upload :text('mine.png')")
     you.page.click("#review-replace")
-    paused()
+    paused(6)
     steps = you.page.inner_text("#conversation")
     assert "round 5" in steps  # four answers, four regenerations
     you.page.click("#stop")  # a stop answers a pause too
