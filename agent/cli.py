@@ -515,7 +515,8 @@ def index(
 
     Re-running skips what is indexed; after a crash or Ctrl-C it resumes where it stopped. Images from shards and
     parquet files are copied to DATA_DIR/references so the agent can open them later. One writer at a time per data
-    folder: a second one waits for the first (or stops after --lock-timeout seconds).
+    folder: a second one waits for the first (or stops after --lock-timeout seconds). With --ray the same indexing
+    runs on Ray Data into a Chroma server, with a per-source ledger (README: Indexing on a cluster).
     """
     from PIL import ImageColor
     from rich.progress import ProgressColumn, Task
