@@ -452,9 +452,88 @@ def throughput(images: int, work: Path, out: Path) -> None:
     _write_json(out / "throughput.json", result)
 
 
+GIB = 1 << 30
+NODE_MEMORY = 24 * GIB  # the node the issue asks about
+NODE_RESERVE = 4 * GIB  # left to the system, the server's own code and its SQLite cache
+
+
+def report(out: Path) -> None:
+    """results.md from the stages' JSON files; the 768-d figures are extrapolations, marked so."""
+    lines = ["# Indexing and search at scale (issue 26)", ""]
+    tp_path, search_path = out / "throughput.json", out / "search.json"
+    if tp_path.exists():
+        tp = json.loads(tp_path.read_text())
+        lines += [
+            (
+                f"## Indexing throughput: {tp['images']} rendered scenes (48 px PNG + caption) in {tp['shards']} webdataset "
+                f"shards, mini CLIP, one Chroma server, {tp['machine']['cpus']} shared CPU cores"
+            ),
+            "",
+            "| run | images added | seconds (end to end) | images/s |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, run in tp["runs"].items():
+            lines.append(f"| {name} | {run['added']} | {run['seconds']} | {run['images_per_s']} |")
+        lines += ["", "Per stage (seconds):", ""]
+        for name, run in tp["runs"].items():
+            stages = ", ".join(
+                f"{stage} {v}"
+                if not isinstance(v, dict)
+                else f"{stage}: operator {v['operator_s']}, tasks' wall {v.get('tasks_wall_total_s', '?')}"
+                for stage, v in run["stages"].items()
+            )
+            lines.append(f"- {name}: {stages}")
+    if search_path.exists():
+        sr = json.loads(search_path.read_text())
+        mem = sr["memory"]
+        loaded = mem["server_rss_after_queries_bytes"] - mem["server_rss_idle_bytes"]
+        per_vector = loaded / sr["search_rerank_off"]["collection"]
+        per_vector_768 = per_vector + (768 - mem["dim"]) * 4  # each vector is held once as float32
+        lines += [
+            "",
+            (
+                f"## Search on a Chroma server holding {sr['search_rerank_off']['collection']:,} mini-CLIP embeddings "
+                f"({mem['dim']}-d)"
+            ),
+            "",
+            "| search (k=5) | collection | queries | p50 (ms) | p99 (ms) |",
+            "|---|---:|---:|---:|---:|",
+            (
+                f"| re-ranking off | {sr['search_rerank_off']['collection']:,} | {sr['queries']} | "
+                f"{sr['search_rerank_off']['p50_ms']} | {sr['search_rerank_off']['p99_ms']} |"
+            ),
+        ]
+        if "search_rerank_on" in sr:
+            on = sr["search_rerank_on"]
+            lines.append(
+                f"| re-ranking on (critic over the {on['rerank_k']} nearest) | {on['collection']:,} | {on['queries']} | "
+                f"{on['p50_ms']} | {on['p99_ms']} |"
+            )
+        lines += [
+            "",
+            (
+                f"- recall@10 of the server's HNSW (chromadb's defaults) against exact search: {sr['recall_at_10']}; exact "
+                f"search (numpy, one product over all vectors) p50 / p99 {sr['exact_search']['p50_ms']} / "
+                f"{sr['exact_search']['p99_ms']} ms"
+            ),
+            (
+                f"- measured: server resident memory {mem['server_rss_idle_bytes'] / GIB:.2f} GiB at start, "
+                f"{mem['server_rss_after_queries_bytes'] / GIB:.2f} GiB after the queries: {per_vector:.0f} bytes per "
+                f"vector loaded; database on disk {mem['disk_bytes'] / GIB:.2f} GiB ({mem['bytes_per_vector_disk']:.0f} "
+                "bytes per stored image, both collections and their captions included)"
+            ),
+            (
+                f"- extrapolated, not measured: a 768-d ViT-L/14 vector adds (768 - {mem['dim']}) x 4 bytes, so "
+                f"{per_vector_768:.0f} bytes per vector; one node of 24 GiB keeping {NODE_RESERVE // GIB} GiB for the rest "
+                f"serves about {(NODE_MEMORY - NODE_RESERVE) / per_vector_768 / 1e6:.1f} million such vectors"
+            ),
+        ]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m imagerag.evals.bench_index_scale")
-    parser.add_argument("stage", choices=["embed", "insert", "search", "throughput"])
+    parser.add_argument("stage", choices=["embed", "insert", "search", "throughput", "report"])
     parser.add_argument("--n", type=int, default=1_000_000, help="vectors (embed, insert)")
     parser.add_argument("--images", type=int, default=4000, help="images (throughput)")
     parser.add_argument("--work", type=Path, default=Path.home() / ".imagerag-bench-26")
@@ -467,8 +546,9 @@ def main() -> None:
         insert(args.n, args.work, args.out)
     elif args.stage == "search":
         search(args.work, args.out)
-    else:
+    elif args.stage == "throughput":
         throughput(args.images, args.work, args.out)
+    report(args.out)
 
 
 if __name__ == "__main__":
