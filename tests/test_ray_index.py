@@ -97,7 +97,7 @@ def assert_same_collection(ray_collection, single_collection) -> None:
 
 def sources(root: Path) -> tuple[list[Path], int]:
     """Two shards and a folder: captions from txt, json and none, a caption over the limit, a corrupt file in a shard
-    and in the folder, an image present in both shards. Returns the paths and the number of distinct images."""
+    and in the folder. Returns the paths and the number of distinct images."""
     root.mkdir()
     long = "a very long caption " * 80
     img2dataset_shard(
@@ -222,3 +222,23 @@ def test_a_worker_killed_mid_run_leaves_the_same_collection(tmp_path, cluster, c
     keys = [source_key(s) for s in open_sources(paths)]
     assert ledger.done(keys) == set(keys)
     assert sum(r.added + r.skipped for r in ledger.reports().values()) >= 20
+
+
+def test_a_second_copy_in_a_batch_is_skipped_and_the_first_decoded(tmp_path, chroma_url, tiny_settings):
+    import pyarrow as pa
+
+    from imagerag.tools.backends.indexer import DecodeAndPreprocess, input_size
+    from imagerag.tools.backends.ray_indexer import decode_rows, read_rows
+
+    shard = tmp_path / "dup.tar"
+    img2dataset_shard(
+        shard, [("a0", png("red", fmt="JPEG"), "red", None), ("a1", png("red", fmt="JPEG"), "again", None)]
+    )
+    embedder = load_embedder(tiny_settings)
+    ReferenceStore.open(server_client(chroma_url), "ray-dup", embedder, create=True)
+    rows = list(read_rows({"key": "k", "path": str(shard)}, open_source))
+    decode = DecodeAndPreprocess(embedder.preprocess, input_size(embedder))
+    out = decode_rows(pa.Table.from_pylist(rows), decode, chroma_url, "ray-dup", str(tmp_path / "cache")).to_pylist()
+    assert [(r["status"], r["uri"].rpartition("#")[2]) for r in out[:2]] == [("fresh", "a0"), ("skipped", "a1")]
+    assert (out[2]["status"], out[2]["count"]) == ("end", 2)
+    assert out[0]["pixels"] and out[0]["source"].startswith(str(tmp_path / "cache")) and out[1]["source"] == ""

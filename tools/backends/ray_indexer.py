@@ -228,7 +228,7 @@ def decode_rows(table: pa.Table, decode: DecodeAndPreprocess, url: str, name: st
         present.add(r["id"])
         fresh.append(_Fresh(r["id"], SourceRecord(r["data"], r["caption"], r["uri"], on_disk=r["on_disk"])))
     batch = decode(fresh)
-    by_id = {r["id"]: r for r in reads}
+    by_id = {r["id"]: r for r in reads if r["status"] == "read"}  # the first copy of each id, not a skipped one
     for item, why in batch.failed:
         by_id[item.id].update(status="failed", reason=why)
     pixels = batch.pixels.numpy() if batch.pixels is not None else ()
