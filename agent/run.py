@@ -170,7 +170,9 @@ def resume(
             command: Command[Any] | None = None
             if answer is not None and paused:
                 command = Command(resume=answer.model_dump(), update=clock)
-            else:
+            elif (
+                not paused or stop is None or not stop.is_set()
+            ):  # (a stopped pause keeps its interrupt: _drive ends it)
                 graph.update_state(config, clock)
             final = yield from _drive(saver, settings, backends, run_dir, command, stop)
     yield final
