@@ -554,6 +554,11 @@ class ChatPage:
             gr.update(choices=self.threads(), value=session.thread),
         )
 
+    def open_thread(self, name: str | None) -> tuple[Any, ...]:
+        """A thread from the list, with its pending review when one of this process's runs waits for it."""
+        folder = str(self.out / name) if name else None
+        return self.render(Session(thread=name or None, paused=folder if folder in _reviews else None))
+
     def threads(self) -> list[str]:
         """Thread folders of the output folder, newest first."""
         if not self.out.is_dir():
@@ -586,6 +591,8 @@ class ChatPage:
                     _reviews[event.run_dir] = ReviewRequest.model_validate(event.request)
                     session = session.model_copy(update={"paused": event.run_dir, "running": False})
                 elif isinstance(event, Finished):
+                    _reviews.pop(event.result.run_dir, None)
+                    _reviews.pop(str(Path(self.out) / thread), None)
                     asked = event.result.clarification and f"needs clarification: {event.result.clarification}"
                     session = session.model_copy(
                         update={"paused": None, "running": False, "note": asked or session.note}
@@ -903,7 +910,7 @@ def build_page(page: ChatPage) -> gr.Blocks:
             on_review(lambda: ReviewDecision(action="drop")), [*controls, session], outputs, concurrency_limit=None
         )
         replace.click(on_review(replacement), [upload, *controls, session], outputs, concurrency_limit=None)
-        thread_pick.input(lambda name: page.render(Session(thread=name)), [thread_pick], outputs)
+        thread_pick.input(page.open_thread, [thread_pick], outputs)
         new_thread.click(lambda: page.render(Session()), [], outputs)
 
         def continue_from(turn: int | None, state: Session) -> tuple[Any, ...]:
