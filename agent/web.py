@@ -65,7 +65,7 @@ from imagerag.tools.types import Candidate, Concept, RetrievalHit, SceneObject, 
 TOKEN_ENV = "IMAGERAG_WEB_TOKEN"
 COOKIE = "imagerag_web"
 SMALL_IMAGE = 128  # pixels: smaller images are enlarged with nearest-neighbour scaling
-SHOWN_WIDTH = 288
+SHOWN_WIDTH = 240
 REFERENCE_THUMBNAIL = 96
 MAX_WEB_SAMPLES = 16  # RunContext.samples' bound
 FILE_NAMES = re.compile(r"(?:run\.json|report\.html|images/[0-9A-Za-z_-]{1,64}\.png)")
@@ -77,11 +77,12 @@ CSS = """
 .turn { border-top: 1px solid #ddd; padding: 6px 0; }
 .you { font-weight: 600; margin: 4px 0; }
 .rounds { display: flex; flex-wrap: wrap; gap: 12px; }
-.round-card { max-width: 300px; }
+.round-card { width: 250px; }
 .shot { position: relative; display: inline-block; line-height: 0; }
 .region { position: absolute; border: 2px dashed #e11; box-sizing: border-box; }
 .refs { display: flex; gap: 6px; flex-wrap: wrap; font-size: 12px; }
-.refs img { width: 48px; height: 48px; image-rendering: pixelated; }
+.refs img { width: 64px; height: 64px; image-rendering: pixelated; }
+.ref { margin: 0; }
 .best { outline: 3px solid #2a2; }
 .error { color: #b00; font-weight: 600; }
 .waiting { color: #a60; font-weight: 600; }
@@ -295,7 +296,7 @@ def _e(value: object) -> str:
 
 def _node_of(candidate: Candidate) -> str:
     if candidate.round == 0:
-        return f"carried from turn {candidate.turn - 1}"
+        return "carried over from the turn it continues"
     if candidate.edit is not None:
         return "edit"
     return "retrieve + regenerate" if candidate.references else "generate"
@@ -305,7 +306,7 @@ def _reference_html(hit: RetrievalHit) -> str:
     try:
         image = ReferenceStore.load_image(hit)
         image.thumbnail((REFERENCE_THUMBNAIL, REFERENCE_THUMBNAIL))
-        img = f'<img src="{image_data_url(image)}" alt="reference">'
+        img = f'<img src="{image_data_url(image)}" alt="reference" width="64" height="64">'
     except (OSError, ValueError):
         img = ""
     return f'<figure class="ref">{img}<figcaption>{_e(hit.caption)} ({hit.similarity:.2f})</figcaption></figure>'
