@@ -5,21 +5,26 @@ thread's reader understands as exactly those changes; errors a person can fix sh
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
 from imagerag.agent.config import Settings
+from imagerag.agent.run import STOPPED_BY_PERSON, history, run, stream
 from imagerag.agent.web import COOKIE, ChatPage, Controls, Session, WebError, as_message, build_app, required_token
+from imagerag.graphs.state import Budget
 from imagerag.tools.errors import ConfigError
 from imagerag.tools.revision import Add, Move, NewObject, ObjectRef, Remove, SetAttribute
 from imagerag.tools.types import SceneObject, ScenePlan
 
 TOKEN = "a-token-of-at-least-16-characters"
+PROMPT = "a red heart on the left and a blue square on the right"
 LOCAL = "http://127.0.0.1:7860"
 
 
@@ -183,3 +188,24 @@ def test_errors_a_person_can_fix_are_shown_with_the_fix(page):
     assert error and "no-such-collection" in error and "imagerag index" in error
     answer = _last_error(page.review({"action": "accept"}, Controls(), Session()))
     assert answer == "no run waits for a review"
+
+
+def test_a_stop_ends_the_run_with_its_best_image_and_the_thread_goes_on(tiny_settings, tmp_path):
+    """agent.run's stop (the page's Stop button): taken where the next node would start; the turn is recorded with
+    the best image so far under its own stop reason, and the thread takes its next message."""
+    settings = tiny_settings.model_copy(update={"budget": Budget(max_rounds=20, max_generations=20)})
+    stop = threading.Event()
+    events = []
+    for event in stream(PROMPT, settings, tmp_path, "stopped", None, None, stop):
+        events.append(event)
+        if event.kind == "verdicts":
+            stop.set()
+    result = events[-1].result
+    assert result.stop_reason == STOPPED_BY_PERSON and result.status == "budget_exhausted"
+    assert result.rounds == 1 and result.best_image and Path(result.best_image).is_file()
+    assert history("stopped", settings)[-1].stop_reason == STOPPED_BY_PERSON
+    assert json.loads((tmp_path / "stopped" / "run.json").read_text())["stop_reason"] == STOPPED_BY_PERSON
+    then = run(
+        "make the square blue", settings.model_copy(update={"budget": Budget(max_rounds=1)}), tmp_path, "stopped"
+    )
+    assert then.turn == 2 and then.stop_reason != STOPPED_BY_PERSON
