@@ -190,6 +190,7 @@ def test_errors_a_person_can_fix_are_shown_with_the_fix(page):
     assert answer == "no run waits for a review"
 
 
+@pytest.mark.slow  # two runs of the tiny profile
 def test_a_stop_ends_the_run_with_its_best_image_and_the_thread_goes_on(tiny_settings, tmp_path):
     """agent.run's stop (the page's Stop button): taken where the next node would start; the turn is recorded with
     the best image so far under its own stop reason, and the thread takes its next message."""
