@@ -19,7 +19,7 @@ install: $(STAMP)
 # The embedded default: the miniature world (tools/miniworld), whose small trained models ship in the repo. Its first
 # run renders and indexes the 20,000-image retrieval corpus into the default data folder (~/.imagerag, or
 # IMAGERAG_DATA_DIR), so `imagerag generate "..." --profile mini` then works from any folder.
-DEMO_PROMPT := a large red crescent in the top left, a blue ring at the bottom and a yellow square on the right
+DEMO_PROMPT := a large red star in the top left, a blue ring at the bottom and a yellow square on the right
 
 demo: install
 	$(OFFLINE) $(BIN)/imagerag generate "$(DEMO_PROMPT)" --profile mini --out runs
