@@ -680,7 +680,8 @@ class _ShapeEmbedder(_ColourEmbedder):
 
 
 def test_the_checked_stop_looks_at_each_object_and_attribute_in_the_objects_own_cell():
-    judge = ClipJudge(_ShapeEmbedder(), threshold=0.9, rivals=("circle", "square"))  # type: ignore[arg-type]
+    rivals = {"object": ("circle", "square"), "colour": ("red", "blue", "green")}
+    judge = ClipJudge(_ShapeEmbedder(), threshold=0.9, rivals=rivals)  # type: ignore[arg-type]
     image = _image(("blue", "left"), ("red", "right"))
     square = Concept(id="c1", text="a blue square")
     red = Concept(id="c2", kind="attribute", text="a red square", depends_on=["c1"])
@@ -697,5 +698,12 @@ def test_the_checked_stop_looks_at_each_object_and_attribute_in_the_objects_own_
     plain = Concept(id="c1", text="a square")
     [doubted] = judge.verify(reddish, [plain], [passed[0]])
     assert not doubted.satisfied and "reads more as a circle" in doubted.evidence
+    # A square of a blue that is nearly as red passes 'a blue square' (over a lower threshold) but reads more as red.
+    lenient = ClipJudge(_ShapeEmbedder(), threshold=0.5, rivals=rivals)  # type: ignore[arg-type]
+    purple = Image.new("RGB", (48, 48), "white")
+    purple.paste((150, 30, 150), (3, 3, 13, 13))
+    blue = Concept(id="c2", kind="attribute", text="a blue square", depends_on=["c1"])
+    _, colour = lenient.verify(purple, [plain, blue], passed)
+    assert not colour.satisfied and "reads more as a red square" in colour.evidence
     # Without rivals (an open world) an object is not checked against other nouns.
     assert ClipJudge(_ShapeEmbedder(), threshold=0.9).verify(reddish, [plain], [passed[0]]) == [passed[0]]  # type: ignore[arg-type]

@@ -25,9 +25,13 @@ def _llm(parts: BackendParts, what: str) -> BaseChatModel:
 
 
 def clip_judge(parts: BackendParts) -> Critic:
-    # In a closed world an object is checked against the world's other nouns before a run stops on it.
-    nouns = vocabulary_for(parts.profile.vocabulary).nouns or ()
-    return ClipJudge(parts.embedder, parts.clip.judge_threshold, sorted({singular(n) for n in nouns}))
+    # In a closed world an object is checked against the world's other nouns, and an attribute against the other
+    # values of its kind, before a run stops on them.
+    vocabulary = vocabulary_for(parts.profile.vocabulary)
+    nouns = sorted({singular(n) for n in vocabulary.nouns or ()})
+    return ClipJudge(
+        parts.embedder, parts.clip.judge_threshold, {"object": nouns, **vocabulary.attributes} if nouns else {}
+    )
 
 
 def vlm_judge(parts: BackendParts) -> Critic:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -62,9 +62,11 @@ class ClipJudge:
 
     SHARPNESS = 0.02  # similarity margin that moves the score from 0.5 to 0.73
 
-    def __init__(self, embedder: ClipEmbedder, threshold: float, rivals: Sequence[str] = ()):
+    def __init__(self, embedder: ClipEmbedder, threshold: float, rivals: Mapping[str, Sequence[str]] | None = None):
         self.embedder, self.threshold = embedder, threshold
-        self.rivals = tuple(rivals)  # nouns an object is checked against in its own cell (a closed world's shapes)
+        # What an object and an attribute are checked against in the object's own cell, in a closed world: its
+        # nouns ("object") and the values of each attribute kind ("colour": red, green, ...).
+        self.rivals = {kind: tuple(values) for kind, values in (rivals or {}).items()}
 
     def verify(
         self, image: Image.Image, concepts: list[Concept], verdicts: list[ConceptVerdict]
@@ -72,7 +74,7 @@ class ClipJudge:
         """The checked stop: each object looked at again in its own cell, where it must read more as its noun than
         as any rival noun (a badly drawn star passes "a star" on its own, yet reads more as a diamond); each
         attribute judged in its object's cell, not in whichever cell shows it best (a red square must not make the
-        star red)."""
+        star red), and there more as its value than as any other value of its kind (an orange star is no red one)."""
         cells = _CellScores(self.embedder, image)
         by_id = {c.id: c for c in concepts}
 
@@ -86,28 +88,23 @@ class ClipJudge:
                 out.append(v)
                 continue
             words = concept.text.split()
-            if concept.kind == "object" and self.rivals and singular(words[-1].lower()) in self.rivals:
+            noun = singular(words[-1].lower())
+            if concept.kind == "object" and noun in self.rivals.get("object", ()):
                 cell, own = cells.best(concept.text)
-                rival, best = max(
-                    (
-                        (n, cells.all(f"{article(n)} {n}")[cell])
-                        for n in self.rivals
-                        if n != singular(words[-1].lower())
-                    ),
-                    key=lambda pair: pair[1],
-                )
+                rival, best = _rival(cells, cell, [n for n in self.rivals["object"] if n != noun], "{}")
                 if best >= own:
-                    v = missing(
-                        v, f"in its cell ({cell}) it reads more as {article(rival)} {rival} ({best:.3f} >= {own:.3f})"
-                    )
+                    v = missing(v, f"in its cell ({cell}) it reads more as {rival} ({best:.3f} >= {own:.3f})")
             elif concept.kind == "attribute" and concept.depends_on and concept.depends_on[0] in by_id:
                 cell, _ = cells.best(by_id[concept.depends_on[0]].text)
                 here = cells.all(concept.text)[cell]
+                value = " ".join(words[1:-1]).lower()
+                kind = next((vs for k, vs in self.rivals.items() if k != "object" and value in vs), ())
+                rival, best = _rival(cells, cell, [o for o in kind if o != value], f"{{}} {words[-1]}")
                 if here < self.threshold:
-                    v = missing(
-                        v,
-                        f"not in its object's cell ({cell}): CLIP similarity {here:.3f} (threshold {self.threshold:.3f})",
-                    )
+                    why = f"not in its object's cell ({cell}): CLIP similarity {here:.3f} (threshold {self.threshold:.3f})"
+                    v = missing(v, why)
+                elif best >= here:
+                    v = missing(v, f"its object's cell ({cell}) reads more as {rival} ({best:.3f} >= {here:.3f})")
             out.append(v)
         return out
 
@@ -247,6 +244,13 @@ class _CellScores:
         scores = self.all(text)
         cell = max(scores, key=scores.__getitem__)
         return cell, scores[cell]
+
+
+def _rival(cells: _CellScores, cell: str, values: Sequence[str], pattern: str) -> tuple[str, float]:
+    """Of the phrases `pattern` makes of `values` ('a diamond', 'a blue star'), the one that reads best in `cell`,
+    with its similarity (-inf when there are none)."""
+    phrases = [f"{article(p)} {p}" for p in (pattern.format(v) for v in values)]
+    return max(((p, cells.all(p)[cell]) for p in phrases), key=lambda pair: pair[1], default=("nothing", -math.inf))
 
 
 class VLMJudgement(BaseModel):
