@@ -810,7 +810,12 @@ def build_page(page: ChatPage) -> gr.Blocks:
 
         def on_send(text: str, *args: Any) -> Iterator[tuple[Any, ...]]:
             *values, state = args
-            yield from page.send(text, _controls(*values), state.model_copy(update={"note": ""}))
+            try:
+                chosen = _controls(*values)
+            except ImageRAGError as error:
+                yield from _failing(page, state, error)
+                return
+            yield from page.send(text, chosen, state.model_copy(update={"note": ""}))
 
         def on_change(make: Callable[..., list[Change]]) -> Callable[..., Iterator[tuple[Any, ...]]]:
             def handler(*args: Any) -> Iterator[tuple[Any, ...]]:
@@ -858,8 +863,8 @@ def build_page(page: ChatPage) -> gr.Blocks:
         def on_review(make: Callable[..., ReviewDecision | dict[str, Any]]) -> Callable[..., Iterator[tuple[Any, ...]]]:
             def handler(*args: Any) -> Iterator[tuple[Any, ...]]:
                 *values, state = args
-                chosen = _controls(*values[len(values) - len(controls) :])
                 try:
+                    chosen = _controls(*values[len(values) - len(controls) :])
                     decision = make(*values[: len(values) - len(controls)])
                 except ImageRAGError as error:
                     yield from _failing(page, state, error)
@@ -880,7 +885,12 @@ def build_page(page: ChatPage) -> gr.Blocks:
 
         def on_stop(*args: Any) -> Iterator[tuple[Any, ...]]:
             *values, state = args
-            yield from page.stop(_controls(*values), state)
+            try:
+                chosen = _controls(*values)
+            except ImageRAGError as error:
+                yield from _failing(page, state, error)
+                return
+            yield from page.stop(chosen, state)
 
         def on_undo(*args: Any) -> Iterator[tuple[Any, ...]]:
             yield from on_send("undo", *args)
