@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     for shape in SHAPES:
-        right = sum(results[f"{shape} seed {s}"]["all_right"] for s in SEEDS)
-        print(f"{shape}: all right at {right} of {len(SEEDS)} seeds")
+        count = sum(results[f"{shape} seed {s}"]["all_right"] for s in SEEDS)
+        print(f"{shape}: all right at {count} of {len(SEEDS)} seeds")
 
 
 if __name__ == "__main__":
