@@ -397,8 +397,13 @@ def test_a_bare_direction_moves_one_cell_from_where_the_object_is():
         ("move the ring left", "a large blue heart in the centre and a small yellow ring in the top left"),
         ("move the heart down a bit", "a large blue heart at the bottom and a small yellow ring at the top"),
         ("shift the heart one cell right", "a large blue heart on the right and a small yellow ring at the top"),
-        # 'to the left' is the cell on the left, not a step
+        # 'to the left' is the cell on the left, not a step; nor is a cell whose name ends in a direction
         ("move the heart to the left", "a large blue heart on the left and a small yellow ring at the top"),
+        (
+            "put the heart in the bottom left",
+            "a large blue heart in the bottom left and a small yellow ring at the top",
+        ),
+        ("put the ring on the right", "a large blue heart in the centre and a small yellow ring on the right"),
     ):
         revised = revise_turn(reader, scene, concepts, message)
         assert revised.applied is not None and revised.applied.prompt == prompt, message

@@ -1164,6 +1164,8 @@ _WAYS: dict[str, Literal["up", "down", "left", "right"]] = {
     "left": "left",
     "right": "right",
 }
+# A bare direction follows its object directly: 'move the diamond in the bottom left' names a cell, not a step.
+_PLACE_WORDS = {"to", "into", "towards", "in", "at", "on", "onto", "of"}
 _SIDE_WORDS = re.compile(r"\b(?:next to|beside|near|by|close to|around)\b")
 _REPLACE = re.compile(r"^(?:replace|swap|exchange)\s+(.+?)\s+(?:with|by|for)\s+(.+)$")
 _SUBSTITUTE = re.compile(r"^substitute\s+(.+?)\s+for\s+(.+)$")
@@ -1362,11 +1364,7 @@ def read_clause(clause: str, vocabulary: Vocabulary = OPEN_VOCABULARY) -> list[C
     if match := _MOVE.match(text):
         # A bare direction is one step ('move it right'); 'to the right' is the cell on the right.
         step = _DIRECTION.match(match.group(1))
-        if (
-            step
-            and not {"to", "into", "towards"} & set(step.group(1).split())
-            and (ref := read_ref(step.group(1), vocabulary))
-        ):
+        if step and not _PLACE_WORDS & set(step.group(1).split()) and (ref := read_ref(step.group(1), vocabulary)):
             return [Move(clause=clause, target=ref, direction=_WAYS[step.group(2)])]
         if move := _read_move(match.group(1), clause, vocabulary):
             return [move]
