@@ -452,6 +452,32 @@ def throughput(images: int, work: Path, out: Path) -> None:
     _write_json(out / "throughput.json", result)
 
 
+def latency(work: Path, out: Path) -> None:
+    """Where a search's time goes, on the same server and queries: the text embedding, the count `search` asks
+    for, and the nearest-neighbour query alone (k=5)."""
+    captions = _query_captions(QUERIES)
+    parts: dict[str, list[float]] = {"embed_text": [], "count": [], "query": []}
+    with chroma_server(work / "chroma") as (url, _):
+        store = _open(url, COLLECTION)
+        store.search(captions[0], 5)  # loads the index
+        for text in captions:
+            t0 = time.perf_counter()
+            q = store.embedder.embed_texts([text])[0]
+            t1 = time.perf_counter()
+            store.count()
+            t2 = time.perf_counter()
+            store.collection.query(
+                query_embeddings=q[None], n_results=5, include=["documents", "metadatas", "distances"]
+            )
+            t3 = time.perf_counter()
+            for part, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                parts[part].append(seconds)
+    result = json.loads((out / "search.json").read_text())
+    result["search_parts"] = {part: percentiles(times) for part, times in parts.items()}
+    _write_json(out / "search.json", result)
+    print("search parts:", result["search_parts"], flush=True)
+
+
 GIB = 1 << 30
 NODE_MEMORY = 24 * GIB  # the node the issue asks about
 NODE_RESERVE = 4 * GIB  # left to the system, the server's own code and its SQLite cache
@@ -509,6 +535,9 @@ def report(out: Path) -> None:
                 f"| re-ranking on (critic over the {on['rerank_k']} nearest) | {on['collection']:,} | {on['queries']} | "
                 f"{on['p50_ms']} | {on['p99_ms']} |"
             )
+        if "search_parts" in sr:
+            parts = "; ".join(f"{k} {v['p50_ms']} / {v['p99_ms']}" for k, v in sr["search_parts"].items())
+            lines += ["", f"Where a search's time goes (p50 / p99 ms, same queries, measured separately): {parts}."]
         lines += [
             "",
             (
@@ -533,7 +562,7 @@ def report(out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m imagerag.evals.bench_index_scale")
-    parser.add_argument("stage", choices=["embed", "insert", "search", "throughput", "report"])
+    parser.add_argument("stage", choices=["embed", "insert", "search", "latency", "throughput", "report"])
     parser.add_argument("--n", type=int, default=1_000_000, help="vectors (embed, insert)")
     parser.add_argument("--images", type=int, default=4000, help="images (throughput)")
     parser.add_argument("--work", type=Path, default=Path.home() / ".imagerag-bench-26")
@@ -546,6 +575,8 @@ def main() -> None:
         insert(args.n, args.work, args.out)
     elif args.stage == "search":
         search(args.work, args.out)
+    elif args.stage == "latency":
+        latency(args.work, args.out)
     elif args.stage == "throughput":
         throughput(args.images, args.work, args.out)
     report(args.out)
