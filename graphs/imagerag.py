@@ -12,6 +12,7 @@ text instead of conditioning on an unrelated image. A later turn of a thread sta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from langgraph.graph import END, START, StateGraph
@@ -81,9 +82,10 @@ def retrieve(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     references (a generator that masks references) every broken object gets a region and a reference retrieved
     for what text alone never drew, so one edit fixes them all; otherwise the round's targets are retrieved for and
     the edit redraws the regions of the targets that found a reference. No regions means: draw the whole image
-    again with the references. A concept of an object is retrieved for by that object's whole phrase (rules.
-    object_phrase: 'a large red star', so the reference carries the asked look too); other concepts by the critic's
-    caption when it wrote one, else their own text; an image already used as a reference is not retrieved again, and each target's attempts count up."""
+    again with the references. A concept of an object is retrieved for by that object's whole phrase
+    (rules.object_phrase: 'a large red star', so the reference carries the asked look too); other concepts by the
+    critic's caption when it wrote one, else their own text. An image already used as a reference is not retrieved
+    again, and each target's attempts count up."""
     tools, ctx = toolkit(state, runtime), context_of(runtime)
     best = best_of_turn(state)
     occupied = tools.occupied_cells(best.image_id) if best is not None and ctx.edits else set()
@@ -168,7 +170,7 @@ def edit(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
 
 
 def build_imagerag_graph(
-    context: type[RunContext] = RunContext,
+    context: type[RunContext] = RunContext, reply: Callable[..., dict[str, Any]] | None = None
 ) -> StateGraph[RunState, RunContext, RunInput, RunOutput]:
     builder = StateGraph(RunState, context_schema=context, input_schema=RunInput, output_schema=RunOutput)
     builder.add_node(plan, retry_policy=NODE_RETRY)
@@ -179,13 +181,21 @@ def build_imagerag_graph(
     builder.add_node(regenerate, retry_policy=NODE_RETRY)
     builder.add_node(edit, retry_policy=NODE_RETRY)
     builder.add_node(finish)
+    # A served graph ends every turn with its reply to the chat (agent/langgraph_app.py), a refused message too.
+    end = END
+    if reply is not None:
+        builder.add_node("reply", reply)
+        builder.add_edge("reply", END)
+        end = "reply"
     builder.add_edge(START, "plan")
-    builder.add_conditional_edges("plan", after_plan)
+    builder.add_conditional_edges(
+        "plan", after_plan, {"generate": "generate", "retrieve": "retrieve", "finish": "finish", END: end}
+    )
     builder.add_edge("generate", "critique")
     builder.add_conditional_edges("critique", after_critique)
     builder.add_conditional_edges("retrieve", after_retrieve)
     builder.add_conditional_edges("review", after_review)
     builder.add_edge("regenerate", "critique")
     builder.add_edge("edit", "critique")
-    builder.add_edge("finish", END)
+    builder.add_edge("finish", end)
     return builder
