@@ -8,6 +8,10 @@ outside its own routes) and reads the body of every request that writes a thread
 a new thread's `supersteps`. A bad one is answered HTTP 422 with what is wrong and how to fix it, and the thread
 stays as it was. Bounds are those of every front end (graphs/state.py, graphs/context.py).
 
+A run's chat input (`messages`, the LangGraph chat convention) holds only a person's messages, each within the bounds
+of `message`; the last is the message. `GET /imagerag/threads/{id}/images/{image}.png` serves the images a thread
+made (the links of the chat replies, agent/langgraph_app.py), and nothing else.
+
 A thread broken before this check existed answers HTTP 409 with the way out: `POST /imagerag/threads/{id}/repair`
 puts the thread back on its last finished turn (same thread id; the unreadable checkpoints are dropped).
 """
@@ -18,15 +22,17 @@ import json
 import math
 import re
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
 import orjson
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, convert_to_messages
 from pydantic import ValidationError, model_validator
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,11 +43,15 @@ from imagerag.graphs.state import (
     MAX_REVIEW_KEEP,
     MAX_REVIEW_UPLOADS,
     MAX_UPLOAD_BYTES,
+    REPLY_NAME,
+    THREAD_PATTERN,
     AgentState,
     RunInput,
+    fitted_message,
 )
 from imagerag.tools.backends.sources import MAX_CAPTION_CHARS
 from imagerag.tools.errors import ImageRAGError
+from imagerag.tools.files import RunFolder
 
 # Base64 of the largest upload, plus room for a data: URL's header.
 MAX_UPLOAD_CHARS = 4 * math.ceil(MAX_UPLOAD_BYTES / 3) + 100
@@ -55,6 +65,8 @@ STATE_UPDATE_PATH = re.compile(rf"{THREAD}/state")
 NEW_THREAD_PATH = re.compile(r"/threads")
 THREAD_READ_PATHS = re.compile(rf"{THREAD}/(?:state|history)(?:/.*)?")
 REPAIR_PATH = "/imagerag/threads/{thread_id}/repair"
+IMAGE_PATH = "/imagerag/threads/{thread_id}/images/{image_id}.png"
+IMAGE_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # as the chat page's /files route takes them (agent/web.py)
 BROKEN_MARKS = (b"validation error for RunState", b"validation error for AgentState")
 
 
@@ -106,6 +118,16 @@ def check_run_input(value: Any) -> None:
         raise InputRefused(
             f"unknown input field(s) {', '.join(map(repr, unknown))}: a run takes {', '.join(RunInput.model_fields)}"
         )
+    if "messages" in value:
+        if "message" in value:
+            raise InputRefused("send `message` or `messages` (a chat), not both")
+        chat = check_chat(value["messages"], replies=False)
+        if not chat:
+            raise InputRefused("messages is empty: send the person's message last")
+        # The chat's last message is the message: checked as one, with the other fields, below.
+        value = {k: v for k, v in value.items() if k != "messages"} | {"message": chat[-1].text}
+    elif "message" not in value:
+        raise InputRefused("no message: send `message`, or `messages` ending with a person's message")
     try:
         RunInput.model_validate_json(json.dumps(value), strict=True)
     except ValidationError as error:
@@ -149,7 +171,10 @@ def check_state_update(values: Any) -> None:
         if not isinstance(update, dict):
             raise InputRefused("state values must be an object of state fields")
         for key, value in update.items():
-            if key == "messages":  # the agent's conversation: LangGraph's add_messages checks it as it is written
+            if key == "conversation":  # the agent's: LangGraph's add_messages checks it as it is written
+                continue
+            if key == "messages":
+                check_chat(value if isinstance(value, list) else [value], replies=True)
                 continue
             if key not in AgentState.model_fields:
                 raise InputRefused(f"unknown state field {key!r}")
@@ -157,6 +182,29 @@ def check_state_update(values: Any) -> None:
                 AgentState.__pydantic_validator__.validate_assignment(AgentState.model_construct(), key, value)
             except ValidationError as error:
                 raise InputRefused(f"state update refused: {explain(error)}") from None
+
+
+def check_chat(value: Any, replies: bool) -> list[BaseMessage]:
+    """Chat messages a client writes: a person's, each within the bounds of `message` (the last is read as one);
+    with `replies`, also the graphs' own replies (a thread's values written back, as the repair does). Any other
+    message would be taken for the agent policy's conversation of an earlier version (graphs/agent.py)."""
+    if not isinstance(value, list):
+        raise InputRefused('messages must be a list, e.g. [{"role": "user", "content": "a red fox in the snow"}]')
+    try:
+        messages = convert_to_messages(value)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise InputRefused(f"messages refused: {str(error).splitlines()[0]}") from None
+    for i, message in enumerate(messages):
+        if isinstance(message, HumanMessage):
+            try:
+                fitted_message(message.text)
+            except ValueError as error:
+                raise InputRefused(f"messages[{i}] refused: {error}") from None
+        elif not (replies and isinstance(message, AIMessage) and message.name == REPLY_NAME):
+            raise InputRefused(
+                f"messages[{i}] is a {message.type!r} message: send only the person's messages (the graph replies)"
+            )
+    return messages
 
 
 def check_run(payload: Any) -> None:
@@ -378,7 +426,7 @@ async def repair(request: Request) -> JSONResponse:
     await client.threads.delete(thread)
     await client.threads.create(thread_id=thread, metadata=found.get("metadata") or {})
     if values:
-        await client.threads.update_state(thread, values, as_node="finish")
+        await client.threads.update_state(thread, values, as_node="reply")
     turns = len(values.get("turns") or [])
     return JSONResponse(
         {
@@ -390,14 +438,45 @@ async def repair(request: Request) -> JSONResponse:
     )
 
 
-app = Starlette(routes=[Route(REPAIR_PATH, repair, methods=["POST"])], middleware=[Middleware(InputGuard)])
+async def image(request: Request) -> Response:
+    """An image the thread made (one of its candidates), from the run folder its state records; 404 otherwise."""
+    from langgraph_sdk.errors import APIStatusError
+
+    thread, image_id = request.path_params["thread_id"], request.path_params["image_id"]
+    missing = PlainTextResponse("no such image", status_code=404)
+    if not re.fullmatch(THREAD_PATTERN, thread) or not IMAGE_ID.fullmatch(image_id):
+        return missing
+    try:
+        values = (await _client().threads.get_state(thread)).get("values") or {}
+    except APIStatusError:
+        return missing
+    if not values.get("run_dir") or image_id not in {c.get("image_id") for c in values.get("candidates") or []}:
+        return missing
+    images = RunFolder(Path(values["run_dir"])).images
+    path = images / f"{image_id}.png"
+    if (
+        images.is_symlink()
+        or path.is_symlink()
+        or not path.is_file()
+        or not path.resolve().is_relative_to(images.resolve())
+    ):
+        return missing
+    return FileResponse(path, media_type="image/png", headers={"Content-Security-Policy": "default-src 'none'"})
+
+
+app = Starlette(
+    routes=[Route(REPAIR_PATH, repair, methods=["POST"]), Route(IMAGE_PATH, image, methods=["GET"])],
+    middleware=[Middleware(InputGuard)],
+)
 
 __all__ = [
+    "IMAGE_PATH",
     "MAX_BODY_BYTES",
     "InputGuard",
     "InputRefused",
     "RemoteReviewDecision",
     "app",
+    "check_chat",
     "check_context",
     "check_request",
     "check_review_answer",

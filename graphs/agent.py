@@ -8,10 +8,12 @@ calling tools. The LLM may also end early by answering without a tool call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, RemoveMessage, SystemMessage, ToolMessage
 from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import REMOVE_ALL_MESSAGES
 from langgraph.prebuilt import ToolNode
 from langgraph.runtime import Runtime
 
@@ -19,7 +21,7 @@ from imagerag.graphs.agent_tools import DRAWS_WITH_REFERENCES, TOOLS, ToolOutcom
 from imagerag.graphs.context import RunContext, context_of, toolkit
 from imagerag.graphs.nodes import NODE_RETRY, ask_review, finish, judge_new, plan
 from imagerag.graphs.rules import clock, concepts_from_best, stop_reason
-from imagerag.graphs.state import AgentState, RunInput, RunOutput, Step
+from imagerag.graphs.state import REPLY_NAME, AgentState, RunInput, RunOutput, Step
 from imagerag.prompts import render
 
 
@@ -43,13 +45,16 @@ def agent(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     opening = [] if state.usage.rounds else [HumanMessage(state.instruction or f"Draw: {state.prompt}")]
     usage, error = state.usage.add(rounds=1), ""
     nudge: list[HumanMessage] = []
+    earlier = conversation_of(state)
     for _ in range(context.max_tool_errors):
-        reply, tokens = tools.converse([system, *state.messages, *opening, *nudge], TOOLS)
+        reply, tokens = tools.converse([system, *earlier, *opening, *nudge], TOOLS)
         usage = usage.add(llm_tokens=tokens)
         if not isinstance(reply, AIMessage) or not reply.invalid_tool_calls:
             calls = ", ".join(c["name"] for c in getattr(reply, "tool_calls", [])) or "final answer"
+            moved = moved_conversation(state)
             return {
-                "messages": [*opening, reply],
+                **moved,
+                "conversation": [*moved.get("conversation", []), *opening, reply],
                 "usage": clock(state, usage),
                 "steps": [Step(node="agent", round=usage.rounds, summary=calls)],
             }
@@ -71,7 +76,8 @@ def after_plan(state: AgentState) -> Literal["agent", "finish", "__end__"]:
 
 
 def after_agent(state: AgentState) -> Literal["review", "tools", "finish"]:
-    last = state.messages[-1] if state.messages else None
+    conversation = conversation_of(state)
+    last = conversation[-1] if conversation else None
     if not (isinstance(last, AIMessage) and last.tool_calls) or stop_reason(state):
         return "finish"
     drawing = any(c["name"] in DRAWS_WITH_REFERENCES for c in last.tool_calls)
@@ -80,7 +86,7 @@ def after_agent(state: AgentState) -> Literal["review", "tools", "finish"]:
 
 def review(state: AgentState) -> dict[str, Any]:
     """Show a person the references of each regenerate or edit call; rewrite the call with their decision."""
-    last = state.messages[-1]
+    last = conversation_of(state)[-1]
     assert isinstance(last, AIMessage)  # after_agent routes here only after an AI message with tool calls
     known = {h.id: h for h in state.hits}
     calls, added = [], []
@@ -97,7 +103,7 @@ def review(state: AgentState) -> dict[str, Any]:
         if c["name"] in DRAWS_WITH_REFERENCES
     )
     return {
-        "messages": [last.model_copy(update={"tool_calls": calls})],
+        "conversation": [last.model_copy(update={"tool_calls": calls})],
         "hits": [*state.hits, *added],
         "steps": [Step(node="review", round=state.usage.rounds, summary=f"reviewed: {summary}")],
     }
@@ -108,7 +114,7 @@ def observe(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     calls made (their ToolOutcome artifacts), have the critic judge every image not yet judged, append those
     verdicts to the answer of the call that made each image, and count tool turns that failed as a whole (a run
     fails after max_tool_errors in a row)."""
-    recent = trailing_tool_messages(state.messages)
+    recent = trailing_tool_messages(conversation_of(state))
     candidates, hits, usage = list(state.candidates), list(state.hits), state.usage
     for message in recent:
         if message.status == "error" or message.artifact is None:
@@ -142,7 +148,7 @@ def observe(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         "concepts": concepts_from_best(state.concepts, candidates),
         "usage": usage,
         "tool_errors": tool_errors,
-        "messages": updated,
+        "conversation": updated,
         "steps": steps
         or [Step(node="observe", round=usage.rounds, summary=f"{len(recent)} tool result(s), {errors} failed")],
     }
@@ -153,6 +159,30 @@ def observe(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
 
 def after_observe(state: AgentState) -> Literal["agent", "finish"]:
     return "finish" if stop_reason(state) else "agent"
+
+
+def earlier_layout(state: AgentState) -> list[AnyMessage]:
+    """The conversation a checkpoint of an earlier version keeps in `messages`, now the chat: everything up to its
+    last tool call, tool answer or unmarked AI message (the chat holds only people's messages and marked replies)."""
+    ends = [i for i, m in enumerate(state.messages) if not isinstance(m, HumanMessage) and m.name != REPLY_NAME]
+    return state.messages[: ends[-1] + 1] if ends else []
+
+
+def conversation_of(state: AgentState) -> list[AnyMessage]:
+    """The policy's conversation, an earlier version's included (a message the new field rewrote, by id, once)."""
+    rewritten = {m.id for m in state.conversation}
+    return [*(m for m in earlier_layout(state) if m.id not in rewritten), *state.conversation]
+
+
+def moved_conversation(state: AgentState) -> dict[str, Any]:
+    """The update that moves an earlier version's conversation out of the chat into `conversation`, in order."""
+    earlier = earlier_layout(state)
+    if not earlier:
+        return {}
+    return {
+        "messages": [RemoveMessage(id=str(m.id)) for m in earlier],
+        "conversation": [RemoveMessage(id=REMOVE_ALL_MESSAGES), *conversation_of(state)],
+    }
 
 
 def trailing_tool_messages(messages: list[AnyMessage]) -> list[ToolMessage]:
@@ -166,20 +196,26 @@ def trailing_tool_messages(messages: list[AnyMessage]) -> list[ToolMessage]:
 
 
 def build_agent_graph(
-    context: type[RunContext] = RunContext,
+    context: type[RunContext] = RunContext, reply: Callable[..., dict[str, Any]] | None = None
 ) -> StateGraph[AgentState, RunContext, RunInput, RunOutput]:
     builder = StateGraph(AgentState, context_schema=context, input_schema=RunInput, output_schema=RunOutput)
     builder.add_node(plan, retry_policy=NODE_RETRY)
     builder.add_node(agent)
     builder.add_node(review)
-    builder.add_node("tools", ToolNode(TOOLS, handle_tool_errors=True))
+    builder.add_node("tools", ToolNode(TOOLS, handle_tool_errors=True, messages_key="conversation"))
     builder.add_node(observe, retry_policy=NODE_RETRY)
     builder.add_node(finish)
+    # A served graph ends every turn with its reply to the chat (agent/langgraph_app.py), a refused message too.
+    end = END
+    if reply is not None:
+        builder.add_node("reply", reply)
+        builder.add_edge("reply", END)
+        end = "reply"
     builder.add_edge(START, "plan")
-    builder.add_conditional_edges("plan", after_plan)
+    builder.add_conditional_edges("plan", after_plan, {"agent": "agent", "finish": "finish", END: end})
     builder.add_conditional_edges("agent", after_agent)
     builder.add_edge("review", "tools")
     builder.add_edge("tools", "observe")
     builder.add_conditional_edges("observe", after_observe)
-    builder.add_edge("finish", END)
+    builder.add_edge("finish", end)
     return builder

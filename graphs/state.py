@@ -1,5 +1,9 @@
 """The run's state: what a caller sets (RunInput), what it gets back (RunOutput), and what the loop keeps between
-nodes (RunState; AgentState adds the LLM's conversation). A thread is one state that later messages continue."""
+nodes (RunState; AgentState adds the LLM's conversation). A thread is one state that later messages continue.
+
+`messages` is the chat of a LangGraph Server client (its convention): the person's messages and the replies the
+served graphs append (agent/langgraph_app.py). It is not the agent policy's tool-call conversation, which is
+AgentState.conversation: a reply never reaches the policy's LLM."""
 
 from __future__ import annotations
 
@@ -8,9 +12,9 @@ import re
 import time
 from typing import Annotated, Literal
 
-from langchain_core.messages import AnyMessage
+from langchain_core.messages import AnyMessage, HumanMessage
 from langgraph.graph.message import add_messages
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from imagerag.tools.types import Box, Candidate, Concept, EditRegion, RetrievalHit, ScenePlan
 
@@ -35,6 +39,7 @@ MAX_UPLOAD_BYTES = 4 * 1024 * 1024  # one replacement reference image, decoded
 MAX_REVIEW_KEEP = 256  # hit ids a review answer keeps
 MAX_ID_CHARS = 64  # an image or hit id (content ids have 32)
 MAX_TURNS = 10_000  # turns of one thread a message may branch from
+REPLY_NAME = "imagerag"  # the name of the AI messages a served graph appends to the chat (agent/langgraph_app.py)
 # Characters that print as nothing: a prompt of only these (and white space) is empty.
 INVISIBLE = "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\u3164\ufeff\uffa0"
 
@@ -109,9 +114,19 @@ class Turn(BaseModel):
 
 class RunInput(BaseModel):
     """What a caller sets: the message (the prompt of a new thread, or how to change a thread's image), seed,
-    budget and whether to pause for review."""
+    budget and whether to pause for review. A chat client sends `messages` instead: its last message, a person's,
+    is the message."""
 
-    message: str = Field(description="What to draw; on a thread that already has an image, how to change it.")
+    message: str = Field(
+        default="",
+        description="What to draw; on a thread that already has an image, how to change it. Required unless "
+        "`messages` ends with a human message.",
+    )
+    messages: Annotated[list[AnyMessage], add_messages] = Field(
+        default_factory=list,
+        description="The chat convention: a human message last is the message (bounded like it); the reply to it is "
+        "appended as an AI message.",
+    )
     seed: int = Field(default=0, ge=0, lt=MAX_SEED, description="Base seed of the generations.")
     budget: Budget = Field(default_factory=Budget)
     review: bool = Field(default=False, description="Pause for a person before each regeneration.")
@@ -125,14 +140,29 @@ class RunInput(BaseModel):
     @field_validator("message")
     @classmethod
     def _message_fits(cls, value: str) -> str:
-        value = re.sub(f"^[\\s{INVISIBLE}]+|[\\s{INVISIBLE}]+$", "", value)
-        if not any(c.isprintable() and not c.isspace() and c not in INVISIBLE for c in value):
-            raise ValueError("the prompt is empty: describe the image to draw, e.g. 'a red fox in the snow'")
-        if len(value) > MAX_PROMPT_CHARS:
-            raise ValueError(
-                f"the prompt has {len(value)} characters, more than {MAX_PROMPT_CHARS}: shorten it, or split it over turns of a thread"
-            )
-        return value
+        return fitted_message(value)
+
+    @model_validator(mode="after")
+    def _chat_message(self) -> RunInput:
+        # A human message last in the chat has not been answered yet: it is this turn's message (a turn's reply,
+        # appended when it ends, makes `message` the one to read again). A remote client that sends neither is
+        # refused by agent/server_app.py.
+        last = self.messages[-1] if self.messages else None
+        if isinstance(last, HumanMessage):
+            self.message = fitted_message(last.text)
+        return self
+
+
+def fitted_message(value: str) -> str:
+    """A message stripped of surrounding blanks; ValueError for one that is empty or over MAX_PROMPT_CHARS."""
+    value = re.sub(f"^[\\s{INVISIBLE}]+|[\\s{INVISIBLE}]+$", "", value)
+    if not any(c.isprintable() and not c.isspace() and c not in INVISIBLE for c in value):
+        raise ValueError("the prompt is empty: describe the image to draw, e.g. 'a red fox in the snow'")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ValueError(
+            f"the prompt has {len(value)} characters, more than {MAX_PROMPT_CHARS}: shorten it, or split it over turns of a thread"
+        )
+    return value
 
 
 class RunOutput(BaseModel):
@@ -178,7 +208,7 @@ class RunState(RunOutput, RunInput):
 
 
 class AgentState(RunState):
-    """The LLM policy adds its conversation."""
+    """The LLM policy adds its conversation (tool calls and their answers), apart from the chat's `messages`."""
 
-    messages: Annotated[list[AnyMessage], add_messages] = Field(default_factory=list)
+    conversation: Annotated[list[AnyMessage], add_messages] = Field(default_factory=list)
     tool_errors: int = Field(default=0, description="Consecutive tool turns in which every call failed.")

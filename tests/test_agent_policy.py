@@ -1,10 +1,12 @@
 """The LLM policy: tool calls run through a ToolNode, the graph owns the stop rule and the budget."""
 
-from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langgraph.graph.message import add_messages
 from scripted import ScriptedChatModel, ScriptedCritic, call, fake_backends, last_tool_answer, tool_turn
 
 from imagerag.agent.run import run
-from imagerag.graphs.state import Budget
+from imagerag.graphs.agent import conversation_of, moved_conversation
+from imagerag.graphs.state import REPLY_NAME, AgentState, Budget
 from imagerag.tools.types import Box
 
 PROMPT = "a heart and a square"  # concepts c1 (a heart), c2 (a square)
@@ -153,3 +155,25 @@ def test_a_region_naming_an_unknown_reference_goes_back_to_the_llm(tiny_settings
     result = go(tiny_settings, tiny_store, tmp_path, ScriptedChatModel(messages=turns), ScriptedCritic([{"c2"}]))
     assert result.status == "failed" and "unknown reference ids ['nope']" in result.error
     assert len(result.candidates) == 1  # nothing was edited
+
+
+def test_the_chat_is_not_the_conversation_and_an_earlier_versions_conversation_moves_out_of_it():
+    """Issue 25, item 7: the chat (`messages`) holds a person's messages and the served graph's replies, never fed
+    to the policy's LLM. A checkpoint of an earlier version kept the policy's conversation in `messages`: it is read
+    as the conversation, and the agent's next turn moves it there, leaving the chat to the person's new message."""
+    earlier = [
+        HumanMessage("Draw: a heart and a square", id="h1"),
+        AIMessage("", tool_calls=[call("generate", "g1", prompt=PROMPT)], id="a1"),
+        ToolMessage("generated image(s) x", tool_call_id="g1", id="t1"),
+        AIMessage("Done.", id="a2"),
+    ]
+    state = AgentState(message=PROMPT, messages=[*earlier, HumanMessage("make the square green", id="h2")])
+    assert state.message == "make the square green"  # the chat's last message, a person's, is the message
+    assert conversation_of(state) == earlier
+    moved = moved_conversation(state)
+    assert add_messages(state.messages, moved["messages"]) == [state.messages[-1]]
+    assert add_messages(state.conversation, moved["conversation"]) == earlier
+
+    chat = [HumanMessage(PROMPT, id="h1"), AIMessage("Turn 1: satisfied", name=REPLY_NAME, id="r1")]
+    state = AgentState(message=PROMPT, messages=chat, conversation=earlier[1:])
+    assert state.message == PROMPT and conversation_of(state) == earlier[1:] and moved_conversation(state) == {}

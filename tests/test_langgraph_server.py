@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,8 @@ import pytest
 from langgraph_sdk import get_sync_client
 from langgraph_sdk.errors import BadRequestError, NotFoundError
 from PIL import Image
-from scripted import TWO_OBJECT_CONCEPTS, free_port, server_process
+from scripted import TWO_OBJECT_CONCEPTS, FakeOpenAIServer, free_port, server_process
+from test_openai_http import scripted_openai
 
 pytestmark = pytest.mark.slow  # starts `langgraph dev`
 
@@ -46,7 +48,7 @@ def config_for(folder: Path, guarded: bool = True) -> Path:
 
 
 @contextmanager
-def langgraph_dev(folder: Path, data_dir: Path, guarded: bool = True) -> Iterator[str]:
+def langgraph_dev(folder: Path, data_dir: Path, guarded: bool = True, **extra_env: str) -> Iterator[str]:
     cli = Path(sys.executable).parent / "langgraph"
     assert cli.exists(), "langgraph-cli is missing: `make install` installs it (pyproject's dev extra)"
     port = free_port()
@@ -59,6 +61,7 @@ def langgraph_dev(folder: Path, data_dir: Path, guarded: bool = True) -> Iterato
         "LANGCHAIN_TRACING_V2": "false",
         "HF_HUB_OFFLINE": "1",
         "ANONYMIZED_TELEMETRY": "False",
+        **extra_env,
     }
     url = f"http://127.0.0.1:{port}"
 
@@ -83,6 +86,7 @@ def langgraph_dev(folder: Path, data_dir: Path, guarded: bool = True) -> Iterato
         "1",
     ]
     log = folder / ("langgraph.log" if guarded else "langgraph-unguarded.log")
+    log = log.with_stem(log.stem + ("-llm" if extra_env else ""))
     with server_process(command, log, answers, "langgraph dev", cwd=folder, env=env):
         yield url
 
@@ -118,7 +122,14 @@ def test_a_thread_runs_through_langgraph_server(langgraph_server, data_dir):
     # Studio and the server show a caller only what it sets, gets back and may configure.
     for assistant in assistants.values():
         schemas = client.assistants.get_schemas(assistant["assistant_id"])
-        assert set(schemas["input_schema"]["properties"]) == {"message", "seed", "budget", "review", "from_turn"}
+        assert set(schemas["input_schema"]["properties"]) == {
+            "message",
+            "messages",
+            "seed",
+            "budget",
+            "review",
+            "from_turn",
+        }
         assert {"status", "concepts", "candidates"} <= set(schemas["output_schema"]["properties"])
         assert not {"hits", "started_at", "instruction", "messages"} & set(schemas["output_schema"]["properties"])
         assert {"profile", "data_dir", "retrieve_k"} <= set(schemas["context_schema"]["properties"])
@@ -135,7 +146,7 @@ def test_a_thread_runs_through_langgraph_server(langgraph_server, data_dir):
     events = [p.event for p in parts]
     assert "error" not in events, [p.data for p in parts if p.event == "error"]
     updated = [node for p in parts if p.event == "updates" for node in p.data]
-    assert updated[:3] == ["plan", "generate", "critique"] and updated[-1] == "finish"
+    assert updated[:3] == ["plan", "generate", "critique"] and updated[-2:] == ["finish", "reply"]
     assert any(p.event == "custom" and p.data.get("event") == "diffusion_step" for p in parts)
 
     state = client.threads.get_state(thread["thread_id"])["values"]
@@ -207,7 +218,18 @@ BAD_INPUTS = {
     "blank message": ({"message": "   "}, "the prompt is empty"),
     "zero-width message": ({"message": "\u200b\u200d\ufeff\u2060"}, "the prompt is empty"),
     "message over 4,000 characters": ({"message": "a red square " * 400}, "more than 4000"),
-    "no message": ({"budget": {"max_rounds": 1}}, "message: Field required"),
+    "no message": ({"budget": {"max_rounds": 1}}, "no message: send `message`, or `messages`"),
+    "chat message over 4,000 characters": (
+        {"messages": [{"role": "user", "content": "a red square " * 400}]},
+        "messages[0] refused: the prompt has 5199 characters, more than 4000",
+    ),
+    "blank chat message": ({"messages": [{"role": "user", "content": " \u200b "}]}, "the prompt is empty"),
+    "chat reply from a client": (
+        {"messages": [{"role": "assistant", "content": "a red square"}]},
+        "send only the person's messages",
+    ),
+    "empty chat": ({"messages": []}, "messages is empty"),
+    "message and chat": ({"message": "a", "messages": [{"role": "user", "content": "b"}]}, "not both"),
     "message not text": ({"message": ["a red square"]}, "Input should be a valid string"),
     "max_rounds 0": ({"message": "a blue ring", "budget": {"max_rounds": 0}}, "greater than or equal to 1"),
     "max_rounds 1.5": ({"message": "a blue ring", "budget": {"max_rounds": 1.5}}, "valid integer"),
@@ -361,3 +383,101 @@ def test_a_thread_broken_before_the_check_names_its_repair_and_the_repair_restor
     assert again.status_code == 200 and not again.json()["repaired"]
     unknown = post(langgraph_server, "/imagerag/threads/00000000-0000-0000-0000-000000000000/repair", {})
     assert unknown.status_code == 404
+
+
+def chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def reply_of(message: dict, server: Server) -> tuple[str, Image.Image, httpx.Response]:
+    """A chat reply's text, the image of its image block and the answer of its link."""
+    assert message["type"] == "ai" and message["name"] == "imagerag", message
+    [text_block, image_block] = message["content"]
+    assert text_block["type"] == "text" and image_block["type"] == "image", message["content"]
+    assert image_block["url"].startswith("data:image/png;base64,") and image_block["mime_type"] == "image/png"
+    image = Image.open(io.BytesIO(base64.b64decode(image_block["url"].split(",", 1)[1])))
+    link = re.search(r"Best image: (/imagerag/threads/\S+\.png)", text_block["text"])
+    assert link, text_block["text"]
+    return text_block["text"], image, httpx.get(server.url + link[1], timeout=60)
+
+
+def test_a_chat_client_sends_messages_and_gets_a_reply_with_the_best_image(langgraph_server, data_dir):
+    """Issue 25, item 7: the chat convention. The last human message is the message; each turn appends an AI
+    message with the verdict, the best image inline and its link; a `message` turn still works in between."""
+    client = get_sync_client(url=langgraph_server.url)
+    thread = client.threads.create()["thread_id"]
+    done = client.runs.wait(thread, "imagerag", input={"messages": chat(PROMPT), "budget": {"max_rounds": 1}})
+    values = client.threads.get_state(thread)["values"]
+    assert done["turns"][0]["message"] == PROMPT and values["message"] == PROMPT
+    assert [c["text"] for c in values["concepts"]] == TWO_OBJECT_CONCEPTS
+    human, answer = values["messages"]
+    assert human["type"] == "human" and human["content"] == PROMPT
+    text, image, served = reply_of(answer, langgraph_server)
+    best = done["turns"][0]["best_image"]
+    assert text.startswith(f"Turn 1: {done['status']} ") and "a red heart on the left" in text
+    stored = data_dir / "runs" / thread / "images" / f"{best}.png"
+    assert served.status_code == 200 and served.headers["content-type"] == "image/png"
+    assert served.content == stored.read_bytes()
+    assert image.size == Image.open(stored).size  # the tiny profile's images are far under the reply's 256 px
+
+    # The next chat message refines the image; a `message` after it is read, not the chat's last human message.
+    refined = client.runs.wait(thread, "imagerag", input={"messages": chat("make the square green")})
+    assert refined["turn"] == 2 and "green square" in refined["prompt"], refined
+    plain = client.runs.wait(thread, "imagerag", input={"message": "add a blue ring", "budget": {"max_rounds": 1}})
+    assert plain["turn"] == 3 and "blue ring" in plain["prompt"], plain
+    values = client.threads.get_state(thread)["values"]
+    assert [m["type"] for m in values["messages"]] == ["human", "ai", "human", "ai", "ai"]
+    assert [t["message"] for t in values["turns"]] == [PROMPT, "make the square green", "add a blue ring"]
+    assert reply_of(values["messages"][-1], langgraph_server)[0].startswith("Turn 3: ")
+
+    # A message the thread cannot read gets the reason as the reply, and the image stays as it was.
+    unclear = client.runs.wait(thread, "imagerag", input={"messages": chat("frobnicate the wibble")})
+    assert unclear["status"] == "needs_clarification" and unclear["turn"] == 3, unclear
+    last = client.threads.get_state(thread)["values"]["messages"][-1]
+    assert last["type"] == "ai" and last["content"] == unclear["clarification"], last
+
+    # The link serves only the images a thread made.
+    for path in [
+        f"/imagerag/threads/{thread}/images/{'0' * 32}.png",
+        f"/imagerag/threads/{thread}/images/..%2Fsettings.png",
+        f"/imagerag/threads/00000000-0000-0000-0000-000000000000/images/{best}.png",
+    ]:
+        assert httpx.get(langgraph_server.url + path, timeout=60).status_code == 404, path
+
+    # An over-long chat message is refused like `message`, and the thread stays as it was.
+    before = snapshot(langgraph_server, thread)
+    for route in ["runs/wait", "runs/stream"]:
+        answer = post(
+            langgraph_server,
+            f"/threads/{thread}/{route}",
+            {"assistant_id": "imagerag", "input": {"messages": chat("a red square " * 400)}},
+        )
+        assert answer.status_code == 422 and "more than 4000" in answer.json()["detail"], answer.text
+    assert snapshot(langgraph_server, thread) == before
+
+
+@pytest.fixture(scope="module")
+def llm_server(data_dir, tmp_path_factory) -> Iterator[tuple[Server, FakeOpenAIServer]]:
+    """A `langgraph dev` whose LLM is a scripted OpenAI endpoint, for the agent policy."""
+    folder = tmp_path_factory.mktemp("langgraph-llm")
+    with FakeOpenAIServer(scripted_openai()) as llm:
+        env = {"IMAGERAG_LLM__MODEL": "gpt-4o-2024-08-06", "IMAGERAG_LLM__BASE_URL": llm.base_url}
+        with langgraph_dev(folder, data_dir, **env) as url:
+            yield Server(url, ""), llm
+
+
+def test_the_agent_policy_replies_in_the_chat_apart_from_its_tool_calls(llm_server):
+    server, llm = llm_server
+    client = get_sync_client(url=server.url)
+    thread = client.threads.create()["thread_id"]
+    done = client.runs.wait(thread, "agent", input={"messages": chat(PROMPT), "budget": {"max_rounds": 6}})
+    assert done["status"] == "satisfied", done
+    values = client.threads.get_state(thread)["values"]
+    # The chat holds the person's message and the reply; the policy's tool calls stay in its own conversation.
+    human, answer = values["messages"]
+    assert human["content"] == PROMPT and reply_of(answer, server)[2].status_code == 200
+    assert not answer.get("tool_calls")
+    kinds = [m["type"] for m in values["conversation"]]
+    assert "tool" in kinds and any(m.get("tool_calls") for m in values["conversation"])
+    agent_calls = [r for r in llm.requests if not r.get("tool_choice")]
+    assert agent_calls and PROMPT in json.dumps(agent_calls[0]["messages"])
