@@ -4,8 +4,11 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langgraph.graph.message import add_messages
 from scripted import ScriptedChatModel, ScriptedCritic, call, fake_backends, last_tool_answer, tool_turn
 
-from imagerag.agent.run import run
+from imagerag.agent.checkpoints import open_checkpointer
+from imagerag.agent.events import Finished, ReviewRequested
+from imagerag.agent.run import resume, run, stream
 from imagerag.graphs.agent import conversation_of, moved_conversation
+from imagerag.graphs.nodes import ReviewDecision
 from imagerag.graphs.state import REPLY_NAME, AgentState, Budget
 from imagerag.tools.types import Box
 
@@ -177,3 +180,39 @@ def test_the_chat_is_not_the_conversation_and_an_earlier_versions_conversation_m
     chat = [HumanMessage(PROMPT, id="h1"), AIMessage("Turn 1: satisfied", name=REPLY_NAME, id="r1")]
     state = AgentState(message=PROMPT, messages=chat, conversation=earlier[1:])
     assert state.message == PROMPT and conversation_of(state) == earlier[1:] and moved_conversation(state) == {}
+
+
+def test_a_paused_thread_of_an_earlier_version_resumes_and_its_conversation_moves(tiny_settings, tiny_store, tmp_path):
+    """A thread paused for review by an earlier version, whose checkpoint keeps the conversation in `messages`."""
+
+    def regenerate_with_the_retrieved_reference(messages):
+        hit_id = last_tool_answer(messages).split("references for 'a red square': ")[1].split(":")[0]
+        return tool_turn(call("regenerate", "x1", prompt=PROMPT, reference_ids=[hit_id]))
+
+    turns = [
+        tool_turn(call("generate", "g1", prompt=PROMPT)),
+        tool_turn(call("retrieve", "r1", caption="a red square")),
+    ]
+    llm = ScriptedChatModel(messages=iter([*turns, regenerate_with_the_retrieved_reference, AIMessage("Done.")]))
+    settings = tiny_settings.model_copy(
+        update={"policy": "agent", "review": True, "budget": Budget(max_rounds=8, max_generations=8)}
+    )
+    backends = fake_backends(tiny_store, ScriptedCritic([{"c2"}, {"c2"}]), llm=llm)
+    events = stream(PROMPT, settings, tmp_path, thread="earlier", backends=backends)
+    pause = next(e for e in events if isinstance(e, ReviewRequested))
+    config = {"configurable": {"thread_id": "earlier", "checkpoint_ns": ""}}
+    with open_checkpointer(settings) as saver:  # the checkpoint as an earlier version wrote it
+        found = saver.get_tuple(config)
+        checkpoint = found.checkpoint
+        checkpoint["channel_values"]["messages"] = checkpoint["channel_values"].pop("conversation")
+        checkpoint["channel_versions"]["messages"] = checkpoint["channel_versions"].pop("conversation")
+        saver.put(found.parent_config or config, checkpoint, found.metadata, {})
+        assert "conversation" not in saver.get_tuple(config).checkpoint["channel_values"]
+
+    follow = list(resume(pause.run_dir, ReviewDecision(action="accept"), settings, backends=backends))
+    assert isinstance(follow[-1], Finished) and follow[-1].result.status == "stopped", follow[-1]
+    # The LLM's last turn saw the whole conversation, the earlier version's part included, and it moved.
+    assert [m.tool_call_id for m in llm.seen[-1] if isinstance(m, ToolMessage)] == ["g1", "r1", "x1"]
+    with open_checkpointer(settings) as saver:
+        values = saver.get_tuple(config).checkpoint["channel_values"]
+    assert values["messages"] == [] and [m.type for m in values["conversation"]][-2:] == ["tool", "ai"]
