@@ -26,7 +26,7 @@ from imagerag.graphs.rules import (
     concepts_from_best,
     edit_regions,
     kept_verdicts,
-    object_phrase,
+    query_for,
     stop_reason,
     targets_for_regions,
     targets_for_round,
@@ -82,10 +82,9 @@ def retrieve(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     references (a generator that masks references) every broken object gets a region and a reference retrieved
     for what text alone never drew, so one edit fixes them all; otherwise the round's targets are retrieved for and
     the edit redraws the regions of the targets that found a reference. No regions means: draw the whole image
-    again with the references. A concept of an object is retrieved for by that object's whole phrase
-    (rules.object_phrase: 'a large red star', so the reference carries the asked look too); other concepts by the
-    critic's caption when it wrote one, else their own text. An image already used as a reference is not retrieved
-    again, and each target's attempts count up."""
+    again with the references. What is retrieved for each target: rules.query_for (a query the critic wrote, else the
+    whole phrase of the concept's object, 'a large red star', so the reference carries the asked look too). An image
+    already used as a reference is not retrieved again, and each target's attempts count up."""
     tools, ctx = toolkit(state, runtime), context_of(runtime)
     best = best_of_turn(state)
     occupied = tools.occupied_cells(best.image_id) if best is not None and ctx.edits else set()
@@ -95,7 +94,7 @@ def retrieve(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     pairs = targets_for_regions(state, regions, tools.max_region_references) if regions else []
     targets = [c for _, c in pairs] if regions else targets_for_round(state, tools.max_references)
     captions_by_id = {v.concept_id: v.caption for v in best.verdicts} if best else {}
-    captions = [object_phrase(c, state.concepts) or captions_by_id.get(c.id) or c.text for c in targets]
+    captions = [query_for(c, state.concepts, captions_by_id.get(c.id)) for c in targets]
     used = {h.id for cand in state.candidates for h in cand.references}
     hits = tools.retrieve_many(captions, k=ctx.retrieve_k, exclude=used)
     targeted = {c.id for c in targets}

@@ -15,6 +15,7 @@ from imagerag.tools.grid import (
     pair_for,
     relation_sign,
 )
+from imagerag.tools.revision import read_phrase
 from imagerag.tools.types import Box, Candidate, Concept, ConceptVerdict, Edit, EditRegion
 
 RankKey = tuple[int, int, int, float, int]
@@ -251,8 +252,22 @@ def _target_cell(
 
 
 def _phrase(obj: Concept, deps: list[Concept]) -> str:
-    noun = obj.text.split()[-1]
-    words = " ".join([*(w for d in deps if d.kind == "attribute" for w in d.text.split()[1:-1]), noun])
+    """The object's name without its place ('boston bull' of 'a boston bull on the left') with the adjectives of
+    its attributes written as '<article> <adjectives> <noun>' ('a large red star'); an attribute said another way
+    ('the lighthouse is striped') adds nothing."""
+    read = read_phrase(obj.text)
+    name = [*read.adjectives, read.noun] if read else obj.text.split()
+    adjectives = [
+        w
+        for d in deps
+        if d.kind == "attribute"
+        and len(ws := d.text.split()) > 2
+        and ws[0].lower() in ("a", "an", "the")
+        and ws[-1] == name[-1]
+        for w in ws[1:-1]
+        if w not in name
+    ]
+    words = " ".join([*adjectives, *name])
     return f"{article(words)} {words}"
 
 
@@ -271,6 +286,14 @@ def object_phrase(concept: Concept, concepts: list[Concept]) -> str | None:
     while root.depends_on and root.depends_on[0] in by_id:
         root = by_id[root.depends_on[0]]
     return _phrase(root, dependents(concepts)[root.id]) if root.kind == "object" else None
+
+
+def query_for(concept: Concept, concepts: list[Concept], caption: str | None) -> str:
+    """What to retrieve for a concept: the query the critic wrote for it when that says more than the concept's own
+    text (a VLM's "a photo of a bombay cat"), else the whole phrase of its object (object_phrase), else its text."""
+    if caption and caption != concept.text:
+        return caption
+    return object_phrase(concept, concepts) or concept.text
 
 
 def kept_verdicts(source: Candidate, edit: Edit, concepts: list[Concept]) -> list[ConceptVerdict]:

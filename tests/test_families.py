@@ -72,7 +72,7 @@ def run_loop(settings: Settings, backends: Backends, tmp_path: Path) -> None:
     first, regenerated = result.candidates
     assert not first.references
     [reference] = regenerated.references
-    assert reference.query == "a heart" and Path(reference.source).exists()
+    assert reference.query == "a photo of a heart" and Path(reference.source).exists()
     spec = PROFILES[settings.profile].generator
     for candidate in result.candidates:
         with Image.open(Path(result.run_dir) / "images" / f"{candidate.image_id}.png") as image:

@@ -29,7 +29,7 @@ def test_stops_as_soon_as_every_concept_is_satisfied(tiny_settings, tiny_store, 
     # The second image edits the first (it holds the square), conditioned on a reference for the missing heart only.
     assert generator.calls[0]["references"] == 0 and generator.calls[1]["references"] == 1
     assert generator.calls[1].get("edit") and result.candidates[1].edit is not None
-    assert result.candidates[1].references[0].query == "a heart"  # the object's whole phrase
+    assert result.candidates[1].references[0].query == "a photo of a heart"  # the critic's own query
     assert [s.node for s in result.steps] == ["plan", "generate", "critique", "retrieve", "edit", "critique", "finish"]
 
 
@@ -138,7 +138,7 @@ def test_between_images_with_as_many_objects_the_one_text_could_not_draw_ranks_f
 def test_rounds_rotate_through_missing_concepts_and_never_reuse_a_reference(tiny_settings, tiny_store, tmp_path):
     result = go(tiny_settings, tiny_store, tmp_path, ScriptedCritic([set()]), budget=Budget(max_rounds=5))
     queries = [c.references[0].query for c in result.candidates[1:]]
-    assert queries == ["a heart", "a square"] * 2
+    assert queries == ["a photo of a heart", "a photo of a square"] * 2
     ids = [c.references[0].id for c in result.candidates[1:]]
     assert len(set(ids)) == len(ids)
 
@@ -149,7 +149,8 @@ def test_references_go_to_what_text_alone_could_not_draw(tiny_settings, tiny_sto
     critic = ScriptedCritic([{"c2"}, {"c1"}, set()], score_bonus=[0.0, 0.1, 0.0])
     result = go(tiny_settings, tiny_store, tmp_path, critic, budget=Budget(max_rounds=3))
     assert result.best.round == 2
-    assert [c.references[0].query for c in result.candidates[1:]] == ["a heart", "a heart"]
+    # The heart has no caption of the critic's once satisfied on the best image: its object's whole phrase.
+    assert [c.references[0].query for c in result.candidates[1:]] == ["a photo of a heart", "a heart"]
     assert result.candidates[1].references[0].id != result.candidates[2].references[0].id
 
 

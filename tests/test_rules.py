@@ -24,6 +24,7 @@ from imagerag.graphs.rules import (
     edit_regions,
     enforce_dependencies,
     object_phrase,
+    query_for,
     rank_key,
     stop_reason,
     targets_for_round,
@@ -263,6 +264,22 @@ def test_a_concept_is_retrieved_for_by_its_objects_whole_phrase_without_the_plac
     style = Concept(id="c5", text="pixel art", kind="style")
     concepts = [star, large, red, place, style]
     assert [object_phrase(c, concepts) for c in concepts] == [*["a large red star"] * 4, None]
+    # An object named in several words keeps them; an attribute said another way adds nothing.
+    bull = Concept(id="c1", text="a boston bull", kind="object")
+    brown = Concept(id="c2", text="a brown boston bull", kind="attribute", depends_on=["c1"])
+    scarf = Concept(id="c3", text="the dog wears a green scarf", kind="attribute", depends_on=["c1"])
+    assert object_phrase(scarf, [bull, brown, scarf]) == "a brown boston bull"
+    # Place words of an object's own text are not part of what to retrieve.
+    left = Concept(id="c1", text="a red heart on the left", kind="object")
+    assert object_phrase(left, [left]) == "a red heart"
+
+
+def test_a_query_the_critic_wrote_comes_first_else_the_objects_whole_phrase():
+    star = Concept(id="c1", text="a star", kind="object")
+    red = Concept(id="c2", text="a red star", kind="attribute", depends_on=["c1"])
+    assert query_for(red, [star, red], "a photo of a red star") == "a photo of a red star"  # a VLM's own query
+    assert query_for(red, [star, red], "a red star") == "a red star"  # the CLIP critic repeats the concept
+    assert query_for(star, [star, red], None) == "a red star"
 
 
 # --- concepts_from_best ----------------------------------------------------------------------------------------------
