@@ -776,7 +776,7 @@ def eval_miniworld(
     time_matched_n: Annotated[
         int | None,
         typer.Option(
-            min=1, help="best_of_time's images (default: the one chosen on dev to match loop_edits' seconds)."
+            min=1, help="best_of_time's images (default 6: matches loop_edits' seconds on version 2's dev timings)."
         ),
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts (a quick look).")] = None,
