@@ -516,7 +516,9 @@ class ReferenceStore:
             raise ValueError(f"mmr_lambda must lie in [0, 1], got {mmr_lambda}")
         query = self.embedder.embed_texts([caption])[0]
         pool = k if mmr_lambda is None and reranker is None else max(fetch_k or 0, 4 * k, 20)
-        n = min(pool + len(exclude), self.count())
+        # chromadb answers fewer when the collection holds fewer: no count first, which on a Chroma server holding a
+        # million vectors costs more than the query itself (README: Indexing on a cluster).
+        n = pool + len(exclude)
         if n == 0:
             return []
         include = ["documents", "metadatas", "distances"] + (["embeddings"] if mmr_lambda is not None else [])
