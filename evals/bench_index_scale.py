@@ -541,6 +541,9 @@ def report(out: Path) -> None:
         if "search_parts" in sr:
             parts = "; ".join(f"{k} {v['p50_ms']} / {v['p99_ms']}" for k, v in sr["search_parts"].items())
             lines += ["", f"Where a search's time goes (p50 / p99 ms, same queries, measured separately): {parts}."]
+            lines += [
+                "(The table's rows were measured while `search` still asked the server for a count on every call.)"
+            ]
         lines += [
             "",
             (
