@@ -17,22 +17,17 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import uvicorn
 from playwright.sync_api import Page, sync_playwright
 
 from imagerag.agent.config import Settings
 from imagerag.agent.events import NodeFinished, RunEvent
 from imagerag.agent.run import run
-from imagerag.agent.web import ChatPage, build_app
+from imagerag.agent.web import ChatPage, serving_in_thread
 from imagerag.graphs.state import Budget
 from imagerag.tools.backends.indexer import index_folders
 from imagerag.tools.backends.loading import load_backends, load_embedder
@@ -55,22 +50,6 @@ def small_mini_data(root: Path, corpus: int) -> Settings:
     store = ReferenceStore.open(chroma_client(root), MINI_COLLECTION, load_embedder(settings), create=True)
     index_folders(store, [root / "corpus"])
     return settings
-
-
-@contextmanager
-def serving(page: ChatPage) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(build_app(page), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def cli_run(settings: Settings, out: Path, thread: str, backends: object) -> dict[str, float]:
@@ -123,7 +102,7 @@ def main() -> None:
         chat = ChatPage(settings, root / "page-runs", backends)
         cli: list[dict[str, float]] = []
         web: list[dict[str, float]] = []
-        with serving(chat) as url, sync_playwright() as playwright:
+        with serving_in_thread(chat) as url, sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             context = browser.new_context()
             context.route(

@@ -10,22 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import uvicorn
 from PIL import Image
 from playwright.sync_api import Browser, BrowserContext, Page, Route, sync_playwright
 from test_report_browser import CHROMIUM, CHROMIUM_ARGS
 
 from imagerag.agent.config import Settings
-from imagerag.agent.web import ChatPage, build_app
+from imagerag.agent.web import ChatPage, serving_in_thread
 from imagerag.tools.backends.indexer import index_folders
 from imagerag.tools.backends.loading import load_backends, load_embedder
 from imagerag.tools.backends.store import ReferenceStore, chroma_client
@@ -65,26 +60,9 @@ class NeverSatisfied:
         )
 
 
-@contextmanager
-def serving(page: ChatPage) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(build_app(page), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the page's server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def url(mini, tmp_path_factory) -> Iterator[str]:
-    with serving(ChatPage(mini, tmp_path_factory.mktemp("runs"))) as address:
+    with serving_in_thread(ChatPage(mini, tmp_path_factory.mktemp("runs"))) as address:
         yield address
 
 
@@ -93,7 +71,7 @@ def stubborn(mini, tmp_path_factory) -> Iterator[tuple[str, Path]]:
     backends = load_backends(mini)
     out = tmp_path_factory.mktemp("stubborn-runs")
     page = ChatPage(mini, out, replace(backends, critic=NeverSatisfied(backends.critic)))
-    with serving(page) as address:
+    with serving_in_thread(page) as address:
         yield address, out
 
 
