@@ -192,6 +192,7 @@ def check_chat(value: Any, replies: bool) -> list[BaseMessage]:
         raise InputRefused('messages must be a list, e.g. [{"role": "user", "content": "a red fox in the snow"}]')
     try:
         messages = convert_to_messages(value)
+    # langchain_core raises NotImplementedError for a message type or role it does not know: a client's bad input.
     except (ValueError, TypeError, NotImplementedError) as error:
         raise InputRefused(f"messages refused: {str(error).splitlines()[0]}") from None
     for i, message in enumerate(messages):
