@@ -39,6 +39,11 @@ class RunContext(BackendConfig, BaseSettings):
         description="Before a run stops on an image the critic passes whole, the critic looks again (its verify, "
         "when it has one): what the second look does not confirm is missing, and the loop goes on.",
     )
+    object_references: bool = Field(
+        default=True,
+        description="Hand the generator the object the critic located in each reference (when retrieval re-ranks by "
+        "the critic), not the whole retrieved image.",
+    )
     region_references: bool = Field(
         default=True,
         description="In an edit, give each redrawn object its own reference acting only in its region, so one edit "
@@ -124,4 +129,10 @@ def toolkit(state: RunState, runtime: Runtime[RunContext] | ToolRuntime[RunConte
     graph's stream."""
     context = context_of(runtime)
     images = RunFolder(run_dir_of(state, context)).images
-    return Toolkit(backends_for(context), images, runtime.stream_writer, check_stop=context.check_stop)
+    return Toolkit(
+        backends_for(context),
+        images,
+        runtime.stream_writer,
+        check_stop=context.check_stop,
+        object_references=context.object_references,
+    )

@@ -15,13 +15,13 @@ from imagerag.agent.config import Settings
 from imagerag.agent.run import run
 from imagerag.graphs.rules import edit_regions, kept_verdicts, targets_for_regions
 from imagerag.graphs.state import RunState
-from imagerag.tools.backends.layout import edit_margin, region_mask
+from imagerag.tools.backends.layout import edit_margin, object_view, region_mask
 from imagerag.tools.backends.loading import load_backends
 from imagerag.tools.backends.planner import RuleDecomposer
 from imagerag.tools.backends.store import chroma_client, reference_cache
 from imagerag.tools.grid import CELL_BOXES, rule_layout
 from imagerag.tools.toolkit import Toolkit
-from imagerag.tools.types import Candidate, ConceptVerdict, EditRegion, RetrievalHit
+from imagerag.tools.types import Box, Candidate, ConceptVerdict, EditRegion, RetrievalHit
 
 
 def _noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
@@ -280,3 +280,15 @@ def test_a_thread_message_about_one_object_becomes_an_edit_of_it(data_dir, tmp_p
     assert edited.edit is not None and edited.edit.source == first.candidates[0].image_id
     drawn = [r for r in edited.edit.regions if r.text]
     assert [(r.text, r.box) for r in drawn] == [(region[0], CELL_BOXES[region[1]])]
+
+
+def test_a_reference_object_is_handed_over_cropped_with_a_margin_or_alone_in_its_place():
+    image = Image.new("RGB", (100, 100), (250, 250, 250))
+    image.paste((255, 0, 0), (10, 10, 30, 30))  # the object, in the box below
+    image.paste((0, 0, 255), (60, 60, 90, 90))  # another object
+    box = Box(x0=0.1, y0=0.1, x1=0.3, y1=0.3)
+    crop = object_view(image, box, "crop")
+    assert crop.size == (26, 26) and crop.getpixel((13, 13)) == (255, 0, 0)  # 20 px and 3 px on each side
+    alone = object_view(image, box, "isolate")
+    assert alone.size == image.size and alone.getpixel((20, 20)) == (255, 0, 0)
+    assert alone.getpixel((75, 75)) == (250, 250, 250)  # the other object is gone

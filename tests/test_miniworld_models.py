@@ -172,3 +172,28 @@ def test_the_clip_judge_reads_places_counts_and_relations_cell_by_cell(tmp_path)
     verdicts = judge.critique(render(scene), concepts).verdicts
     assert {t: v.satisfied for t, v in zip(texts, verdicts, strict=True)} == {t: ok for t, (_, ok) in texts.items()}
     assert verdicts[0].box == CELL_BOXES["top left"]
+
+
+def test_the_clip_judge_embeds_a_collection_images_cells_once(tmp_path, monkeypatch):
+    """A reference found by many queries, in many processes, has its cells embedded once: kept in memory by its
+    pixels, and on disk under its collection id. A generated image (no id) is kept in memory only."""
+    from imagerag.agent.config import Settings
+    from imagerag.tools.backends.judges import CellCache, ClipJudge
+    from imagerag.tools.backends.loading import load_embedder
+    from imagerag.tools.types import REFERENCE_ID, Concept
+
+    embedder = load_embedder(Settings(profile="mini", data_dir=tmp_path, device="cpu"))
+    batches = []
+    embed_images = embedder.embed_images
+    monkeypatch.setattr(embedder, "embed_images", lambda images: batches.append(len(images)) or embed_images(images))
+    concepts = [Concept(id="c1", text="a star", kind="object"), Concept(id="c2", text="a red star", kind="attribute")]
+    reference = render(_scene("star"))
+    reference.info[REFERENCE_ID] = "abc123"
+    first = ClipJudge(embedder, 0.3, cache=CellCache(tmp_path / "cells")).critique(reference, concepts)
+    assert batches == [1, 9] and (tmp_path / "cells" / "abc123.npy").is_file()  # the whole image, then 9 cells
+    judge = ClipJudge(embedder, 0.3, cache=CellCache(tmp_path / "cells"))  # another process: read from disk
+    assert judge.critique(reference, concepts) == first and batches == [1, 9, 1]
+    generated = render(_scene("star", cell="top left"))
+    judge.critique(generated, concepts)
+    judge.critique(generated.copy(), concepts)  # the same pixels: from memory
+    assert batches == [1, 9, 1, 1, 9, 1] and sorted(p.name for p in (tmp_path / "cells").iterdir()) == ["abc123.npy"]

@@ -84,6 +84,35 @@ def test_the_loop_adds_a_rare_shape_that_text_alone_misses(mini_settings, tmp_pa
         assert set(_shapes(hit.query)[:1]) <= set(_shapes(hit.caption)), (hit.query, hit.caption)
     assert result.best is not None and result.best.references
     assert heart_drawn(result.best.image_id)  # the loop's answer has the heart
+    # The report shows each reference beside the object the critic located in it.
+    located = sum(h.box is not None for h in hits)
+    assert located and (Path(result.run_dir) / "report.html").read_text().count("(located)") == located
+
+
+def test_retrieval_hands_the_generator_the_object_it_was_asked_for(mini_settings, tmp_path):
+    """The critic re-ranks hits and says where the query's object is in each; the generator gets that object alone on
+    the hit's background, at its place (the mini adapter's references), or the whole image when a run asks so."""
+    from imagerag.tools.backends.layout import background_colour
+    from imagerag.tools.grid import CELL_BOXES
+    from imagerag.tools.toolkit import Toolkit
+
+    backends = load_backends(mini_settings)
+    tools, whole = Toolkit(backends, tmp_path / "a"), Toolkit(backends, tmp_path / "b", object_references=False)
+    oracle = Oracle.from_pretrained(ORACLE_DIR)
+    queries = ("a large red heart", "a large red star", "a small blue ring", "a green square")
+    hits = [h for query in queries for h in tools.retrieve(query, k=5)]
+    located = [h for h in hits if h.box is not None]
+    assert len(located) >= 6 and all(h.box in CELL_BOXES.values() for h in located)
+    scenes = [h for h in located if len(oracle.read([ReferenceStore.load_image(h)])[0]) > 1]
+    assert scenes, "no hit holds more than its object: the check below would be empty"
+    for hit in located:
+        image, given = ReferenceStore.load_image(hit), tools._reference(hit)
+        (alone,) = oracle.read([given])[0]  # one object is left: the one the query names, where the critic saw it
+        assert alone.shape == _shapes(hit.query)[0] and alone.cell == next(
+            c for c, b in CELL_BOXES.items() if b == hit.box
+        )
+        assert given.size == image.size and given.getpixel((0, 0)) == background_colour(image)
+        assert whole._reference(hit).tobytes() == image.tobytes()
 
 
 def _shapes(text: str) -> list[str]:

@@ -55,6 +55,10 @@ class IPAdapterSpec(BaseModel):
     scale: float = Field(default=0.5, ge=0.0, description="Reference strength (the paper uses 0.5).")
 
 
+# How a reference's located object is handed to the generator (tools.backends.layout.object_view).
+ReferenceView = Literal["crop", "isolate"]
+
+
 class GeneratorSpec(BaseModel):
     family: str = Field(description="A generator family of the `imagerag.generators` registry: sd, sdxl, omnigen.")
     model_id: str = Field(description="Hub id or local folder for from_pretrained.")
@@ -71,6 +75,12 @@ class GeneratorSpec(BaseModel):
         default=None, description="Prompt template for an edit's regions; None: the regeneration's."
     )
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    reference_view: ReferenceView = Field(
+        default="crop",
+        description="How a reference's located object is handed over: 'crop' (its box and a margin, which the "
+        "adapter's image processor scales up) or 'isolate' (the image with all but the object painted in the "
+        "background colour, for an adapter trained on references of one object).",
+    )
 
 
 class ClipSpec(BaseModel):

@@ -107,6 +107,8 @@ MINI = Profile(
         # Its text encoder knows only the world's caption grammar, so references get no extra words.
         regenerate_template="regenerate_plain",
         dtype="float32",
+        # Its adapter learned from references of one object each (evals/miniworld/train_t2i.py).
+        reference_view="isolate",
     ),
     clip=ClipSpec(
         model="mini:clip",

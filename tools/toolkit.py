@@ -20,7 +20,7 @@ from PIL import Image
 from imagerag.prompts import render
 from imagerag.tools.backends.images import ImageStore
 from imagerag.tools.backends.judges import Verifier
-from imagerag.tools.backends.layout import clear, edit_margin, occupied_cells, region_mask
+from imagerag.tools.backends.layout import clear, edit_margin, object_view, occupied_cells, region_mask
 from imagerag.tools.backends.llm import tokens_of
 from imagerag.tools.backends.loading import Backends, load_backends
 from imagerag.tools.backends.planner import SceneReader, TurnRevision, revise_turn
@@ -75,10 +75,17 @@ def keep_upload(data_dir: Path, data: bytes, kind: str) -> tuple[str, Path]:
 class Toolkit:
     """The tools of one run: shared backends, the run's own image folder, and where progress events go."""
 
-    def __init__(self, backends: Backends, images: Path, progress: Progress | None = None, check_stop: bool = True):
+    def __init__(
+        self,
+        backends: Backends,
+        images: Path,
+        progress: Progress | None = None,
+        check_stop: bool = True,
+        object_references: bool = True,
+    ):
         self.backends, self.images = backends, ImageStore(images)
         self._progress = progress
-        self.check_stop = check_stop
+        self.check_stop, self.object_references = check_stop, object_references
 
     def _report(self, event: dict[str, Any]) -> None:
         if self._progress is not None:
@@ -232,7 +239,7 @@ class Toolkit:
                 mask,
                 text,
                 seed,
-                [ReferenceStore.load_image(h) for h in references],
+                [self._reference(h) for h in references],
                 masks,
                 on_step=self._on_step,
             )
@@ -246,11 +253,19 @@ class Toolkit:
             edit=Edit(source=image_id, regions=regions, exact_outside=exact),
         )
 
+    def _reference(self, hit: RetrievalHit) -> Image.Image:
+        """What the generator is handed for a hit: the object the critic located in it (seen as the profile's
+        generator takes references), or the whole image when it has no box or the run asks for whole images."""
+        image = ReferenceStore.load_image(hit)
+        if hit.box is None or not self.object_references:
+            return image
+        return object_view(image, hit.box, self.backends.profile.generator.reference_view)
+
     def _draw(
         self, prompt: str, conditioned: str, seed: int, n: int, references: list[RetrievalHit], round: int, turn: int
     ) -> list[Candidate]:
         images = self.backends.generator.generate(
-            conditioned, seed, n, [ReferenceStore.load_image(h) for h in references], on_step=self._on_step
+            conditioned, seed, n, [self._reference(h) for h in references], on_step=self._on_step
         )
         return [
             Candidate(

@@ -143,6 +143,10 @@ class Critique(BaseModel):
     tokens: int = 0
 
 
+# The key of PIL's Image.info under which ReferenceStore.load_image records a collection image's id.
+REFERENCE_ID = "imagerag_reference_id"
+
+
 class RetrievalHit(BaseModel):
     """A reference image found in the collection for one caption."""
 
@@ -151,6 +155,11 @@ class RetrievalHit(BaseModel):
     similarity: float = Field(description="Cosine similarity between the query and the image.")
     source: str = Field(description="Where the image file lives.")
     query: str = Field(default="", description="The caption this hit was retrieved for.")
+    box: Box | None = Field(
+        default=None,
+        description="Where the critic found the query's object in the image (when retrieval re-ranks by the critic): "
+        "the generator is handed that object, not the whole image. None: the whole image.",
+    )
 
 
 class EditRegion(BaseModel):

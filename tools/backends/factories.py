@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from langchain_core.language_models import BaseChatModel
 
-from imagerag.tools.backends.judges import ClipJudge, Critic, VLMJudge
+from imagerag.tools.backends.judges import CellCache, ClipJudge, Critic, VLMJudge
 from imagerag.tools.backends.planner import Decomposer, LLMDecomposer, RuleDecomposer
 from imagerag.tools.backends.registries import BackendParts
 from imagerag.tools.errors import ConfigError
+from imagerag.tools.files import content_id
 from imagerag.tools.grid import singular
 from imagerag.tools.revision import vocabulary_for
 
@@ -29,8 +30,13 @@ def clip_judge(parts: BackendParts) -> Critic:
     # values of its kind, before a run stops on them.
     vocabulary = vocabulary_for(parts.profile.vocabulary)
     nouns = sorted({singular(n) for n in vocabulary.nouns or ()})
+    # A collection image's cells are embedded once per CLIP (its weights are in its identity), then read from disk.
+    cells = parts.data_dir / "cell-embeddings" / content_id(parts.embedder.info.model_dump_json().encode())
     return ClipJudge(
-        parts.embedder, parts.clip.judge_threshold, {"object": nouns, **vocabulary.attributes} if nouns else {}
+        parts.embedder,
+        parts.clip.judge_threshold,
+        {"object": nouns, **vocabulary.attributes} if nouns else {},
+        CellCache(cells),
     )
 
 

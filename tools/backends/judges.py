@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -15,8 +18,9 @@ from pydantic import BaseModel
 
 from imagerag.prompts import render
 from imagerag.tools.backends.clip import ClipEmbedder
-from imagerag.tools.backends.layout import background_colour, occupied_cells
+from imagerag.tools.backends.layout import isolate, occupied_cells
 from imagerag.tools.backends.llm import image_data_url, structured_call
+from imagerag.tools.files import content_id
 from imagerag.tools.grid import (
     CELL_BOXES,
     CELL_NAMES,
@@ -28,7 +32,7 @@ from imagerag.tools.grid import (
     relation_sign,
     singular,
 )
-from imagerag.tools.types import Box, Concept, ConceptVerdict, Critique
+from imagerag.tools.types import REFERENCE_ID, Box, Concept, ConceptVerdict, Critique
 
 
 class Critic(Protocol):
@@ -44,6 +48,38 @@ class Verifier(Protocol):
     ) -> list[ConceptVerdict]:
         """The verdicts, with those a second, stricter look does not confirm turned to missing (evidence says why)."""
         ...
+
+
+class CellCache:
+    """What the CLIP judge computes once per image: the embeddings of its grid cells, each alone on the image's
+    background. The last `size` images are kept in memory, by their pixels; a collection's images (which
+    ReferenceStore.load_image marks with their id) are also kept in `folder`, so a reference is embedded once, not
+    once for every query or process that finds it."""
+
+    def __init__(self, folder: Path | None = None, size: int = 1024):
+        self.folder, self.size = folder, size
+        self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def get(self, image: Image.Image, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        key = content_id(f"{image.size}".encode() + image.tobytes())
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return self._memory[key]
+        image_id = image.info.get(REFERENCE_ID)
+        path = self.folder / f"{image_id}.npy" if self.folder is not None and image_id else None
+        if path is not None and path.exists():
+            cells = np.load(path)
+        else:
+            cells = compute()
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                part = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")  # whole or absent: readers never see half
+                np.save(part, cells)
+                part.replace(path)
+        self._memory[key] = cells
+        if len(self._memory) > self.size:
+            self._memory.popitem(last=False)
+        return cells
 
 
 class ClipJudge:
@@ -62,8 +98,15 @@ class ClipJudge:
 
     SHARPNESS = 0.02  # similarity margin that moves the score from 0.5 to 0.73
 
-    def __init__(self, embedder: ClipEmbedder, threshold: float, rivals: Mapping[str, Sequence[str]] | None = None):
+    def __init__(
+        self,
+        embedder: ClipEmbedder,
+        threshold: float,
+        rivals: Mapping[str, Sequence[str]] | None = None,
+        cache: CellCache | None = None,
+    ):
         self.embedder, self.threshold = embedder, threshold
+        self.cache = cache or CellCache()
         # What an object and an attribute are checked against in the object's own cell, in a closed world: its
         # nouns ("object") and the values of each attribute kind ("colour": red, green, ...).
         self.rivals = {kind: tuple(values) for kind, values in (rivals or {}).items()}
@@ -75,7 +118,7 @@ class ClipJudge:
         as any rival noun (a badly drawn star passes "a star" on its own, yet reads more as a diamond); each
         attribute judged in its object's cell, not in whichever cell shows it best (a red square must not make the
         star red), and there more as its value than as any other value of its kind (an orange star is no red one)."""
-        cells = _CellScores(self.embedder, image)
+        cells = _CellScores(self.embedder, image, self.cache)
         by_id = {c.id: c for c in concepts}
 
         def missing(v: ConceptVerdict, why: str) -> ConceptVerdict:
@@ -110,7 +153,7 @@ class ClipJudge:
 
     def critique(self, image: Image.Image, concepts: list[Concept], prompt: str = "") -> Critique:
         whole = self.embedder.embed_texts([c.text for c in concepts]) @ self.embedder.embed_images([image])[0]
-        cells = _CellScores(self.embedder, image)
+        cells = _CellScores(self.embedder, image, self.cache)
         nouns = [singular(c.text.split()[-1].lower()) for c in concepts if c.kind in ("object", "count")]
         verdicts = []
         for concept, similarity in zip(concepts, whole.tolist(), strict=True):
@@ -205,7 +248,7 @@ class ClipJudge:
     def locate(self, image: Image.Image, texts: list[str]) -> list[Box | None]:
         """Where each text's object is: the cell whose content alone, on the image's background, CLIP matches best
         with the text; None when no cell reaches the judge's threshold."""
-        cells = _CellScores(self.embedder, image)
+        cells = _CellScores(self.embedder, image, self.cache)
         out: list[Box | None] = []
         for text in texts:
             cell, best = cells.best(text)
@@ -216,8 +259,8 @@ class ClipJudge:
 class _CellScores:
     """CLIP similarity of texts with each grid cell of one image shown alone on its background (embedded once)."""
 
-    def __init__(self, embedder: ClipEmbedder, image: Image.Image):
-        self.embedder, self.image = embedder, image
+    def __init__(self, embedder: ClipEmbedder, image: Image.Image, cache: CellCache):
+        self.embedder, self.image, self.cache = embedder, image, cache
         self._cells: np.ndarray | None = None
         self._texts: dict[str, dict[str, float]] = {}
 
@@ -228,17 +271,13 @@ class _CellScores:
     def all(self, text: str) -> dict[str, float]:
         if text not in self._texts:
             if self._cells is None:
-                background = background_colour(self.image)
-                crops = []
-                for box in CELL_BOXES.values():
-                    alone = Image.new("RGB", self.image.size, background)
-                    region = box.pixels(*self.image.size)
-                    alone.paste(self.image.crop(region), region[:2])
-                    crops.append(alone)
-                self._cells = self.embedder.embed_images(crops)
+                self._cells = self.cache.get(self.image, self._embed_cells)
             sims = self._cells @ self.embedder.embed_texts([text])[0]
             self._texts[text] = dict(zip(CELL_NAMES, sims.tolist(), strict=True))
         return self._texts[text]
+
+    def _embed_cells(self) -> np.ndarray:
+        return self.embedder.embed_images([isolate(self.image, box) for box in CELL_BOXES.values()])
 
     def best(self, text: str) -> tuple[str, float]:
         scores = self.all(text)

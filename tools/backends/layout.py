@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from imagerag.tools.config import ReferenceView
 from imagerag.tools.grid import CELL_BOXES
 from imagerag.tools.types import Box
 
@@ -53,6 +54,26 @@ def clear(image: Image.Image, boxes: Iterable[Box], margin: int) -> Image.Image:
         left, top, right, bottom = box.pixels(*out.size, margin=margin)
         draw.rectangle((left, top, right - 1, bottom - 1), fill=fill)
     return out
+
+
+def isolate(image: Image.Image, box: Box, margin: int = 0) -> Image.Image:
+    """`image` with everything outside `box` (grown by `margin`) painted in its background colour: what is in the
+    box, alone, where it was."""
+    out = Image.new("RGB", image.size, background_colour(image))
+    region = box.pixels(*image.size, margin=margin)
+    out.paste(image.convert("RGB").crop(region), region[:2])
+    return out
+
+
+def object_view(image: Image.Image, box: Box, view: ReferenceView) -> Image.Image:
+    """The object a reference was retrieved for, as the generator is handed it: 'crop' cuts out its box with a
+    margin (an adapter's image processor then scales it, so the object fills the view); 'isolate' keeps the image's
+    size and the object's place and paints the rest in the background colour (for an adapter trained on references
+    that hold one object where it is drawn). Either way the box grows by a margin: objects spill over their boxes."""
+    if view == "isolate":
+        return isolate(image, box, edit_margin(image.size))
+    left, top, right, bottom = box.pixels(*image.size)
+    return image.convert("RGB").crop(box.pixels(*image.size, margin=round(0.15 * max(right - left, bottom - top))))
 
 
 def edit_margin(size: tuple[int, int]) -> int:

@@ -41,16 +41,19 @@ log = logging.getLogger(__name__)
 def critic_reranker(critic: Critic, decomposer: Decomposer) -> Reranker:
     """Hits ordered by how many of the caption's concepts the critic sees in each image, then by its mean score,
     then by CLIP's similarity: one cosine over the whole image cannot tell where an object is or which object has a
-    colour, the critic's per-concept (and, offline, per-cell) reading can."""
+    colour, the critic's per-concept (and, offline, per-cell) reading can. Each hit gets the box where the critic
+    found the caption's (first) object, so that the generator can be handed that object rather than the scene."""
 
     def rerank(caption: str, hits: list[RetrievalHit]) -> list[RetrievalHit]:
         concepts, _ = decomposer.decompose(caption)
-
-        def key(hit: RetrievalHit) -> tuple[int, float, float]:
+        objects = {c.id for c in concepts if c.kind == "object"}
+        judged = []
+        for hit in hits:
             verdicts = critic.critique(ReferenceStore.load_image(hit), concepts, caption).verdicts
-            return sum(v.satisfied for v in verdicts), sum(v.score for v in verdicts) / len(verdicts), hit.similarity
-
-        return sorted(hits, key=key, reverse=True)
+            box = next((v.box for v in verdicts if v.concept_id in objects and v.satisfied and v.box), None)
+            key = sum(v.satisfied for v in verdicts), sum(v.score for v in verdicts) / len(verdicts), hit.similarity
+            judged.append((key, hit.model_copy(update={"box": box})))
+        return [hit for _, hit in sorted(judged, key=lambda pair: pair[0], reverse=True)]
 
     return rerank
 
@@ -219,7 +222,7 @@ def _build(config: BackendConfig) -> Backends:
     clip = calibrated(config)
     store = open_store(config)  # a missing collection fails in seconds, before the generator loads for minutes
     llm = make_chat_model(config.llm)
-    parts = BackendParts(profile, clip, load_embedder(config), llm, config.llm.max_retries)
+    parts = BackendParts(profile, clip, load_embedder(config), llm, config.llm.max_retries, Path(config.data_dir))
     critic = CRITICS[profile.critic or ("vlm" if llm else "clip")](parts)
     decomposer = DECOMPOSERS[profile.decomposer or ("llm" if llm else "rules")](parts)
     return Backends(

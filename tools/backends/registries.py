@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from langchain_core.language_models import BaseChatModel
 
@@ -29,6 +30,7 @@ class BackendParts:
     embedder: ClipEmbedder
     llm: BaseChatModel | None
     retries: int  # LLM retries on refusal or malformed output
+    data_dir: Path  # where a part keeps what it computes once (the CLIP judge: its cells of collection images)
 
 
 GENERATORS: Registry[GeneratorFamily] = Registry(

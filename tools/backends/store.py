@@ -56,7 +56,7 @@ from imagerag.tools.backends.clip import ClipEmbedder, EmbeddingModelInfo
 from imagerag.tools.backends.sources import bound_caption
 from imagerag.tools.config import check_collection_name
 from imagerag.tools.errors import ImageRAGError
-from imagerag.tools.types import RetrievalHit
+from imagerag.tools.types import REFERENCE_ID, RetrievalHit
 
 log = logging.getLogger(__name__)
 
@@ -592,9 +592,11 @@ class ReferenceStore:
         try:
             with Image.open(path) as image:
                 check_pixels(image.size, f"reference image {hit.source}")
-                return to_rgb(image)  # as it was indexed: turned upright, 16-bit scaled, transparency on white
+                rgb = to_rgb(image)  # as it was indexed: turned upright, 16-bit scaled, transparency on white
         except Image.DecompressionBombError as error:  # PIL's own limit, raised by open before ours is checked
             raise ImageTooLarge(f"reference image {hit.source}: {error}") from None
+        rgb.info[REFERENCE_ID] = hit.id  # what is computed from a collection image can be kept under its id
+        return rgb
 
 
 def default_sheet_path(caption: str, folder: Path = Path(".")) -> Path:
