@@ -14,6 +14,9 @@ for plumbing, not pictures. Each folder mirrors a real repository:
 - `ip_adapter/`: h94/IP-Adapter (models/image_encoder/, models/ip-adapter_sd15.safetensors,
   sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors), weights in float16 as published;
 - `clip/`: an open_clip `local-dir:` folder (open_clip_config.json, open_clip_model.safetensors).
+
+`build_tiny_owlv2` builds, on its own, a tiny google/owlv2-base-patch16-ensemble (Owlv2ForObjectDetection and its
+Owlv2Processor) for the detector that locates objects in real images.
 """
 
 from __future__ import annotations
@@ -364,3 +367,41 @@ def _build_clip(folder: Path) -> None:
     model = open_clip.CLIP(**model_cfg)
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     save_file(model.state_dict(), folder / "open_clip_model.safetensors")
+
+
+def build_tiny_owlv2(folder: Path, seed: int = 0) -> Path:
+    """A tiny OWLv2 in google/owlv2-base-patch16-ensemble's layout (config.json, model.safetensors, the processor
+    and its tokenizer), built under `folder` unless already there (atomically; about a second); return folder.
+
+    Kept out of build_tiny_models, which every test session pays for: only the detector's tests use it.
+    Like the real one (transformers' OWLv2 conversion script): a CLIP BPE tokenizer that pads with "!" to 16
+    tokens, text width == projection width (class logits compare them), and an image processor that pads to a
+    square before it resizes (here to 32 px, 4x4 patches of 8; real: 960 px, 60x60 patches of 16).
+    """
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    if folder.exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".owlv2-"))
+    torch.manual_seed(seed)
+    config = Owlv2Config(
+        text_config=TOWER | {"max_position_embeddings": 16},
+        vision_config=TOWER | {"image_size": 32, "patch_size": 8},
+        projection_dim=HIDDEN,
+    )
+    tokenizer = clip_bpe_tokenizer(pad_token="!")
+    tokenizer.model_max_length = 16
+    processor = Owlv2Processor(
+        image_processor=Owlv2ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
+    Owlv2ForObjectDetection(config).save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)  # whole or absent: a folder that exists is complete
+    except OSError:
+        shutil.rmtree(tmp)
+        if not folder.exists():
+            raise
+        # else another process built it first
+    return folder
