@@ -139,3 +139,41 @@ def test_a_collection_image_is_cached_on_disk_under_its_id(folder, tmp_path):
     second = OwlDetector.from_pretrained(str(folder), threshold=0.0, cache=CellCache(tmp_path / "owl"))
     calls = _vision_calls(second)
     assert second.locate(image, TEXTS) == boxes and not calls
+
+
+def test_a_profile_with_a_detector_hands_the_generator_the_located_object(tiny_store, tmp_path):
+    """The real profiles name OWLv2; their miniatures load the tiny one through the same from_pretrained. Retrieval
+    records each hit's box, hits whose object was found come first, and the generator gets the crop."""
+    from scripted import FakeGenerator, ScriptedCritic, fake_backends
+
+    from imagerag.tools.backends.loading import _detector
+    from imagerag.tools.backends.store import ReferenceStore
+    from imagerag.tools.config import PROFILES
+    from imagerag.tools.toolkit import Toolkit
+
+    assert PROFILES["sdxl"].detector == "google/owlv2-base-patch16-ensemble"
+    assert isinstance(_detector(PROFILES["tiny-sdxl"], tmp_path, "cpu"), OwlDetector)
+    assert _detector(PROFILES["mini"], tmp_path, "cpu") is None  # its critic's re-ranking locates
+
+    box = Box(x0=0.0, y0=0.0, x1=0.5, y1=0.5)
+    last = tiny_store.search("a square", k=5)[-1]  # CLIP's last
+    found = ReferenceStore.load_image(last).getpixel((0, 0))
+
+    class OnlyThere:  # a stand-in detector: the object is found in CLIP's last hit only
+        def locate(self, image, texts):
+            return [box if image.getpixel((0, 0)) == found else None for _ in texts]
+
+    generator = FakeGenerator()
+    sizes = []
+    generate = generator.generate
+    generator.generate = lambda prompt, seed, n=1, references=(), on_step=None: (
+        sizes.extend(r.size for r in references) or generate(prompt, seed, n, references, on_step)
+    )
+    backends = fake_backends(tiny_store, ScriptedCritic([set()]), generator=generator)
+    backends.locator = OnlyThere()
+    tools = Toolkit(backends, tmp_path)
+    hits = tools.retrieve("a square", k=5)
+    assert hits[0].id == last.id and hits[0].box == box
+    assert all(h.box is None for h in hits[1:])
+    tools.regenerate("a square", hits[:1])
+    assert sizes == [(18, 18)]  # 16 px of the 32 px image, 2 px of margin (15%) where the image goes on

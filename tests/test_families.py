@@ -19,6 +19,7 @@ from scripted import ScriptedCritic
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from imagerag.agent.config import Settings
+from imagerag.agent.result import RunResult
 from imagerag.agent.run import run
 from imagerag.tools.backends.loading import load_backends
 from imagerag.tools.config import PROFILES
@@ -53,10 +54,11 @@ def loaded(profile: str, data_dir: Path) -> tuple[Settings, Backends]:
     return settings, load_backends(settings)
 
 
-def run_loop(settings: Settings, backends: Backends, tmp_path: Path) -> None:
+def run_loop(settings: Settings, backends: Backends, tmp_path: Path) -> RunResult:
     """The whole loop on the profile's real backends with a scripted critic that misses the heart at first; the round
-    redraws the whole image (tests/test_edit.py runs edits through each family)."""
-    settings = settings.model_copy(update={"edits": False})
+    redraws the whole image (tests/test_edit.py runs edits through each family), from whole references (what the
+    pipeline does with a reference does not depend on its size; tests/test_detector.py checks the crop)."""
+    settings = settings.model_copy(update={"edits": False, "object_references": False})
     critic = ScriptedCritic([{"c2"}, {"c1", "c2"}])
     result = run(PROMPT, settings, tmp_path / "runs", backends=dataclasses.replace(backends, critic=critic))
     assert result.status == "satisfied" and result.profile == settings.profile, result.error
@@ -77,6 +79,7 @@ def run_loop(settings: Settings, backends: Backends, tmp_path: Path) -> None:
     for candidate in result.candidates:
         with Image.open(Path(result.run_dir) / "images" / f"{candidate.image_id}.png") as image:
             assert image.size == (spec.width, spec.height)
+    return result
 
 
 def all_float32(*modules: torch.nn.Module) -> bool:
@@ -122,8 +125,10 @@ def test_sdxl_with_ip_adapter_plus_through_the_loop(data_dir, tmp_path, monkeypa
     settings, backends = loaded("tiny-sdxl", data_dir)
     pipe = backends.generator.pipe
     spy = CallSpy(monkeypatch, pipe)
-    run_loop(settings, backends, tmp_path)
+    result = run_loop(settings, backends, tmp_path)
     assert type(pipe) is StableDiffusionXLPipeline
+    # Like sdxl, its miniature locates a reference's object with OWLv2 (the tiny one, loaded the same way).
+    assert backends.locator is not None and result.candidates[1].references[0].box is not None
     assert type(pipe.text_encoder) is CLIPTextModel and type(pipe.text_encoder_2) is CLIPTextModelWithProjection
     assert pipe.unet.config.addition_embed_type == "text_time"
     assert pipe.vae.config.force_upcast is True

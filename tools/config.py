@@ -106,6 +106,12 @@ class Profile(BaseModel):
         description="Retrieval re-ranks this many nearest images by the critic (how many of the caption's concepts "
         "it sees in each); None: CLIP's order. Cheap with the CLIP judge, a call per image with a VLM judge.",
     )
+    detector: str | None = Field(
+        default=None,
+        description="An open-vocabulary detector (OWLv2: Hub id, local folder or 'tiny:owlv2') that locates each "
+        "retrieved reference's object, so the generator is handed the object, not the whole photograph; used when "
+        "the critic does not re-rank (rerank_k None). None: references are handed whole unless the critic re-ranks.",
+    )
     local: bool = Field(default=False, description="Its models are built or shipped here: no Hub, no GPU needed.")
     vocabulary: Literal["open", "miniworld"] = Field(
         default="open",

@@ -11,6 +11,8 @@ _NEGATIVE = "low quality, blurry, distorted, deformed, watermark, text"
 # ViT-B-32/openai: cosine similarity of a short concept phrase with a matching photo sits near 0.25-0.32, with
 # an unrelated one near 0.12-0.20. These are starting points; users should calibrate them on their own data.
 _OPENAI_B32 = ClipSpec(model="ViT-B-32", pretrained="openai", judge_threshold=0.24, retrieval_min_similarity=0.22)
+# Locates a reference's object in a photograph (tools.backends.detector).
+_OWLV2 = "google/owlv2-base-patch16-ensemble"
 
 
 def _ip_adapter_profile(
@@ -24,7 +26,9 @@ def _ip_adapter_profile(
         negative_prompt=_NEGATIVE,
         regenerate_template="regenerate_ip_adapter",
     )
-    return Profile(name=name, description=description, generator=generator, clip=_OPENAI_B32, collection="default")
+    return Profile(
+        name=name, description=description, generator=generator, clip=_OPENAI_B32, collection="default", detector=_OWLV2
+    )
 
 
 # Random weights: every similarity passes, so the loop's plumbing runs whatever the images look like.
@@ -61,6 +65,7 @@ OMNIGEN = Profile(
     ),
     clip=_OPENAI_B32,
     collection="default",
+    detector=_OWLV2,
 )
 SD15 = _ip_adapter_profile(
     "sd15",
@@ -140,6 +145,7 @@ def _in_miniature(real: Profile, description: str, size: int) -> Profile:
             "generator": miniature,
             "clip": _TINY_CLIP,
             "collection": "tiny",
+            "detector": "tiny:owlv2" if real.detector else None,
             "local": True,
         }
     )

@@ -173,7 +173,7 @@ class Toolkit:
     ) -> list[RetrievalHit]:
         """Reference images for one caption, none below the relevance threshold."""
         threshold = self.backends.min_similarity if min_similarity is None else min_similarity
-        hits = self.backends.store.search(caption, k, threshold, exclude, **self._reranking())
+        hits = self._located(self.backends.store.search(caption, k, threshold, exclude, **self._reranking()))
         self._report({"event": "retrieved", "caption": caption, "hits": [h.model_dump() for h in hits]})
         return hits
 
@@ -182,8 +182,19 @@ class Toolkit:
     ) -> list[RetrievalHit]:
         """Hits for several captions, no image twice."""
         hits = self.backends.store.search_many(captions, k, self.backends.min_similarity, exclude, **self._reranking())
+        hits = self._located(hits)
         self._report({"event": "retrieved", "captions": captions, "hits": [h.model_dump() for h in hits]})
         return hits
+
+    def _located(self, hits: list[RetrievalHit]) -> list[RetrievalHit]:
+        """With the profile's detector, each hit gets the box of its query's object, and within each query the hits
+        where the object was found come first (the re-ranker, when the profile has one, located them already)."""
+        locator = self.backends.locator
+        if locator is None:
+            return hits
+        boxed = [h.model_copy(update={"box": locator.locate(ReferenceStore.load_image(h), [h.query])[0]}) for h in hits]
+        queries = list(dict.fromkeys(h.query for h in hits))
+        return sorted(boxed, key=lambda h: (queries.index(h.query), h.box is None))
 
     def _reranking(self) -> dict:
         reranker, n = self.backends.reranker, self.backends.profile.rerank_k

@@ -18,7 +18,6 @@ from imagerag.tools.types import Box
 if TYPE_CHECKING:
     from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
-DEFAULT_MODEL = "google/owlv2-base-patch16-ensemble"
 # The image side of OWLv2 base is 3600 patches x (768 features + 4 box corners) in float32, about 11 MB an image,
 # so far fewer images are kept in memory than the CLIP judge's nine cell embeddings allow.
 MEMORY_IMAGES = 16
@@ -47,7 +46,7 @@ class OwlDetector:
 
     @classmethod
     def from_pretrained(
-        cls, model_id: str = DEFAULT_MODEL, device: str = "cpu", threshold: float = 0.1, cache: CellCache | None = None
+        cls, model_id: str, device: str = "cpu", threshold: float = 0.1, cache: CellCache | None = None
     ) -> OwlDetector:
         """`model_id` is a Hub id or a local folder holding the model and its processor (tiny.build_tiny_owlv2)."""
         from transformers import Owlv2ForObjectDetection, Owlv2Processor

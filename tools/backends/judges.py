@@ -39,6 +39,12 @@ class Critic(Protocol):
     def critique(self, image: Image.Image, concepts: list[Concept], prompt: str) -> Critique: ...
 
 
+class Locator(Protocol):
+    def locate(self, image: Image.Image, texts: list[str]) -> list[Box | None]:
+        """Where each text's object is in the image; None where it is not found."""
+        ...
+
+
 @runtime_checkable
 class Verifier(Protocol):
     """A critic that can check its own 'everything is there' before a run stops on it (the checked stop)."""

@@ -21,7 +21,7 @@ from langchain_core.language_models import BaseChatModel
 from imagerag.tools.backends.calibration import calibration_path, read_calibration
 from imagerag.tools.backends.clip import LOCAL_DIR, ClipEmbedder
 from imagerag.tools.backends.diffusion import Generator, pick_device
-from imagerag.tools.backends.judges import Critic
+from imagerag.tools.backends.judges import Critic, Locator
 from imagerag.tools.backends.llm import make_chat_model
 from imagerag.tools.backends.planner import Decomposer
 from imagerag.tools.backends.registries import CRITICS, DECOMPOSERS, GENERATORS, BackendParts
@@ -70,6 +70,7 @@ class Backends:
     llm: BaseChatModel | None
     min_similarity: float
     reranker: Reranker | None = None  # orders the nearest `profile.rerank_k` hits of a retrieval; None: CLIP's order
+    locator: Locator | None = None  # locates each hit's object when no reranker does (profile.detector)
 
 
 class CorpusSize(TypedDict):
@@ -86,6 +87,10 @@ _loaded: dict[str, Backends] = {}
 
 def resolve(ref: str, data_dir: Path) -> str:
     """Turn a `tiny:`/`mini:` reference into a local folder path; other references pass through."""
+    if ref == "tiny:owlv2":  # built apart from the others: only profiles that locate with a detector need it
+        from imagerag.tools.backends.tiny import build_tiny_owlv2
+
+        return str(build_tiny_owlv2(Path(data_dir) / "tiny-owlv2"))
     if ref.startswith("tiny:"):
         from imagerag.tools.backends.tiny import build_tiny_models
 
@@ -237,7 +242,16 @@ def _build(config: BackendConfig) -> Backends:
         min_similarity=clip.retrieval_min_similarity,
         # The profile's critic re-ranks retrieval (how many of a caption's concepts it sees in each hit).
         reranker=critic_reranker(critic, decomposer) if profile.rerank_k else None,
+        locator=_detector(profile, Path(config.data_dir), pick_device(config.device)),
     )
+
+
+def _detector(profile: Profile, data_dir: Path, device: str) -> Locator | None:
+    if profile.detector is None or profile.rerank_k:  # the critic's re-ranking locates already
+        return None
+    from imagerag.tools.backends.detector import OwlDetector
+
+    return OwlDetector.from_pretrained(resolve(profile.detector, data_dir), device)
 
 
 @cache
