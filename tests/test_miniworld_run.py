@@ -99,10 +99,10 @@ def test_retrieval_hands_the_generator_the_object_it_was_asked_for(mini_settings
     backends = load_backends(mini_settings)
     tools, whole = Toolkit(backends, tmp_path / "a"), Toolkit(backends, tmp_path / "b", object_references=False)
     oracle = Oracle.from_pretrained(ORACLE_DIR)
-    queries = ("a large red heart", "a large red star", "a small blue ring", "a green square")
+    queries = ("a large red heart", "a large red star", "a purple ring", "a large square")
     hits = [h for query in queries for h in tools.retrieve(query, k=5)]
     located = [h for h in hits if h.box is not None]
-    assert len(located) >= 6 and all(h.box in CELL_BOXES.values() for h in located)
+    assert 2 * len(located) >= len(hits) and all(h.box in CELL_BOXES.values() for h in located)  # most are found
     scenes = [h for h in located if len(oracle.read([ReferenceStore.load_image(h)])[0]) > 1]
     assert scenes, "no hit holds more than its object: the check below would be empty"
     for hit in located:

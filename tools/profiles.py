@@ -33,7 +33,7 @@ def _ip_adapter_profile(
 
 # Random weights: every similarity passes, so the loop's plumbing runs whatever the images look like.
 # The miniature world's collection; its name changes with the world's version, so that an old corpus is never reused.
-MINI_COLLECTION = "miniworld3"
+MINI_COLLECTION = "miniworld4"
 _TINY_CLIP = ClipSpec(model="tiny:clip", judge_threshold=0.0, retrieval_min_similarity=-1.0)
 
 SDXL = _ip_adapter_profile(

@@ -292,15 +292,16 @@ def concept_pair(s: np.ndarray, kind: str, rng: random.Random) -> tuple[tuple[in
 
 def training_scenes(seed: int, n: int) -> list[Scene]:
     """Random scenes, the prompt grammar's layouts (count groups of one colour) and scenes repeating one shape in
-    mixed colours, so that counting, with and without a colour, has examples."""
+    mixed colours, so that counting, with and without a colour, has examples; of the corpus half only (no evaluation
+    scene is trained or calibrated on)."""
     rng = random.Random(seed)
     out: list[Scene] = []
     while len(out) < n:
         r = rng.random()
         if r < 0.45:
-            out.append(sample_scene(rng, rng.choices((1, 2, 3, 4), (0.3, 0.3, 0.2, 0.2))[0]))
+            scene = sample_scene(rng, rng.choices((1, 2, 3, 4), (0.3, 0.3, 0.2, 0.2))[0])
         elif r < 0.75:
-            out.append(sample_layout(rng, rng.randint(2, MAX_OBJECTS), rare=rng.random() < 0.25, p_count=0.7).scene)
+            scene = sample_layout(rng, rng.randint(2, MAX_OBJECTS), rare=rng.random() < 0.25, p_count=0.7).scene
         else:
             k = rng.randint(2, MAX_OBJECTS)
             shape = rng.choice(SHAPES)
@@ -311,14 +312,25 @@ def training_scenes(seed: int, n: int) -> list[Scene]:
                 o = objs[i]
                 c = colour if rng.random() < 0.5 else rng.choice(COLOUR_NAMES)
                 objs[i] = ObjectSpec(shape, c, o.size, o.cell, o.dx, o.dy)
-            out.append(Scene(tuple(objs)))
+            scene = Scene(tuple(objs))
+        if scene.half == "corpus":
+            out.append(scene)
     return out
 
 
 def twin(scene: Scene, rng: random.Random) -> Scene:
     """The scene with two objects' shape, colour, size or cell swapped (the same attributes, bound otherwise), or
     with one object's changed. Beside the original in a batch it is a hard negative on the image side: without
-    them, a query's best match is often a scene that has its attributes spread over several objects."""
+    them, a query's best match is often a scene that has its attributes spread over several objects. Drawn again
+    until it is of the corpus half (each draw is, half the time); the scene itself if 32 draws are not."""
+    for _ in range(32):
+        other = _changed(scene, rng)
+        if other.half == "corpus":
+            return other
+    return scene
+
+
+def _changed(scene: Scene, rng: random.Random) -> Scene:
     objs = list(scene.objects)
     if len(objs) > 1 and rng.random() < 0.5:
         i, j = rng.sample(range(len(objs)), 2)
