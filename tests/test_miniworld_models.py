@@ -144,11 +144,13 @@ def test_the_clip_judge_reads_places_counts_and_relations_cell_by_cell(tmp_path)
     from imagerag.agent.config import Settings
     from imagerag.tools.backends.judges import ClipJudge
     from imagerag.tools.backends.loading import calibrated, load_embedder
-    from imagerag.tools.grid import CELL_BOXES
+    from imagerag.tools.grid import CELL_BOXES, singular
+    from imagerag.tools.revision import vocabulary_for
     from imagerag.tools.types import Concept
 
     settings = Settings(profile="mini", data_dir=tmp_path, device="cpu")
-    judge = ClipJudge(load_embedder(settings), calibrated(settings).judge_threshold)
+    nouns = sorted({singular(n) for n in vocabulary_for("miniworld").nouns or ()})
+    judge = ClipJudge(load_embedder(settings), calibrated(settings).judge_threshold, {"object": nouns})
     scene = Scene(
         (
             ObjectSpec("star", "red", "large", "top left"),
@@ -165,6 +167,10 @@ def test_the_clip_judge_reads_places_counts_and_relations_cell_by_cell(tmp_path)
         "three rings": ("count", False),
         "a star to the left of a square": ("relation", True),
         "a star to the right of a square": ("relation", False),
+        # A relation is about places: the square is green, yet it stands where "a blue square" asks (its colour is a
+        # concept of its own); the star reads more as a star than as a heart, so no heart is left of anything.
+        "a star to the left of a blue square": ("relation", True),
+        "a heart to the left of a square": ("relation", False),
         "a red star": ("attribute", True),
         "a blue star": ("attribute", False),
     }

@@ -140,7 +140,7 @@ class ClipJudge:
             noun = singular(words[-1].lower())
             if concept.kind == "object" and noun in self.rivals.get("object", ()):
                 cell, own = cells.best(concept.text)
-                rival, best = _rival(cells, cell, [n for n in self.rivals["object"] if n != noun], "{}")
+                rival, best = _rival(cells, cell, self._rival_nouns(noun), "{}")
                 if best >= own:
                     v = missing(v, f"in its cell ({cell}) it reads more as {rival} ({best:.3f} >= {own:.3f})")
             elif concept.kind == "attribute" and concept.depends_on and concept.depends_on[0] in by_id:
@@ -222,12 +222,27 @@ class ClipJudge:
         sign, other = relation_sign(concept.text), relation_object(concept.text)
         if sign is None or other is None:
             return None
-        (a, sa), (b, sb) = cells.best(subject), cells.best(other)
+        # A relation is about places: the other object's own attributes ("a small blue ring") are concepts of their
+        # own. Its phrase picks its cell (of two rings, the blue one), its noun alone must be seen there: a ring
+        # drawn cyan still stands where the relation asks. Each end must read more as its noun than as any rival
+        # noun in its cell (a rare shape scores near the threshold in cells that hold something else).
+        noun = singular(other.split()[-1].lower())
+        (a, sa), (b, _) = cells.best(subject), cells.best(other)
+        sb = cells.all(f"{article(noun)} {noun}")[b]
         (ar, ac), (br, bc) = divmod(CELL_NAMES.index(a), 3), divmod(CELL_NAMES.index(b), 3)
         placed = (sign[0] == 0 or (ac - bc) * sign[0] > 0) and (sign[1] == 0 or (ar - br) * sign[1] > 0)
-        ok = placed and min(sa, sb) >= self.threshold and a != b
+        beaten = []
+        for cell, end, seen in ((a, singular(words[1].lower()), sa), (b, noun, sb)):
+            rival, best = _rival(cells, cell, self._rival_nouns(end), "{}")
+            if best >= seen:
+                beaten.append(f"the {cell} reads more as {rival} ({best:.3f})")
+        ok = placed and min(sa, sb) >= self.threshold and a != b and not beaten
         similarity = min(sa, sb) if ok else min(sa, sb, self.threshold - 0.001)
-        return ok, similarity, f"{subject!r} found in the {a} ({sa:.3f}), {other!r} in the {b} ({sb:.3f})"
+        found = f"{subject!r} found in the {a} ({sa:.3f}), {other!r} in the {b} ({noun}: {sb:.3f})"
+        return ok, similarity, "; ".join([found, *beaten])
+
+    def _rival_nouns(self, noun: str) -> list[str]:
+        return [n for n in self.rivals.get("object", ()) if n != noun]
 
     def _absent(self, concept: Concept, cells: _CellScores, others: int) -> tuple[bool, float, str]:
         """(satisfied, similarity, evidence) of an absent object: satisfied when no drawn cell shows it, anywhere when
