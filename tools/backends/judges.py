@@ -113,6 +113,8 @@ class ClipJudge:
     ):
         self.embedder, self.threshold = embedder, threshold
         self.cache = cache or CellCache()
+        # The same few concept texts are judged on every image (re-ranking judges 20 hits a query): embed each once.
+        self.text = functools.lru_cache(maxsize=4096)(lambda text: embedder.embed_texts([text])[0])
         # What an object and an attribute are checked against in the object's own cell, in a closed world: its
         # nouns ("object") and the values of each attribute kind ("colour": red, green, ...).
         self.rivals = {kind: tuple(values) for kind, values in (rivals or {}).items()}
@@ -124,7 +126,7 @@ class ClipJudge:
         as any rival noun (a badly drawn star passes "a star" on its own, yet reads more as a diamond); each
         attribute judged in its object's cell, not in whichever cell shows it best (a red square must not make the
         star red), and there more as its value than as any other value of its kind (an orange star is no red one)."""
-        cells = _CellScores(self.embedder, image, self.cache)
+        cells = _CellScores(self, image)
         by_id = {c.id: c for c in concepts}
 
         def missing(v: ConceptVerdict, why: str) -> ConceptVerdict:
@@ -158,8 +160,8 @@ class ClipJudge:
         return out
 
     def critique(self, image: Image.Image, concepts: list[Concept], prompt: str = "") -> Critique:
-        whole = self.embedder.embed_texts([c.text for c in concepts]) @ self.embedder.embed_images([image])[0]
-        cells = _CellScores(self.embedder, image, self.cache)
+        whole = np.stack([self.text(c.text) for c in concepts]) @ self.embedder.embed_images([image])[0]
+        cells = _CellScores(self, image)
         nouns = [singular(c.text.split()[-1].lower()) for c in concepts if c.kind in ("object", "count")]
         verdicts = []
         for concept, similarity in zip(concepts, whole.tolist(), strict=True):
@@ -238,8 +240,8 @@ class ClipJudge:
                 beaten.append(f"the {cell} reads more as {rival} ({best:.3f})")
         ok = placed and min(sa, sb) >= self.threshold and a != b and not beaten
         similarity = min(sa, sb) if ok else min(sa, sb, self.threshold - 0.001)
-        found = f"{subject!r} found in the {a} ({sa:.3f}), {other!r} in the {b} ({noun}: {sb:.3f})"
-        return ok, similarity, "; ".join([found, *beaten])
+        where = f"{subject!r} found in the {a} ({sa:.3f}), {other!r} in the {b} ({noun}: {sb:.3f})"
+        return ok, similarity, "; ".join([where, *beaten])
 
     def _rival_nouns(self, noun: str) -> list[str]:
         return [n for n in self.rivals.get("object", ()) if n != noun]
@@ -269,7 +271,7 @@ class ClipJudge:
     def locate(self, image: Image.Image, texts: list[str]) -> list[Box | None]:
         """Where each text's object is: the cell whose content alone, on the image's background, CLIP matches best
         with the text; None when no cell reaches the judge's threshold."""
-        cells = _CellScores(self.embedder, image, self.cache)
+        cells = _CellScores(self, image)
         out: list[Box | None] = []
         for text in texts:
             cell, best = cells.best(text)
@@ -280,8 +282,8 @@ class ClipJudge:
 class _CellScores:
     """CLIP similarity of texts with each grid cell of one image shown alone on its background (embedded once)."""
 
-    def __init__(self, embedder: ClipEmbedder, image: Image.Image, cache: CellCache):
-        self.embedder, self.image, self.cache = embedder, image, cache
+    def __init__(self, judge: ClipJudge, image: Image.Image):
+        self.judge, self.image = judge, image
         self._cells: np.ndarray | None = None
         self._texts: dict[str, dict[str, float]] = {}
 
@@ -292,13 +294,13 @@ class _CellScores:
     def all(self, text: str) -> dict[str, float]:
         if text not in self._texts:
             if self._cells is None:
-                self._cells = self.cache.get(self.image, self._embed_cells)
-            sims = self._cells @ self.embedder.embed_texts([text])[0]
+                self._cells = self.judge.cache.get(self.image, self._embed_cells)
+            sims = self._cells @ self.judge.text(text)
             self._texts[text] = dict(zip(CELL_NAMES, sims.tolist(), strict=True))
         return self._texts[text]
 
     def _embed_cells(self) -> np.ndarray:
-        return self.embedder.embed_images([isolate(self.image, box) for box in CELL_BOXES.values()])
+        return self.judge.embedder.embed_images([isolate(self.image, box) for box in CELL_BOXES.values()])
 
     def best(self, text: str) -> tuple[str, float]:
         scores = self.all(text)
