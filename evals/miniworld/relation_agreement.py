@@ -51,8 +51,8 @@ def main() -> None:
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 backends.generator.generate(spec.prompt, seed, 1, [])[0].save(path)
-            with Image.open(path) as image:
-                image = image.convert("RGB")
+            with Image.open(path) as file:
+                image = file.convert("RGB")
             [truth] = [ok for c, ok in judge(spec, oracle.read([image])[0]).concepts if c.kind == "relation"]
             verdict = next(
                 v
