@@ -157,8 +157,8 @@ class RetrievalHit(BaseModel):
     query: str = Field(default="", description="The caption this hit was retrieved for.")
     box: Box | None = Field(
         default=None,
-        description="Where the critic found the query's object in the image (when retrieval re-ranks by the critic): "
-        "the generator is handed that object, not the whole image. None: the whole image.",
+        description="Where the query's object is in the image (found by the critic's re-ranking or the profile's "
+        "detector): the generator is handed that object, not the whole image. None: the whole image.",
     )
 
 
