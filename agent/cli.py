@@ -827,6 +827,13 @@ def eval_conversations(
             help="The conversation split: dev (every choice is made there) or test (sealed: run once to report)."
         ),
     ] = "dev",
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            help="A JSONL file of your own conversations instead of a split (schema: Conversation in "
+            "evals/miniworld/conversation_grammar.py)."
+        ),
+    ] = None,
     seeds: Annotated[
         str,
         typer.Option(help="Comma-separated benchmark seeds (generator seed = seed x 1000); every condition runs each."),
@@ -843,7 +850,7 @@ def eval_conversations(
         Path | None,
         typer.Option(
             help="Folder of results.jsonl (resumed when it exists), summary.json and summary.md "
-            "(default: evals/results/conversations-SPLIT)."
+            "(default: evals/results/conversations-SPLIT, or conversations-STEM of --file)."
         ),
     ] = None,
 ) -> None:
@@ -856,7 +863,7 @@ def eval_conversations(
     if split not in ("dev", "test"):
         raise typer.BadParameter(f"unknown split {split!r}: use dev or test", param_hint="--split")
     try:
-        specs = load_conversations(split_path(split))
+        specs = load_conversations(file or split_path(split))
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     except (OSError, ValueError) as e:
         fail(str(e))
@@ -866,7 +873,7 @@ def eval_conversations(
             by_kind.setdefault(c.kind, []).append(c)
         rounds = [c for i in range(max(map(len, by_kind.values()))) for cs in by_kind.values() for c in cs[i : i + 1]]
         specs = rounds[:conversations]
-    folder = out or Path("evals/results") / f"conversations-{split}"
+    folder = out or Path("evals/results") / f"conversations-{file.stem if file else split}"
     names = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
     try:
         report = evaluate_conversations(

@@ -26,6 +26,8 @@ split (deterministic) and `write_conversation_splits` writes prompts/conversatio
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -66,11 +68,17 @@ InstructionKind = Literal[
     "undo",
 ]
 INSTRUCTION_KINDS: tuple[InstructionKind, ...] = get_args(InstructionKind)
-TurnKind = Literal["first", InstructionKind]
+# The identity set's kinds (dev only): two objects of one shape told apart by colour or place, and "it".
+IdentityKind = Literal["same_shape", "pronoun"]
+IDENTITY_KINDS: tuple[IdentityKind, ...] = get_args(IdentityKind)
+ConversationKind = Literal[InstructionKind, IdentityKind]
+CONVERSATION_KINDS: tuple[ConversationKind, ...] = INSTRUCTION_KINDS + IDENTITY_KINDS
+TurnKind = Literal["first", ConversationKind]
 Operation = Literal["create", "recolour", "resize", "move_cell", "move_relative", "add", "remove", "replace", "undo"]
 CONVERSATION_PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 # Conversations per instruction kind and the seed each split is drawn with, fixed before any result was seen.
 CONVERSATION_SPLITS: dict[str, tuple[int, int]] = {"dev": (4, 3_001), "test": (8, 4_001)}
+IDENTITY_SET: tuple[int, int] = (6, 5_001)  # the same for the identity set (dev only: nothing is sealed there)
 MAX_FIRST_OBJECTS = 3  # a first prompt names 1 to 3 objects (4 to 12 concepts)
 
 
@@ -124,8 +132,8 @@ class ConversationTurn(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> ConversationTurn:
         ids = {o.id: o for o in self.target}
-        if len(ids) != len(self.target) or len({o.shape for o in self.target}) != len(self.target):
-            raise ValueError("target objects need distinct ids and distinct shapes")
+        if len(ids) != len(self.target):
+            raise ValueError("target objects need distinct ids")
         if len({o.cell for o in self.target}) != len(self.target):
             raise ValueError("two target objects share a cell")
         for o in self.target:
@@ -146,7 +154,7 @@ class Conversation(BaseModel):
     """One scripted conversation: the JSONL schema of `imagerag eval conversations`' splits."""
 
     id: str
-    kind: InstructionKind
+    kind: ConversationKind
     turns: list[ConversationTurn] = Field(min_length=2)
 
     @model_validator(mode="after")
@@ -194,17 +202,36 @@ def _cell_words(cell: str) -> str:
 # ----------------------------------------------------------------------------- instructions
 
 
+Naming = Literal["shape", "identity", "pronoun"]
+
+
 @dataclass
 class Draft:
-    """A conversation while it is drawn: the current target, shapes ever used, the next object id."""
+    """A conversation while it is drawn: the current target, shapes ever used, the next object id; how instructions
+    name their object, and (when set) the only objects they may change."""
 
     target: list[TargetObject]
     used: set[str]
     next_id: int
+    naming: Naming = "shape"
+    only: set[str] | None = None
 
     def new_id(self) -> str:
         self.next_id += 1
         return f"o{self.next_id}"
+
+    def name(self, obj: TargetObject, rng: random.Random) -> str:
+        """'the ring'; with identity naming, an object whose shape another shares by its colour when that tells them
+        apart ('the blue square') or by its place ('the square on the left'); with pronoun naming, 'it'."""
+        if self.naming == "pronoun":
+            return "it"
+        twins = [o for o in self.target if o.shape == obj.shape and o.id != obj.id]
+        if self.naming == "shape" or not twins:
+            return f"the {obj.shape}"
+        names = [f"the {obj.shape} {CELL_PHRASES[obj.cell]}"]
+        if all(o.colour != obj.colour for o in twins):
+            names.append(f"the {obj.colour} {obj.shape}")
+        return rng.choice(names)
 
 
 Clause = tuple[str, list[TargetObject], Change]  # the words, the target after it, the typed change
@@ -220,7 +247,7 @@ def _pick(
     draft: Draft, rng: random.Random, busy: set[str], ok: Callable[[TargetObject], bool] = lambda o: True
 ) -> TargetObject | None:
     """An object this message has not touched yet and that may take the change."""
-    choices = [o for o in draft.target if o.id not in busy and ok(o)]
+    choices = [o for o in draft.target if o.id not in busy and (draft.only is None or o.id in draft.only) and ok(o)]
     return rng.choice(choices) if choices else None
 
 
@@ -236,7 +263,7 @@ def recolour(draft: Draft, rng: random.Random, busy: set[str]) -> Clause | None:
     if (obj := _pick(draft, rng, busy)) is None:
         return None
     colour = rng.choice([c for c in COLOUR_NAMES if c != obj.colour])
-    words = rng.choice(["make the {s} {c}", "turn the {s} {c}", "colour the {s} {c}"]).format(s=obj.shape, c=colour)
+    words = rng.choice(["make {r} {c}", "turn {r} {c}", "colour {r} {c}"]).format(r=draft.name(obj, rng), c=colour)
     new = obj.model_copy(update={"colour": colour})
     return words, _replaced(draft.target, new), Change(op="recolour", object=obj.id, value=colour)
 
@@ -246,7 +273,7 @@ def resize(draft: Draft, rng: random.Random, busy: set[str]) -> Clause | None:
         return None
     size = next(z for z in SIZE_NAMES if z != obj.size)
     comparative = "bigger" if size == "large" else "smaller"
-    words = rng.choice(["make the {s} {z}", "make the {s} {c}"]).format(s=obj.shape, z=size, c=comparative)
+    words = rng.choice(["make {r} {z}", "make {r} {c}"]).format(r=draft.name(obj, rng), z=size, c=comparative)
     new = obj.model_copy(update={"size": size})
     return words, _replaced(draft.target, new), Change(op="resize", object=obj.id, value=size)
 
@@ -258,8 +285,8 @@ def move_cell(draft: Draft, rng: random.Random, busy: set[str]) -> Clause | None
         return None
     cell = rng.choice(cells)
     busy.add(cell)
-    words = rng.choice(["move the {s} to {w}", "put the {s} {p}"]).format(
-        s=obj.shape, w=_cell_words(cell), p=CELL_PHRASES[cell]
+    words = rng.choice(["move {r} to {w}", "put {r} {p}"]).format(
+        r=draft.name(obj, rng), w=_cell_words(cell), p=CELL_PHRASES[cell]
     )
     new = obj.model_copy(update={"cell": cell, "relation": None})
     return words, _replaced(draft.target, new), Change(op="move_cell", object=obj.id, value=cell)
@@ -323,7 +350,7 @@ def remove(draft: Draft, rng: random.Random, busy: set[str]) -> Clause | None:
         return None
     if len([o for o in draft.target if o.id not in busy]) <= 1:
         return None  # keep one object that this message leaves alone
-    words = rng.choice(["remove the {s}", "delete the {s}", "take out the {s}"]).format(s=obj.shape)
+    words = rng.choice(["remove {r}", "delete {r}", "take out {r}"]).format(r=draft.name(obj, rng))
     return words, [o for o in draft.target if o.id != obj.id], Change(op="remove", object=obj.id)
 
 
@@ -454,7 +481,7 @@ def _draw_instruction(
     draft: Draft, rng: random.Random, kind: InstructionKind, tries: int
 ) -> tuple[str, list[TargetObject], list[Change]] | None:
     for _ in range(tries):
-        trial = Draft(target=list(draft.target), used=set(draft.used), next_id=draft.next_id)
+        trial = dataclasses.replace(draft, target=list(draft.target), used=set(draft.used))
         try:
             words, changes = _message(trial, rng, kind)
         except LookupError:
@@ -476,6 +503,106 @@ def _turn(
     return ConversationTurn(
         index=index, kind=kind, message=message, restated=restate(target, rng), changes=changes, target=target
     )
+
+
+# ----------------------------------------------------------------------------- the identity set
+
+SAME_SHAPE_PARTS: tuple[InstructionKind, ...] = ("recolour", "resize", "move_cell", "remove")
+PRONOUN_SETUPS: tuple[InstructionKind, ...] = ("recolour", "resize", "move_cell", "add_common", "add_rare")
+PRONOUN_PARTS: tuple[InstructionKind, ...] = ("recolour", "resize", "move_cell")
+
+
+def _same_shape_first(rng: random.Random) -> list[TargetObject]:
+    """Two objects of one common shape, their colours different two times in three (else only their places tell them
+    apart), half the time beside one object of another shape."""
+    shape = rng.choice(COMMON_SHAPES)
+    colours = rng.sample(COLOUR_NAMES, 2) if rng.random() < 2 / 3 else [rng.choice(COLOUR_NAMES)] * 2
+    kinds = [(shape, colour) for colour in colours]
+    if rng.random() < 0.5:
+        kinds.append((rng.choice([s for s in COMMON_SHAPES if s != shape]), rng.choice(COLOUR_NAMES)))
+    cells = rng.sample(CELLS, len(kinds))
+    return [
+        TargetObject(id=f"o{i + 1}", shape=s, colour=c, size=rng.choice(SIZE_NAMES), cell=cell)
+        for i, ((s, c), cell) in enumerate(zip(kinds, cells, strict=True))
+    ]
+
+
+def _draw_one_of(
+    draft: Draft, rng: random.Random, parts: Sequence[InstructionKind], tries: int
+) -> tuple[str, list[TargetObject], list[Change]] | None:
+    for _ in range(tries):
+        if made := _draw_instruction(draft, rng, rng.choice(parts), 1):
+            return made
+    return None
+
+
+def sample_identity_conversation(
+    rng: random.Random, kind: IdentityKind, cid: str = "", last: InstructionKind | None = None, tries: int = 50
+) -> Conversation:
+    """same_shape: two objects of one shape, then 1 to 3 instructions (recolour, resize, move; remove only last, and
+    `last` when given) on one of them, named by colour or place. pronoun: a change of one object or an add, then 1 or 2 changes of 'it'
+    (recolour, resize, move). Every scene asked for in the evaluation half."""
+    while True:
+        if kind == "same_shape":
+            target = _same_shape_first(rng)
+            n = rng.randint(1, 3)
+        else:
+            layout = sample_layout(rng, rng.randint(1, MAX_FIRST_OBJECTS), rng.random() < 0.3, p_count=0.0)
+            target = [
+                TargetObject(id=f"o{i + 1}", shape=o.shape, colour=o.colour, size=o.size, cell=o.cell)
+                for i, o in enumerate(layout.objects)
+            ]
+            n = rng.randint(2, 3)
+        if Scene(tuple(ObjectSpec(*o.key) for o in target)).half != "eval":
+            continue
+        draft = Draft(target=target, used={o.shape for o in target}, next_id=len(target))
+        first = prompt_text([o.group for o in target], [], rng)
+        changes = [Change(op="create", object=o.id, value=o.shape) for o in target]
+        turns = [ConversationTurn(index=1, kind="first", message=first, restated=first, changes=changes, target=target)]
+        spoken = ""
+        for i in range(n):
+            if kind == "same_shape":
+                shapes = [o.shape for o in draft.target]
+                draft.naming, draft.only = "identity", {o.id for o in draft.target if shapes.count(o.shape) > 1}
+                parts = SAME_SHAPE_PARTS[:-1] if i < n - 1 else (last,) if last else SAME_SHAPE_PARTS
+            elif i == 0:
+                parts = PRONOUN_SETUPS
+            else:  # 'it': the object the previous message changed or added
+                draft.naming, draft.only, parts = "pronoun", {spoken}, PRONOUN_PARTS
+            made = _draw_one_of(draft, rng, parts, tries)
+            if made is None:
+                break
+            words, new_target, (change,) = made
+            spoken = change.object or ""
+            turn_kind: TurnKind = _kind_of(change) if kind == "pronoun" and i == 0 else kind
+            turns.append(_turn(len(turns) + 1, turn_kind, words, new_target, [change], rng))
+            draft.target = list(new_target)
+        else:
+            return Conversation(id=cid, kind=kind, turns=turns)
+
+
+def identity_conversations() -> list[Conversation]:
+    """The identity set, deterministic: IDENTITY_SET's number of conversations per kind, first scenes distinct; the
+    same_shape conversations end on each of SAME_SHAPE_PARTS in turn (so a remove of one of two is always there)."""
+    per_kind, seed = IDENTITY_SET
+    rng = random.Random(seed)
+    taken: set[tuple] = set()
+    out: list[Conversation] = []
+    for kind in IDENTITY_KINDS:
+        made = 0
+        while made < per_kind:
+            last = SAME_SHAPE_PARTS[made % len(SAME_SHAPE_PARTS)] if kind == "same_shape" else None
+            conversation = sample_identity_conversation(rng, kind, f"identity-{kind}-{made}", last)
+            if (key := conversation.turns[0].scene.key) not in taken:
+                taken.add(key)
+                out.append(conversation)
+                made += 1
+    return out
+
+
+def write_identity_set(folder: Path = CONVERSATION_PROMPTS_DIR) -> None:
+    text = "".join(c.model_dump_json(exclude_defaults=False) + "\n" for c in identity_conversations())
+    split_path("identity", folder).write_text(text)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -520,6 +647,8 @@ def load_conversations(path: Path) -> list[Conversation]:
                 out.append(Conversation.model_validate_json(line))
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: not a conversation of the miniature world: {e}") from e
+    if not out:
+        raise ValueError(f"{path}: no conversations")
     if len({c.id for c in out}) != len(out):
         raise ValueError(f"{path}: conversation ids must be unique")
     return out
@@ -532,23 +661,43 @@ class TurnJudgement(BaseModel):
     """A turn's target on one image's reading."""
 
     concepts: list[tuple[str, bool]] = Field(description="(kind, right) per concept of the target's objects.")
-    absent: list[tuple[str, bool]] = Field(description="(shape, not drawn) per object the conversation took away.")
+    absent: list[tuple[str, bool]] = Field(description="(shape, not drawn) per object taken away, in `gone`'s order.")
 
     @property
     def all_right(self) -> bool:
         return all(ok for _, ok in self.concepts) and all(ok for _, ok in self.absent)
 
 
-def _best_match(obj: TargetObject, reading: Sequence[Detected]) -> Detected | None:
-    """The read object of obj's shape that agrees with it on most attributes (cell included)."""
-    same = [d for d in reading if d.shape == obj.shape]
-    return max(same, key=lambda d: (d.colour == obj.colour) + (d.size == obj.size) + (d.cell == obj.cell), default=None)
+def _agreement(obj: TargetObject, read: Detected) -> int:
+    """How well a read object of obj's shape stands for it: the cell first (one object a cell, so two objects of one
+    shape are told apart by where they are), then colour and size; 1 for being matched at all."""
+    return 1 + 3 * (read.cell == obj.cell) + (read.colour == obj.colour) + (read.size == obj.size)
 
 
-def judge_turn(target: Sequence[TargetObject], gone: Sequence[str], reading: Sequence[Detected]) -> TurnJudgement:
+def match(objects: Sequence[TargetObject], reading: Sequence[Detected]) -> dict[str, Detected | None]:
+    """Object id -> the read object that stands for it, one to one: per shape, the assignment of read objects to the
+    objects of that shape (or to none) that agrees most in all. Two objects of one shape never share a read object."""
+    out: dict[str, Detected | None] = {}
+    for shape in dict.fromkeys(o.shape for o in objects):
+        mine = [o for o in objects if o.shape == shape]
+        read: list[Detected | None] = [d for d in reading if d.shape == shape]
+        best = max(
+            itertools.permutations(read + [None] * len(mine), len(mine)),
+            key=lambda picks: sum(_agreement(o, d) for o, d in zip(mine, picks, strict=True) if d is not None),
+        )
+        out |= {o.id: d for o, d in zip(mine, best, strict=True)}
+    return out
+
+
+def judge_turn(
+    target: Sequence[TargetObject], gone: Sequence[TargetObject], reading: Sequence[Detected]
+) -> TurnJudgement:
     """Each target object's shape, colour, size and place (its cell, or its relation to its anchor's read place) on
-    the read objects, and each shape in `gone` (objects the conversation removed or replaced) not drawn at all."""
-    matched = {o.id: _best_match(o, reading) for o in target}
+    the read objects, and each object in `gone` (objects the conversation removed or replaced) not drawn: no read
+    object of its shape left to stand for it once the target's objects took theirs (matched together, so a square
+    removed beside a square kept is judged by which square is drawn where)."""
+    everything = match([*target, *gone], reading)
+    matched = {o.id: everything[o.id] for o in target}
     concepts: list[tuple[str, bool]] = []
     for o in target:
         d = matched[o.id]
@@ -560,15 +709,15 @@ def judge_turn(target: Sequence[TargetObject], gone: Sequence[str], reading: Seq
             anchor = matched[o.relation.anchor]
             ok = d is not None and anchor is not None and holds(o.relation.relation, d.cell, anchor.cell)
             concepts.append(("relation", ok))
-    absent = [(shape, not any(d.shape == shape for d in reading)) for shape in gone]
+    absent = [(o.shape, everything[o.id] is None) for o in gone]
     return TurnJudgement(concepts=concepts, absent=absent)
 
 
-def gone_shapes(conversation: Conversation, index: int) -> list[str]:
-    """Shapes of objects asked for before turn `index` (1-based) that its target no longer holds."""
-    now = {o.shape for o in conversation.turns[index - 1].target}
-    before = {o.shape for t in conversation.turns[: index - 1] for o in t.target}
-    return sorted(before - now)
+def gone_objects(conversation: Conversation, index: int) -> list[TargetObject]:
+    """Objects asked for before turn `index` (1-based) that its target no longer holds (by id), each as last asked."""
+    now = {o.id for o in conversation.turns[index - 1].target}
+    last = {o.id: o for t in conversation.turns[: index - 1] for o in t.target}
+    return [o for i, o in last.items() if i not in now]
 
 
 def untouched(previous: Sequence[TargetObject], current: Sequence[TargetObject]) -> list[TargetObject]:

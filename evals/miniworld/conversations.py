@@ -43,12 +43,12 @@ from imagerag.agent.run import delete_thread, prepare, run
 from imagerag.evals.miniworld.benchmark import paired_bootstrap, pct
 from imagerag.evals.miniworld.common import ORACLE_DIR
 from imagerag.evals.miniworld.conversation_grammar import (
-    INSTRUCTION_KINDS,
+    CONVERSATION_KINDS,
     Conversation,
     ConversationTurn,
-    TargetObject,
-    gone_shapes,
+    gone_objects,
     judge_turn,
+    match,
     names_a_world_object,
     untouched,
 )
@@ -112,11 +112,6 @@ def _settings(base: Settings, seed: int, images: int, edits: bool) -> Settings:
     return base.model_copy(update={"budget": budget, "seed": seed * SEED_SPACING, "edits": edits})
 
 
-def _prev_match(obj: TargetObject, reading: Sequence[Detected]) -> Detected | None:
-    same = [d for d in reading if d.shape == obj.shape]
-    return max(same, key=lambda d: (d.colour == obj.colour) + (d.size == obj.size) + (d.cell == obj.cell), default=None)
-
-
 def judge(
     conversation: Conversation,
     turn: ConversationTurn,
@@ -124,16 +119,18 @@ def judge(
     previous: tuple[ConversationTurn, list[Detected]] | None,
 ) -> dict:
     """The oracle's verdicts on one turn's image: target, removed objects, objects left alone."""
-    judged = judge_turn(turn.target, gone_shapes(conversation, turn.index), reading)
+    gone = gone_objects(conversation, turn.index)
+    judged = judge_turn(turn.target, gone, reading)
     removed_absent: list[tuple[str, bool]] = []
     unchanged: list[tuple[str, bool]] = []
     if previous is not None:
         before, before_reading = previous
-        now = {o.shape for o in turn.target}
-        removed_absent = [(s, ok) for s, ok in judged.absent if s in {o.shape for o in before.target} - now]
+        taken = {o.id for o in before.target} - {o.id for o in turn.target}
+        removed_absent = [absent for o, absent in zip(gone, judged.absent, strict=True) if o.id in taken]
         keys = {(d.shape, d.colour, d.size, d.cell) for d in reading}
+        was_read = match(before.target, before_reading)  # one to one, so two squares are each read as themselves
         for obj in untouched(before.target, turn.target):
-            if (was := _prev_match(obj, before_reading)) is not None:
+            if (was := was_read[obj.id]) is not None:
                 unchanged.append((obj.shape, (was.shape, was.colour, was.size, was.cell) in keys))
     return {
         "all_right": judged.all_right,
@@ -280,6 +277,8 @@ def summarise(outcomes: list[ConversationOutcome]) -> dict:
     by_condition: dict[str, list[ConversationOutcome]] = defaultdict(list)
     for o in outcomes:
         by_condition[o.condition].append(o)
+    # the kinds these conversations have (every kind of a split; a file of one's own may hold a few)
+    kinds_here = [k for k in CONVERSATION_KINDS if any(o.kind == k for o in outcomes)]
     report: dict = {
         "conversations": len({o.conversation_id for o in outcomes}),
         "seeds": sorted({o.seed for o in outcomes}),
@@ -289,11 +288,12 @@ def summarise(outcomes: list[ConversationOutcome]) -> dict:
         items = by_condition[name]
         instructions = [t for o in items for t in o.turns[1:]]
         kinds = {}
-        for kind in INSTRUCTION_KINDS:
+        for kind in kinds_here:
             mine = [o for o in items if o.kind == kind]
             kinds[kind] = {
                 "conversations": len(mine),
-                # turns of the conversation's own kind (an undo conversation's changes before each undo are not)
+                # turns of the conversation's own kind (an undo conversation's changes before each undo are not, nor a
+                # pronoun conversation's first change, which names its object)
                 "turns_all_right_pct": pct([t.all_right for o in mine for t in o.turns[1:] if t.kind == kind]),
                 "final_all_right_pct": pct([o.final_all_right for o in mine]),
             }
@@ -326,7 +326,7 @@ def summarise(outcomes: list[ConversationOutcome]) -> dict:
 
     report["paired_final_turn"] = {
         f"{a} - {b}": {label: paired_bootstrap(table(a, k), table(b, k)) for label, k in (("all", None),)}
-        | {"by_kind": {kind: paired_bootstrap(table(a, kind), table(b, kind), n=1000) for kind in INSTRUCTION_KINDS}}
+        | {"by_kind": {kind: paired_bootstrap(table(a, kind), table(b, kind), n=1000) for kind in kinds_here}}
         for a, b in COMPARISONS
         if a in by_condition and b in by_condition
     }
@@ -343,6 +343,7 @@ def _diff(d: dict) -> str:
 
 def markdown(report: dict) -> str:
     conds = report["conditions"]
+    kinds = list(next(iter(conds.values()))["by_kind"]) if conds else []
     rows = [
         (
             f"{report['conversations']} conversations x seeds {report['seeds']}. Share all right (%): the first turn, every"
@@ -368,13 +369,13 @@ def markdown(report: dict) -> str:
         "",
         "By instruction kind: turns of that kind all right (%) / final turn all right (%):",
         "",
-        "| condition | " + " | ".join(INSTRUCTION_KINDS) + " |",
-        "|---|" + "---|" * len(INSTRUCTION_KINDS),
+        "| condition | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
     ]
     for name, s in conds.items():
         cells = [
             f"{_fmt(k['turns_all_right_pct'])} / {_fmt(k['final_all_right_pct'])}"
-            for k in (s["by_kind"][kind] for kind in INSTRUCTION_KINDS)
+            for k in (s["by_kind"][kind] for kind in kinds)
         ]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     if report.get("paired_final_turn"):
@@ -385,15 +386,11 @@ def markdown(report: dict) -> str:
                 "seeds within them):"
             ),
             "",
-            "| comparison | all | " + " | ".join(INSTRUCTION_KINDS) + " |",
-            "|---|---|" + "---|" * len(INSTRUCTION_KINDS),
+            "| comparison | all | " + " | ".join(kinds) + " |",
+            "|---|---|" + "---|" * len(kinds),
         ]
         for name, d in report["paired_final_turn"].items():
-            rows.append(
-                f"| {name} | {_diff(d['all'])} | "
-                + " | ".join(_diff(d["by_kind"][k]) for k in INSTRUCTION_KINDS)
-                + " |"
-            )
+            rows.append(f"| {name} | {_diff(d['all'])} | " + " | ".join(_diff(d["by_kind"][k]) for k in kinds) + " |")
     examples = {n: s["invented_examples"] for n, s in conds.items() if s["invented_examples"]}
     if examples:
         rows += ["", "Invented concepts, examples:", ""]
