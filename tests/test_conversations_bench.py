@@ -33,7 +33,7 @@ from imagerag.evals.miniworld.oracle import Oracle
 from imagerag.tools.backends.planner import RuleDecomposer, revise_turn
 from imagerag.tools.grid import CELL_PHRASES
 from imagerag.tools.miniworld.world import MAX_OBJECTS, RARE_SHAPES, holds, render
-from imagerag.tools.revision import miniworld_vocabulary
+from imagerag.tools.revision import miniworld_vocabulary, render_prompt
 
 ATTRIBUTES = ("shape", "colour", "size", "cell")
 
@@ -369,3 +369,43 @@ def test_the_command_runs_a_file_of_ones_own_conversations(identity, tmp_path, m
     result = runner.invoke(app, ["eval", "conversations", "--file", "empty.jsonl"], env={"COLUMNS": "250"})
     assert result.exit_code == 2 and "no conversations" in result.output
     assert len(seen["specs"]) == 2  # neither bad file reached the benchmark
+
+
+@pytest.mark.slow
+def test_the_mini_critic_judges_each_of_two_twins_in_its_own_cell(identity, tmp_path):
+    """The mini CLIP critic on each identity turn's scene rendered exactly: every concept satisfied (with the checked
+    stop's second look, and each object's concepts judged alone as after an edit); on the previous turn's scene,
+    never all. Judged where the noun reads best, the place of one of two crosses failed on 15 of these 39 scenes."""
+    from imagerag.agent.config import Settings
+    from imagerag.tools.backends.judges import ClipJudge
+    from imagerag.tools.backends.loading import calibrated, load_embedder
+    from imagerag.tools.grid import singular
+    from imagerag.tools.miniworld.world import ObjectSpec, Scene
+
+    settings = Settings(profile="mini", data_dir=tmp_path, device="cpu")
+    vocabulary = miniworld_vocabulary()
+    rivals = {"object": sorted({singular(n) for n in vocabulary.nouns or ()}), **vocabulary.attributes}
+    judge = ClipJudge(load_embedder(settings), calibrated(settings).judge_threshold, rivals)
+    reader = RuleDecomposer(vocabulary)
+
+    def image(turn: ConversationTurn):
+        return render(Scene(tuple(ObjectSpec(*o.key) for o in turn.target)))
+
+    for c in identity:
+        scene, concepts, _ = reader.plan(c.turns[0].message)
+        previous = None
+        for turn in c.turns:
+            if turn.index > 1:
+                revision = revise_turn(reader, scene, concepts, turn.message, previous=previous)
+                assert revision.applied is not None
+                previous, scene, concepts = scene, revision.applied.scene, revision.applied.concepts
+            verdicts = judge.critique(image(turn), concepts).verdicts
+            assert all(v.satisfied for v in judge.verify(image(turn), concepts, verdicts)), (c.id, turn.index)
+            # An edited image is judged only on the redrawn object's concepts: its twin is then known by the prompt.
+            for obj in scene.objects:
+                mine = [x for x in concepts if x.object_id == obj.id]
+                alone = judge.critique(image(turn), mine, render_prompt(scene)).verdicts
+                assert all(v.satisfied for v in alone), (c.id, turn.index, obj.id)
+            if turn.index > 1:
+                before = judge.critique(image(c.turns[turn.index - 2]), concepts).verdicts
+                assert not all(v.satisfied for v in before), (c.id, turn.index)

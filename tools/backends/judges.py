@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -96,7 +97,9 @@ class ClipJudge:
     when the star's best cell is the top left, "a star to the left of a ring" when the star's cell is left of the
     ring's, "two stars" when exactly two cells show a star. Objects get the box where they were found. An absent
     object (one a message removed: "no red square") holds when no drawn cell shows it: anywhere when no other object
-    of its noun is asked for, else in the cell where it was.
+    of its noun is asked for, else in the cell where it was. Two objects of one noun, each with a cell of its own ("a
+    red square on the left and a blue square on the right"), are each judged in their own cell: the object, its place
+    and its attributes there, not in whichever cell shows a square best (one of the two).
 
     The score is a logistic of the margin over the threshold (0.5 at the threshold), so candidates can be
     ranked by how clearly they pass, not only by how many concepts pass.
@@ -128,6 +131,7 @@ class ClipJudge:
         star red), and there more as its value than as any other value of its kind (an orange star is no red one)."""
         cells = _CellScores(self, image)
         by_id = {c.id: c for c in concepts}
+        own = _own_cells(concepts)
 
         def missing(v: ConceptVerdict, why: str) -> ConceptVerdict:
             return v.model_copy(update={"satisfied": False, "score": min(v.score, 0.49), "evidence": why})
@@ -141,12 +145,13 @@ class ClipJudge:
             words = concept.text.split()
             noun = singular(words[-1].lower())
             if concept.kind == "object" and noun in self.rivals.get("object", ()):
-                cell, own = cells.best(concept.text)
+                cell = own.get(concept.object_id or "") or cells.best(concept.text)[0]
+                seen = cells.all(concept.text)[cell]
                 rival, best = _rival(cells, cell, self._rival_nouns(noun), "{}")
-                if best >= own:
-                    v = missing(v, f"in its cell ({cell}) it reads more as {rival} ({best:.3f} >= {own:.3f})")
+                if best >= seen:
+                    v = missing(v, f"in its cell ({cell}) it reads more as {rival} ({best:.3f} >= {seen:.3f})")
             elif concept.kind == "attribute" and concept.depends_on and concept.depends_on[0] in by_id:
-                cell, _ = cells.best(by_id[concept.depends_on[0]].text)
+                cell = own.get(concept.object_id or "") or cells.best(by_id[concept.depends_on[0]].text)[0]
                 here = cells.all(concept.text)[cell]
                 value = " ".join(words[1:-1]).lower()
                 kind = next((vs for k, vs in self.rivals.items() if k != "object" and value in vs), ())
@@ -163,13 +168,16 @@ class ClipJudge:
         whole = np.stack([self.text(c.text) for c in concepts]) @ self.embedder.embed_images([image])[0]
         cells = _CellScores(self, image)
         nouns = [singular(c.text.split()[-1].lower()) for c in concepts if c.kind in ("object", "count")]
+        own = _own_cells(concepts, prompt)
         verdicts = []
         for concept, similarity in zip(concepts, whole.tolist(), strict=True):
-            spatial = (
-                self._absent(concept, cells, nouns.count(singular(concept.text.split()[-1].lower())))
-                if concept.kind == "absent"
-                else self._spatial(concept, cells)
-            )
+            spatial: tuple[bool, float, str] | None
+            if concept.kind == "absent":
+                spatial = self._absent(concept, cells, nouns.count(singular(concept.text.split()[-1].lower())))
+            elif (cell := own.get(concept.object_id or "")) is not None:
+                spatial = self._in_own_cell(concept, cells, cell)
+            else:
+                spatial = self._spatial(concept, cells)
             satisfied, similarity, evidence = spatial or (
                 similarity >= self.threshold,
                 similarity,
@@ -177,7 +185,8 @@ class ClipJudge:
             )
             box = None
             if concept.kind == "object" and satisfied:
-                cell, best = cells.best(concept.text)
+                mine = own.get(concept.object_id or "")  # a twin's box is its own cell
+                cell, best = (mine, similarity) if mine is not None else cells.best(concept.text)
                 box = CELL_BOXES[cell] if best >= self.threshold else None
             score = 1.0 / (1.0 + math.exp(-(similarity - self.threshold) / self.SHARPNESS))
             verdicts.append(
@@ -243,6 +252,27 @@ class ClipJudge:
         where = f"{subject!r} found in the {a} ({sa:.3f}), {other!r} in the {b} ({noun}: {sb:.3f})"
         return ok, similarity, "; ".join([where, *beaten])
 
+    def _in_own_cell(self, concept: Concept, cells: _CellScores, cell: str) -> tuple[bool, float, str] | None:
+        """(satisfied, similarity, evidence) of an object of a shared noun, its place ('a square on the left') or an
+        attribute ('a small square'), judged in the object's own cell: seen there above the threshold, and there
+        more as its noun than as any rival noun (an attribute: more as its value than as any other of its kind)."""
+        words = concept.text.split()
+        if concept.kind not in ("object", "relation", "attribute") or len(words) < 2:
+            return None
+        if concept.kind == "attribute":
+            text, value = concept.text, " ".join(words[1:-1]).lower()
+            kind = next((vs for k, vs in self.rivals.items() if k != "object" and value in vs), ())
+            rival, best = _rival(cells, cell, [o for o in kind if o != value], f"{{}} {words[-1]}")
+        else:  # the object, or its place: the object's noun in that cell
+            text = " ".join(words[:2])
+            rival, best = _rival(cells, cell, self._rival_nouns(singular(words[1].lower())), "{}")
+        seen = cells.all(text)[cell]
+        ok = seen >= self.threshold and cell in cells.occupied and best < seen
+        why = f"{text!r} in its own cell ({cell}): {seen:.3f} (threshold {self.threshold:.3f})"
+        if best >= seen:
+            why += f"; it reads more as {rival} ({best:.3f})"
+        return ok, seen if ok else min(seen, self.threshold - 0.001), why
+
     def _rival_nouns(self, noun: str) -> list[str]:
         return [n for n in self.rivals.get("object", ()) if n != noun]
 
@@ -277,6 +307,21 @@ class ClipJudge:
             cell, best = cells.best(text)
             out.append(CELL_BOXES[cell] if best >= self.threshold else None)
         return out
+
+
+def _own_cells(concepts: Sequence[Concept], prompt: str = "") -> dict[str, str]:
+    """Object id -> the cell its place concept names ('a square on the left'), for each object whose noun another
+    object shares: there, not in the cell that shows its noun best, is where it is judged. The other object may not
+    be among `concepts` (a new image is judged only on what it has no verdict for: an edit keeps the verdicts of
+    what it did not redraw), so a noun the prompt names twice ('a red square ... and a blue square ...') counts too."""
+    nouns = {c.object_id: singular(c.text.split()[-1].lower()) for c in concepts if c.kind == "object" and c.object_id}
+    words = re.findall(r"[a-z]+", prompt.lower())
+    shared = {o for o, noun in nouns.items() if list(nouns.values()).count(noun) > 1 or words.count(noun) > 1}
+    return {
+        c.object_id: cell
+        for c in concepts
+        if c.object_id in shared and c.kind == "relation" and (cell := named_cell(c.text)) is not None
+    }
 
 
 class _CellScores:
