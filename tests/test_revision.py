@@ -431,6 +431,34 @@ def test_it_in_a_later_message_is_the_object_the_last_message_spoke_of():
     assert gone.applied is not None and gone.applied.scene.focus == []
 
 
+def test_remove_it_removes_the_object_the_last_message_spoke_of():
+    reader = mini()
+    scene, concepts, _ = reader.plan("a blue ring and a red star on the left")
+    added = revise_turn(reader, scene, concepts, "add a large red heart at the top")
+    assert added.applied is not None
+    for message in ("remove it", "take it out", "delete that"):
+        gone = revise_turn(reader, added.applied.scene, judged(added.applied.concepts), message)
+        assert gone.applied is not None, (message, gone.understanding.message)
+        assert gone.applied.prompt == "a blue ring and a red star on the left", message
+    # With nothing spoken of, 'it' is still asked about, not guessed.
+    unclear = revise_turn(reader, scene, concepts, "remove it")
+    assert unclear.applied is None and "which object 'it' is" in unclear.understanding.message
+
+
+def test_a_bare_direction_after_an_object_named_by_its_place():
+    reader = mini()
+    scene, concepts, _ = reader.plan("a red square on the left and a blue square on the right")
+    for message, prompt in (
+        ("move the square on the left down", "a red square in the bottom left and a blue square on the right"),
+        ("move the square on the right up a bit", "a red square on the left and a blue square in the top right"),
+        # a cell that reads whole is still a cell, not a step
+        ("move the square on the left to the top", "a red square at the top and a blue square on the right"),
+        ("put the blue square in the bottom left", "a red square on the left and a blue square in the bottom left"),
+    ):
+        revised = revise_turn(reader, scene, concepts, message)
+        assert revised.applied is not None and revised.applied.prompt == prompt, message
+
+
 def test_apply_change_needs_a_checked_change():
     scene, _, _ = mini().plan("a blue heart")
     with pytest.raises(ValueError, match="checked change"):

@@ -1186,6 +1186,10 @@ _REF_LIST = re.compile(r"\s*,\s*(?:and\s+)?|\s+and\s+(?=(?:the|it|this|that|both
 _NOT_ADJECTIVES = {"the", "a", "an", "to", "into", "in", "of", "on", "and", "it", "with", "by", "at", "as", "so"}
 
 
+_PRONOUNS = ("it", "this", "that", "this one", "that one")
+_EVERY = ("them", "they", "all", "everything", "all of them", "all objects", "all shapes")
+
+
 class ClauseNotUnderstood(ValueError):
     """A clause the rules cannot read; its message says why."""
 
@@ -1194,9 +1198,9 @@ def read_ref(text: str, vocabulary: Vocabulary) -> ObjectRef | None:
     """'the red square', 'the square on the left', 'the left square', 'it', 'both squares'; None for anything else
     (an indefinite 'a square' names no object of the scene)."""
     words = " ".join(text.lower().strip().strip(",.").split())
-    if words in ("it", "this", "that", "this one", "that one"):
+    if words in _PRONOUNS:
         return ObjectRef(pronoun=True, words=words)
-    if words in ("them", "they", "all", "everything", "all of them", "all objects", "all shapes"):
+    if words in _EVERY:
         return ObjectRef(every=True, words=words)
     every = False
     for lead in ("both ", "all the ", "all ", "every "):
@@ -1334,7 +1338,11 @@ def read_clause(clause: str, vocabulary: Vocabulary = OPEN_VOCABULARY) -> list[C
         return [Undo(clause=clause)]
     if match := _REMOVE.match(text) or _TAKE_OUT.match(text):
         named = match.group(1)
-        if not named.startswith(("the ", "this ", "that ", "both ", "all ", "every ")) and read_phrase(named):
+        if (
+            named not in _PRONOUNS  # 'remove it': the object the last message spoke of, no noun to put 'the' before
+            and not named.startswith(("the ", "this ", "that ", "both ", "all ", "every "))
+            and read_phrase(named)
+        ):
             named = "the " + named  # 'no more ring', 'without stars'
         refs = [read_ref(r, vocabulary) for r in _REF_LIST.split(named)]
         if refs and all(refs):
@@ -1368,6 +1376,9 @@ def read_clause(clause: str, vocabulary: Vocabulary = OPEN_VOCABULARY) -> list[C
             return [Move(clause=clause, target=ref, direction=_WAYS[step.group(2)])]
         if move := _read_move(match.group(1), clause, vocabulary):
             return [move]
+        # ... and after an object named by its place, once no cell reads: 'move the square on the left down'
+        if step and (ref := read_ref(step.group(1), vocabulary)):
+            return [Move(clause=clause, target=ref, direction=_WAYS[step.group(2)])]
     if _SIDE_WORDS.search(text) and vocabulary.closed:
         raise ClauseNotUnderstood(
             "it does not say which side: say 'to the left of', 'to the right of', 'above' or 'below' the other object"
