@@ -15,13 +15,23 @@ A conversation has one instruction kind (the mix of a split is fixed: as many co
     undo           a change, then "undo the last change"    back to the scene before the change
 
 Every object of the first prompt is named with its shape, colour, size and cell (the grammar's phrases), shapes are
-distinct within a conversation (an instruction names its object by shape: "the ring"), every scene a conversation
-asks for is in the evaluation half of the scene space (never in the retrieval corpus nor in training), and at most
-MAX_OBJECTS objects are ever asked for. So: add conversations hold 1 to 3 instructions, remove ones 1 or 2 (the
-first prompt names at most 3 objects and one stays), undo ones 1 or 2 (change, undo) pairs, the others 1 to 4.
+distinct within a split's conversation (an instruction names its object by shape: "the ring"), every scene a
+conversation asks for is in the evaluation half of the scene space (never in the retrieval corpus nor in training),
+and at most MAX_OBJECTS objects are ever asked for. So: add conversations hold 1 to 3 instructions, remove ones 1
+or 2 (the first prompt names at most 3 objects and one stays), undo ones 1 or 2 (change, undo) pairs, the others 1
+to 4.
 
-`judge_turn` reads a turn's target against the objects the oracle read in an image; `split_conversations` draws a
-split (deterministic) and `write_conversation_splits` writes prompts/conversations-{dev,test}.jsonl.
+The identity set (prompts/conversations-identity.jsonl, dev only, IDENTITY_SET's count per kind) tests what the
+splits never do:
+
+    same_shape     "a red square on the left and a blue square on the right", then "make the square on the left
+                   green", "remove the blue square": one of two objects of one shape, named by colour or place
+    pronoun        "add a large red heart at the top", then "make it small", "move it to the bottom left"
+
+`judge_turn` reads a turn's target against the objects the oracle read in an image (matched one to one, the cell
+first, so two squares are each read as themselves); `split_conversations` draws a split (deterministic) and
+`write_conversation_splits` writes prompts/conversations-{dev,test}.jsonl; `write_identity_set` writes the identity
+set. A file of one's own (`imagerag eval conversations --file`) holds Conversation objects, one a line.
 """
 
 from __future__ import annotations
