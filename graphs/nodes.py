@@ -194,7 +194,8 @@ def judge_new(
             if claims_stop(verdicts, state.concepts):  # the checked stop: a second look before the run ends on it
                 checked = tools.verify(candidate.image_id, state.concepts, verdicts)
                 verdicts = enforce_dependencies(checked, state.concepts)
-            candidate = candidate.model_copy(update={"verdicts": verdicts})
+            strays = tools.strays(candidate.image_id, state.concepts, verdicts)
+            candidate = candidate.model_copy(update={"verdicts": verdicts, "strays": strays})
             usage = usage.add(critic_calls=1, llm_tokens=critique.tokens)
             summary = f"{candidate.image_id}: {candidate.satisfied_count}/{len(state.concepts)} satisfied, score {candidate.score:.2f}"
             steps.append(Step(node="critique", round=candidate.round, summary=summary))

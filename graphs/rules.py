@@ -18,7 +18,7 @@ from imagerag.tools.grid import (
 from imagerag.tools.revision import read_phrase
 from imagerag.tools.types import Box, Candidate, Concept, ConceptVerdict, Edit, EditRegion
 
-RankKey = tuple[int, int, int, float, int]
+RankKey = tuple[int, int, int, int, float, int]
 
 
 def drawn_from_text(candidates: list[Candidate]) -> set[str]:
@@ -31,9 +31,16 @@ def rank_key(candidate: Candidate, roots: frozenset[str], hard: frozenset[str]) 
     styles), as in DSG: an image missing an object is worse than one with a wrong attribute. Then the satisfied
     `hard` roots, those no image from text alone showed: between two images with as many objects, the one showing
     what only a reference could draw is the one a fresh sample would not give back. Then satisfied concepts, then
-    the mean score, then the earlier image (cheaper to reproduce)."""
+    the fewer objects nobody asked for, then the mean score, then the earlier image (cheaper to reproduce)."""
     satisfied = candidate.satisfied_ids
-    return (len(satisfied & roots), len(satisfied & hard), len(satisfied), candidate.score, -candidate.round)
+    return (
+        len(satisfied & roots),
+        len(satisfied & hard),
+        len(satisfied),
+        -len(candidate.strays),
+        candidate.score,
+        -candidate.round,
+    )
 
 
 def best_candidate(candidates: list[Candidate], concepts: list[Concept]) -> Candidate | None:
@@ -140,11 +147,14 @@ def clock(state: RunState, usage: Usage | None = None) -> Usage:
 
 
 def stop_reason(state: RunState) -> str | None:
-    """The graph's stop rule, whatever the policy wants: a failure, every concept satisfied, or a budget spent."""
+    """The graph's stop rule, whatever the policy wants: a failure, every concept satisfied in an image that holds
+    nothing else (an object nobody asked for is not what was asked), or a budget spent."""
     if state.status == "failed":
         return "failed"
     if state.concepts and all(c.verdict == "satisfied" for c in state.concepts):
-        return "satisfied"
+        best = best_of_turn(state)
+        if best is None or not best.strays:
+            return "satisfied"
     spent = clock(state).spent(state.budget)
     return f"budget_exhausted:{spent}" if spent else None
 
@@ -171,7 +181,9 @@ def edit_regions(
     others wait for a later round: the loop composes the image object by object); left empty when each redrawn object
     gets a reference of its own (targets_for_regions), so that every broken object is redrawn at once. Counts and
     styles cannot be fixed in one region, so when one is missing the whole image is drawn again. An object that
-    must be absent (a message removed it) and is still seen gets its region cleared to the background."""
+    must be absent (a message removed it) and is still seen gets its region cleared to the background, and so does
+    a stray (an object nobody asked for, often the generator's try at a shape it cannot draw from text), unless a
+    redrawn object takes its cell: strays are the first cells a redrawn object without a place of its own takes."""
     best = best_of_turn(state)
     if best is None:
         return []
@@ -184,15 +196,16 @@ def edit_regions(
     objects = [c for c in state.concepts if c.kind == "object" and not c.depends_on]
     broken = [o for o in objects if any(c.id not in ok for c in [o, *deps[o.id]])]
     clears = absent_regions(state.concepts, best)
+    strays = {cell_of(box) for box in best.strays} - {cell_of(r.box) for r in clears}
     if not broken:
-        return clears
+        return [*clears, *(EditRegion(box=CELL_BOXES[c], text="", concept_ids=[]) for c in sorted(strays))]
     if len(broken) == len(objects):
         return []
     owners = {p for c in state.concepts if c.id in focus for p in [c.id, *c.depends_on]}
     broken = [o for o in broken if o.id in owners] or broken
     places = {v.concept_id: cell_of(v.box) for v in best.verdicts if v.box and v.concept_id in ok}
     kept_cells = {places[o.id] for o in objects if o not in broken and o.id in places}
-    taken = set(occupied) | kept_cells
+    taken = (set(occupied) - strays) | kept_cells
     regions: list[EditRegion] = []
     for obj in broken:
         position = [d for d in deps[obj.id] if d.kind == "relation"]
@@ -200,14 +213,17 @@ def edit_regions(
         if old is not None and all(d.id in ok for d in position):
             cell = old  # drawn where it belongs: only its look is wrong
         else:
-            cell = _target_cell(obj, position, objects, state.layout, places, taken - {old} if old else taken)
+            cell = _target_cell(
+                obj, position, objects, state.layout, places, taken - {old} if old else taken, prefer=strays
+            )
             if old is not None and old != cell:
                 regions.append(EditRegion(box=CELL_BOXES[old], text="", concept_ids=[obj.id]))
         taken.add(cell)
         regions.append(
             EditRegion(box=CELL_BOXES[cell], text=region_text(obj, deps[obj.id], cell), concept_ids=[obj.id])
         )
-    return [*clears, *regions]
+    strays -= {cell_of(r.box) for r in regions}
+    return [*clears, *(EditRegion(box=CELL_BOXES[c], text="", concept_ids=[]) for c in sorted(strays)), *regions]
 
 
 def absent_regions(concepts: list[Concept], best: Candidate) -> list[EditRegion]:
@@ -232,10 +248,11 @@ def _target_cell(
     layout: dict[str, Box],
     places: dict[str, str],
     taken: set[str],
+    prefer: AbstractSet[str] = frozenset(),
 ) -> str:
     """Where a misplaced or missing object goes: the cell its position words name; for a relation, a free cell on
-    the right side of where the other object is (the object whose noun ends the relation); else the layout's cell,
-    else the first free one."""
+    the right side of where the other object is (the object whose noun ends the relation); else a `prefer` cell
+    that is free (a stray's, which the object replaces), else the layout's cell, else the first free one."""
     free = [c for c in FREE_ORDER if c not in taken]
     for d in position:
         if cell := named_cell(d.text):
@@ -245,6 +262,8 @@ def _target_cell(
         pair = pair_for(sign, places[other.id], free) if sign and other and other.id in places else None
         if pair:
             return pair[0]
+    if swap := [c for c in free if c in prefer]:
+        return swap[0]
     planned = cell_of(layout[obj.id]) if obj.id in layout else None
     if planned and planned not in taken:
         return planned

@@ -123,7 +123,7 @@ def test_omnigen_edits_with_the_image_in_context_and_says_it_cannot_keep_pixels(
 PROMPT = "a red heart in the top left, a blue square on the right and a ring"
 
 
-def _state(satisfied: set[str], boxes: dict[str, str]) -> RunState:
+def _state(satisfied: set[str], boxes: dict[str, str], strays: tuple[str, ...] = ()) -> RunState:
     concepts, _ = RuleDecomposer().decompose(PROMPT)
     verdicts = [
         ConceptVerdict(
@@ -134,7 +134,9 @@ def _state(satisfied: set[str], boxes: dict[str, str]) -> RunState:
         )
         for c in concepts
     ]
-    best = Candidate(image_id="0" * 32, round=1, prompt=PROMPT, seed=0, verdicts=verdicts)
+    best = Candidate(
+        image_id="0" * 32, round=1, prompt=PROMPT, seed=0, verdicts=verdicts, strays=[CELL_BOXES[c] for c in strays]
+    )
     return RunState(message=PROMPT, prompt=PROMPT, concepts=concepts, layout=rule_layout(concepts), candidates=[best])
 
 
@@ -196,6 +198,27 @@ def test_no_edit_when_nothing_is_worth_keeping_or_nothing_is_missing():
     assert edit_regions(_state({"c2"}, {}), occupied=set()) == []
     everything = {f"c{i}" for i in range(1, 8)}
     assert edit_regions(_state(everything, {}), occupied=set()) == []
+
+
+def test_a_stray_is_cleared_once_everything_asked_for_is_there():
+    everything = {f"c{i}" for i in range(1, 8)}
+    placed = {"c1": "top left", "c4": "right", "c7": "centre"}
+    [region] = edit_regions(
+        _state(everything, placed, strays=("bottom left",)), occupied={*placed.values(), "bottom left"}
+    )
+    assert (region.box, region.text, region.concept_ids) == (CELL_BOXES["bottom left"], "", [])
+
+
+def test_a_missing_object_with_no_place_of_its_own_is_redrawn_over_a_stray_and_one_with_a_place_where_it_says():
+    # The ring (no place words) is missing and a stray sits at the bottom: the ring is drawn there, over it.
+    state = _state({"c1", "c2", "c3", "c4", "c5", "c6"}, {"c1": "top left", "c4": "right"}, strays=("bottom",))
+    [region] = edit_regions(state, occupied={"top left", "right", "bottom"})
+    assert (region.box, region.text, region.concept_ids) == (CELL_BOXES["bottom"], "a ring at the bottom", ["c7"])
+    # The heart must be in the top left: it is drawn there, and the stray is cleared.
+    state = _state({"c4", "c5", "c6", "c7"}, {"c4": "right", "c7": "centre"}, strays=("bottom",))
+    cleared, drawn = edit_regions(state, occupied={"right", "centre", "bottom"})
+    assert (cleared.box, cleared.text, cleared.concept_ids) == (CELL_BOXES["bottom"], "", [])
+    assert (drawn.box, drawn.concept_ids) == (CELL_BOXES["top left"], ["c1"])
 
 
 def test_verdicts_outside_an_exact_edit_stand():

@@ -180,6 +180,42 @@ def test_the_clip_judge_reads_places_counts_and_relations_cell_by_cell(tmp_path)
     assert verdicts[0].box == CELL_BOXES["top left"]
 
 
+def test_the_clip_judge_finds_the_objects_nobody_asked_for_in_a_closed_world_only(tmp_path):
+    """A stray is a drawn cell that reads as one of the world's objects and that no concept accounts for: an object
+    of another noun, or a second object of a noun asked for once. A count accounts for every cell it found."""
+    from imagerag.agent.config import Settings
+    from imagerag.tools.backends.judges import ClipJudge
+    from imagerag.tools.backends.loading import calibrated, load_embedder
+    from imagerag.tools.grid import CELL_BOXES, singular
+    from imagerag.tools.revision import vocabulary_for
+    from imagerag.tools.types import Concept
+
+    settings = Settings(profile="mini", data_dir=tmp_path, device="cpu")
+    nouns = sorted({singular(n) for n in vocabulary_for("miniworld").nouns or ()})
+    embedder, threshold = load_embedder(settings), calibrated(settings).judge_threshold
+    judge = ClipJudge(embedder, threshold, {"object": nouns})
+    image = render(
+        Scene(
+            (
+                ObjectSpec("star", "red", "large", "top left"),
+                ObjectSpec("ring", "blue", "large", "centre"),
+                ObjectSpec("ring", "green", "large", "bottom right"),
+                ObjectSpec("square", "green", "large", "top right"),
+            )
+        )
+    )
+
+    def strays(*texts: tuple[str, str]) -> list:
+        concepts = [Concept(id=f"c{i}", text=t, kind=kind) for i, (t, kind) in enumerate(texts)]  # type: ignore[arg-type]
+        return judge.strays(image, concepts, judge.critique(image, concepts).verdicts)
+
+    assert strays(("a star", "object"), ("two rings", "count"), ("a square", "object")) == []
+    assert strays(("a star", "object"), ("two rings", "count")) == [CELL_BOXES["top right"]]
+    assert strays(("a star", "object"), ("a ring", "object"), ("a square", "object")) == [CELL_BOXES["bottom right"]]
+    # An open world (no nouns known) finds none: a photograph holds much that nobody named.
+    assert ClipJudge(embedder, threshold).strays(image, [], []) == []
+
+
 def test_the_clip_judge_embeds_a_collection_images_cells_once(tmp_path, monkeypatch):
     """A reference found by many queries, in many processes, has its cells embedded once: kept in memory by its
     pixels, and on disk under its collection id. A generated image (no id) is kept in memory only."""

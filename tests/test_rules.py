@@ -121,10 +121,22 @@ def test_drawn_from_text_ignores_verdicts_that_are_not_satisfied():
 # --- rank_key / best_candidate ---------------------------------------------------------------------------------------
 
 
-def test_rank_key_orders_roots_then_hard_roots_then_count_then_score_then_earlier_round():
+def test_rank_key_orders_roots_then_hard_roots_then_count_then_strays_then_score_then_earlier_round():
     image = candidate("x", {FOX: 1.0, RED: 0.8}, default_score=0.1, round=3)
+    image = image.model_copy(update={"strays": [Box(x0=0.0, y0=0.0, x1=1 / 3, y1=1 / 3)]})
     key = rank_key(image, roots=frozenset({FOX, TREE}), hard=frozenset({FOX}))
-    assert key == (1, 1, 2, pytest.approx((1.0 + 0.1 + 0.8 + 0.1) / 4), -3)
+    assert key == (1, 1, 2, -1, pytest.approx((1.0 + 0.1 + 0.8 + 0.1) / 4), -3)
+
+
+def test_an_image_with_an_object_nobody_asked_for_ranks_below_one_without_and_does_not_end_the_run():
+    everything = {FOX, TREE, RED, TALL}
+    stray = Box(x0=0.0, y0=0.0, x1=1 / 3, y1=1 / 3)
+    strayed = candidate("a", {c: 0.99 for c in everything}).model_copy(update={"strays": [stray]})
+    clean = candidate("b", {c: 0.6 for c in everything}, round=2)
+    assert best_id([strayed, clean], scene()) == "b"
+    done = scene(dict.fromkeys(everything, "satisfied"))
+    assert stop_reason(run_state(done, [strayed], budget=ROOM)) is None
+    assert stop_reason(run_state(done, [strayed, clean], budget=ROOM)) == "satisfied"
 
 
 def test_best_candidate_prefers_more_objects_over_more_attributes():

@@ -19,7 +19,7 @@ from PIL import Image
 
 from imagerag.prompts import render
 from imagerag.tools.backends.images import ImageStore
-from imagerag.tools.backends.judges import Verifier
+from imagerag.tools.backends.judges import StrayFinder, Verifier
 from imagerag.tools.backends.layout import clear, edit_margin, object_view, occupied_cells, region_mask
 from imagerag.tools.backends.llm import tokens_of
 from imagerag.tools.backends.loading import Backends, load_backends
@@ -167,6 +167,12 @@ class Toolkit:
         if not self.check_stop or not isinstance(critic, Verifier):
             return verdicts
         return critic.verify(self.images.get(image_id), concepts, verdicts)
+
+    def strays(self, image_id: str, concepts: list[Concept], verdicts: list[ConceptVerdict]) -> list[Box]:
+        """Where a stored image holds an object no concept asks for; [] when the critic cannot tell (an open world,
+        where a photograph holds much that nobody named)."""
+        critic = self.backends.critic
+        return critic.strays(self.images.get(image_id), concepts, verdicts) if isinstance(critic, StrayFinder) else []
 
     def retrieve(
         self, caption: str, k: int = 1, min_similarity: float | None = None, exclude: AbstractSet[str] = frozenset()

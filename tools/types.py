@@ -194,6 +194,10 @@ class Candidate(BaseModel):
     references: list[RetrievalHit] = Field(default_factory=list)
     verdicts: list[ConceptVerdict] = Field(default_factory=list)
     edit: Edit | None = Field(default=None, description="Set when the image is an edit of another.")
+    strays: list[Box] = Field(
+        default_factory=list,
+        description="Where the image holds an object no concept asks for (a closed world's critic says; else empty).",
+    )
 
     @property
     def judged(self) -> bool:

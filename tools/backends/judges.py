@@ -57,6 +57,16 @@ class Verifier(Protocol):
         ...
 
 
+@runtime_checkable
+class StrayFinder(Protocol):
+    """A critic of a closed world (it knows every noun, and the background is blank), which can tell where an image
+    holds an object that no concept asks for."""
+
+    def strays(self, image: Image.Image, concepts: list[Concept], verdicts: list[ConceptVerdict]) -> list[Box]:
+        """The cells holding an object that no concept accounts for, given the image's verdicts."""
+        ...
+
+
 class CellCache:
     """What the CLIP judge computes once per image: the embeddings of its grid cells, each alone on the image's
     background. The last `size` images are kept in memory, by their pixels; a collection's images (which
@@ -164,6 +174,45 @@ class ClipJudge:
             out.append(v)
         return out
 
+    def strays(self, image: Image.Image, concepts: list[Concept], verdicts: list[ConceptVerdict]) -> list[Box]:
+        """In a closed world (the critic knows the world's nouns), the drawn cells that read as one of its objects and
+        that no concept accounts for: not the cell of an object found (its verdict's box), nor one a count found its
+        noun in. [] in an open world, and when an object passed without a box (then where it is is not known)."""
+        nouns = self.rivals.get("object")
+        if not nouns:
+            return []
+        cells = _CellScores(self, image)
+        passed = {v.concept_id: v for v in verdicts if v.satisfied}
+        explained: set[str] = set()
+        for concept in concepts:
+            verdict = passed.get(concept.id)
+            if verdict is None:
+                continue
+            if concept.kind == "object":
+                if verdict.box is None:
+                    return []
+                explained.add(cell_of(verdict.box))
+            elif concept.kind == "count" and (counted := self._counted(concept, cells)) is not None:
+                explained.update(counted[2])
+        return [
+            CELL_BOXES[cell]
+            for cell in CELL_NAMES
+            if cell in cells.occupied
+            and cell not in explained
+            and _rival(cells, cell, nouns, "{}")[1] >= self.threshold
+        ]
+
+    def _counted(self, concept: Concept, cells: _CellScores) -> tuple[int, str, list[str]] | None:
+        """Of a count ('two red stars'): how many it wants, the thing counted ('a red star') and the drawn cells
+        that show it; None when the concept is no count of this form."""
+        words = concept.text.split()
+        if len(words) < 2 or words[0].lower() not in NUMBERS:
+            return None
+        thing = " ".join([article(" ".join(words[1:])), *words[1:-1], singular(words[-1])])
+        # Only cells with something drawn count: a blank cell can still score above the threshold.
+        found = [cell for cell, sim in cells.all(thing).items() if sim >= self.threshold and cell in cells.occupied]
+        return NUMBERS[words[0].lower()], thing, found
+
     def critique(self, image: Image.Image, concepts: list[Concept], prompt: str = "") -> Critique:
         whole = np.stack([self.text(c.text) for c in concepts]) @ self.embedder.embed_images([image])[0]
         cells = _CellScores(self, image)
@@ -211,11 +260,8 @@ class ClipJudge:
                 best,
                 f"best in the {cell}: CLIP similarity {best:.3f} (threshold {self.threshold:.3f})",
             )
-        if concept.kind == "count" and len(words) >= 2 and words[0].lower() in NUMBERS:
-            wanted, noun = NUMBERS[words[0].lower()], singular(words[-1])
-            thing = " ".join([article(" ".join(words[1:])), *words[1:-1], noun])
-            # Only cells with something drawn count: a blank cell can still score above the threshold.
-            found = [cell for cell, sim in cells.all(thing).items() if sim >= self.threshold and cell in cells.occupied]
+        if concept.kind == "count" and (counted := self._counted(concept, cells)) is not None:
+            wanted, thing, found = counted
             best = max(cells.all(thing).values())
             return len(found) == wanted, best, f"{thing!r} found in {len(found)} cell(s): {', '.join(found) or 'none'}"
         if concept.kind != "relation" or len(words) < 3:
