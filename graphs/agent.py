@@ -138,7 +138,7 @@ def observe(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     for message in recent:
         made = [i for i in fresh if i in str(message.content)]
         if made:
-            notes = [describe_verdicts(i, by_id[i].verdicts, state.concepts) for i in made]
+            notes = [describe_verdicts(i, by_id[i].verdicts, state.concepts, by_id[i].strays) for i in made]
             updated.append(message.model_copy(update={"content": f"{message.content}\n" + "\n".join(notes)}))
     errors = sum(m.status == "error" for m in recent)
     tool_errors = state.tool_errors + 1 if recent and errors == len(recent) else 0

@@ -4,6 +4,7 @@ a ToolOutcome for the graph's `observe` node to record."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated
 
 from langchain_core.tools import BaseTool, tool
@@ -14,8 +15,9 @@ from imagerag.graphs.context import RunContext, toolkit
 from imagerag.graphs.rules import kept_verdicts
 from imagerag.graphs.state import AgentState
 from imagerag.tools.errors import ImageRAGError
+from imagerag.tools.grid import cell_of
 from imagerag.tools.toolkit import Toolkit
-from imagerag.tools.types import Candidate, Concept, ConceptVerdict, Critique, EditRegion, RetrievalHit
+from imagerag.tools.types import Box, Candidate, Concept, ConceptVerdict, Critique, EditRegion, RetrievalHit
 
 Runtime = ToolRuntime[RunContext, AgentState]
 
@@ -41,7 +43,9 @@ def _tools(runtime: Runtime) -> Toolkit:
     return toolkit(_run(runtime), runtime)
 
 
-def describe_verdicts(image_id: str, verdicts: list[ConceptVerdict], concepts: list[Concept]) -> str:
+def describe_verdicts(
+    image_id: str, verdicts: list[ConceptVerdict], concepts: list[Concept], strays: Sequence[Box] = ()
+) -> str:
     text = {c.id: c.text for c in concepts}
     lines = [
         f"- {v.concept_id} {text.get(v.concept_id, '?')!r}: {'satisfied' if v.satisfied else 'MISSING'} (score {v.score:.2f})"
@@ -49,6 +53,9 @@ def describe_verdicts(image_id: str, verdicts: list[ConceptVerdict], concepts: l
         + (f"; seen at {v.box.model_dump()}" if v.box else "")
         for v in verdicts
     ]
+    if strays:
+        cells = ", ".join(cell_of(box) for box in strays)
+        lines.append(f"- also drawn, and asked for by no concept, in: {cells} (the run does not end on this image)")
     return f"critique of image {image_id}:\n" + "\n".join(lines)
 
 

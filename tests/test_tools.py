@@ -154,3 +154,15 @@ def test_the_clip_judge_counts_only_cells_with_something_drawn():
     verdicts = judge.critique(image, [two, three]).verdicts
     assert [v.satisfied for v in verdicts] == [True, False]
     assert "found in 2 cell(s): top left, top right" in verdicts[0].evidence
+
+
+def test_the_agent_is_told_where_an_image_holds_an_object_nobody_asked_for():
+    from imagerag.graphs.agent_tools import describe_verdicts
+    from imagerag.tools.grid import CELL_BOXES
+    from imagerag.tools.types import Concept, ConceptVerdict
+
+    concepts = [Concept(id="c1", text="a star", kind="object")]
+    verdicts = [ConceptVerdict(concept_id="c1", satisfied=True, score=0.9)]
+    assert "asked for by no concept" not in describe_verdicts("img", verdicts, concepts)
+    told = describe_verdicts("img", verdicts, concepts, [CELL_BOXES["top left"], CELL_BOXES["bottom"]])
+    assert told.endswith("asked for by no concept, in: top left, bottom (the run does not end on this image)")
