@@ -38,8 +38,16 @@ from imagerag.tools.miniworld.world import (
     render_array,
     sample_scenes,
 )
+from imagerag.tools.profiles import MINI
 
-DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 8.0, "ip_adapter_scale": 0.6, "seed": 0}  # the mini profile's
+_MINI = MINI.generator
+assert _MINI.ip_adapter is not None
+DEFAULTS = {  # the mini profile's
+    "num_inference_steps": _MINI.steps,
+    "guidance_scale": _MINI.guidance_scale,
+    "ip_adapter_scale": _MINI.ip_adapter.scale,
+    "seed": 0,
+}
 
 
 def load_pipeline(models_dir: Path = MODELS_DIR, with_ip_adapter: bool = False, ip_scale: float = 1.0):
@@ -249,9 +257,10 @@ def run_check(
     return {"seconds": metrics["seconds"], "summary": metrics["summary"]}
 
 
-def sweep_ip_scale(scales: Sequence[float], n: int = 60, log: Callable[[str], None] = print) -> dict[float, dict]:
+def sweep_ip_scale(scales: Sequence[float], n: int = 90, log: Callable[[str], None] = print) -> dict[float, dict]:
     """One generation with a rare reference at each adapter scale, on rare prompts of a seed that neither the check
-    nor the benchmark uses: where the scale is chosen, so that the check's own prompts stay for reporting."""
+    nor the benchmark uses: where the scale is chosen, so that the check's own prompts stay for reporting. Each
+    scale's rates come with the shape drawn per rare shape."""
     from imagerag.evals.miniworld.oracle import Oracle
 
     oracle = Oracle.from_pretrained(ORACLE_DIR)
@@ -261,7 +270,14 @@ def sweep_ip_scale(scales: Sequence[float], n: int = 60, log: Callable[[str], No
     out = {}
     for scale in scales:
         pipe = load_pipeline(with_ip_adapter=True, ip_scale=scale)
-        out[scale] = concept_rates(specs, oracle.read(generate(pipe, [s.prompt for s in specs], refs, DEFAULTS)))
+        readings = oracle.read(generate(pipe, [s.prompt for s in specs], refs, DEFAULTS))
+        per_shape: dict[str, list[bool]] = {}
+        for spec, reading in zip(specs, readings, strict=True):
+            assert spec.scene_objects is not None
+            shape = next(o.shape for o in spec.scene_objects.objects if o.is_rare)
+            per_shape.setdefault(shape, []).extend(judge(spec, reading).by_kind()["shape"])
+        shapes = {k: round(float(np.mean(v)), 3) for k, v in sorted(per_shape.items())}
+        out[scale] = concept_rates(specs, readings) | {"per_shape": shapes}
         log(f"[check] adapter scale {scale}: {out[scale]}")
     return out
 

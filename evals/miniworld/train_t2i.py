@@ -64,6 +64,7 @@ from imagerag.tools.miniworld.world import (
     RELATIONS,
     SHAPES,
     SIZE_NAMES,
+    sample_scenes,
 )
 
 if TYPE_CHECKING:
@@ -649,6 +650,7 @@ def train(
     enc_steps: int = 500,
     text_steps: int = 1200,
     unet_steps: int = 5000,
+    reference_steps: int = 1500,
     batch: int = 32,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -666,7 +668,8 @@ def train(
         if layout.scene.half == "corpus":
             layouts.append(layout)
     pool = Pool([lay.scene for lay in layouts])
-    singles = Pool.sample(SEED_T2I + 1, 8000, weights=(1.0,))  # references and encoder pretraining
+    # One-object scenes: the adapter's references and the image encoder's pretraining, of the corpus half too.
+    singles = Pool([sc for sc in sample_scenes(SEED_T2I + 1, 24000, weights=(1.0,)) if sc.half == "corpus"][:8000])
     log(f"[t2i] pools rendered {time.time() - t_start:.0f}s")
 
     t0 = time.time()
@@ -726,10 +729,10 @@ def train(
     zero_emb = torch.zeros(IMAGE_ENCODER_CFG["projection_dim"])
     ema = None
 
-    def reference_example() -> tuple[int, str, torch.Tensor]:
+    def reference_example(rare_share: float) -> tuple[int, str, torch.Tensor]:
         """A layout, its caption and one object's reference: another rendering of that object's shape (other colour
         and cell). A rare object's word is always hidden; a common one's half of the time."""
-        rare = rng.random() < 0.6
+        rare = rng.random() < rare_share
         i = int((rare_idx if rare else common_idx)[rng.randrange(len(rare_idx if rare else common_idx))])
         layout = layouts[i]
         singles_of = [g for g, m in enumerate(layout.members) if len(m) == 1]
@@ -753,17 +756,19 @@ def train(
             text, emb = "", zero_emb  # the exact unconditional branch used with a reference
         return i, text, emb
 
-    def step_fn(step: int) -> tuple[torch.Tensor, str]:
+    def step_fn(
+        step: int, with_ref_of_5: tuple[int, ...] = (1, 3), rare_share: float = 0.6
+    ) -> tuple[torch.Tensor, str]:
         nonlocal ema
         # Two steps in five with a reference (one in three drew a rare reference's shape 76% of the time): composing
         # from text is the harder task, and keeps the rest.
-        with_ref = step % 5 in (1, 3)
+        with_ref = step % 5 in with_ref_of_5
         idx, texts, embs = [], [], []
         tokens = torch.full((batch, MAX_OBJECTS), -1)
         cells = torch.zeros(batch, MAX_OBJECTS, GRID, GRID)
         for b in range(batch):
             if with_ref:
-                i, text, emb = reference_example()
+                i, text, emb = reference_example(rare_share)
             else:
                 i = int(common_idx[rng.randrange(len(common_idx))])
                 text, emb = "", zero_emb
@@ -816,6 +821,26 @@ def train(
         ),
         1,
     )
+    # Then a shorter phase that leans on references, rare ones above all, at a lower rate: after the first phase one
+    # generation with a rare reference drew its shape 70% of the time (evals/miniworld/models/metrics.json history).
+    timings["unet_ip_references"] = round(
+        fit(
+            list(unet.parameters()),
+            reference_steps,
+            lambda step: step_fn(step, with_ref_of_5=(1, 2, 3), rare_share=0.8),
+            log,
+            tag="t2i/unet-references",
+            lr=2e-4,
+            warmup=0.05,
+            every=100,
+            max_grad_norm=1.0,
+            checkpoint=CHECKPOINTS_DIR / "unet_references.pt",
+            modules=[unet],
+            rngs=[rng, gen],
+            checkpoint_every=100,
+        ),
+        1,
+    )
 
     # Save: the pipeline without the adapter, and the adapter in the original IP-Adapter format.
     unet.eval()
@@ -859,6 +884,7 @@ def train(
             "image_encoder": enc_steps,
             "text_encoder": text_steps,
             "unet": unet_steps,
+            "unet_references": reference_steps,
             "batch": batch,
         },
     }
