@@ -21,11 +21,8 @@ import html
 import os
 import re
 import secrets
-import socket
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -980,25 +977,3 @@ def serve_web(
     if on_ready is not None:
         on_ready(url)
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
-
-
-@contextmanager
-def serving_in_thread(page: ChatPage) -> Iterator[str]:
-    """The page served on a free loopback port from a thread of this process, for as long as the block runs: its URL.
-    For tests and benchmarks that drive a browser against the same process's runs."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(build_app(page), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the page's server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
-    finally:
-        server.should_exit = True
-        thread.join(30)

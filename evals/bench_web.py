@@ -27,7 +27,8 @@ from playwright.sync_api import Page, sync_playwright
 from imagerag.agent.config import Settings
 from imagerag.agent.events import NodeFinished, RunEvent
 from imagerag.agent.run import run
-from imagerag.agent.web import ChatPage, serving_in_thread
+from imagerag.agent.serving import serving_in_thread
+from imagerag.agent.web import ChatPage, build_app
 from imagerag.graphs.state import Budget
 from imagerag.tools.backends.indexer import index_folders
 from imagerag.tools.backends.loading import load_backends, load_embedder
@@ -102,7 +103,7 @@ def main() -> None:
         chat = ChatPage(settings, root / "page-runs", backends)
         cli: list[dict[str, float]] = []
         web: list[dict[str, float]] = []
-        with serving_in_thread(chat) as url, sync_playwright() as playwright:
+        with serving_in_thread(build_app(chat)) as url, sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             context = browser.new_context()
             context.route(

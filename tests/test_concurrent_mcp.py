@@ -3,7 +3,6 @@ side by side, a busy thread refuses a second run, and MCP clients over HTTP each
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +13,6 @@ from types import SimpleNamespace
 import anyio
 import httpx2
 import pytest
-import uvicorn
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from PIL import Image
@@ -23,6 +21,7 @@ from scripted import FakeGenerator, ScriptedCritic, fake_backends
 from imagerag.agent.assistant import AssistantError, ImageRAGAssistant
 from imagerag.agent.mcp_server import build_server, http_app
 from imagerag.agent.run import history
+from imagerag.agent.serving import serving_in_thread
 from imagerag.tools.backends.sd import SDGenerator
 from imagerag.tools.config import PROFILES
 
@@ -166,23 +165,8 @@ def http_url(tiny_settings, tmp_path) -> Iterator[str]:
     """The MCP server over the real tiny models, served by uvicorn in a thread of this process on a loopback port,
     with a bearer token (so the clients go through the same checks as on the network)."""
     server = build_server(tiny_settings, tmp_path / "runs")
-    app = http_app(server, "127.0.0.1", TOKEN)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    runner = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=runner.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not runner.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        runner.should_exit = True
-        thread.join(30)
-        listener.close()
+    with serving_in_thread(http_app(server, "127.0.0.1", TOKEN)) as base:
+        yield f"{base}mcp"
 
 
 CLIENTS = {  # thread: (prompt, refinement, refined prompt)

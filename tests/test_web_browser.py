@@ -20,7 +20,8 @@ from playwright.sync_api import Browser, BrowserContext, Page, Route, sync_playw
 from test_report_browser import CHROMIUM, CHROMIUM_ARGS
 
 from imagerag.agent.config import Settings
-from imagerag.agent.web import ChatPage, serving_in_thread
+from imagerag.agent.serving import serving_in_thread
+from imagerag.agent.web import ChatPage, build_app
 from imagerag.tools.backends.indexer import index_folders
 from imagerag.tools.backends.loading import load_backends, load_embedder
 from imagerag.tools.backends.store import ReferenceStore, chroma_client
@@ -62,7 +63,7 @@ class NeverSatisfied:
 
 @pytest.fixture(scope="module")
 def url(mini, tmp_path_factory) -> Iterator[str]:
-    with serving_in_thread(ChatPage(mini, tmp_path_factory.mktemp("runs"))) as address:
+    with serving_in_thread(build_app(ChatPage(mini, tmp_path_factory.mktemp("runs")))) as address:
         yield address
 
 
@@ -71,7 +72,7 @@ def stubborn(mini, tmp_path_factory) -> Iterator[tuple[str, Path]]:
     backends = load_backends(mini)
     out = tmp_path_factory.mktemp("stubborn-runs")
     page = ChatPage(mini, out, replace(backends, critic=NeverSatisfied(backends.critic)))
-    with serving_in_thread(page) as address:
+    with serving_in_thread(build_app(page)) as address:
         yield address, out
 
 
