@@ -60,9 +60,9 @@ def test_the_small_corpus_holds_every_rare_shape_alone():
 def test_the_loop_adds_a_rare_shape_that_text_alone_misses(mini_settings, tmp_path):
     result = run(
         HEART_AND_RING.prompt,
-        # Seed 1: a seed whose first image, from text alone, misses the heart (asserted below; the model guesses a
-        # rare shape for a word it never learned about a quarter of the time, and seed 0 guesses the heart).
-        mini_settings.model_copy(update={"budget": Budget(max_rounds=4, max_generations=4), "seed": 1}),
+        # Seed 4: a seed whose first image, from text alone, misses the heart (asserted below). The generator guesses
+        # some shape for a word it never learned; for this prompt it guessed the heart at 6 of seeds 0-7.
+        mini_settings.model_copy(update={"budget": Budget(max_rounds=4, max_generations=4), "seed": 4}),
         tmp_path,
         backends=load_backends(mini_settings),
     )
