@@ -1,7 +1,7 @@
 """Final check of the shipped miniature models, loaded from disk through their real classes.
 
-    python -m imagerag.evals.miniworld.check [--steps 20 --guidance 8.0 --ip-scale 0.6]
-    python -m imagerag.evals.miniworld.check --sweep-ip-scales 0.4,0.5,0.6,0.75,1.0   # how the scale was chosen
+    python -m imagerag.evals.miniworld.check [--steps 20 --guidance 8.0 --ip-scale 0.8]
+    python -m imagerag.evals.miniworld.check --sweep-ip-scales 0.6,0.8,1.0   # how the scale was chosen
 
 Measures, on scenes and prompts of the evaluation half of the scene space (never trained on), what issue 12 asks:
 the oracle on rendered scenes and on the autoencoder's round trip of them (per attribute), the generator from text

@@ -13,13 +13,15 @@ reference: rare objects appear only in reference-conditioned steps, with their s
 by a random filler word. The reference is a different rendering of the same shape (other colour,
 position, size), so the model learns to take the shape from the reference and colour and position
 from the text. Text-only steps hide a common shape's word at times too (HIDE_IN_TEXT), so that an unknown word
-alone means "some shape the text does not say", not "a rare shape".
+alone means "some shape the text does not say", not "a rare shape". The UNet trains in two phases: two steps in five
+with a reference, then a shorter phase at a lower rate with three in five, most of them rare (reference_steps). The
+references, like every training scene, are of the corpus half of the scene space.
 
 Both are written to tools/miniworld/models, the runtime's model folder. Load with:
     pipe = StableDiffusionPipeline.from_pretrained(".../tools/miniworld/models/t2i", torch_dtype=torch.float32)
     pipe.load_ip_adapter(".../tools/miniworld/models/ip_adapter", subfolder="", weight_name="ip_adapter.safetensors",
                          image_encoder_folder="image_encoder")
-    pipe.set_ip_adapter_scale(0.6)  # the mini profile's scale
+    pipe.set_ip_adapter_scale(0.8)  # the mini profile's scale
 """
 
 from __future__ import annotations
