@@ -206,11 +206,18 @@ def edit_regions(
     places = {v.concept_id: cell_of(v.box) for v in best.verdicts if v.box and v.concept_id in ok}
     kept_cells = {places[o.id] for o in objects if o not in broken and o.id in places}
     taken = (set(occupied) - strays) | kept_cells
+    moves = _relation_moves(broken, objects, deps, ok, places, taken)
+    broken = [o for o in objects if (o in broken or o.id in moves) and moves.get(o.id, "") != places.get(o.id)]
+    taken |= set(moves.values())
     regions: list[EditRegion] = []
     for obj in broken:
         position = [d for d in deps[obj.id] if d.kind == "relation"]
         old = places.get(obj.id)
-        if old is not None and all(d.id in ok for d in position):
+        if obj.id in moves:
+            cell = moves[obj.id]
+            if old is not None:
+                regions.append(EditRegion(box=CELL_BOXES[old], text="", concept_ids=[obj.id]))
+        elif old is not None and all(d.id in ok for d in position):
             cell = old  # drawn where it belongs: only its look is wrong
         else:
             cell = _target_cell(
@@ -223,7 +230,52 @@ def edit_regions(
             EditRegion(box=CELL_BOXES[cell], text=region_text(obj, deps[obj.id], cell), concept_ids=[obj.id])
         )
     strays -= {cell_of(r.box) for r in regions}
+    drawn = {cell_of(r.box) for r in regions if r.text}
+    regions = [r for r in regions if r.text or cell_of(r.box) not in drawn]  # a cell one object leaves, another takes
     return [*clears, *(EditRegion(box=CELL_BOXES[c], text="", concept_ids=[]) for c in sorted(strays)), *regions]
+
+
+def _relation_moves(
+    broken: list[Concept],
+    objects: list[Concept],
+    deps: dict[str, list[Concept]],
+    ok: AbstractSet[str],
+    places: dict[str, str],
+    taken: AbstractSet[str],
+) -> dict[str, str]:
+    """Cells chosen together for both ends of a missing relation ('a square to the left of a ring') where placing
+    the subject alone cannot satisfy it: the other end is being redrawn too (it has no place yet), or nothing free
+    lies on the asked side of where it stands. In order: the subject, when only the relation is wrong with it,
+    stays and the other end is drawn on the right side of it; else the other end stays and the subject moves; else
+    both move to a free pair (their own cells count as free). Object id -> cell, for the objects placed here."""
+    moves: dict[str, str] = {}
+    for subject in broken:
+        for relation in deps[subject.id]:
+            sign = relation_sign(relation.text)
+            if relation.kind != "relation" or relation.id in ok or named_cell(relation.text) or sign is None:
+                continue
+            noun = relation.text.split()[-1]
+            other = next((o for o in objects if o.id != subject.id and o.text.split()[-1] == noun), None)
+            if other is None or {subject.id, other.id} & moves.keys() or _has_named_cell(other, deps):
+                continue
+            own = {places[o.id] for o in (subject, other) if o.id in places}
+            free = [c for c in FREE_ORDER if c not in taken]
+            other_whole = other not in broken and other.id in places
+            if other_whole and pair_for(sign, places[other.id], free):
+                continue  # the usual move: the subject goes to the asked side of where the other stands
+            stays = subject.id in places and all(d.id in ok for d in [subject, *deps[subject.id]] if d is not relation)
+            flipped = (-sign[0], -sign[1])
+            if stays and (pair := pair_for(flipped, places[subject.id], free)):
+                moves[other.id], moves[subject.id] = pair
+            elif pair := (other_whole and pair_for(sign, places[other.id], [*free, *own])) or pair_for(
+                sign, None, [*free, *sorted(own)]
+            ):
+                moves[subject.id], moves[other.id] = pair
+    return moves
+
+
+def _has_named_cell(obj: Concept, deps: dict[str, list[Concept]]) -> bool:
+    return any(d.kind == "relation" and named_cell(d.text) for d in deps[obj.id])
 
 
 def absent_regions(concepts: list[Concept], best: Candidate) -> list[EditRegion]:

@@ -221,6 +221,48 @@ def test_a_missing_object_with_no_place_of_its_own_is_redrawn_over_a_stray_and_o
     assert (drawn.box, drawn.concept_ids) == (CELL_BOXES["top left"], ["c1"])
 
 
+RELATION = "a square to the left of a ring and an hourglass"
+
+
+def _relation_state(satisfied: set[str], boxes: dict[str, str]) -> RunState:
+    concepts, _ = RuleDecomposer().decompose(RELATION)
+    assert [(c.id, c.kind) for c in concepts] == [
+        ("c1", "object"),
+        ("c2", "relation"),
+        ("c3", "object"),
+        ("c4", "object"),
+    ]
+    verdicts = [
+        ConceptVerdict(concept_id=c.id, satisfied=c.id in satisfied, score=0.5, box=CELL_BOXES.get(boxes.get(c.id, "")))
+        for c in concepts
+    ]
+    best = Candidate(image_id="0" * 32, round=1, prompt=RELATION, seed=0, verdicts=verdicts)
+    return RunState(
+        message=RELATION, prompt=RELATION, concepts=concepts, layout=rule_layout(concepts), candidates=[best]
+    )
+
+
+def _column(box: Box) -> int:
+    return round(box.x0 * 3)
+
+
+def test_a_missing_relation_end_is_drawn_on_the_asked_side_of_the_object_that_stands():
+    # The square stands at the bottom left, the ring is missing: the square stays, the ring goes to its right.
+    state = _relation_state({"c1", "c4"}, {"c1": "bottom left", "c4": "top right"})
+    [region] = edit_regions(state, occupied={"bottom left", "top right"})
+    assert region.concept_ids == ["c3"] and region.text.startswith("a ring ") and _column(region.box) > 0
+
+
+def test_both_ends_of_a_relation_move_when_no_free_cell_lies_on_the_asked_side():
+    # The ring stands in the top left (nothing is left of it) and the square on the right (nothing is right of it).
+    state = _relation_state({"c1", "c3", "c4"}, {"c1": "right", "c3": "top left", "c4": "centre"})
+    regions = edit_regions(state, occupied={"right", "top left", "centre"})
+    drawn = {r.concept_ids[0]: r.box for r in regions if r.text}
+    cleared = {cell for r in regions if not r.text for cell, box in CELL_BOXES.items() if box == r.box}
+    assert set(drawn) == {"c1", "c3"} and _column(drawn["c1"]) < _column(drawn["c3"])
+    assert CELL_BOXES["centre"] not in drawn.values() and cleared <= {"right", "top left"}
+
+
 def test_verdicts_outside_an_exact_edit_stand():
     state = _state({"c4", "c5", "c6", "c7"}, {"c4": "right", "c7": "centre"})
     regions = edit_regions(state, occupied={"right", "centre"})
