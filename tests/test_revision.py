@@ -730,7 +730,14 @@ def test_the_checked_stop_looks_at_each_object_and_attribute_in_the_objects_own_
     reddish.paste((200, 30, 110), (3, 3, 13, 13))
     plain = Concept(id="c1", text="a square")
     [doubted] = judge.verify(reddish, [plain], [passed[0]])
-    assert not doubted.satisfied and "reads more as a circle" in doubted.evidence
+    assert not doubted.satisfied and "reads too much as a circle" in doubted.evidence
+    # One that reads more as a square than as a circle, but by less than the stop's margin, is not confirmed either.
+    close = Image.new("RGB", (48, 48), "white")
+    close.paste((170, 40, 200), (3, 3, 13, 13))
+    [near] = judge.verify(close, [plain], [passed[0]])
+    assert not near.satisfied and "reads too much as a circle" in near.evidence
+    judge.STOP_MARGIN = 0.0
+    assert judge.verify(close, [plain], [passed[0]]) == [passed[0]]
     # A square of a blue that is nearly as red passes 'a blue square' (over a lower threshold) but reads more as red.
     lenient = ClipJudge(_ShapeEmbedder(), threshold=0.5, rivals=rivals)  # type: ignore[arg-type]
     purple = Image.new("RGB", (48, 48), "white")
