@@ -714,7 +714,7 @@ class _ShapeEmbedder(_ColourEmbedder):
 
 def test_the_checked_stop_looks_at_each_object_and_attribute_in_the_objects_own_cell():
     rivals = {"object": ("circle", "square"), "colour": ("red", "blue", "green")}
-    judge = ClipJudge(_ShapeEmbedder(), threshold=0.9, rivals=rivals)  # type: ignore[arg-type]
+    judge = ClipJudge(_ShapeEmbedder(), threshold=0.9, rivals=rivals, stop_margin=0.2)  # type: ignore[arg-type]
     image = _image(("blue", "left"), ("red", "right"))
     square = Concept(id="c1", text="a blue square")
     red = Concept(id="c2", kind="attribute", text="a red square", depends_on=["c1"])
@@ -736,7 +736,7 @@ def test_the_checked_stop_looks_at_each_object_and_attribute_in_the_objects_own_
     close.paste((170, 40, 200), (3, 3, 13, 13))
     [near] = judge.verify(close, [plain], [passed[0]])
     assert not near.satisfied and "reads too much as a circle" in near.evidence
-    judge.STOP_MARGIN = 0.0
+    judge.stop_margin = 0.0
     assert judge.verify(close, [plain], [passed[0]]) == [passed[0]]
     # A square of a blue that is nearly as red passes 'a blue square' (over a lower threshold) but reads more as red.
     lenient = ClipJudge(_ShapeEmbedder(), threshold=0.5, rivals=rivals)  # type: ignore[arg-type]

@@ -88,6 +88,12 @@ class ClipSpec(BaseModel):
     pretrained: str | None = Field(default=None, description="open_clip pretrained tag; None for local-dir.")
     judge_threshold: float = Field(description="Cosine similarity at which the CLIP judge accepts a concept.")
     retrieval_min_similarity: float = Field(description="Cosine similarity below which a hit is dropped.")
+    stop_margin: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="In a closed world, how much more an object must read as its noun than as any other noun of the "
+        "world (cosine similarity, in its cell) before a run stops on it: the checked stop.",
+    )
     calibration: str | None = Field(
         default=None,
         description="JSON file with measured judge_threshold / retrieval_min_similarity that override the above.",

@@ -1,7 +1,7 @@
 """Final check of the shipped miniature models, loaded from disk through their real classes.
 
     python -m imagerag.evals.miniworld.check [--steps 20 --guidance 8.0 --ip-scale 0.8]
-    python -m imagerag.evals.miniworld.check --sweep-ip-scales 0.6,0.8,1.0   # how the scale was chosen
+    python -m imagerag.evals.miniworld.check --sweep 8:0.8,2:1.0   # how guidance and adapter scale were chosen
 
 Measures, on scenes and prompts of the evaluation half of the scene space (never trained on), what issue 12 asks:
 the oracle on rendered scenes and on the autoencoder's round trip of them (per attribute), the generator from text
@@ -257,28 +257,31 @@ def run_check(
     return {"seconds": metrics["seconds"], "summary": metrics["summary"]}
 
 
-def sweep_ip_scale(scales: Sequence[float], n: int = 90, log: Callable[[str], None] = print) -> dict[float, dict]:
-    """One generation with a rare reference at each adapter scale, on rare prompts of a seed that neither the check
-    nor the benchmark uses: where the scale is chosen, so that the check's own prompts stay for reporting. Each
-    scale's rates come with the shape drawn per rare shape."""
+def sweep(pairs: Sequence[tuple[float, float]], n: int = 90, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """One generation with a rare reference at each (guidance scale, adapter scale), on rare prompts of a seed that
+    neither the check nor the benchmark uses: where the two are chosen, so that the check's own prompts stay for
+    reporting. Each pair's rates come with the shape drawn per rare shape."""
     from imagerag.evals.miniworld.oracle import Oracle
 
     oracle = Oracle.from_pretrained(ORACLE_DIR)
     specs = eval_prompts(SEED_EVAL + 16, n, 1, rare=True)
     corpus, rng = corpus_scenes(20_000, seed=1), random.Random(SEED_EVAL + 17)
     refs = [reference_for(s, corpus, rng) for s in specs]
+    pipe = load_pipeline(with_ip_adapter=True)
     out = {}
-    for scale in scales:
-        pipe = load_pipeline(with_ip_adapter=True, ip_scale=scale)
-        readings = oracle.read(generate(pipe, [s.prompt for s in specs], refs, DEFAULTS))
+    for guidance, scale in pairs:
+        pipe.set_ip_adapter_scale(scale)
+        settings = {**DEFAULTS, "guidance_scale": guidance}
+        readings = oracle.read(generate(pipe, [s.prompt for s in specs], refs, settings))
         per_shape: dict[str, list[bool]] = {}
         for spec, reading in zip(specs, readings, strict=True):
             assert spec.scene_objects is not None
             shape = next(o.shape for o in spec.scene_objects.objects if o.is_rare)
             per_shape.setdefault(shape, []).extend(judge(spec, reading).by_kind()["shape"])
         shapes = {k: round(float(np.mean(v)), 3) for k, v in sorted(per_shape.items())}
-        out[scale] = concept_rates(specs, readings) | {"per_shape": shapes}
-        log(f"[check] adapter scale {scale}: {out[scale]}")
+        key = f"guidance {guidance}, adapter scale {scale}"
+        out[key] = concept_rates(specs, readings) | {"per_shape": shapes}
+        log(f"[check] {key}: {out[key]}")
     return out
 
 
@@ -287,10 +290,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=DEFAULTS["num_inference_steps"])
     ap.add_argument("--guidance", type=float, default=DEFAULTS["guidance_scale"])
     ap.add_argument("--ip-scale", type=float, default=DEFAULTS["ip_adapter_scale"])
-    ap.add_argument("--sweep-ip-scales", help="comma list: measure these adapter scales on the sweep prompts instead")
+    ap.add_argument(
+        "--sweep", help="comma list of GUIDANCE:ADAPTER_SCALE: measure these on the sweep prompts instead (8:0.8,2:1.0)"
+    )
     a = ap.parse_args()
-    if a.sweep_ip_scales:
-        sweep_ip_scale([float(x) for x in a.sweep_ip_scales.split(",")])
+    if a.sweep:
+        sweep([(float(g), float(s)) for g, s in (pair.split(":") for pair in a.sweep.split(","))])
         return
     run_check(settings={"num_inference_steps": a.steps, "guidance_scale": a.guidance, "ip_adapter_scale": a.ip_scale})
 

@@ -37,6 +37,7 @@ def clip_judge(parts: BackendParts) -> Critic:
         parts.clip.judge_threshold,
         {"object": nouns, **vocabulary.attributes} if nouns else {},
         CellCache(cells),
+        parts.clip.stop_margin,
     )
 
 

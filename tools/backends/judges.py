@@ -116,10 +116,6 @@ class ClipJudge:
     """
 
     SHARPNESS = 0.02  # similarity margin that moves the score from 0.5 to 0.73
-    # How much more (cosine similarity) an object must read as its noun than as any rival before a run stops on it.
-    # Chosen on dev (evals/results/dev-choices/README.md): at 0.2 the stops the oracle rejects fell from 17 to 5 of
-    # 120 (0.15: 9); what it costs is images, as a true object read too close to a rival is drawn again.
-    STOP_MARGIN = 0.2
 
     def __init__(
         self,
@@ -127,8 +123,9 @@ class ClipJudge:
         threshold: float,
         rivals: Mapping[str, Sequence[str]] | None = None,
         cache: CellCache | None = None,
+        stop_margin: float = 0.0,
     ):
-        self.embedder, self.threshold = embedder, threshold
+        self.embedder, self.threshold, self.stop_margin = embedder, threshold, stop_margin
         self.cache = cache or CellCache()
         # The same few concept texts are judged on every image (re-ranking judges 20 hits a query): embed each once.
         self.text = functools.lru_cache(maxsize=4096)(lambda text: embedder.embed_texts([text])[0])
@@ -140,7 +137,7 @@ class ClipJudge:
         self, image: Image.Image, concepts: list[Concept], verdicts: list[ConceptVerdict]
     ) -> list[ConceptVerdict]:
         """The checked stop: each object looked at again in its own cell, where it must read more as its noun than
-        as any rival noun, by STOP_MARGIN (a badly drawn star passes "a star" on its own, yet reads nearly as much as
+        as any rival noun, by `stop_margin` (a badly drawn star passes "a star" on its own, yet reads nearly as much as
         a semicircle); each attribute judged in its object's cell, not in whichever cell shows it best (a red square
         must not make the star red), and there more as its value than as any other value of its kind (an orange star
         is no red one)."""
@@ -163,7 +160,7 @@ class ClipJudge:
                 cell = own.get(concept.object_id or "") or cells.best(concept.text)[0]
                 seen = cells.all(concept.text)[cell]
                 rival, best = _rival(cells, cell, self._rival_nouns(noun), "{}")
-                if best + self.STOP_MARGIN >= seen:
+                if best + self.stop_margin >= seen:
                     v = missing(v, f"in its cell ({cell}) it reads too much as {rival} ({best:.3f} vs {seen:.3f})")
             elif concept.kind == "attribute" and concept.depends_on and concept.depends_on[0] in by_id:
                 cell = own.get(concept.object_id or "") or cells.best(by_id[concept.depends_on[0]].text)[0]
