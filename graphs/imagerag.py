@@ -81,8 +81,9 @@ def retrieve(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     With edits on and a best image to keep, the missing objects become regions to redraw: with per-region
     references (a generator that masks references) every broken object gets a region and a reference retrieved
     for what text alone never drew, so one edit fixes them all; otherwise the round's targets are retrieved for and
-    the edit redraws the regions of the targets that found a reference. No regions means: draw the whole image
-    again with the references. What is retrieved for each target: rules.query_for (a query the critic wrote, else the
+    the edit redraws the regions of the targets that found a reference; when no object is whole and more objects
+    need a reference than a whole image takes, the edit composes the image, object by object, each region with its
+    own reference. No regions means: draw the whole image again with the references. What is retrieved for each target: rules.query_for (a query the critic wrote, else the
     whole phrase of the concept's object, 'a large red star', so the reference carries the asked look too). An image
     already used as a reference is not retrieved again, and each target's attempts count up."""
     tools, ctx = toolkit(state, runtime), context_of(runtime)
@@ -90,7 +91,7 @@ def retrieve(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     occupied = tools.occupied_cells(best.image_id) if best is not None and ctx.edits else set()
     # With references masked to regions, one edit redraws every object it misses, each with its own reference.
     per_region = best is not None and ctx.edits and ctx.region_references and tools.max_region_references > 1
-    regions = edit_regions(state, occupied) if per_region else []
+    regions = edit_regions(state, occupied, compose_over=tools.max_references) if per_region else []
     pairs = targets_for_regions(state, regions, tools.max_region_references) if regions else []
     targets = [c for _, c in pairs] if regions else targets_for_round(state, tools.max_references)
     captions_by_id = {v.concept_id: v.caption for v in best.verdicts} if best else {}

@@ -169,7 +169,10 @@ def dependents(concepts: list[Concept]) -> dict[str, list[Concept]]:
 
 
 def edit_regions(
-    state: RunState, occupied: AbstractSet[str], focus: AbstractSet[str] = frozenset()
+    state: RunState,
+    occupied: AbstractSet[str],
+    focus: AbstractSet[str] = frozenset(),
+    compose_over: int | None = None,
 ) -> list[EditRegion]:
     """What an edit of the best image redraws; [] when the whole image should be drawn again instead.
 
@@ -183,7 +186,10 @@ def edit_regions(
     styles cannot be fixed in one region, so when one is missing the whole image is drawn again. An object that
     must be absent (a message removed it) and is still seen gets its region cleared to the background, and so does
     a stray (an object nobody asked for, often the generator's try at a shape it cannot draw from text), unless a
-    redrawn object takes its cell: strays are the first cells a redrawn object without a place of its own takes."""
+    redrawn object takes its cell: strays are the first cells a redrawn object without a place of its own takes.
+    `compose_over` (per-region references only): when no object is whole and more than this many objects need a
+    reference (the most a whole image can take), the edit composes the image instead, each object in a region of
+    its own with its reference, and everything else drawn is cleared."""
     best = best_of_turn(state)
     if best is None:
         return []
@@ -200,7 +206,11 @@ def edit_regions(
     if not broken:
         return [*clears, *(EditRegion(box=CELL_BOXES[c], text="", concept_ids=[]) for c in sorted(strays))]
     if len(broken) == len(objects):
-        return []
+        from_text = drawn_from_text(state.current())
+        needing = [o for o in objects if any(c.id not in ok and c.id not in from_text for c in [o, *deps[o.id]])]
+        if compose_over is None or len(needing) <= compose_over:
+            return []
+        strays = set(occupied) - {cell_of(r.box) for r in clears}  # nothing is kept: what no object takes is cleared
     owners = {p for c in state.concepts if c.id in focus for p in [c.id, *c.depends_on]}
     broken = [o for o in broken if o.id in owners] or broken
     places = {v.concept_id: cell_of(v.box) for v in best.verdicts if v.box and v.concept_id in ok}
