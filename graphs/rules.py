@@ -189,7 +189,8 @@ def edit_regions(
     redrawn object takes its cell: strays are the first cells a redrawn object without a place of its own takes.
     `compose_over` (per-region references only): when no object is whole and more than this many objects need a
     reference (the most a whole image can take), the edit composes the image instead, each object in a region of
-    its own with its reference, and everything else drawn is cleared."""
+    its own with its reference; the rest of the image stays as in any edit (a count's objects are not objects of
+    their own here: clearing what no object takes would take them away)."""
     best = best_of_turn(state)
     if best is None:
         return []
@@ -210,7 +211,6 @@ def edit_regions(
         needing = [o for o in objects if any(c.id not in ok and c.id not in from_text for c in [o, *deps[o.id]])]
         if compose_over is None or len(needing) <= compose_over:
             return []
-        strays = set(occupied) - {cell_of(r.box) for r in clears}  # nothing is kept: what no object takes is cleared
     owners = {p for c in state.concepts if c.id in focus for p in [c.id, *c.depends_on]}
     broken = [o for o in broken if o.id in owners] or broken
     places = {v.concept_id: cell_of(v.box) for v in best.verdicts if v.box and v.concept_id in ok}

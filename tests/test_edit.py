@@ -264,14 +264,15 @@ def test_both_ends_of_a_relation_move_when_no_free_cell_lies_on_the_asked_side()
 
 
 def test_with_no_object_whole_an_edit_composes_the_image_when_a_whole_image_cannot_take_every_reference():
-    # Nothing is right and the centre holds a stand-in: each of the three objects needs a reference of its own.
-    state = _state(set(), {})
-    assert edit_regions(state, occupied={"centre"}) == []
-    assert edit_regions(state, occupied={"centre"}, compose_over=3) == []  # one whole image takes them all
+    # Nothing asked for is right; the bottom holds a stray, the centre something no stray (as a count's objects are).
+    state = _state(set(), {}, strays=("bottom",))
+    assert edit_regions(state, occupied={"centre", "bottom"}) == []
+    assert edit_regions(state, occupied={"centre", "bottom"}, compose_over=3) == []  # one whole image takes them all
     regions = edit_regions(state, occupied={"centre", "bottom"}, compose_over=1)
     drawn = {r.concept_ids[0]: r.box for r in regions if r.text}
-    assert drawn == {"c1": CELL_BOXES["top left"], "c4": CELL_BOXES["right"], "c7": CELL_BOXES["centre"]}
-    assert [r.box for r in regions if not r.text] == [CELL_BOXES["bottom"]]  # what no object takes is cleared
+    # Each object in a region of its own; the ring, with no place of its own, over the stray; the centre is kept.
+    assert drawn == {"c1": CELL_BOXES["top left"], "c4": CELL_BOXES["right"], "c7": CELL_BOXES["bottom"]}
+    assert [r for r in regions if not r.text] == []
     targets = targets_for_regions(state, regions, limit=4)
     assert [c.id for _, c in targets] == ["c1", "c4", "c7"]
 
