@@ -79,8 +79,8 @@ SEED_SPACING = 1_000  # generator seed of benchmark seed s (a run draws at most 
 # best_of_time's images, from version 3's dev timings side by side (evals/results/miniworld-v3-dev-before-relations,
 # with the retrained generator and strays cleared): loop_edits 1.40 s a prompt; best_of_time at 7 images 1.56 s,
 # 0.223 s an image, so 6.3 images match the loop (before: 1.43 s against 0.215 s an image, 7). Rechecked with the
-# checked stop's margin (evals/results/miniworld-v3-dev-final): loop_edits 1.47 s, best_of_time at 6 images 1.38 s
-# (0.231 s an image: 6.4 images match), so still 6.
+# checked stop's margin (evals/results/miniworld-v3-dev-guidance-8): loop_edits 1.47 s, best_of_time at 6 images
+# 1.38 s (6.4 images match), and at guidance 2 (miniworld-v3-dev-4531468): 1.76 s against 1.86 s (5.7), so still 6.
 TIME_MATCHED_N = 6
 NO_HITS = float("inf")  # a retrieval threshold no similarity reaches: retrieval finds nothing
 
