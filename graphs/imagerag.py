@@ -83,9 +83,10 @@ def retrieve(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     for what text alone never drew, so one edit fixes them all; otherwise the round's targets are retrieved for and
     the edit redraws the regions of the targets that found a reference; when no object is whole and more objects
     need a reference than a whole image takes, the edit composes the image, object by object, each region with its
-    own reference. No regions means: draw the whole image again with the references. What is retrieved for each target: rules.query_for (a query the critic wrote, else the
-    whole phrase of the concept's object, 'a large red star', so the reference carries the asked look too). An image
-    already used as a reference is not retrieved again, and each target's attempts count up."""
+    own reference. No regions means: draw the whole image again with the references. What is retrieved for each
+    target: rules.query_for (a query the critic wrote, else the whole phrase of the concept's object, 'a large red
+    star', so the reference carries the asked look too). An image already used as a reference is not retrieved
+    again, and each target's attempts count up."""
     tools, ctx = toolkit(state, runtime), context_of(runtime)
     best = best_of_turn(state)
     occupied = tools.occupied_cells(best.image_id) if best is not None and ctx.edits else set()

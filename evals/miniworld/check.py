@@ -1,6 +1,6 @@
 """Final check of the shipped miniature models, loaded from disk through their real classes.
 
-    python -m imagerag.evals.miniworld.check [--steps 20 --guidance 8.0 --ip-scale 0.8]
+    python -m imagerag.evals.miniworld.check [--steps 20 --guidance 2.0 --ip-scale 1.0]
     python -m imagerag.evals.miniworld.check --sweep 8:0.8,2:1.0   # how guidance and adapter scale were chosen
 
 Measures, on scenes and prompts of the evaluation half of the scene space (never trained on), what issue 12 asks:
