@@ -328,20 +328,35 @@ def test_undo_returns_to_the_previous_turns_objects_and_is_refused_with_none():
     assert refused.applied is None and refused.understanding.refusals[0].clause == "undo"
 
 
+def _assert_revised(
+    reader: RuleDecomposer, scene: ScenePlan, concepts: list[Concept], cases: tuple[tuple[str, str], ...]
+) -> None:
+    """Each (message, prompt): the message, read against the scene, revises it to that prompt."""
+    for message, prompt in cases:
+        revised = revise_turn(reader, scene, concepts, message)
+        assert revised.applied is not None and revised.applied.prompt == prompt, message
+
+
 def test_other_ways_of_saying_a_change():
     reader = mini()
     scene, concepts, _ = reader.plan("a large blue heart in the centre and a small yellow ring at the top")
-    for message, prompt in (
-        ("the heart should be red", "a large red heart in the centre and a small yellow ring at the top"),
-        ("make everything red", "a large red heart in the centre and a small red ring at the top"),
-        ("make the ring a little bigger", "a large blue heart in the centre and a large yellow ring at the top"),
-        ("change the colour of the ring to cyan", "a large blue heart in the centre and a small cyan ring at the top"),
-        ("turn the ring into a red circle", "a large blue heart in the centre and a red circle at the top"),
-        ("put the heart below the ring", "a large blue heart below a small yellow ring at the top"),
-        ("Please make the heart red.", "a large red heart in the centre and a small yellow ring at the top"),
-    ):
-        revised = revise_turn(reader, scene, concepts, message)
-        assert revised.applied is not None and revised.applied.prompt == prompt, message
+    _assert_revised(
+        reader,
+        scene,
+        concepts,
+        (
+            ("the heart should be red", "a large red heart in the centre and a small yellow ring at the top"),
+            ("make everything red", "a large red heart in the centre and a small red ring at the top"),
+            ("make the ring a little bigger", "a large blue heart in the centre and a large yellow ring at the top"),
+            (
+                "change the colour of the ring to cyan",
+                "a large blue heart in the centre and a small cyan ring at the top",
+            ),
+            ("turn the ring into a red circle", "a large blue heart in the centre and a red circle at the top"),
+            ("put the heart below the ring", "a large blue heart below a small yellow ring at the top"),
+            ("Please make the heart red.", "a large red heart in the centre and a small yellow ring at the top"),
+        ),
+    )
     # Removing every object would leave nothing to draw: refused, quoting the clause.
     revised = revise_turn(reader, scene, concepts, "remove the heart and the ring")
     assert revised.applied is None and "nothing to draw" in revised.understanding.message
@@ -350,36 +365,39 @@ def test_other_ways_of_saying_a_change():
 def test_polite_wishes_complaints_and_side_words_are_read_or_refused_never_guessed():
     reader = mini()
     scene, concepts, _ = reader.plan("a large blue heart in the centre and a small yellow ring at the top")
-    for message, prompt in (
-        ("can you make the heart red please", "a large red heart in the centre and a small yellow ring at the top"),
-        ("actually, make the ring green too", "a large blue heart in the centre and a small green ring at the top"),
+    _assert_revised(
+        reader,
+        scene,
+        concepts,
         (
-            "I want a green star in the top right",
-            "a large blue heart in the centre, a small yellow ring at the top and a green star in the top right",
+            ("can you make the heart red please", "a large red heart in the centre and a small yellow ring at the top"),
+            ("actually, make the ring green too", "a large blue heart in the centre and a small green ring at the top"),
+            (
+                "I want a green star in the top right",
+                "a large blue heart in the centre, a small yellow ring at the top and a green star in the top right",
+            ),
+            (
+                "there should also be a cyan cross at the bottom",
+                "a large blue heart in the centre, a small yellow ring at the top and a cyan cross at the bottom",
+            ),
+            ("i'd like the heart yellow", "a large yellow heart in the centre and a small yellow ring at the top"),
+            ("the ring is too small", "a large blue heart in the centre and a large yellow ring at the top"),
+            ("no more ring", "a large blue heart in the centre"),
+            ("take the ring out", "a large blue heart in the centre"),
+            ("change the ring's colour to green", "a large blue heart in the centre and a small green ring at the top"),
+            ("set the heart to red", "a large red heart in the centre and a small yellow ring at the top"),
+            ("recolour the ring to be purple", "a large blue heart in the centre and a small purple ring at the top"),
+            ("can the ring be red?", "a large blue heart in the centre and a small red ring at the top"),
+            ("make the heart and the ring red", "a large red heart in the centre and a small red ring at the top"),
+            ("increase the size of the ring", "a large blue heart in the centre and a large yellow ring at the top"),
+            ("i want the ring at the bottom", "a large blue heart in the centre and a small yellow ring at the bottom"),
+            ("make heart red", "a large red heart in the centre and a small yellow ring at the top"),
+            (
+                "add a second ring in the bottom right",
+                "a large blue heart in the centre, a small yellow ring at the top and a ring in the bottom right",
+            ),
         ),
-        (
-            "there should also be a cyan cross at the bottom",
-            "a large blue heart in the centre, a small yellow ring at the top and a cyan cross at the bottom",
-        ),
-        ("i'd like the heart yellow", "a large yellow heart in the centre and a small yellow ring at the top"),
-        ("the ring is too small", "a large blue heart in the centre and a large yellow ring at the top"),
-        ("no more ring", "a large blue heart in the centre"),
-        ("take the ring out", "a large blue heart in the centre"),
-        ("change the ring's colour to green", "a large blue heart in the centre and a small green ring at the top"),
-        ("set the heart to red", "a large red heart in the centre and a small yellow ring at the top"),
-        ("recolour the ring to be purple", "a large blue heart in the centre and a small purple ring at the top"),
-        ("can the ring be red?", "a large blue heart in the centre and a small red ring at the top"),
-        ("make the heart and the ring red", "a large red heart in the centre and a small red ring at the top"),
-        ("increase the size of the ring", "a large blue heart in the centre and a large yellow ring at the top"),
-        ("i want the ring at the bottom", "a large blue heart in the centre and a small yellow ring at the bottom"),
-        ("make heart red", "a large red heart in the centre and a small yellow ring at the top"),
-        (
-            "add a second ring in the bottom right",
-            "a large blue heart in the centre, a small yellow ring at the top and a ring in the bottom right",
-        ),
-    ):
-        revised = revise_turn(reader, scene, concepts, message)
-        assert revised.applied is not None and revised.applied.prompt == prompt, message
+    )
     # 'next to' names no side: asked, not guessed; an object cannot be moved onto another one in a grid world.
     for message, why in (
         ("put the ring next to the heart", "which side"),
@@ -393,20 +411,23 @@ def test_polite_wishes_complaints_and_side_words_are_read_or_refused_never_guess
 def test_a_bare_direction_moves_one_cell_from_where_the_object_is():
     reader = mini()
     scene, concepts, _ = reader.plan("a large blue heart in the centre and a small yellow ring at the top")
-    for message, prompt in (
-        ("move the ring left", "a large blue heart in the centre and a small yellow ring in the top left"),
-        ("move the heart down a bit", "a large blue heart at the bottom and a small yellow ring at the top"),
-        ("shift the heart one cell right", "a large blue heart on the right and a small yellow ring at the top"),
-        # 'to the left' is the cell on the left, not a step; nor is a cell whose name ends in a direction
-        ("move the heart to the left", "a large blue heart on the left and a small yellow ring at the top"),
+    _assert_revised(
+        reader,
+        scene,
+        concepts,
         (
-            "put the heart in the bottom left",
-            "a large blue heart in the bottom left and a small yellow ring at the top",
+            ("move the ring left", "a large blue heart in the centre and a small yellow ring in the top left"),
+            ("move the heart down a bit", "a large blue heart at the bottom and a small yellow ring at the top"),
+            ("shift the heart one cell right", "a large blue heart on the right and a small yellow ring at the top"),
+            # 'to the left' is the cell on the left, not a step; nor is a cell whose name ends in a direction
+            ("move the heart to the left", "a large blue heart on the left and a small yellow ring at the top"),
+            (
+                "put the heart in the bottom left",
+                "a large blue heart in the bottom left and a small yellow ring at the top",
+            ),
+            ("put the ring on the right", "a large blue heart in the centre and a small yellow ring on the right"),
         ),
-        ("put the ring on the right", "a large blue heart in the centre and a small yellow ring on the right"),
-    ):
-        revised = revise_turn(reader, scene, concepts, message)
-        assert revised.applied is not None and revised.applied.prompt == prompt, message
+    )
     revised = revise_turn(reader, scene, concepts, "move the ring up")
     assert revised.applied is None and "already at the top edge" in revised.understanding.message
 
@@ -448,15 +469,18 @@ def test_remove_it_removes_the_object_the_last_message_spoke_of():
 def test_a_bare_direction_after_an_object_named_by_its_place():
     reader = mini()
     scene, concepts, _ = reader.plan("a red square on the left and a blue square on the right")
-    for message, prompt in (
-        ("move the square on the left down", "a red square in the bottom left and a blue square on the right"),
-        ("move the square on the right up a bit", "a red square on the left and a blue square in the top right"),
-        # a cell that reads whole is still a cell, not a step
-        ("move the square on the left to the top", "a red square at the top and a blue square on the right"),
-        ("put the blue square in the bottom left", "a red square on the left and a blue square in the bottom left"),
-    ):
-        revised = revise_turn(reader, scene, concepts, message)
-        assert revised.applied is not None and revised.applied.prompt == prompt, message
+    _assert_revised(
+        reader,
+        scene,
+        concepts,
+        (
+            ("move the square on the left down", "a red square in the bottom left and a blue square on the right"),
+            ("move the square on the right up a bit", "a red square on the left and a blue square in the top right"),
+            # a cell that reads whole is still a cell, not a step
+            ("move the square on the left to the top", "a red square at the top and a blue square on the right"),
+            ("put the blue square in the bottom left", "a red square on the left and a blue square in the bottom left"),
+        ),
+    )
 
 
 def test_apply_change_needs_a_checked_change():
