@@ -12,7 +12,7 @@ from langgraph.prebuilt import ToolRuntime
 from pydantic import BaseModel, Field
 
 from imagerag.graphs.context import RunContext, toolkit
-from imagerag.graphs.rules import kept_verdicts
+from imagerag.graphs.rules import kept_boxes, kept_verdicts
 from imagerag.graphs.state import AgentState
 from imagerag.tools.errors import ImageRAGError
 from imagerag.tools.grid import cell_of
@@ -161,8 +161,9 @@ def edit(
     named = [*reference_ids, *(i for r in regions for i in r.reference_ids if i not in reference_ids)]
     if unknown := [i for i in named if i not in known]:
         raise ToolInputError(f"unknown reference ids {unknown}: pass ids returned by retrieve in this run")
+    keep = kept_boxes(source, regions, run.concepts)
     candidate = _tools(runtime).edit(
-        image_id, regions, [known[i] for i in named], seed, round=run.usage.rounds, turn=run.turn
+        image_id, regions, [known[i] for i in named], seed, round=run.usage.rounds, turn=run.turn, keep=keep
     )
     made = candidate.edit
     assert made is not None

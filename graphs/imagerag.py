@@ -25,6 +25,7 @@ from imagerag.graphs.rules import (
     clock,
     concepts_from_best,
     edit_regions,
+    kept_boxes,
     kept_verdicts,
     query_for,
     stop_reason,
@@ -155,8 +156,9 @@ def edit(state: RunState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     assert best is not None  # rules.edit_regions plans an edit only of a judged image
     usage = state.usage.add(rounds=1, generations=1)
     seed = state.seed + state.usage.generations
+    keep = kept_boxes(best, state.regions, state.concepts)
     drawn = toolkit(state, runtime).edit(
-        best.image_id, state.regions, state.hits, seed=seed, round=usage.rounds, turn=state.turn
+        best.image_id, state.regions, state.hits, seed=seed, round=usage.rounds, turn=state.turn, keep=keep
     )
     assert drawn.edit is not None
     drawn = drawn.model_copy(update={"verdicts": kept_verdicts(best, drawn.edit, state.concepts)})

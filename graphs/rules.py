@@ -230,8 +230,11 @@ def edit_regions(
         elif old is not None and all(d.id in ok for d in position):
             cell = old  # drawn where it belongs: only its look is wrong
         else:
+            # A cell another object's position words name is not free for this one (a stray there is replaced
+            # by that object, not by an object that may go anywhere).
+            named = {n for o in objects if o is not obj and (n := _named_cell(o, deps))}
             cell = _target_cell(
-                obj, position, objects, state.layout, places, taken - {old} if old else taken, prefer=strays
+                obj, position, objects, state.layout, places, (taken - {old} if old else taken) | named, prefer=strays
             )
             if old is not None and old != cell:
                 regions.append(EditRegion(box=CELL_BOXES[old], text="", concept_ids=[obj.id]))
@@ -266,7 +269,7 @@ def _relation_moves(
                 continue
             noun = relation.text.split()[-1]
             other = next((o for o in objects if o.id != subject.id and o.text.split()[-1] == noun), None)
-            if other is None or {subject.id, other.id} & moves.keys() or _has_named_cell(other, deps):
+            if other is None or {subject.id, other.id} & moves.keys() or _named_cell(other, deps):
                 continue
             own = {places[o.id] for o in (subject, other) if o.id in places}
             free = [c for c in FREE_ORDER if c not in taken]
@@ -284,8 +287,9 @@ def _relation_moves(
     return moves
 
 
-def _has_named_cell(obj: Concept, deps: dict[str, list[Concept]]) -> bool:
-    return any(d.kind == "relation" and named_cell(d.text) for d in deps[obj.id])
+def _named_cell(obj: Concept, deps: dict[str, list[Concept]]) -> str | None:
+    """The cell the object's position words name ('a star on the right': right), if any."""
+    return next((cell for d in deps[obj.id] if d.kind == "relation" and (cell := named_cell(d.text))), None)
 
 
 def absent_regions(concepts: list[Concept], best: Candidate) -> list[EditRegion]:
@@ -377,6 +381,25 @@ def query_for(concept: Concept, concepts: list[Concept], caption: str | None) ->
     return object_phrase(concept, concepts) or concept.text
 
 
+def _untouched(source: Candidate, regions: list[EditRegion]) -> set[str]:
+    """Ids of the concepts whose object the critic saw in `source` outside every region: its box overlaps none, and
+    no region is for it."""
+    named = {cid for r in regions for cid in r.concept_ids}
+    return {
+        v.concept_id
+        for v in source.verdicts
+        if v.concept_id not in named and v.box is not None and not any(v.box.overlaps(r.box) for r in regions)
+    }
+
+
+def kept_boxes(source: Candidate, regions: list[EditRegion], concepts: list[Concept]) -> list[Box]:
+    """The boxes of the objects an edit of `source` leaves alone (those whose verdicts kept_verdicts keeps): the
+    edit's margins stop at them, so an object beside a redrawn region keeps every pixel."""
+    objects = {c.id for c in concepts if c.kind == "object"}
+    kept = _untouched(source, regions) & objects
+    return [v.box for v in source.verdicts if v.concept_id in kept and v.box is not None]
+
+
 def kept_verdicts(source: Candidate, edit: Edit, concepts: list[Concept]) -> list[ConceptVerdict]:
     """The source's verdicts an edit leaves standing: when every pixel outside the regions was kept, those of each
     object the critic saw outside every region (its box overlaps none, and no region is for it), with its attributes
@@ -384,18 +407,13 @@ def kept_verdicts(source: Candidate, edit: Edit, concepts: list[Concept]) -> lis
     nowhere or inside a region are judged again."""
     if not edit.exact_outside:
         return []
-    boxes = {v.concept_id: v.box for v in source.verdicts}
-    named = {cid for r in edit.regions for cid in r.concept_ids}
+    untouched = _untouched(source, edit.regions)
     by_id = {c.id: c for c in concepts}
-
-    def untouched(concept_id: str) -> bool:
-        box = boxes.get(concept_id)
-        return concept_id not in named and box is not None and not any(box.overlaps(r.box) for r in edit.regions)
 
     def stands(c: Concept) -> bool:
         if c.kind == "object":
-            return untouched(c.id)
+            return c.id in untouched
         place = c.kind == "relation" and bool(named_cell(c.text))
-        return (c.kind == "attribute" or place) and bool(c.depends_on) and all(untouched(p) for p in c.depends_on)
+        return (c.kind == "attribute" or place) and bool(c.depends_on) and all(p in untouched for p in c.depends_on)
 
     return [v for v in source.verdicts if v.concept_id in by_id and stands(by_id[v.concept_id])]

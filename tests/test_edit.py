@@ -15,7 +15,7 @@ from imagerag.agent.config import Settings
 from imagerag.agent.run import run
 from imagerag.graphs.rules import edit_regions, kept_verdicts, targets_for_regions
 from imagerag.graphs.state import RunState
-from imagerag.tools.backends.layout import edit_margin, object_view, region_mask
+from imagerag.tools.backends.layout import clear, edit_margin, object_view, region_mask
 from imagerag.tools.backends.loading import load_backends
 from imagerag.tools.backends.planner import RuleDecomposer
 from imagerag.tools.backends.store import chroma_client, reference_cache
@@ -123,8 +123,8 @@ def test_omnigen_edits_with_the_image_in_context_and_says_it_cannot_keep_pixels(
 PROMPT = "a red heart in the top left, a blue square on the right and a ring"
 
 
-def _state(satisfied: set[str], boxes: dict[str, str], strays: tuple[str, ...] = ()) -> RunState:
-    concepts, _ = RuleDecomposer().decompose(PROMPT)
+def _state(satisfied: set[str], boxes: dict[str, str], strays: tuple[str, ...] = (), prompt: str = PROMPT) -> RunState:
+    concepts, _ = RuleDecomposer().decompose(prompt)
     verdicts = [
         ConceptVerdict(
             concept_id=c.id,
@@ -135,9 +135,9 @@ def _state(satisfied: set[str], boxes: dict[str, str], strays: tuple[str, ...] =
         for c in concepts
     ]
     best = Candidate(
-        image_id="0" * 32, round=1, prompt=PROMPT, seed=0, verdicts=verdicts, strays=[CELL_BOXES[c] for c in strays]
+        image_id="0" * 32, round=1, prompt=prompt, seed=0, verdicts=verdicts, strays=[CELL_BOXES[c] for c in strays]
     )
-    return RunState(message=PROMPT, prompt=PROMPT, concepts=concepts, layout=rule_layout(concepts), candidates=[best])
+    return RunState(message=prompt, prompt=prompt, concepts=concepts, layout=rule_layout(concepts), candidates=[best])
 
 
 def test_the_concepts_and_layout_of_the_rules_prompt():
@@ -263,6 +263,29 @@ def test_both_ends_of_a_relation_move_when_no_free_cell_lies_on_the_asked_side()
     assert CELL_BOXES["centre"] not in drawn.values() and cleared <= {"right", "top left"}
 
 
+def test_an_object_with_no_place_of_its_own_leaves_the_cell_another_objects_words_name():
+    # Nothing is right and a stray sits on the right, where the square must go: the ring, placed first and free to
+    # go anywhere, does not take it (both would be drawn there); it goes where the layout put it.
+    state = _state(set(), {}, strays=("right",), prompt="a ring and a blue square on the right")
+    regions = edit_regions(state, occupied={"right"}, compose_over=1)
+    drawn = {r.concept_ids[0]: r.box for r in regions if r.text}
+    assert drawn == {"c1": state.layout["c1"], "c2": CELL_BOXES["right"]} and state.layout["c1"] != CELL_BOXES["right"]
+
+
+def test_a_margin_stops_at_the_boxes_it_must_keep():
+    size, margin = (48, 48), 2
+    grown = np.asarray(region_mask(size, [CELL_BOXES["centre"]], margin)) > 0
+    kept = np.asarray(region_mask(size, [CELL_BOXES["centre"]], margin, keep=[CELL_BOXES["right"]])) > 0
+    left, top, right, bottom = CELL_BOXES["right"].pixels(*size)
+    assert grown[top:bottom, left:right].any() and not kept[top:bottom, left:right].any()
+    # Elsewhere the margin is as before.
+    assert (grown & ~kept).sum() == grown[top:bottom, left:right].sum()
+    image = Image.new("RGB", size, "white")
+    image.paste((255, 0, 0), (16, 16, 48, 32))  # something in the centre and on the right
+    cleared = np.asarray(clear(image, [CELL_BOXES["centre"]], margin, keep=[CELL_BOXES["right"]]))
+    assert (cleared[16:32, 14:32] == 255).all() and (cleared[16:32, 32:48] == [255, 0, 0]).all()
+
+
 def test_with_no_object_whole_an_edit_composes_the_image_when_a_whole_image_cannot_take_every_reference():
     # Nothing asked for is right; the bottom holds a stray, the centre something no stray (as a count's objects are).
     state = _state(set(), {}, strays=("bottom",))
@@ -308,6 +331,9 @@ def test_the_loop_edits_the_best_image_when_it_holds_some_objects(data_dir, tmp_
     images = Path(result.run_dir) / "images"
     before, after = (Image.open(images / f"{c.image_id}.png").convert("RGB") for c in (first, edited))
     assert _outside_equal(before, after, edited.edit.regions)
+    # The heart's margin stops at the square's box (diagonal neighbours share a corner): the square keeps every pixel.
+    square = CELL_BOXES["bottom right"].pixels(*before.size)
+    assert before.crop(square).tobytes() == after.crop(square).tobytes()
     assert "edit" in (Path(result.run_dir) / "report.html").read_text()
 
 

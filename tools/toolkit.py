@@ -223,14 +223,16 @@ class Toolkit:
         seed: int = 0,
         round: int = 1,
         turn: int = 1,
+        keep: Sequence[Box] = (),
     ) -> Candidate:
         """Redraw only inside `regions` of a stored image, from their texts and the references, keeping the rest.
         Regions with no text are cleared to the background (what was there is removed or moved away). A region that
         names its own references (`reference_ids`, from `references`) gets the first of them acting inside it alone;
-        otherwise the references act over every redrawn region."""
+        otherwise the references act over every redrawn region. `keep`: boxes of objects left alone, which the
+        regions' margins stop at (rules.kept_boxes)."""
         source = self.images.get(image_id)
         margin = edit_margin(source.size)
-        image = clear(source, [r.box for r in regions if not r.text], margin)
+        image = clear(source, [r.box for r in regions if not r.text], margin, keep)
         drawn = [r for r in regions if r.text]
         by_id = {h.id: h for h in references}
         own = [
@@ -249,8 +251,8 @@ class Toolkit:
             spec = self.backends.profile.generator
             template = spec.edit_template or (spec.regenerate_template if references else "regenerate_plain")
             text = render(template, prompt=text, references=references)
-            mask = region_mask(image.size, [r.box for r in drawn], margin)
-            masks = [region_mask(image.size, [r.box], margin) for r, _ in own]
+            mask = region_mask(image.size, [r.box for r in drawn], margin, keep)
+            masks = [region_mask(image.size, [r.box], margin, keep) for r, _ in own]
             image, exact = self.backends.generator.edit(
                 image,
                 mask,

@@ -27,13 +27,18 @@ def occupied_cells(image: Image.Image, share: float = 0.02) -> set[str]:
     return out
 
 
-def region_mask(size: tuple[int, int], boxes: Iterable[Box], margin: int) -> Image.Image:
-    """Mode-L mask, white inside the boxes grown by `margin` pixels: what an edit redraws."""
+def region_mask(size: tuple[int, int], boxes: Iterable[Box], margin: int, keep: Iterable[Box] = ()) -> Image.Image:
+    """Mode-L mask, white inside the boxes grown by `margin` pixels but never inside a `keep` box: what an edit
+    redraws. The margin lets a redrawn object spill over its box; `keep` holds the boxes of objects the edit leaves
+    alone, which a neighbour's margin must not eat into (a large star's tip clipped by 2 pixels reads as a triangle)."""
     mask = Image.new("L", size, 0)
     draw = ImageDraw.Draw(mask)
     for box in boxes:
         left, top, right, bottom = box.pixels(*size, margin=margin)
         draw.rectangle((left, top, right - 1, bottom - 1), fill=255)
+    for box in keep:
+        left, top, right, bottom = box.pixels(*size)
+        draw.rectangle((left, top, right - 1, bottom - 1), fill=0)
     return mask
 
 
@@ -45,15 +50,13 @@ def background_colour(image: Image.Image) -> tuple[int, int, int]:
     return r, g, b
 
 
-def clear(image: Image.Image, boxes: Iterable[Box], margin: int) -> Image.Image:
-    """`image` with the boxes (grown by `margin`) painted over in its background colour: removed objects."""
-    out = image.convert("RGB").copy()
-    fill = background_colour(out)
-    draw = ImageDraw.Draw(out)
-    for box in boxes:
-        left, top, right, bottom = box.pixels(*out.size, margin=margin)
-        draw.rectangle((left, top, right - 1, bottom - 1), fill=fill)
-    return out
+def clear(image: Image.Image, boxes: Iterable[Box], margin: int, keep: Iterable[Box] = ()) -> Image.Image:
+    """`image` painted over in its background colour inside the boxes (grown by `margin`, `keep` spared as in
+    region_mask): removed objects."""
+    out = image.convert("RGB")
+    return Image.composite(
+        Image.new("RGB", out.size, background_colour(out)), out, region_mask(out.size, boxes, margin, keep)
+    )
 
 
 def isolate(image: Image.Image, box: Box, margin: int = 0) -> Image.Image:
