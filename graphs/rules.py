@@ -21,9 +21,21 @@ from imagerag.tools.types import Box, Candidate, Concept, ConceptVerdict, Edit, 
 RankKey = tuple[int, int, int, int, float, int]
 
 
-def drawn_from_text(candidates: list[Candidate]) -> set[str]:
-    """Ids of the concepts that some image drawn without references was judged to show."""
-    return {concept_id for c in candidates if not c.references for concept_id in c.satisfied_ids}
+def drawn_from_text(candidates: list[Candidate], concepts: list[Concept]) -> set[str]:
+    """Ids of the concepts that some image drawn without references was judged to show. Of an edit, only what it
+    redrew counts (the objects of its regions, with their attributes and places): what it kept came from its source,
+    perhaps drawn from a reference."""
+    deps = dependents(concepts)
+    out: set[str] = set()
+    for c in candidates:
+        if c.references:
+            continue
+        shown = c.satisfied_ids
+        if c.edit is not None:
+            redrawn = {cid for r in c.edit.regions if r.text for cid in r.concept_ids}
+            shown &= redrawn | {d.id for cid in redrawn for d in deps.get(cid, [])}
+        out |= shown
+    return out
 
 
 def rank_key(candidate: Candidate, roots: frozenset[str], hard: frozenset[str]) -> RankKey:
@@ -46,7 +58,7 @@ def rank_key(candidate: Candidate, roots: frozenset[str], hard: frozenset[str]) 
 def best_candidate(candidates: list[Candidate], concepts: list[Concept]) -> Candidate | None:
     """The judged candidate ranked first (see rank_key)."""
     roots = frozenset(c.id for c in concepts if not c.depends_on)
-    hard = roots - drawn_from_text(candidates)
+    hard = roots - drawn_from_text(candidates, concepts)
     return max((c for c in candidates if c.judged), key=lambda c: rank_key(c, roots, hard), default=None)
 
 
@@ -107,7 +119,7 @@ def targets_for_round(state: RunState, limit: int) -> list[Concept]:
     objects before attributes (an attribute cannot be right without its object; an attribute whose object is
     missing comes last), then the least tried, then prompt order.
     """
-    from_text = drawn_from_text(state.current())
+    from_text = drawn_from_text(state.current(), state.concepts)
     missing = [c for c in state.missing() if c.kind != "absent"]  # nothing to retrieve for what must not be there
     missing_ids = {c.id for c in missing}
     needs_reference = [c for c in missing if c.id not in from_text]
@@ -122,7 +134,7 @@ def targets_for_regions(state: RunState, regions: list[EditRegion], limit: int) 
     """For an edit whose regions each take a reference of their own: (region index, concept) for each redrawn
     region whose object misses something no image from text showed, that concept chosen as targets_for_round
     orders them; regions whose misses text did show are redrawn from text. At most `limit`."""
-    from_text = drawn_from_text(state.current())
+    from_text = drawn_from_text(state.current(), state.concepts)
     missing = [c for c in state.missing() if c.kind != "absent"]
     missing_ids = {c.id for c in missing}
     order = _reference_order([c for c in missing if c.id not in from_text], missing_ids)
@@ -207,7 +219,7 @@ def edit_regions(
     if not broken:
         return [*clears, *(EditRegion(box=CELL_BOXES[c], text="", concept_ids=[]) for c in sorted(strays))]
     if len(broken) == len(objects):
-        from_text = drawn_from_text(state.current())
+        from_text = drawn_from_text(state.current(), state.concepts)
         needing = [o for o in objects if any(c.id not in ok and c.id not in from_text for c in [o, *deps[o.id]])]
         if compose_over is None or len(needing) <= compose_over:
             return []

@@ -30,7 +30,7 @@ from imagerag.graphs.rules import (
     targets_for_round,
 )
 from imagerag.graphs.state import Budget, RunState, Usage
-from imagerag.tools.types import Box, Candidate, Concept, ConceptVerdict, RetrievalHit, Verdict
+from imagerag.tools.types import Box, Candidate, Concept, ConceptVerdict, Edit, EditRegion, RetrievalHit, Verdict
 
 # Two objects (c1 a fox, c2 a tree) and one attribute of each (c3 red -> c1, c4 tall -> c2).
 FOX, TREE, RED, TALL = "c1", "c2", "c3", "c4"
@@ -110,12 +110,22 @@ def best_id(candidates: list[Candidate], concepts: list[Concept]) -> str | None:
 def test_drawn_from_text_counts_only_images_drawn_without_references():
     text_only = candidate("t", {FOX, RED})
     with_refs = candidate("r", {TREE, TALL}, references=True)
-    assert drawn_from_text([text_only, with_refs]) == {FOX, RED}
+    assert drawn_from_text([text_only, with_refs], scene()) == {FOX, RED}
 
 
 def test_drawn_from_text_ignores_verdicts_that_are_not_satisfied():
-    assert drawn_from_text([candidate("t", set())]) == set()
-    assert drawn_from_text([]) == set()
+    assert drawn_from_text([candidate("t", set())], scene()) == set()
+    assert drawn_from_text([], scene()) == set()
+
+
+def test_an_edit_from_text_shows_only_what_it_redrew():
+    # The tree was drawn from a reference; an edit without one redrew the fox and kept the tree: only the fox (with
+    # its attribute) was drawn from text.
+    region = EditRegion(box=Box(x0=0.0, y0=0.0, x1=0.5, y1=0.5), text="a red fox", concept_ids=[FOX])
+    edit = Edit(source="r", regions=[region], exact_outside=True)
+    with_refs = candidate("r", {TREE, TALL}, references=True)
+    edited = candidate("e", {FOX, RED, TREE, TALL}, round=2).model_copy(update={"edit": edit})
+    assert drawn_from_text([with_refs, edited], scene()) == {FOX, RED}
 
 
 # --- rank_key / best_candidate ---------------------------------------------------------------------------------------
