@@ -3,6 +3,7 @@ round's references are for, and when the run stops. Both policies use them; test
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Set as AbstractSet
 
 from imagerag.graphs.state import RunState, Usage
@@ -22,20 +23,21 @@ RankKey = tuple[int, int, int, int, float, int]
 
 
 def drawn_from_text(candidates: list[Candidate], concepts: list[Concept]) -> set[str]:
-    """Ids of the concepts that some image drawn without references was judged to show. Of an edit, only what it
-    redrew counts (the objects of its regions, with their attributes and places): what it kept came from its source,
-    perhaps drawn from a reference."""
+    """Ids of the concepts that images drawn without references showed more often than they missed: what the
+    generator draws from text (one lucky image of a rare object is not that). Of an edit, only what it redrew counts
+    (the objects of its regions, with their attributes and places): what it kept came from its source, perhaps drawn
+    from a reference."""
     deps = dependents(concepts)
-    out: set[str] = set()
+    tally: Counter[str] = Counter()
     for c in candidates:
         if c.references:
             continue
-        shown = c.satisfied_ids
+        tried = {v.concept_id for v in c.verdicts}
         if c.edit is not None:
             redrawn = {cid for r in c.edit.regions if r.text for cid in r.concept_ids}
-            shown &= redrawn | {d.id for cid in redrawn for d in deps.get(cid, [])}
-        out |= shown
-    return out
+            tried &= redrawn | {d.id for cid in redrawn for d in deps.get(cid, [])}
+        tally.update({cid: 1 if cid in c.satisfied_ids else -1 for cid in tried})
+    return {cid for cid, n in tally.items() if n > 0}
 
 
 def rank_key(candidate: Candidate, roots: frozenset[str], hard: frozenset[str]) -> RankKey:

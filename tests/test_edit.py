@@ -179,19 +179,24 @@ def test_with_region_references_every_broken_object_is_redrawn_each_with_its_own
     assert [r.concept_ids for r in regions] == [["c1"], ["c4"]]
     assert [(i, c.id) for i, c in targets_for_regions(state, regions, limit=4)] == [(0, "c1"), (1, "c4")]
     assert [(i, c.id) for i, c in targets_for_regions(state, regions, limit=1)] == [(0, "c1")]
-    # A reference goes to what text never drew: once an image from text showed the whole square, it is redrawn from
-    # text.
-    shown = state.candidates[0].model_copy(
-        update={
-            "image_id": "1" * 32,
-            "verdicts": [
-                v.model_copy(update={"satisfied": v.concept_id in {"c4", "c5", "c6"}})
-                for v in state.candidates[0].verdicts
-            ],
-        }
-    )
-    with_square = state.model_copy(update={"candidates": [*state.candidates, shown]})
-    assert [(i, c.id) for i, c in targets_for_regions(with_square, regions, limit=4)] == [(0, "c1")]
+    # A reference goes to what text does not draw: once images from text showed the whole square more often than
+    # they missed it (the first image missed it), it is redrawn from text.
+    shown = [
+        state.candidates[0].model_copy(
+            update={
+                "image_id": str(i) * 32,
+                "verdicts": [
+                    v.model_copy(update={"satisfied": v.concept_id in {"c4", "c5", "c6"}})
+                    for v in state.candidates[0].verdicts
+                ],
+            }
+        )
+        for i in (1, 2)
+    ]
+    once = state.model_copy(update={"candidates": [*state.candidates, shown[0]]})
+    assert [(i, c.id) for i, c in targets_for_regions(once, regions, limit=4)] == [(0, "c1"), (1, "c4")]
+    twice = state.model_copy(update={"candidates": [*state.candidates, *shown]})
+    assert [(i, c.id) for i, c in targets_for_regions(twice, regions, limit=4)] == [(0, "c1")]
 
 
 def test_no_edit_when_nothing_is_worth_keeping_or_nothing_is_missing():

@@ -118,6 +118,12 @@ def test_drawn_from_text_ignores_verdicts_that_are_not_satisfied():
     assert drawn_from_text([], scene()) == set()
 
 
+def test_drawn_from_text_needs_more_images_showing_a_concept_than_missing_it():
+    lucky, missed = candidate("a", {FOX, RED, TREE}), candidate("b", {FOX, RED}, round=2)
+    assert drawn_from_text([lucky], scene()) == {FOX, RED, TREE}
+    assert drawn_from_text([lucky, missed], scene()) == {FOX, RED}
+
+
 def test_an_edit_from_text_shows_only_what_it_redrew():
     # The tree was drawn from a reference; an edit without one redrew the fox and kept the tree: only the fox (with
     # its attribute) was drawn from text.
