@@ -10,11 +10,13 @@ from imagerag.graphs.state import RunState, Usage
 from imagerag.tools.grid import (
     CELL_BOXES,
     CELL_PHRASES,
+    NUMBERS,
     article,
     cell_of,
     named_cell,
     pair_for,
     relation_sign,
+    singular,
 )
 from imagerag.tools.revision import read_phrase
 from imagerag.tools.types import Box, Candidate, Concept, ConceptVerdict, Edit, EditRegion
@@ -196,29 +198,29 @@ def edit_regions(
     cleared. `occupied`: grid cells where the best image has something drawn. `focus`: the concepts this round's
     references are for when one reference conditions the whole edit: only their objects are redrawn with it (the
     others wait for a later round: the loop composes the image object by object); left empty when each redrawn object
-    gets a reference of its own (targets_for_regions), so that every broken object is redrawn at once. Counts and
-    styles cannot be fixed in one region, so when one is missing the whole image is drawn again. An object that
+    gets a reference of its own (targets_for_regions), so that every broken object is redrawn at once. A count that
+    misses something is drawn again whole, one region per thing counted, and what no asked object explains is
+    cleared. A style cannot be fixed in one region, so when one is missing the whole image is drawn again. An object that
     must be absent (a message removed it) and is still seen gets its region cleared to the background, and so does
     a stray (an object nobody asked for, often the generator's try at a shape it cannot draw from text), unless a
     redrawn object takes its cell: strays are the first cells a redrawn object without a place of its own takes.
     `compose_over` (per-region references only): when no object is whole and more than this many objects need a
     reference (the most a whole image can take), the edit composes the image instead, each object in a region of
-    its own with its reference; the rest of the image stays as in any edit (a count's objects are not objects of
-    their own here: clearing what no object takes would take them away)."""
+    its own with its reference; the rest of the image stays as in any edit (the things of a count that holds are not
+    objects of their own here: clearing what no object takes would take them away)."""
     best = best_of_turn(state)
     if best is None:
         return []
     ok = best.satisfied_ids
-    by_id = {c.id: c for c in state.concepts}
-    for c in state.concepts:
-        if c.id not in ok and (c.kind in ("count", "style") or any(by_id[p].kind == "count" for p in c.depends_on)):
-            return []
+    if any(c.kind == "style" and c.id not in ok for c in state.concepts):
+        return []
     deps = dependents(state.concepts)
     objects = [c for c in state.concepts if c.kind == "object" and not c.depends_on]
     broken = [o for o in objects if any(c.id not in ok for c in [o, *deps[o.id]])]
+    counts = [c for c in state.concepts if c.kind == "count" and any(d.id not in ok for d in [c, *deps[c.id]])]
     clears = absent_regions(state.concepts, best)
     strays = {cell_of(box) for box in best.strays} - {cell_of(r.box) for r in clears}
-    if not broken:
+    if not broken and not counts:
         return [*clears, *(EditRegion(box=CELL_BOXES[c], text="", concept_ids=[]) for c in sorted(strays))]
     if len(broken) == len(objects):
         from_text = drawn_from_text(state.current(), state.concepts)
@@ -256,6 +258,25 @@ def edit_regions(
         regions.append(
             EditRegion(box=CELL_BOXES[cell], text=region_text(obj, deps[obj.id], cell), concept_ids=[obj.id])
         )
+    if counts:
+        # A count is drawn again whole, one region per thing counted: in the cells no asked object explains (where
+        # its things, or wrong ones, are drawn now), then in free ones; what is left unexplained is cleared, so
+        # that exactly as many are seen as asked.
+        unexplained = set(occupied) - set(places.values()) - {cell_of(r.box) for r in regions if r.text}
+        named = {n for o in objects if (n := _named_cell(o, deps))} - {cell_of(r.box) for r in regions if r.text}
+        free = [c for c in FREE_ORDER if c in unexplained] + [
+            c for c in FREE_ORDER if c not in taken | unexplained | named
+        ]
+        for count in counts:
+            n = NUMBERS.get(count.text.split()[0].lower(), 0)
+            if not n or len(free) < n:
+                return []
+            cells, free = free[:n], free[n:]
+            text = _count_phrase(count, deps[count.id])
+            regions += [
+                EditRegion(box=CELL_BOXES[c], text=f"{text} {CELL_PHRASES[c]}", concept_ids=[count.id]) for c in cells
+            ]
+        strays |= unexplained
     strays -= {cell_of(r.box) for r in regions}
     drawn = {cell_of(r.box) for r in regions if r.text}
     regions = [r for r in regions if r.text or cell_of(r.box) not in drawn]  # a cell one object leaves, another takes
@@ -367,6 +388,15 @@ def _phrase(obj: Concept, deps: list[Concept]) -> str:
         if w not in name
     ]
     words = " ".join([*adjectives, *name])
+    return f"{article(words)} {words}"
+
+
+def _count_phrase(count: Concept, deps: list[Concept]) -> str:
+    """One of the things a count counts, with its attributes' words ('a cyan circle' of 'two circles' and 'two cyan
+    circles')."""
+    noun = singular(count.text.split()[-1])
+    adjectives = [w for d in deps if d.kind == "attribute" for w in d.text.split()[1:-1]]
+    words = " ".join([*dict.fromkeys(adjectives), noun])
     return f"{article(words)} {words}"
 
 

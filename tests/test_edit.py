@@ -277,6 +277,32 @@ def test_an_object_with_no_place_of_its_own_leaves_the_cell_another_objects_word
     assert drawn == {"c1": state.layout["c1"], "c2": CELL_BOXES["right"]} and state.layout["c1"] != CELL_BOXES["right"]
 
 
+COUNTED = "a red heart in the top left and two blue squares"
+
+
+@pytest.mark.parametrize(
+    ("satisfied", "occupied", "drawn", "cleared"),
+    [
+        # Three things where two squares belong: two are drawn again in their cells, the third is cleared.
+        ({"c1", "c2", "c3"}, {"centre", "bottom", "right"}, ["centre", "bottom"], ["right"]),
+        # Two squares of the wrong colour: both are drawn again where they are, nothing is cleared.
+        ({"c1", "c2", "c3", "c4"}, {"centre", "bottom"}, ["centre", "bottom"], []),
+        # One thing only: it is drawn again, and the second square goes to a free cell (not the heart's).
+        ({"c1", "c2", "c3"}, {"centre"}, ["centre", "bottom right"], []),
+    ],
+)
+def test_a_count_that_misses_something_is_drawn_again_one_region_per_thing(satisfied, occupied, drawn, cleared):
+    state = _state(satisfied, {"c1": "top left"}, prompt=COUNTED)
+    regions = edit_regions(state, occupied={"top left", *occupied})
+    by_cell = {cell: r for r in regions for cell, box in CELL_BOXES.items() if box == r.box}
+    assert sorted(c for c, r in by_cell.items() if r.text) == sorted(drawn)
+    assert sorted(c for c, r in by_cell.items() if not r.text) == cleared
+    assert all(r.text.startswith("a blue square ") and r.concept_ids == ["c4"] for r in regions if r.text)
+    # With every concept right there is nothing to do; a prompt of a count alone is drawn again whole.
+    assert edit_regions(_state({f"c{i}" for i in range(1, 6)}, {"c1": "top left"}, prompt=COUNTED), occupied) == []
+    assert edit_regions(_state(set(), {}, prompt="two blue squares"), occupied=occupied) == []
+
+
 def test_a_margin_stops_at_the_boxes_it_must_keep():
     size, margin = (48, 48), 2
     grown = np.asarray(region_mask(size, [CELL_BOXES["centre"]], margin)) > 0
