@@ -268,10 +268,10 @@ def edit_regions(
             c for c in FREE_ORDER if c not in taken | unexplained | named
         ]
         for count in counts:
-            n = NUMBERS.get(count.text.split()[0].lower(), 0)
-            if not n or len(free) < n:
+            wanted = NUMBERS.get(count.text.split()[0].lower(), 0)
+            if not wanted or len(free) < wanted:
                 return []
-            cells, free = free[:n], free[n:]
+            cells, free = free[:wanted], free[wanted:]
             text = _count_phrase(count, deps[count.id])
             regions += [
                 EditRegion(box=CELL_BOXES[c], text=f"{text} {CELL_PHRASES[c]}", concept_ids=[count.id]) for c in cells
