@@ -31,7 +31,8 @@ def main() -> None:
     settings = Settings(profile="mini") if args.data_dir is None else Settings(profile="mini", data_dir=args.data_dir)
     backends, oracle = prepare(settings), Oracle.from_pretrained(ORACLE_DIR)
     budget = Budget(max_rounds=4, max_generations=4, max_seconds=None, max_tokens=None)
-    rows, images = [], []
+    rows: list[dict[str, object]] = []
+    images: list[Image.Image] = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in specs:
             for seed in (0, 1):
@@ -57,7 +58,7 @@ def main() -> None:
         draw = ImageDraw.Draw(sheet)
         for i, image in enumerate(images[first : first + PER_SHEET]):
             x, y = (i % 4) * CELL, (i // 4) * (CELL + 20)
-            sheet.paste(image.resize((CELL - 8, CELL - 8), Image.NEAREST), (x + 4, y + 20))
+            sheet.paste(image.resize((CELL - 8, CELL - 8), Image.Resampling.NEAREST), (x + 4, y + 20))
             draw.text((x + 4, y + 2), f"#{first + i}", fill="black")
         sheet.save(args.out / f"sheet-{first // PER_SHEET}.png")
 
