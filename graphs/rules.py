@@ -230,6 +230,7 @@ def edit_regions(
     owners = {p for c in state.concepts if c.id in focus for p in [c.id, *c.depends_on]}
     broken = [o for o in broken if o.id in owners] or broken
     places = {v.concept_id: cell_of(v.box) for v in best.verdicts if v.box and v.concept_id in ok}
+    named = {o.id: n for o in objects if (n := _named_cell(o, deps))}  # the cells position words name
     kept_cells = {places[o.id] for o in objects if o not in broken and o.id in places}
     taken = (set(occupied) - strays) | kept_cells
     moves = _relation_moves(broken, objects, deps, ok, places, taken)
@@ -248,9 +249,9 @@ def edit_regions(
         else:
             # A cell another object's position words name is not free for this one (a stray there is replaced
             # by that object, not by an object that may go anywhere).
-            named = {n for o in objects if o is not obj and (n := _named_cell(o, deps))}
+            others = {n for oid, n in named.items() if oid != obj.id}
             cell = _target_cell(
-                obj, position, objects, state.layout, places, (taken - {old} if old else taken) | named, prefer=strays
+                obj, position, objects, state.layout, places, (taken - {old} if old else taken) | others, prefer=strays
             )
             if old is not None and old != cell:
                 regions.append(EditRegion(box=CELL_BOXES[old], text="", concept_ids=[obj.id]))
@@ -263,9 +264,9 @@ def edit_regions(
         # its things, or wrong ones, are drawn now), then in free ones; what is left unexplained is cleared, so
         # that exactly as many are seen as asked.
         unexplained = set(occupied) - set(places.values()) - {cell_of(r.box) for r in regions if r.text}
-        named = {n for o in objects if (n := _named_cell(o, deps))} - {cell_of(r.box) for r in regions if r.text}
+        reserved = set(named.values()) - {cell_of(r.box) for r in regions if r.text}
         free = [c for c in FREE_ORDER if c in unexplained] + [
-            c for c in FREE_ORDER if c not in taken | unexplained | named
+            c for c in FREE_ORDER if c not in taken | unexplained | reserved
         ]
         for count in counts:
             wanted = NUMBERS.get(count.text.split()[0].lower(), 0)
